@@ -1,0 +1,142 @@
+"""The training entry point: bad input, end-to-end run, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train_fixtures import write_feature_file
+
+# Long enough (7 steps per epoch) that the kill lands mid-run.
+EPOCHS = 60
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "uhga_tf.train", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _tiny_args(tmp_path, workdir="run", **overrides):
+    features = tmp_path / "features.npz"
+    if not features.exists():
+        write_feature_file(str(features))
+    values = {
+        "dataset": "features",
+        "data_dir": str(features),
+        "cache_dir": str(tmp_path / "cache"),
+        "workdir": str(tmp_path / workdir),
+        "code_length": 16,
+        "global_batch_size": 32,
+        "epochs": 3,
+        "eval_every_epochs": 1,
+        "checkpoint_every_steps": 3,
+        "learning_rate": 0.01,
+        "noprogress": None,
+    }
+    values.update(overrides)
+    return [
+        f"--{k}" if v is None else f"--{k}={v}" for k, v in values.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    "flag, fragment",
+    [
+        ("--code_length=12", "code_length must be a multiple of 8"),
+        ("--code_length=2000", "code_length must be a multiple of 8"),
+        ("--learning_rate=0", "learning_rate must be > 0"),
+        ("--attention_learning_rate=-0.1", "attention_learning_rate"),
+        ("--global_batch_size=1", "global_batch_size must be >= 2"),
+        ("--strategy=ring", "strategy must be one of"),
+        ("--loss=hinge", "loss must be one of"),
+        ("--similarity=knn", "similarity must be one of"),
+    ],
+)
+def test_bad_flag_is_one_line_and_writes_nothing(tmp_path, flag, fragment):
+    workdir = tmp_path / "run"
+    result = _train([f"--workdir={workdir}", flag])
+    assert result.returncode == 1, result.stderr
+    assert fragment in result.stderr.strip().splitlines()[-1]
+    assert result.stderr.strip().splitlines()[-1].startswith("uhga_tf.train:")
+    assert not workdir.exists()
+
+
+def test_missing_flagfile_fails(tmp_path):
+    result = _train([f"--flagfile={tmp_path / 'nope.flags'}"])
+    assert result.returncode != 0
+    assert "nope.flags" in result.stderr
+
+
+def test_malformed_tf_config_fails(tmp_path):
+    workdir = tmp_path / "run"
+    result = _train(
+        [f"--workdir={workdir}", "--strategy=multi_worker"],
+        env={"TF_CONFIG": "{not json"},
+    )
+    assert result.returncode == 1
+    assert "TF_CONFIG must be JSON" in result.stderr
+    assert not workdir.exists()
+
+
+def test_train_resume_and_foreign_checkpoint(tmp_path):
+    """Train, kill mid-run after a checkpoint, resume to the same weights."""
+    import keras
+
+    # Uninterrupted reference run.
+    done = _train(_tiny_args(tmp_path, workdir="reference", epochs=EPOCHS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MAP@ALL" in done.stdout
+    reference = tmp_path / "reference"
+    config = json.loads((reference / "config.json").read_text())
+    assert config["model"]["code_length"] == 16
+    lines = (reference / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(
+        range(1, EPOCHS + 1)
+    )
+    assert "validation_map" in json.loads(lines[-1])
+    results = json.loads((reference / "results.json").read_text())
+    # 120 train rows / 16 per branch = 7 steps per epoch.
+    assert results["steps"] == 7 * EPOCHS
+    assert results["map"] > 0.5  # four well-separated clusters
+
+    # Killed run: SIGKILL once a checkpoint past step 10 exists.
+    args = _tiny_args(tmp_path, workdir="killed", epochs=EPOCHS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uhga_tf.train", *args], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    ckpt_index = tmp_path / "killed" / "checkpoints" / "checkpoint"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_index.exists() and "ckpt-12" in ckpt_index.read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = _train(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stderr
+    a = keras.saving.load_model(str(reference / "hasher.keras"))
+    b = keras.saving.load_model(str(tmp_path / "killed" / "hasher.keras"))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=0, atol=1e-6)
+
+    # The same workdir with another code length is refused, untouched.
+    before = (reference / "config.json").read_text()
+    foreign = _train(_tiny_args(tmp_path, workdir="reference", code_length=32))
+    assert foreign.returncode == 1
+    assert "holds a checkpoint of another model" in foreign.stderr
+    assert (reference / "config.json").read_text() == before

@@ -1,0 +1,444 @@
+"""Typed, validated experiment configuration.
+
+Each section is a frozen dataclass whose fields are documented under
+`Attributes:` and checked in `__post_init__`. Field names are unique across
+sections, so an entry point can expose every field as a flag of the same name
+(`flag_specs`) and rebuild the nested config from the parsed flat values
+(`experiment_from_flat`). Defaults follow method.md §10.3 / §15 and the project
+defaults of §0.1.
+"""
+
+import dataclasses
+import json
+import os
+
+from uhga_tf import codes
+
+DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide", "features")
+DATA_SOURCES = ("auto", "local", "tfds")
+SPLIT_PROTOCOLS = (
+    "uhga", "disjoint54k", "ssdh_lists", "ga_lists", "nus_wide21", "demo"
+)
+QUERY_POOLS = ("test", "all")
+HASH_HEADS = ("dense", "mlp")
+SIMILARITY_MODES = ("ssdh", "threshold")
+LOSSES = ("ga_logistic", "ssdh_l2")
+PAIRINGS = ("cross", "within")
+SCALE_SCHEDULES = ("sqrt_step", "none")
+LOOKAHEADS = ("jvp", "second_order")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+AP_DENOMINATORS = ("retrieved", "min_rk", "all")
+EMPTY_QUERY = ("zero", "skip")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"{name} must be one of {', '.join(choices)}; received "
+            f"{name}={value!r}"
+        )
+
+
+def _positive(name, value, allow_zero=False):
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}; received {name}={value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are split.
+
+    Attributes:
+        dataset: one of `DATASETS`; `features` reads a precomputed .npz
+            (see uhga_tf.data.retrieval_sets).
+        data_dir: data root; falls back to $UHGA_DATA_DIR when empty.
+        data_source: `auto` (local files, else TFDS), `local` or `tfds`.
+        split: split protocol of protocol.md §1 (`SPLIT_PROTOCOLS`).
+        query_pool: pool the CIFAR queries are drawn from (`test`, `all`).
+        split_list_dir: folder with GA list files (only `split=ga_lists`).
+        cache_dir: where split index files and cached features live.
+        skip_corrupt: skip (and count) undecodable images instead of failing.
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str = ""
+    data_source: str = "auto"
+    split: str = "uhga"
+    query_pool: str = "test"
+    split_list_dir: str = ""
+    cache_dir: str = "cache"
+    skip_corrupt: bool = False
+
+    def __post_init__(self):
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("data_source", self.data_source, DATA_SOURCES)
+        _choice("split", self.split, SPLIT_PROTOCOLS)
+        _choice("query_pool", self.query_pool, QUERY_POOLS)
+        if self.split == "ga_lists" and not self.split_list_dir:
+            raise ValueError(
+                "split=ga_lists needs split_list_dir (folder with test.txt, "
+                "train.txt, database.txt); received split_list_dir=''"
+            )
+        if not self.cache_dir:
+            raise ValueError("cache_dir must be a path; received ''")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and hash layer.
+
+    Attributes:
+        backbone: feature extractor name (`efficientnet_lite0`, `vgg16`,
+            `alexnet`, other `keras.applications` models).
+        backbone_weights: `default` (the shipped weights), `imagenet`
+            (download), a weights file path, or `random`.
+        image_size: backbone input size; 0 means the backbone's default.
+        code_length: K, a multiple of 8 in [8, 1024].
+        hash_head: `dense` (D -> K) or `mlp` (D -> hash_hidden -> K).
+        hash_hidden: hidden width of the `mlp` head.
+        trainable_backbone: fine-tune the backbone end to end (GPU path).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str = "default"
+    image_size: int = 0
+    code_length: int = 64
+    hash_head: str = "dense"
+    hash_hidden: int = 1024
+    trainable_backbone: bool = False
+
+    def __post_init__(self):
+        codes.check_code_length(self.code_length)
+        _choice("hash_head", self.hash_head, HASH_HEADS)
+        _positive("image_size", self.image_size, allow_zero=True)
+        _positive("hash_hidden", self.hash_hidden)
+        if self.trainable_backbone:
+            raise ValueError(
+                "trainable_backbone=true (end-to-end fine-tuning) is not "
+                "implemented yet; received trainable_backbone=True. Use the "
+                "default frozen backbone with cached features."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarityConfig:
+    """Similarity matrix of eqs. (2)-(3), method.md §5.
+
+    Attributes:
+        similarity: `ssdh` (mirrored-Gaussian thresholds) or `threshold`.
+        similarity_lambda: alpha = beta = lambda, the Table-1 parameter
+            [inferred].
+        ssdh_alpha: overrides alpha when >= 0 (negative = use lambda).
+        ssdh_beta: overrides beta when >= 0 (negative = use lambda).
+        similarity_threshold: tau_sim for `threshold` mode.
+        dissimilarity_threshold: tau_dis for `threshold` mode (negative =
+            equal to similarity_threshold).
+    """
+
+    similarity: str = "ssdh"
+    similarity_lambda: float = 0.2
+    ssdh_alpha: float = -1.0
+    ssdh_beta: float = -1.0
+    similarity_threshold: float = -1.0
+    dissimilarity_threshold: float = -1.0
+
+    def __post_init__(self):
+        _choice("similarity", self.similarity, SIMILARITY_MODES)
+        _positive("similarity_lambda", self.similarity_lambda, True)
+        if self.similarity == "threshold" and not (
+            0.0 <= self.similarity_threshold <= 1.0
+        ):
+            raise ValueError(
+                "similarity=threshold needs similarity_threshold in [0, 1]; "
+                f"received similarity_threshold={self.similarity_threshold}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Pairwise loss, method.md §7 and §14.
+
+    Attributes:
+        loss: `ga_logistic` (eq. 7) or `ssdh_l2` (eq. 22).
+        sigmoid_param: gamma of eq. (7).
+        positive_weight: omega of eq. (6), a float or `auto`.
+        pairing: `cross` (two shuffled branches) or `within`.
+        quantization_weight: weight of mean((|u| - 1)^2); 0 = off.
+        scale_schedule: `sqrt_step` (eq. 4) or `none` (s_t = 1).
+        scale_step, scale_gamma, scale_power: constants of eq. (4).
+    """
+
+    loss: str = "ga_logistic"
+    sigmoid_param: float = 0.2
+    positive_weight: str = "10"
+    pairing: str = "cross"
+    quantization_weight: float = 0.0
+    scale_schedule: str = "sqrt_step"
+    scale_step: int = 200
+    scale_gamma: float = 0.005
+    scale_power: float = 0.5
+
+    def __post_init__(self):
+        _choice("loss", self.loss, LOSSES)
+        _positive("sigmoid_param", self.sigmoid_param)
+        if self.positive_weight != "auto":
+            try:
+                weight = float(self.positive_weight)
+            except ValueError as e:
+                raise ValueError(
+                    "positive_weight must be a positive number or 'auto'; "
+                    f"received positive_weight={self.positive_weight!r}"
+                ) from e
+            _positive("positive_weight", weight)
+        _choice("pairing", self.pairing, PAIRINGS)
+        _positive("quantization_weight", self.quantization_weight, True)
+        _choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
+        _positive("scale_step", self.scale_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Gradient attention, method.md §9-§11.
+
+    Attributes:
+        attention: train with gradient attention (Ours+GA) or not (Ours).
+        lookahead: `jvp` (eq. 19') or `second_order` (literal).
+        attention_hidden: hidden width of the 5 -> hidden -> 1 MLP.
+        attention_grad_p: p of the gradient preprocessing (12).
+        attention_budget: budget factor of eq. (15).
+        attention_learning_rate: Adam learning rate of eq. (20).
+        attention_chunk_rows: rows of i per attention chunk; 0 = no chunks.
+    """
+
+    attention: bool = True
+    lookahead: str = "jvp"
+    attention_hidden: int = 100
+    attention_grad_p: float = 10.0
+    attention_budget: float = 2.0
+    attention_learning_rate: float = 0.05
+    attention_chunk_rows: int = 0
+
+    def __post_init__(self):
+        _choice("lookahead", self.lookahead, LOOKAHEADS)
+        _positive("attention_hidden", self.attention_hidden)
+        _positive("attention_grad_p", self.attention_grad_p)
+        _positive("attention_budget", self.attention_budget)
+        _positive("attention_learning_rate", self.attention_learning_rate)
+        _positive("attention_chunk_rows", self.attention_chunk_rows, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (eq. 18), schedule, distribution and bookkeeping.
+
+    Attributes:
+        epochs: passes over the train split (one epoch = N // branch batch
+            steps).
+        global_batch_size: images per step over all replicas, both branches
+            together (cross pairing: 2 x 128 = 256).
+        learning_rate: eta_0 of the hash network.
+        hash_lr_multiplier: hash-layer lr multiple (GA: 10).
+        lr_step_epochs: epochs between lr decays.
+        lr_decay: decay factor.
+        momentum, nesterov, weight_decay: eq. (18), L2 coupled.
+        strategy: `default`, `mirrored` or `multi_worker`.
+        checkpoint_every_steps: steps between checkpoints.
+        keep_checkpoints: checkpoints kept on disk.
+        eval_every_epochs: epochs between validation MAP evaluations.
+        deterministic: turn on TF op determinism (exact resume).
+        seed: the one seed of the run.
+    """
+
+    epochs: int = 50
+    global_batch_size: int = 256
+    learning_rate: float = 5e-4
+    hash_lr_multiplier: float = 10.0
+    lr_step_epochs: int = 30
+    lr_decay: float = 0.5
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    strategy: str = "default"
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    eval_every_epochs: int = 5
+    deterministic: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("epochs", self.epochs)
+        if self.global_batch_size < 2:
+            raise ValueError(
+                "global_batch_size must be >= 2; received "
+                f"global_batch_size={self.global_batch_size}"
+            )
+        _positive("learning_rate", self.learning_rate)
+        _positive("hash_lr_multiplier", self.hash_lr_multiplier)
+        _positive("lr_step_epochs", self.lr_step_epochs)
+        _positive("lr_decay", self.lr_decay)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(
+                f"momentum must be in [0, 1); received momentum={self.momentum}"
+            )
+        _positive("weight_decay", self.weight_decay, True)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        _positive("eval_every_epochs", self.eval_every_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Retrieval metrics, protocol.md §3.
+
+    Attributes:
+        top_k: MAP cut-off; 0 means MAP@ALL.
+        ap_denominator: `retrieved`, `min_rk` or `all`.
+        empty_query: `zero` or `skip`.
+        hamming_radius: radius of the precision/recall point.
+    """
+
+    top_k: int = 0
+    ap_denominator: str = "retrieved"
+    empty_query: str = "zero"
+    hamming_radius: int = 2
+
+    def __post_init__(self):
+        _positive("top_k", self.top_k, allow_zero=True)
+        _choice("ap_denominator", self.ap_denominator, AP_DENOMINATORS)
+        _choice("empty_query", self.empty_query, EMPTY_QUERY)
+        _positive("hamming_radius", self.hamming_radius, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a training run needs.
+
+    Attributes:
+        workdir: run directory (config.json, checkpoints, hasher.keras).
+        logdir: TensorBoard directory; empty = <workdir>/logs.
+        progress: show progress bars.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
+    loss: LossConfig = LossConfig()
+    attention: AttentionConfig = AttentionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    workdir: str = "workdir"
+    logdir: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.workdir:
+            raise ValueError("workdir must be a path; received ''")
+        per_branch = self.train.global_batch_size
+        if self.loss.pairing == "cross":
+            if per_branch % 2:
+                raise ValueError(
+                    "global_batch_size must be even with pairing=cross "
+                    "(two branches); received global_batch_size="
+                    f"{per_branch}"
+                )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "similarity": SimilarityConfig,
+    "loss": LossConfig,
+    "attention": AttentionConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+_TOP_LEVEL = ("workdir", "logdir", "progress")
+
+
+def flag_specs():
+    """Yield (name, default, type, doc) for every config field, flat."""
+    for section, cls in _SECTIONS.items():
+        docs = _attribute_docs(cls)
+        for field in dataclasses.fields(cls):
+            yield field.name, field.default, field.type, docs.get(
+                field.name, section
+            )
+    docs = _attribute_docs(ExperimentConfig)
+    for field in dataclasses.fields(ExperimentConfig):
+        if field.name in _TOP_LEVEL:
+            yield field.name, field.default, field.type, docs.get(
+                field.name, ""
+            )
+
+
+def experiment_from_flat(values):
+    """Build an ExperimentConfig from a flat {field_name: value} mapping.
+
+    Unknown names raise ValueError, so a typo never passes silently.
+    """
+    values = dict(values)
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        names = [f.name for f in dataclasses.fields(cls)]
+        sections[section] = cls(
+            **{n: values.pop(n) for n in names if n in values}
+        )
+    top = {n: values.pop(n) for n in _TOP_LEVEL if n in values}
+    if values:
+        raise ValueError(
+            f"unknown config fields: {', '.join(sorted(values))}"
+        )
+    return ExperimentConfig(**sections, **top)
+
+
+def experiment_from_dict(nested):
+    """Inverse of `ExperimentConfig.to_dict` (reads config.json)."""
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return experiment_from_flat(flat)
+
+
+def load_experiment(workdir):
+    """Read `<workdir>/config.json` written by a training run."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no config.json in {workdir!r}: not a uhga_tf training workdir"
+        )
+    with open(path) as f:
+        return experiment_from_dict(json.load(f))
+
+
+def _attribute_docs(cls):
+    """Parse `name: text` lines of a class docstring's Attributes section."""
+    docs, current = {}, None
+    in_attrs = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_attrs = True
+            continue
+        if not in_attrs or not stripped:
+            continue
+        head, sep, text = stripped.partition(": ")
+        names = [n.strip() for n in head.split(",")]
+        if sep and all(n.isidentifier() for n in names):
+            for name in names:
+                docs[name] = text
+            current = names
+        elif current:
+            for name in current:
+                docs[name] += " " + stripped
+    return docs

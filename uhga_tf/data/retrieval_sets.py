@@ -1,0 +1,168 @@
+"""Backbone features and labels of the train/query/database/validation sets.
+
+The one place where a dataset, its split protocol and the feature cache meet:
+training, evaluation and the table reproduction all start from
+`load_retrieval_sets`, so every method sees the same features.
+
+Besides the image datasets, `dataset="features"` reads precomputed features
+from an `.npz` file (`data_dir`) with arrays `features` float [N, D],
+`labels` [N] or multi-hot [N, C], and either `partition` [N] ("train"/"test")
+or the split itself as index arrays `query`, `train`, `database`,
+`validation`. It lets users bring features from any extractor.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from absl import logging
+
+SETS = ("train", "query", "database", "validation")
+
+
+@dataclasses.dataclass
+class RetrievalSets:
+    """Features and labels per set; `indices` index the source dataset.
+
+    Attributes:
+        features: {set: float32 [n, D]}.
+        labels: {set: int64 [n] or uint8 multi-hot [n, C]}.
+        indices: {set: int64 [n]}; database rows keep split order (ties).
+        feature_dim: D.
+        description: provenance for logs and result headers.
+    """
+
+    features: dict
+    labels: dict
+    indices: dict
+    feature_dim: int
+    description: str
+
+
+def load_retrieval_sets(data, model, seed, progress=True):
+    """Load or compute the features of every set for a data/model config.
+
+    Args:
+        data: `config.DataConfig`.
+        model: `config.ModelConfig` (backbone, weights, image size).
+        seed: split seed.
+        progress: show the feature-extraction progress bar.
+    """
+    if data.dataset == "features":
+        return _from_feature_file(data, seed)
+
+    from uhga_tf.data import datasets
+    from uhga_tf.data import feature_cache
+    from uhga_tf.data import splits
+
+    image_dataset = datasets.load_dataset(
+        data.dataset,
+        data_dir=data.data_dir or None,
+        source=data.data_source,
+        skip_corrupt=data.skip_corrupt,
+    )
+    split_kwargs = {"query_pool": data.query_pool}
+    if data.split_list_dir:
+        split_kwargs["list_dir"] = data.split_list_dir
+    split = splits.load_or_create_split(
+        os.path.join(data.cache_dir, "splits"),
+        data.dataset,
+        data.split,
+        image_dataset.labels,
+        image_dataset.partition,
+        seed,
+        **split_kwargs,
+    )
+    index_sets = {name: np.asarray(getattr(split, name)) for name in SETS}
+    # One cache entry for the union keeps a protocol's sets consistent and
+    # lets a second protocol on the same images reuse nothing by accident.
+    union = np.unique(np.concatenate(list(index_sets.values())))
+    features = feature_cache.load_or_extract_features(
+        image_dataset,
+        union,
+        backbone_name=model.backbone,
+        backbone_weights=model.backbone_weights,
+        image_size=model.image_size or None,
+        cache_dir=os.path.join(data.cache_dir, "features"),
+        progress=progress,
+    )
+    position = np.searchsorted(union, np.arange(image_dataset.num_examples))
+    sets = RetrievalSets(
+        features={
+            n: features[position[idx]] for n, idx in index_sets.items()
+        },
+        labels={n: image_dataset.labels[idx] for n, idx in index_sets.items()},
+        indices=index_sets,
+        feature_dim=features.shape[1],
+        description=(
+            f"{data.dataset} ({image_dataset.source}), split={data.split} "
+            f"seed={seed}, backbone={model.backbone} "
+            f"weights={model.backbone_weights} "
+            f"image_size={model.image_size or 'default'}"
+        ),
+    )
+    _log_sizes(sets)
+    return sets
+
+
+def _from_feature_file(data, seed):
+    path = data.data_dir
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            "dataset=features needs data_dir pointing at an .npz file with "
+            f"'features' and 'labels'; received data_dir={path!r}"
+        )
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    for key in ("features", "labels"):
+        if key not in arrays:
+            raise ValueError(f"{path}: missing array {key!r}")
+    features = arrays["features"].astype(np.float32)
+    labels = arrays["labels"]
+    if len(labels) != len(features):
+        raise ValueError(
+            f"{path}: labels has {len(labels)} rows, features {len(features)}"
+        )
+    if all(name in arrays for name in SETS):
+        index_sets = {name: arrays[name].astype(np.int64) for name in SETS}
+    else:
+        from uhga_tf.data import splits
+
+        if "partition" not in arrays:
+            raise ValueError(
+                f"{path}: needs either 'partition' or the index arrays "
+                f"{', '.join(SETS)}"
+            )
+        split = splits.load_or_create_split(
+            os.path.join(data.cache_dir, "splits"),
+            "features-" + os.path.basename(path),
+            data.split,
+            labels,
+            arrays["partition"],
+            seed,
+            query_pool=data.query_pool,
+        )
+        index_sets = {name: np.asarray(getattr(split, name)) for name in SETS}
+    for name, idx in index_sets.items():
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(features):
+            raise ValueError(
+                f"{path}: {name} indices must be non-empty and in "
+                f"[0, {len(features)})"
+            )
+    sets = RetrievalSets(
+        features={n: features[idx] for n, idx in index_sets.items()},
+        labels={n: labels[idx] for n, idx in index_sets.items()},
+        indices=index_sets,
+        feature_dim=features.shape[1],
+        description=f"features from {path}",
+    )
+    _log_sizes(sets)
+    return sets
+
+
+def _log_sizes(sets):
+    logging.info(
+        "retrieval sets: %s; %s",
+        ", ".join(f"{n}={len(sets.indices[n])}" for n in SETS),
+        sets.description,
+    )

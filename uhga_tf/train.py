@@ -1,0 +1,47 @@
+"""Train UHGA: `python -m uhga_tf.train --flagfile=configs/cifar.flags`.
+
+Every field of `uhga_tf.config` is a flag of the same name; a flag file sets
+only what differs from the defaults. The resolved config is written to
+`<workdir>/config.json`, and a rerun of the same command resumes from the
+newest complete checkpoint.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from uhga_tf import config  # noqa: E402
+from uhga_tf import flags_util  # noqa: E402
+
+flags_util.define_config_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+    def run():
+        experiment = config.experiment_from_flat(flags_util.config_values())
+        # Imported late so that flag errors never pay for TensorFlow.
+        from uhga_tf.training import run as run_lib
+
+        return run_lib.run_experiment(experiment)
+
+    result = flags_util.exit_on_user_error("train", run)
+    print(
+        f"MAP@ALL query/database ({result['method']}, "
+        f"{result['code_length']} bits): {result['map']:.4f}"
+        + (
+            f"   cosine-ranking reference: {result['cosine_map']:.4f}"
+            if result.get("cosine_map") is not None
+            else ""
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,142 @@
+"""Side work of a UHGA fit: checkpoints, code statistics, validation MAP.
+
+Nothing here runs inside the train step: the callbacks encode eagerly at
+epoch end (mAP is NumPy work) and write TensorBoard summaries and
+`metrics.jsonl`, one JSON object per epoch.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from uhga_tf import codes as codes_lib
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Save a checkpoint every `every_steps` global steps and at each epoch end.
+
+    `tf.train.CheckpointManager` writes the data files first and updates its
+    `checkpoint` index last, so a kill mid-save leaves the previous complete
+    checkpoint as the newest one that a restart can see.
+    """
+
+    def __init__(self, manager, every_steps):
+        super().__init__()
+        self.manager = manager
+        self.every_steps = every_steps
+
+    def _step(self):
+        return int(self.model.train_step_counter.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        if step % self.every_steps == 0:
+            self.manager.save(checkpoint_number=step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self._step()
+        latest = self.manager.latest_checkpoint
+        if not latest or not latest.endswith(f"-{step}"):
+            self.manager.save(checkpoint_number=step)
+
+
+class CodeStatisticsCallback(keras.callbacks.Callback):
+    """Per-epoch code statistics, validation MAP and metrics.jsonl.
+
+    Logged under `<logdir>/codes`: the fraction of train-set code bits that
+    flipped since the last epoch, per-bit balance, histograms of relaxed codes
+    (and of attention weights when the model exposes them), and validation
+    MAP every `eval_every_epochs` epochs and at the last epoch. Validation
+    queries come from database \\ train and are ranked against the database
+    without themselves, so the reported query set is never used for model
+    selection (protocol.md §1.3).
+    """
+
+    def __init__(
+        self, hasher, sets, logdir, metrics_path, eval_every_epochs,
+        last_epoch, model=None,
+    ):
+        super().__init__()
+        self.hasher = hasher
+        self.sets = sets
+        self.writer = tf.summary.create_file_writer(
+            os.path.join(logdir, "codes"))
+        self.metrics_path = metrics_path
+        self.eval_every_epochs = eval_every_epochs
+        self.last_epoch = last_epoch
+        self.uhga_model = model
+        self.previous_codes = None
+        validation = set(sets.indices["validation"].tolist())
+        self.database_mask = np.array(
+            [i not in validation for i in sets.indices["database"].tolist()]
+        )
+        self.epoch_start = None
+
+    def _relaxed(self, features):
+        scale = float(self.uhga_model.current_scale().numpy())
+        z = np.concatenate(
+            [
+                np.asarray(self.hasher(features[i:i + 4096], training=False))
+                for i in range(0, len(features), 4096)
+            ]
+        )
+        return z, np.tanh(scale * z)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        from uhga_tf.evaluation import metrics
+
+        logs = dict(logs or {})
+        epoch_number = epoch + 1
+        step = int(self.uhga_model.train_step_counter.numpy())
+        z, relaxed = self._relaxed(self.sets.features["train"])
+        train_codes = codes_lib.binarize(z)
+        record = {
+            "epoch": epoch_number,
+            "step": step,
+            "epoch_time_s": time.time() - (self.epoch_start or time.time()),
+        }
+        record.update({k: float(v) for k, v in logs.items()})
+        if self.previous_codes is not None:
+            record["bits_flipped"] = float(
+                np.mean(train_codes != self.previous_codes))
+        self.previous_codes = train_codes
+        record["bit_balance"] = float(np.mean(np.abs(train_codes.mean(0))))
+        if (
+            epoch_number % self.eval_every_epochs == 0
+            or epoch_number == self.last_epoch
+        ):
+            database = self.sets.features["database"][self.database_mask]
+            database_labels = self.sets.labels["database"][self.database_mask]
+            z_query, _ = self._relaxed(self.sets.features["validation"])
+            z_database, _ = self._relaxed(database)
+            record["validation_map"] = float(
+                metrics.mean_average_precision(
+                    codes_lib.binarize(z_query),
+                    codes_lib.binarize(z_database),
+                    self.sets.labels["validation"],
+                    database_labels,
+                )
+            )
+            logging.info(
+                "epoch %d: validation MAP %.4f", epoch_number,
+                record["validation_map"],
+            )
+        with self.writer.as_default(step=step):
+            for key in ("bits_flipped", "bit_balance", "validation_map"):
+                if key in record:
+                    tf.summary.scalar(key, record[key])
+            tf.summary.histogram("relaxed_codes", relaxed)
+            weights = getattr(self.uhga_model, "last_attention_weights", None)
+            if weights is not None:
+                tf.summary.histogram("attention_weights", weights)
+        self.writer.flush()
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")

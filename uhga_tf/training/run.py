@@ -1,0 +1,475 @@
+"""run_experiment(config): features -> similarity matrix -> UHGA fit -> MAP.
+
+Resumable: a rerun with the same config restores the newest complete
+checkpoint (model, attention net, both optimizers with their slots, the
+in-graph step that drives the scale and lr schedules, and the seed
+generator) and continues the exact same data order, which is a pure function
+of (seed, branch, epoch).
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from uhga_tf.data import retrieval_sets
+
+# Config fields that may change between a run and its resumption; every other
+# field defines the model, and a workdir holding another model is refused.
+_RESUMABLE_FIELDS = {
+    "epochs", "eval_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints", "progress", "logdir", "workdir", "strategy",
+    "data_dir", "cache_dir", "top_k", "ap_denominator", "empty_query",
+    "hamming_radius",
+}
+
+
+def method_name(experiment):
+    """Table-2 row name of a config (method.md §14)."""
+    base = "SSDH" if experiment.loss.loss == "ssdh_l2" else "Ours"
+    return base + ("+GA" if experiment.attention.attention else "")
+
+
+def make_strategy(name):
+    """Build the tf.distribute strategy named by `TrainConfig.strategy`."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    tf_config = os.environ.get("TF_CONFIG")
+    if not tf_config:
+        raise ValueError(
+            "strategy=multi_worker needs the TF_CONFIG environment variable "
+            "(JSON with 'cluster' and 'task'); received none"
+        )
+    try:
+        parsed = json.loads(tf_config)
+        cluster, task = parsed["cluster"], parsed["task"]
+        workers = cluster[task["type"]]
+        if not 0 <= int(task["index"]) < len(workers):
+            raise ValueError("task index out of range")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            "TF_CONFIG must be JSON like {\"cluster\": {\"worker\": "
+            "[\"host:port\", ...]}, \"task\": {\"type\": \"worker\", "
+            f"\"index\": 0}}}}; received {tf_config!r} ({e})"
+        ) from e
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy):
+    """True on the worker that owns the workdir (single process: always)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return (
+        not has_chief
+        and resolver.task_type == "worker"
+        and resolver.task_id == 0
+    )
+
+
+def check_workdir(experiment):
+    """Refuse a workdir that holds a run of a different model."""
+    path = os.path.join(experiment.workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    new = experiment.to_dict()
+    differing = []
+    for section, fields in new.items():
+        if not isinstance(fields, dict):
+            continue
+        for name, value in fields.items():
+            if name in _RESUMABLE_FIELDS:
+                continue
+            old = stored.get(section, {}).get(name, "<missing>")
+            if old != value:
+                differing.append(f"{name}: stored {old!r}, requested {value!r}")
+    if differing:
+        raise ValueError(
+            f"workdir {experiment.workdir!r} holds a checkpoint of another "
+            f"model ({'; '.join(differing[:5])}); use a new workdir or "
+            "delete the old one"
+        )
+
+
+def branch_batch_size(experiment):
+    """Images per branch per step (global, over all replicas)."""
+    if experiment.loss.pairing == "cross":
+        return experiment.train.global_batch_size // 2
+    return experiment.train.global_batch_size
+
+
+def branch_indices(seed, branch, epoch, num_train, steps_per_epoch, batch):
+    """Train-set rows a branch visits in one epoch, [steps, batch].
+
+    A pure function of its arguments, so a resumed run replays the data order
+    from any step without iterator state.
+    """
+    rng = np.random.default_rng([seed, branch, epoch])
+    order = rng.permutation(num_train)[: steps_per_epoch * batch]
+    return order.reshape(steps_per_epoch, batch)
+
+
+def make_train_dataset(
+    strategy, experiment, train_features, start_step, end_step
+):
+    """Distributed dataset of steps [start_step, end_step).
+
+    Each element is ((features_1, index_1), (features_2, index_2)) for cross
+    pairing or (features, index) for within pairing, split so that replica r
+    gets rows [r * b, (r + 1) * b) of the global batch (b = batch / replicas):
+    pairs never cross replicas.
+    """
+    import tensorflow as tf
+
+    num_train = len(train_features)
+    batch = branch_batch_size(experiment)
+    steps_per_epoch = num_train // batch
+    replicas = strategy.num_replicas_in_sync
+    per_replica = batch // replicas
+    seed = experiment.train.seed
+    branches = 2 if experiment.loss.pairing == "cross" else 1
+
+    first_epoch, last_epoch = (
+        start_step // steps_per_epoch,
+        (end_step - 1) // steps_per_epoch,
+    )
+    per_branch = []
+    for branch in range(branches):
+        rows = np.concatenate(
+            [
+                branch_indices(
+                    seed + branch, branch, epoch, num_train, steps_per_epoch,
+                    batch,
+                )
+                for epoch in range(first_epoch, last_epoch + 1)
+            ]
+        )
+        offset = first_epoch * steps_per_epoch
+        per_branch.append(rows[start_step - offset: end_step - offset])
+    features_const = tf.constant(train_features, dtype=tf.float32)
+
+    def dataset_fn(input_context):
+        pipeline = input_context.input_pipeline_id
+        local = replicas // input_context.num_input_pipelines
+        sliced = []
+        for rows in per_branch:
+            rows = rows.reshape(len(rows), replicas, per_replica)
+            rows = rows[:, pipeline * local: (pipeline + 1) * local]
+            sliced.append(rows.reshape(-1, per_replica))
+
+        def gather(*index_batches):
+            out = tuple(
+                (tf.gather(features_const, idx), idx) for idx in index_batches
+            )
+            return out if len(out) > 1 else out[0]
+
+        ds = tf.data.Dataset.from_tensor_slices(tuple(sliced))
+        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+        options.deterministic = True
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def encode(hasher, features, batch_size=4096):
+    """Binary codes of features via the hasher (rule z >= 0 -> +1)."""
+    from uhga_tf import codes
+
+    outputs = [
+        np.asarray(hasher(features[i: i + batch_size], training=False))
+        for i in range(0, len(features), batch_size)
+    ]
+    return codes.binarize(np.concatenate(outputs))
+
+
+def run_experiment(experiment, sets=None):
+    """Train UHGA as configured; return final metrics (dict).
+
+    Args:
+        experiment: `config.ExperimentConfig`.
+        sets: optional preloaded `RetrievalSets` (tests, sweeps).
+
+    Returns:
+        dict with map (MAP on the query/database split under the eval
+        config), map_tie_aware, cosine_map (float-feature reference),
+        validation_map, steps, wall_time_s, method, code_length.
+    """
+    import keras
+    import tensorflow as tf
+
+    from uhga_tf import similarity
+    from uhga_tf.evaluation import metrics
+    from uhga_tf.models import hash_layer
+    from uhga_tf.training import callbacks as callbacks_lib
+    from uhga_tf.training import hash_optimizer
+    from uhga_tf.training import uhga_model
+
+    start_time = time.time()
+    # Everything that can fail on user input fails before anything is written.
+    check_workdir(experiment)
+    strategy = make_strategy(experiment.train.strategy)
+    replicas = strategy.num_replicas_in_sync
+    batch = branch_batch_size(experiment)
+    if batch % replicas:
+        raise ValueError(
+            f"per-branch batch {batch} must divide evenly over {replicas} "
+            f"replicas; received global_batch_size="
+            f"{experiment.train.global_batch_size}"
+        )
+    chief = is_chief(strategy)
+    keras.utils.set_random_seed(experiment.train.seed)
+    if experiment.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    if sets is None:
+        sets = retrieval_sets.load_retrieval_sets(
+            experiment.data, experiment.model, experiment.train.seed,
+            progress=experiment.progress and chief,
+        )
+    train_features = sets.features["train"]
+    num_train = len(train_features)
+    if num_train < batch:
+        raise ValueError(
+            f"train split has {num_train} images, fewer than the per-branch "
+            f"batch {batch}"
+        )
+    steps_per_epoch = num_train // batch
+    total_steps = steps_per_epoch * experiment.train.epochs
+
+    sim_cfg = experiment.similarity
+    matrix = similarity.build_similarity_matrix(
+        train_features,
+        similarity=sim_cfg.similarity,
+        similarity_lambda=sim_cfg.similarity_lambda,
+        ssdh_alpha=None if sim_cfg.ssdh_alpha < 0 else sim_cfg.ssdh_alpha,
+        ssdh_beta=None if sim_cfg.ssdh_beta < 0 else sim_cfg.ssdh_beta,
+        similarity_threshold=(
+            None if sim_cfg.similarity_threshold < 0
+            else sim_cfg.similarity_threshold
+        ),
+        dissimilarity_threshold=(
+            None if sim_cfg.dissimilarity_threshold < 0
+            else sim_cfg.dissimilarity_threshold
+        ),
+    )
+    logging.info(
+        "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
+        matrix.mode, matrix.tau_sim, matrix.tau_dis, matrix.fractions,
+    )
+    positive_weight = similarity.resolve_positive_weight(
+        experiment.loss.positive_weight, matrix.similarity_matrix
+    )
+
+    workdir = experiment.workdir
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json_atomic(
+            os.path.join(workdir, "config.json"), experiment.to_dict()
+        )
+        logging.info("config: %s", experiment.to_json())
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not chief:
+        # Non-chief workers must still write (collective save) but to a
+        # private place that nobody restores from.
+        resolver = strategy.cluster_resolver
+        ckpt_dir = os.path.join(
+            workdir, f".worker-{resolver.task_type}-{resolver.task_id}"
+        )
+
+    lr_steps = experiment.train.lr_step_epochs * steps_per_epoch
+    with strategy.scope():
+        hasher = hash_layer.build_hasher(
+            sets.feature_dim,
+            experiment.model.code_length,
+            hash_head=experiment.model.hash_head,
+            hidden_units=experiment.model.hash_hidden,
+        )
+        loss_cfg, att_cfg = experiment.loss, experiment.attention
+        model = uhga_model.UHGAModel(
+            hasher,
+            matrix.similarity_matrix,
+            code_length=experiment.model.code_length,
+            loss=loss_cfg.loss,
+            attention=att_cfg.attention,
+            lookahead=att_cfg.lookahead,
+            sigmoid_param=loss_cfg.sigmoid_param,
+            positive_weight=positive_weight,
+            pairing=loss_cfg.pairing,
+            scale_schedule=loss_cfg.scale_schedule,
+            scale_step=loss_cfg.scale_step,
+            scale_gamma=loss_cfg.scale_gamma,
+            scale_power=loss_cfg.scale_power,
+            attention_hidden=att_cfg.attention_hidden,
+            attention_grad_p=att_cfg.attention_grad_p,
+            attention_budget=att_cfg.attention_budget,
+            attention_chunk_rows=att_cfg.attention_chunk_rows,
+            quantization_weight=loss_cfg.quantization_weight,
+            seed=experiment.train.seed,
+        )
+        optimizer = hash_optimizer.HashSGD(
+            learning_rate=experiment.train.learning_rate,
+            momentum=experiment.train.momentum,
+            nesterov=experiment.train.nesterov,
+            weight_decay=experiment.train.weight_decay,
+            hash_lr_multiplier=experiment.train.hash_lr_multiplier,
+            lr_decay=experiment.train.lr_decay,
+            lr_step_steps=lr_steps,
+        )
+        attention_optimizer = (
+            keras.optimizers.Adam(
+                learning_rate=att_cfg.attention_learning_rate,
+                beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+            )
+            if att_cfg.attention
+            else None
+        )
+        model.compile(
+            hash_optimizer=optimizer, attention_optimizer=attention_optimizer
+        )
+        model.build_for_training(train_features.shape[1])
+        checkpoint = tf.train.Checkpoint(
+            model=model,
+            hash_optimizer=optimizer,
+            **(
+                {"attention_optimizer": attention_optimizer}
+                if attention_optimizer is not None
+                else {}
+            ),
+        )
+    manager = tf.train.CheckpointManager(
+        checkpoint, ckpt_dir, max_to_keep=experiment.train.keep_checkpoints
+    )
+    start_step = 0
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        start_step = int(model.train_step_counter.numpy())
+        logging.info(
+            "resuming from step %d (%s)", start_step, manager.latest_checkpoint
+        )
+
+    logdir = experiment.logdir or os.path.join(workdir, "logs")
+    callbacks = [
+        callbacks_lib.CheckpointCallback(
+            manager, experiment.train.checkpoint_every_steps
+        ),
+    ]
+    if chief:
+        callbacks += [
+            callbacks_lib.CodeStatisticsCallback(
+                hasher=hasher,
+                sets=sets,
+                logdir=logdir,
+                metrics_path=os.path.join(workdir, "metrics.jsonl"),
+                eval_every_epochs=experiment.train.eval_every_epochs,
+                last_epoch=experiment.train.epochs,
+                model=model,
+            ),
+            keras.callbacks.TensorBoard(
+                log_dir=logdir, update_freq="epoch", write_graph=False
+            ),
+        ]
+    verbose = (1 if os.isatty(2) else 2) if experiment.progress and chief else 0
+
+    if start_step < total_steps:
+        # A resumed run may start mid-epoch: finish that epoch first, then
+        # continue with whole epochs, so epoch numbers stay those of an
+        # uninterrupted run.
+        first_epoch = start_step // steps_per_epoch
+        segments = []
+        if start_step % steps_per_epoch:
+            segments.append((first_epoch, first_epoch + 1, start_step,
+                             (first_epoch + 1) * steps_per_epoch))
+            first_epoch += 1
+        if first_epoch < experiment.train.epochs:
+            segments.append((first_epoch, experiment.train.epochs,
+                             first_epoch * steps_per_epoch, total_steps))
+        for initial_epoch, epochs, seg_start, seg_end in segments:
+            dataset = make_train_dataset(
+                strategy, experiment, train_features, seg_start, seg_end
+            )
+            steps = (seg_end - seg_start) // (epochs - initial_epoch)
+            model.fit(
+                dataset,
+                initial_epoch=initial_epoch,
+                epochs=epochs,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+    manager.save(checkpoint_number=int(model.train_step_counter.numpy()))
+
+    query_codes = encode(hasher, sets.features["query"])
+    database_codes = encode(hasher, sets.features["database"])
+    eval_cfg = experiment.eval
+    result = metrics.evaluate_codes(
+        query_codes, database_codes, sets.labels["query"],
+        sets.labels["database"],
+        top_k=eval_cfg.top_k or None,
+        ap_denominator=eval_cfg.ap_denominator,
+        empty_query=eval_cfg.empty_query,
+        hamming_radius=eval_cfg.hamming_radius,
+    )
+    from uhga_tf.evaluation import cosine
+
+    result.update(
+        method=method_name(experiment),
+        code_length=experiment.model.code_length,
+        cosine_map=cosine.cosine_map(
+            sets.features["query"], sets.features["database"],
+            sets.labels["query"], sets.labels["database"],
+            top_k=eval_cfg.top_k or None,
+        ),
+        steps=int(model.train_step_counter.numpy()),
+        similarity_fractions=matrix.fractions,
+        tau_sim=matrix.tau_sim,
+        tau_dis=matrix.tau_dis,
+        data=sets.description,
+        wall_time_s=time.time() - start_time,
+    )
+    if chief:
+        _save_hasher(hasher, os.path.join(workdir, "hasher.keras"))
+        _write_json_atomic(os.path.join(workdir, "results.json"), result)
+    logging.info(
+        "final MAP %.4f (tie-aware %.4f) after %d steps",
+        result["map"], result["map_tie_aware"], result["steps"],
+    )
+    return result
+
+
+def _save_hasher(hasher, path):
+    tmp = path + ".tmp.keras"
+    hasher.save(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path, payload):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_to_builtin)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _to_builtin(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
