@@ -1,0 +1,366 @@
+"""Codes from any method, evaluated on one set of features; the paper's tables.
+
+`encode_sets` turns a trained UHGA workdir, an exported SavedModel or a
+shallow baseline into query/database codes on the same `RetrievalSets`;
+`evaluate_method` adds the protocol.md metrics; `reproduce_table` runs every
+cell of Table 1, 2 or 3 (resumable: each finished cell is a JSON file that a
+rerun reads instead of recomputing) and writes the Markdown table, JSON and
+plots beside the paper's numbers.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from uhga_tf import codes as codes_lib
+
+CODE_LENGTHS = (16, 32, 64, 128)
+LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))
+DEEP_METHODS = {
+    # method -> config overrides (method.md §14).
+    "SSDH": {"loss": "ssdh_l2", "attention": False, "ssdh_alpha": 2.0,
+             "ssdh_beta": 2.0, "scale_schedule": "none"},
+    "SSDH+GA": {"loss": "ssdh_l2", "attention": True, "ssdh_alpha": 2.0,
+                "ssdh_beta": 2.0, "scale_schedule": "none"},
+    "Ours": {"loss": "ga_logistic", "attention": False},
+    "Ours+GA": {"loss": "ga_logistic", "attention": True},
+}
+SHALLOW_METHODS = {"LSH": "lsh", "SH": "sh", "SpH": "sph", "ITQ": "itq",
+                   "DSH": "dsh", "PCAH": "pcah"}
+TABLE_METHODS = {
+    2: ("SSDH", "SSDH+GA", "Ours", "Ours+GA"),
+    3: ("LSH", "PCAH", "SH", "SpH", "ITQ", "DSH", "SSDH", "SSDH+GA", "Ours",
+        "Ours+GA"),
+}
+# protocol.md §8, CIFAR-10 MAP@ALL at 16/32/64/128 bits.
+PAPER_CIFAR10 = {
+    "SH": (.1621, .1575, .1549, .1548),
+    "SpH": (.1664, .1745, .1931, .1992),
+    "ITQ": (.1999, .2098, .2229, .2312),
+    "DSH": (.1686, .1846, .1955, .2071),
+    "HashGAN": (.2457, .2678, .3077, .3422),
+    "USDH": (.2613, .3021, .3122, .3241),
+    "SSDH": (.2172, .2313, .2405, .2351),
+    "SSDH+GA": (.2827, .3018, .3219, .3462),
+    "Ours": (.2704, .3133, .3240, .3452),
+    "Ours+GA": (.2936, .3233, .3499, .3661),
+}
+PAPER_TABLE1_CIFAR10 = {
+    0.0: (.1015, .3091, .3744, .3739), 0.1: (.1015, .3080, .3413, .3668),
+    0.2: (.2940, .3204, .3464, .3704), 0.3: (.2841, .3283, .3508, .3688),
+    0.4: (.2854, .3309, .3470, .3653), 0.5: (.2837, .3195, .3404, .3629),
+    0.6: (.2822, .3096, .3276, .3347), 0.7: (.2199, .2428, .2650, .2993),
+    0.8: (.1677, .2008, .2380, .2900), 0.9: (.1576, .1932, .2334, .2888),
+}
+# GA's defaults per code length (method.md §10.3, CIFAR-10).
+CIFAR_RATES = {16: (1e-3, 0.08), 32: (1e-3, 0.08), 64: (5e-4, 0.05),
+               128: (5e-4, 0.05)}
+
+
+def paper_value(table, method, code_length, dataset):
+    """The paper's CIFAR-10 number for a cell, or None."""
+    if dataset != "cifar10" or code_length not in CODE_LENGTHS:
+        return None
+    column = CODE_LENGTHS.index(code_length)
+    if table == 1:
+        row = PAPER_TABLE1_CIFAR10.get(method)
+    else:
+        row = PAPER_CIFAR10.get(method)
+    return None if row is None else row[column]
+
+
+def shallow_codes(method, code_length, sets, seed):
+    """Fit a baseline on the train features; encode query and database."""
+    from uhga_tf.baselines import base
+
+    hasher = base.get_hasher(SHALLOW_METHODS[method].lower(), code_length)
+    hasher.fit(sets.features["train"], seed=seed)
+    return (hasher.encode(sets.features["query"]),
+            hasher.encode(sets.features["database"]))
+
+
+def workdir_codes(workdir, sets):
+    """Codes from a trained UHGA workdir (`hasher.keras`)."""
+    import keras
+
+    path = os.path.join(workdir, "hasher.keras")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no hasher.keras in {workdir!r}: training has not finished there"
+        )
+    hasher = keras.saving.load_model(path)
+    return tuple(
+        _binarize_batched(hasher, sets.features[name])
+        for name in ("query", "database")
+    )
+
+
+def saved_model_codes(model_dir, sets):
+    """Codes from an exported SavedModel's `encode_features` signature."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(model_dir).signatures["encode_features"]
+    out = []
+    for name in ("query", "database"):
+        features = sets.features[name]
+        parts = [
+            signature(features=tf.constant(features[i:i + 4096]))["codes"]
+            for i in range(0, len(features), 4096)
+        ]
+        out.append(np.concatenate([p.numpy() for p in parts]))
+    return tuple(out)
+
+
+def _binarize_batched(hasher, features, batch_size=4096):
+    outputs = [
+        np.asarray(hasher(features[i:i + batch_size], training=False))
+        for i in range(0, len(features), batch_size)
+    ]
+    return codes_lib.binarize(np.concatenate(outputs))
+
+
+def evaluate_method(query_codes, database_codes, sets, eval_config):
+    """protocol.md metrics (dict) for codes on the sets' labels."""
+    from uhga_tf.evaluation import metrics
+
+    return metrics.evaluate_codes(
+        query_codes, database_codes,
+        sets.labels["query"], sets.labels["database"],
+        top_k=eval_config.top_k or None,
+        ap_denominator=eval_config.ap_denominator,
+        empty_query=eval_config.empty_query,
+        hamming_radius=eval_config.hamming_radius,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (method or lambda, code_length, seed) entry of a table."""
+
+    table: int
+    method: str
+    code_length: int
+    seed: int
+
+    @property
+    def key(self):
+        return f"t{self.table}_{self.method}_{self.code_length}_s{self.seed}"
+
+
+def table_cells(table, code_lengths, seeds, methods=None):
+    """Every cell a table needs, in the order they run."""
+    if table not in (1, 2, 3):
+        raise ValueError(f"table must be 1, 2 or 3; received table={table}")
+    if table == 1:
+        rows = [f"{value:.1f}" for value in LAMBDAS]
+    else:
+        rows = list(methods or TABLE_METHODS[table])
+        unknown = [
+            m for m in rows if m not in DEEP_METHODS and m not in
+            SHALLOW_METHODS
+        ]
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {unknown}; choose from "
+                f"{sorted(DEEP_METHODS) + sorted(SHALLOW_METHODS)}"
+            )
+    return [
+        Cell(table, row, code_length, seed)
+        for code_length in code_lengths
+        for row in rows
+        for seed in range(seeds)
+    ]
+
+
+def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
+    """Run one cell (or read its stored result); return the result dict."""
+    from uhga_tf import config as config_lib
+
+    path = os.path.join(cells_dir, cell.key + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    start = time.time()
+    if cell.method in SHALLOW_METHODS:
+        query_codes, database_codes = shallow_codes(
+            cell.method, cell.code_length, sets, cell.seed)
+        result = evaluate_method(
+            query_codes, database_codes, sets, base_experiment.eval)
+    else:
+        from uhga_tf.training import run as run_lib
+
+        flat = {}
+        for section in base_experiment.to_dict().values():
+            if isinstance(section, dict):
+                flat.update(section)
+        flat.update(
+            workdir=os.path.join(cells_dir, "runs", cell.key),
+            logdir="", progress=progress,
+        )
+        if cell.table == 1:
+            flat.update(DEEP_METHODS["Ours+GA"])
+            flat["similarity_lambda"] = float(cell.method)
+        else:
+            flat.update(DEEP_METHODS[cell.method])
+        learning_rate, attention_lr = CIFAR_RATES.get(
+            cell.code_length, CIFAR_RATES[64])
+        flat.update(code_length=cell.code_length, seed=cell.seed,
+                    learning_rate=learning_rate,
+                    attention_learning_rate=attention_lr)
+        experiment = config_lib.experiment_from_flat(flat)
+        result = run_lib.run_experiment(experiment, sets=sets)
+    result.update(
+        cell=dataclasses.asdict(cell), cell_wall_time_s=time.time() - start)
+    os.makedirs(cells_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True, default=_builtin)
+    os.replace(tmp, path)
+    return result
+
+
+def _builtin(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value))
+
+
+def summarise(table, cells, results, dataset):
+    """{row: {code_length: {mean, std, values, paper}}}."""
+    summary = {}
+    for cell, result in zip(cells, results):
+        entry = summary.setdefault(cell.method, {}).setdefault(
+            cell.code_length, {"values": []})
+        entry["values"].append(result["map"])
+    for method, per_length in summary.items():
+        for code_length, entry in per_length.items():
+            values = np.array(entry["values"])
+            key = float(method) if table == 1 else method
+            entry.update(
+                mean=float(values.mean()), std=float(values.std()),
+                paper=paper_value(table, key, code_length, dataset),
+            )
+    return summary
+
+
+def markdown_table(table, summary, code_lengths, header_lines):
+    """Markdown: mean ± std beside the paper's number in every cell."""
+    first = "similarity_lambda" if table == 1 else "method"
+    lines = list(header_lines) + [
+        "",
+        f"| {first} | " + " | ".join(f"{k} bits" for k in code_lengths)
+        + " |",
+        "|---|" + "---|" * len(code_lengths),
+    ]
+    for method, per_length in summary.items():
+        cells = []
+        for k in code_lengths:
+            entry = per_length.get(k)
+            if entry is None:
+                cells.append("–")
+                continue
+            text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+            if entry["paper"] is not None:
+                text += f" (paper {entry['paper']:.4f})"
+            cells.append(text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reproduce_table(
+    table, base_experiment, code_lengths, seeds, results_dir, methods=None,
+    command="", progress=True,
+):
+    """Run (or resume) every cell of a table; write .md, .json and PNGs.
+
+    Returns:
+        (markdown text, summary dict).
+    """
+    from tqdm import tqdm
+
+    from uhga_tf.data import retrieval_sets
+    from uhga_tf.evaluation import plots
+
+    dataset = base_experiment.data.dataset
+    cells = table_cells(table, code_lengths, seeds, methods)
+    sets = retrieval_sets.load_retrieval_sets(
+        base_experiment.data, base_experiment.model,
+        base_experiment.train.seed, progress=progress,
+    )
+    cells_dir = os.path.join(results_dir, "cells", dataset)
+    results = []
+    start = time.time()
+    for cell in tqdm(cells, desc=f"table {table}", unit="cell",
+                     disable=not progress):
+        results.append(run_cell(cell, base_experiment, sets, cells_dir))
+        logging.info("%s: MAP %.4f", cell.key, results[-1]["map"])
+    summary = summarise(table, cells, results, dataset)
+    wall = time.time() - start
+    header = [
+        f"# {dataset} Table {table} (regenerated by uhga_tf)",
+        "",
+        f"- command: `{command}`",
+        f"- data: {sets.description}",
+        f"- epochs (deep methods): {base_experiment.train.epochs}; "
+        f"seeds: {seeds}; metric: MAP@"
+        f"{base_experiment.eval.top_k or 'ALL'} (stable ties by database "
+        "index)",
+        f"- wall time of the cells run now: {wall:.0f} s "
+        "(cells read from earlier runs cost 0 s here)",
+        "- paper numbers: UHGA (Symmetry 2020), AlexNet fc7 features and "
+        "the original CIFAR-10 binaries; ours use the backbone above and "
+        "JPEG-re-encoded CIFAR-10, so compare rows, not absolute values",
+    ]
+    markdown = markdown_table(table, summary, code_lengths, header)
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, f"{dataset}_table{table}")
+    _write_text(stem + ".md", markdown)
+    payload = {
+        "table": table, "dataset": dataset, "command": command,
+        "code_lengths": list(code_lengths), "seeds": seeds,
+        "summary": summary,
+        "cells": [
+            {**dataclasses.asdict(c), "map": r["map"],
+             "map_tie_aware": r.get("map_tie_aware")}
+            for c, r in zip(cells, results)
+        ],
+        "data": sets.description,
+    }
+    _write_text(stem + ".json", json.dumps(
+        payload, indent=1, sort_keys=True, default=_builtin))
+    if table == 1:
+        plots.plot_map_vs_code_length(
+            {f"{k} bits": {float(m): v[k]["mean"] for m, v in summary.items()
+                           if k in v}
+             for k in code_lengths},
+            stem + "_sweep.png",
+        )
+    else:
+        plots.plot_map_vs_code_length(
+            {m: {k: e["mean"] for k, e in v.items()}
+             for m, v in summary.items()},
+            stem + "_map_vs_code_length.png",
+            paper={m: dict(zip(CODE_LENGTHS, PAPER_CIFAR10[m]))
+                   for m in summary if m in PAPER_CIFAR10}
+            if dataset == "cifar10" else None,
+        )
+        pr_length = 64 if 64 in code_lengths else code_lengths[-1]
+        plots.plot_pr_curves(
+            {c.method: r["pr_curve"] for c, r in zip(cells, results)
+             if c.code_length == pr_length and c.seed == 0},
+            stem + f"_pr_{pr_length}.png",
+        )
+    return markdown, summary
+
+
+def _write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
