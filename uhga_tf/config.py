@@ -15,7 +15,7 @@ import os
 from uhga_tf import codes
 
 DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide", "features")
-DATA_SOURCES = ("auto", "local", "tfds")
+DATA_SOURCES = ("auto", "files", "tfds")
 SPLIT_PROTOCOLS = (
     "uhga", "disjoint54k", "ssdh_lists", "ga_lists", "nus_wide21", "demo"
 )
@@ -53,7 +53,8 @@ class DataConfig:
         dataset: one of `DATASETS`; `features` reads a precomputed .npz
             (see uhga_tf.data.retrieval_sets).
         data_dir: data root; falls back to $UHGA_DATA_DIR when empty.
-        data_source: `auto` (local files, else TFDS), `local` or `tfds`.
+        data_source: `auto` (local files, else a prepared TFDS copy), `files`
+            or `tfds` (may download).
         split: split protocol of protocol.md §1 (`SPLIT_PROTOCOLS`).
         query_pool: pool the CIFAR queries are drawn from (`test`, `all`).
         split_list_dir: folder with GA list files (only `split=ga_lists`).
