@@ -271,8 +271,11 @@ def run_experiment(experiment, sets=None):
         "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
         matrix.mode, matrix.tau_sim, matrix.tau_dis, matrix.fractions,
     )
+    positive_weight = experiment.loss.positive_weight
     positive_weight = similarity.resolve_positive_weight(
-        experiment.loss.positive_weight, matrix.similarity_matrix
+        positive_weight if positive_weight == "auto" else float(
+            positive_weight),
+        matrix.similarity_matrix,
     )
 
     workdir = experiment.workdir
@@ -321,7 +324,7 @@ def run_experiment(experiment, sets=None):
             quantization_weight=loss_cfg.quantization_weight,
             seed=experiment.train.seed,
         )
-        optimizer = hash_optimizer.HashSGD(
+        optimizer = hash_optimizer.HashOptimizer(
             learning_rate=experiment.train.learning_rate,
             momentum=experiment.train.momentum,
             nesterov=experiment.train.nesterov,
@@ -341,7 +344,6 @@ def run_experiment(experiment, sets=None):
         model.compile(
             hash_optimizer=optimizer, attention_optimizer=attention_optimizer
         )
-        model.build_for_training(train_features.shape[1])
         checkpoint = tf.train.Checkpoint(
             model=model,
             hash_optimizer=optimizer,
@@ -357,7 +359,7 @@ def run_experiment(experiment, sets=None):
     start_step = 0
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        start_step = int(model.train_step_counter.numpy())
+        start_step = int(model.step.numpy())
         logging.info(
             "resuming from step %d (%s)", start_step, manager.latest_checkpoint
         )
@@ -411,7 +413,7 @@ def run_experiment(experiment, sets=None):
                 callbacks=callbacks,
                 verbose=verbose,
             )
-    manager.save(checkpoint_number=int(model.train_step_counter.numpy()))
+    manager.save(checkpoint_number=int(model.step.numpy()))
 
     query_codes = encode(hasher, sets.features["query"])
     database_codes = encode(hasher, sets.features["database"])
@@ -434,7 +436,7 @@ def run_experiment(experiment, sets=None):
             sets.labels["query"], sets.labels["database"],
             top_k=eval_cfg.top_k or None,
         ),
-        steps=int(model.train_step_counter.numpy()),
+        steps=int(model.step.numpy()),
         similarity_fractions=matrix.fractions,
         tau_sim=matrix.tau_sim,
         tau_dis=matrix.tau_dis,

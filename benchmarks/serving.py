@@ -1,0 +1,312 @@
+r"""Serving throughput and latency of the embedded gRPC server.
+
+  python benchmarks/serving.py [--backbone=efficientnet_lite0|tiny]
+      [--image_size=224] [--clients=8] [--requests_per_client=500]
+      [--batch_size=32] [--batched_requests_per_client=10] [--max_seconds=90]
+
+Exports a model (the real EfficientNet-Lite0 backbone from
+`uhga_tf.models.backbone` with an untrained seeded hash head, or a tiny
+two-conv stand-in), measures the in-process SavedModel (`serving_default` on
+JPEG bytes) and then `python -m uhga_tf.serve` on loopback: `clients`
+threads each sending single-image requests, then requests of `batch_size`
+images. Served codes are checked against the in-process SavedModel; a
+mismatch counts as an error. Each phase stops after `max_seconds`.
+
+Writes benchmarks/results/serving.json. Top-level keys: `errors` (all
+phases), `p50_ms`/`p99_ms` (single-image requests), `images_per_s` (batched
+requests) and `served_over_inprocess` (batched served images/s over the
+in-process SavedModel's images/s at the same batch size, same run).
+"""
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from absl import app
+from absl import flags
+import grpc
+import keras
+import numpy as np
+import tensorflow as tf
+
+from uhga_tf.export import saved_model
+from uhga_tf.serving import client
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum(
+    "backbone", "efficientnet_lite0", ["efficientnet_lite0", "tiny"],
+    "Real backbone or a tiny stand-in.",
+)
+flags.DEFINE_integer("image_size", None, "Backbone input; default 224 / 32.")
+flags.DEFINE_integer("code_length", 64, "Code length of the hash head.")
+flags.DEFINE_integer("clients", 8, "Concurrent client threads.")
+flags.DEFINE_integer("requests_per_client", 500, "Single-image requests.")
+flags.DEFINE_integer("batch_size", 32, "Images per batched request.")
+flags.DEFINE_integer(
+    "batched_requests_per_client", 10, "Batched requests per client."
+)
+flags.DEFINE_float("max_seconds", 90.0, "Time limit per phase.")
+flags.DEFINE_bool("enable_batching", False, "Server-side batching.")
+flags.DEFINE_string(
+    "out", "benchmarks/results/serving.json", "Where to write the JSON."
+)
+
+TIMEOUT = 60.0
+
+
+def build_models(name, image_size, code_length):
+    keras.utils.set_random_seed(0)
+    if name == "tiny":
+        backbone = keras.Sequential(
+            [
+                keras.Input((image_size, image_size, 3)),
+                keras.layers.Rescaling(1 / 127.5, offset=-1.0),
+                keras.layers.Conv2D(8, 3, activation="relu"),
+                keras.layers.Conv2D(32, 3),
+                keras.layers.GlobalAveragePooling2D(),
+            ],
+            name="tiny_backbone",
+        )
+        hasher = keras.Sequential(
+            [keras.Input((32,)), keras.layers.Dense(code_length)]
+        )
+        return backbone, hasher
+    from uhga_tf.models import backbone as backbone_lib
+    from uhga_tf.models import hash_layer
+
+    backbone = backbone_lib.build_backbone(name, image_size=image_size)
+    feature_dim = int(backbone.output_shape[-1])
+    hasher = hash_layer.build_hasher(feature_dim, code_length)
+    return backbone, hasher
+
+
+def jpeg_images(n, seed=0):
+    """Seeded 256x192 JPEGs with smooth structure plus noise."""
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for _ in range(n):
+        ramp = np.linspace(0, 255, 256)[None, :, None] * rng.uniform(-1, 1, 3)
+        noise = rng.normal(0, 30, size=(192, 256, 3))
+        image = np.clip(rng.integers(0, 256, 3) + ramp + noise, 0, 255)
+        encoded.append(tf.io.encode_jpeg(image.astype(np.uint8)).numpy())
+    return encoded
+
+
+def in_process_images_per_s(path, images, batch_size, max_seconds):
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    batch = tf.constant(images[:batch_size])
+    fn(image_bytes=batch)  # warm-up
+    count, start = 0, time.perf_counter()
+    while count < 20 and time.perf_counter() - start < max_seconds / 3:
+        fn(image_bytes=batch)
+        count += 1
+    elapsed = time.perf_counter() - start
+    return count * batch_size / elapsed, fn
+
+
+def start_server(base, log_dir):
+    out_path = os.path.join(log_dir, "server.out")
+    log = open(os.path.join(log_dir, "server.log"), "wb")
+    out = open(out_path, "wb")
+    cmd = [
+        sys.executable, "-m", "uhga_tf.serve",
+        f"--model_base_path={base}", "--port=0",
+        f"--max_batch_size={max(64, FLAGS.batch_size)}",
+    ]  # fmt: skip
+    if FLAGS.enable_batching:
+        cmd.append("--enable_batching")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited; see " + log.name)
+        with open(out_path) as f:
+            line = f.readline()
+        if line.startswith("serving ") and line.endswith("\n"):
+            return proc, "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start; see " + log.name)
+
+
+def run_phase(address, channel, requests, per_client, expected, max_seconds):
+    """Each client sends its requests in turn; returns latency stats."""
+    latencies, errors = [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def worker(i):
+        mine = []
+        for j in range(per_client):
+            if time.monotonic() > deadline:
+                break
+            k = (i * per_client + j) % len(requests)
+            start = time.perf_counter()
+            try:
+                codes, _ = client.encode_images(
+                    address, requests[k], timeout=TIMEOUT, channel=channel
+                )
+            except grpc.RpcError as e:
+                with lock:
+                    errors.append(f"{e.code().name}: {e.details()}")
+                continue
+            mine.append(time.perf_counter() - start)
+            if not np.array_equal(codes, expected[k]):
+                with lock:
+                    errors.append(f"request {k}: codes differ")
+        with lock:
+            latencies.extend(mine)
+
+    threads = [
+        threading.Thread(target=worker, args=(i,))
+        for i in range(FLAGS.clients)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    n = len(latencies)
+    images = n * len(requests[0])
+    ms = np.array(latencies) * 1000 if n else np.zeros(1)
+    return {
+        "requests": n,
+        "images_per_request": len(requests[0]),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(n / elapsed, 2),
+        "images_per_s": round(images / elapsed, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+    }
+
+
+def main(argv):
+    del argv
+    wall = time.perf_counter()
+    image_size = FLAGS.image_size or (
+        32 if FLAGS.backbone == "tiny" else 224
+    )
+    backbone, hasher = build_models(
+        FLAGS.backbone, image_size, FLAGS.code_length
+    )
+    images = jpeg_images(max(64, FLAGS.batch_size))
+    with tempfile.TemporaryDirectory(prefix="uhga_bench_") as tmp:
+        base = os.path.join(tmp, "uhga")
+        path = saved_model.export_saved_model(
+            backbone, hasher, base, image_size=image_size,
+            metadata={"backbone": FLAGS.backbone},
+            warmup_images=images[:2],
+        )  # fmt: skip
+        inproc_batched, fn = in_process_images_per_s(
+            path, images, FLAGS.batch_size, FLAGS.max_seconds
+        )
+        inproc_single, _ = in_process_images_per_s(
+            path, images, 1, FLAGS.max_seconds
+        )
+        singles = [[b] for b in images]
+        batches = [
+            [images[(i + j) % len(images)] for j in range(FLAGS.batch_size)]
+            for i in range(8)
+        ]
+        expected_single = [
+            fn(image_bytes=tf.constant(r))["codes"].numpy() for r in singles
+        ]
+        expected_batched = [
+            fn(image_bytes=tf.constant(r))["codes"].numpy() for r in batches
+        ]
+        proc, address = start_server(base, tmp)
+        channel = grpc.insecure_channel(address)
+        try:
+            client.encode_images(address, images[:1], channel=channel)
+            single = run_phase(
+                address, channel, singles, FLAGS.requests_per_client,
+                expected_single, FLAGS.max_seconds,
+            )  # fmt: skip
+            batched = run_phase(
+                address, channel, batches, FLAGS.batched_requests_per_client,
+                expected_batched, FLAGS.max_seconds,
+            )  # fmt: skip
+        finally:
+            channel.close()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    sha = saved_model.git_sha()
+    result = {
+        "errors": single["errors"] + batched["errors"],
+        "p50_ms": single["p50_ms"],
+        "p99_ms": single["p99_ms"],
+        "images_per_s": batched["images_per_s"],
+        "served_over_inprocess": round(
+            batched["images_per_s"] / inproc_batched, 3
+        ),
+        "single": single,
+        "batched": batched,
+        "inprocess_images_per_s": {
+            "batch_1": round(inproc_single, 2),
+            f"batch_{FLAGS.batch_size}": round(inproc_batched, 2),
+        },
+        "single_served_over_inprocess_batch_1": round(
+            single["images_per_s"] / inproc_single, 3
+        ),
+        "config": {
+            "backbone": FLAGS.backbone,
+            "hash_head": "untrained, seeded" if FLAGS.backbone != "tiny"
+            else "Dense, seeded",
+            "image_size": image_size,
+            "code_length": FLAGS.code_length,
+            "clients": FLAGS.clients,
+            "requests_per_client": FLAGS.requests_per_client,
+            "batch_size": FLAGS.batch_size,
+            "batched_requests_per_client": FLAGS.batched_requests_per_client,
+            "max_seconds": FLAGS.max_seconds,
+            "enable_batching": FLAGS.enable_batching,
+            "input": "256x192 JPEG bytes via serving_default",
+        },
+        "git_sha": sha,
+        "tensorflow_version": tf.__version__,
+        "device": f"CPU ({os.cpu_count()} cores, shared), "
+        f"{platform.processor() or platform.machine()}",
+        "wall_s": round(time.perf_counter() - wall, 1),
+    }
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(
+        f"\n{FLAGS.backbone} @ {image_size}px, {FLAGS.code_length} bits, "
+        f"{FLAGS.clients} clients\n"
+    )
+    print("| phase | requests | req/s | images/s | p50 ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, phase in (("single image", single), (
+        f"{FLAGS.batch_size}-image batch", batched
+    )):
+        print(
+            f"| {name} | {phase['requests']} | {phase['requests_per_s']} | "
+            f"{phase['images_per_s']} | {phase['p50_ms']} | "
+            f"{phase['p99_ms']} | {phase['errors']} |"
+        )
+    print(
+        f"| in-process SavedModel, batch {FLAGS.batch_size} | | | "
+        f"{inproc_batched:.2f} | | | |"
+    )
+    print(
+        f"\nserved_over_inprocess = {result['served_over_inprocess']} "
+        f"(wall {result['wall_s']} s) -> {FLAGS.out}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,775 @@
+"""Embedded gRPC model server speaking TF-Serving's own protos.
+
+`ModelServer` serves the SavedModels that `uhga_tf.export` writes under a base
+path (`<base>/<version>/`) through `tensorflow.serving.PredictionService`
+(`Predict`, `GetModelMetadata`) and `tensorflow.serving.ModelService`
+(`GetModelStatus`), so the same client works against it and against the real
+`tensorflow_model_server` (the production path, see `serving/`).
+
+Behaviour follows TF-Serving where it is observable by a client:
+
+- the newest `num_versions` integer version directories are loaded; the base
+  path is polled every `poll_interval_s` and a new version is loaded, warmed
+  up with its `assets.extra/tf_serving_warmup_requests` and then swapped in;
+  requests already running keep the version they started with;
+- `model_spec.version` picks a loaded version, `model_spec.version_label` a
+  label from `version_labels`; an unknown model or version is NOT_FOUND;
+- inputs are checked against the SignatureDef before the graph runs: an
+  unknown signature, a missing or unknown input name, a wrong dtype or shape,
+  an empty batch, a batch over `max_batch_size`, bytes that are not an image,
+  or an unknown `output_filter` name are INVALID_ARGUMENT with a message
+  naming the problem;
+- with `enable_batching`, concurrent requests for the same signature (and,
+  for pixel inputs, the same image shape) are merged into one graph run of
+  up to `max_batch_size` items, waiting at most `batch_timeout_ms`.
+
+Each failed request logs one warning line; the server keeps serving.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import queue
+import threading
+import time
+from typing import Mapping
+
+from absl import logging
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from uhga_tf.export import saved_model as saved_model_lib
+
+DEFAULT_SIGNATURE = "serving_default"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Leading bytes of the formats tf.io.decode_image reads.
+_IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+_INIT_OP_KEY = "__saved_model_init_op"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Settings of the embedded server.
+
+    Attributes:
+        model_base_path: directory holding integer version subdirectories.
+        model_name: the one model name this server answers to.
+        host: interface to bind; loopback unless asked otherwise.
+        port: gRPC port; 0 picks a free one (see `ModelServer.port`).
+        poll_interval_s: seconds between scans of `model_base_path`.
+        num_versions: how many of the newest versions stay loaded.
+        version_labels: label -> version, for `model_spec.version_label`.
+        enable_batching: merge concurrent requests into one graph run.
+        max_batch_size: largest batch a request (or a merged run) may hold.
+        batch_timeout_ms: longest wait for more requests to merge.
+        num_threads: gRPC worker threads.
+    """
+
+    model_base_path: str
+    model_name: str = "uhga"
+    host: str = "127.0.0.1"
+    port: int = 8500
+    poll_interval_s: float = 2.0
+    num_versions: int = 1
+    version_labels: Mapping[str, int] = dataclasses.field(
+        default_factory=dict
+    )
+    enable_batching: bool = False
+    max_batch_size: int = 64
+    batch_timeout_ms: float = 2.0
+    num_threads: int = 16
+
+    def __post_init__(self):
+        if not self.model_name:
+            raise ValueError("model_name must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(
+                f"port must be in [0, 65535]; received port={self.port}"
+            )
+        if self.poll_interval_s <= 0:
+            raise ValueError(
+                "poll_interval_s must be > 0; received "
+                f"poll_interval_s={self.poll_interval_s}"
+            )
+        for name in ("num_versions", "max_batch_size", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be >= 1; received "
+                    f"{name}={getattr(self, name)}"
+                )
+        if self.batch_timeout_ms < 0:
+            raise ValueError(
+                "batch_timeout_ms must be >= 0; received "
+                f"batch_timeout_ms={self.batch_timeout_ms}"
+            )
+        for label, version in self.version_labels.items():
+            if not label or not isinstance(version, int) or version < 1:
+                raise ValueError(
+                    "version_labels must map non-empty labels to positive "
+                    f"versions; received {label!r}={version!r}"
+                )
+
+
+class RequestError(Exception):
+    """A request the server refuses, with its gRPC status code."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def tf_error_summary(error):
+    """Return the meaningful line of a TF op error ("Graph execution ...")."""
+    lines = [line.strip() for line in str(error.message).splitlines()]
+    useful = [
+        line
+        for line in lines
+        if line
+        and not line.startswith("[[")
+        and not line.startswith("Graph execution error")
+        and not line.startswith("Detected at node")
+        and not line.startswith("<stack traces")
+    ]
+    line = useful[-1] if useful else lines[-1] if lines else str(error)
+    cut = line.find(" [[")
+    if cut > 0:
+        line = line[:cut]
+    return line.strip()
+
+
+def _dtype_name(enum):
+    try:
+        return tf.dtypes.as_dtype(enum).name
+    except TypeError:
+        return f"dtype enum {enum}"
+
+
+def _image_format(encoded):
+    for magic, name in _IMAGE_MAGIC:
+        if encoded.startswith(magic):
+            return name
+    return None
+
+
+class Servable:
+    """One loaded version: the SavedModel, its SignatureDefs, its metadata."""
+
+    def __init__(self, path, version):
+        self.path = path
+        self.version = version
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            proto = saved_model_pb2.SavedModel.FromString(f.read())
+        self.signature_defs = {
+            key: value
+            for key, value in proto.meta_graphs[0].signature_def.items()
+            if key != _INIT_OP_KEY
+        }
+        self._model = tf.saved_model.load(path)
+        self.functions = dict(self._model.signatures)
+        missing = set(self.signature_defs) - set(self.functions)
+        if missing:
+            raise ValueError(
+                f"{path}: signatures {sorted(missing)} did not load"
+            )
+
+    def warmup_requests(self):
+        """Return the PredictRequests in assets.extra (empty if none)."""
+        path = os.path.join(
+            self.path,
+            saved_model_lib.ASSETS_EXTRA,
+            saved_model_lib.WARMUP_FILENAME,
+        )
+        if not os.path.exists(path):
+            return []
+        return saved_model_lib.read_warmup_requests(path)
+
+
+class ModelManager:
+    """Load, swap and look up versions of one model under a base path."""
+
+    def __init__(self, base_path, num_versions=1, version_labels=None):
+        self.base_path = base_path
+        self.num_versions = num_versions
+        self.version_labels = dict(version_labels or {})
+        self._servables = {}  # version -> Servable; replaced, never mutated
+        self._failed = set()
+        self._lock = threading.Lock()
+        self.warmup = None  # callable(servable), set by the server
+
+    def versions(self):
+        """Return the loaded versions, oldest first."""
+        return sorted(self._servables)
+
+    def poll(self):
+        """Scan the base path once; load new versions, unload old ones.
+
+        Returns:
+            The versions loaded by this call.
+        """
+        wanted = saved_model_lib.list_versions(self.base_path)[
+            -self.num_versions :
+        ]
+        loaded = []
+        for version in reversed(wanted):
+            if version in self._servables or version in self._failed:
+                continue
+            path = os.path.join(self.base_path, str(version))
+            start = time.monotonic()
+            try:
+                servable = Servable(path, version)
+                if self.warmup is not None:
+                    self.warmup(servable)
+            except (OSError, ValueError, tf.errors.OpError) as e:
+                self._failed.add(version)
+                logging.error("Failed to load version %d: %s", version, e)
+                continue
+            with self._lock:
+                servables = dict(self._servables)
+                servables[version] = servable
+                self._servables = servables
+            loaded.append(version)
+            logging.info(
+                "Loaded version %d from %s in %.2f s",
+                version,
+                path,
+                time.monotonic() - start,
+            )
+        with self._lock:
+            # A loaded version stays until newer ones replace it, even if its
+            # directory vanishes: never drop to zero loaded versions.
+            keep = set(sorted(self._servables)[-self.num_versions :])
+            gone = sorted(set(self._servables) - keep)
+            if gone:
+                self._servables = {
+                    v: s for v, s in self._servables.items() if v in keep
+                }
+        for version in gone:
+            logging.info("Unloaded version %d", version)
+        return loaded
+
+    def get(self, model_spec, model_name):
+        """Resolve a ModelSpec to a Servable or raise RequestError."""
+        if model_spec.name != model_name:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Servable not found for request: model "
+                f"{model_spec.name!r} (this server serves {model_name!r})",
+            )
+        servables = self._servables
+        choice = model_spec.WhichOneof("version_choice")
+        if choice == "version":
+            version = model_spec.version.value
+            if version not in servables:
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Servable not found for request: version {version} of "
+                    f"model {model_name!r} (loaded versions: "
+                    f"{sorted(servables)})",
+                )
+            return servables[version]
+        if choice == "version_label":
+            label = model_spec.version_label
+            if label not in self.version_labels:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Unrecognized servable version label: {label!r} "
+                    f"(known labels: {sorted(self.version_labels)})",
+                )
+            version = self.version_labels[label]
+            if version not in servables:
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Servable not found for request: version {version} "
+                    f"(label {label!r}) of model {model_name!r}",
+                )
+            return servables[version]
+        if not servables:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Servable not found for request: no version of model "
+                f"{model_name!r} is loaded from {self.base_path}",
+            )
+        return servables[max(servables)]
+
+
+class _Pending:
+    __slots__ = ("key", "function", "input_name", "array", "done", "result")
+
+    def __init__(self, key, function, input_name, array):
+        self.key = key
+        self.function = function
+        self.input_name = input_name
+        self.array = array
+        self.done = threading.Event()
+        self.result = None  # dict of arrays, or an exception
+
+
+class Batcher:
+    """Merge concurrent single-input requests into batched graph runs."""
+
+    def __init__(self, max_batch_size, batch_timeout_ms):
+        self.max_batch_size = max_batch_size
+        self.timeout_s = batch_timeout_ms / 1000.0
+        self._queue = queue.Queue()
+        self._carry = collections.deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="uhga-batcher", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, servable, signature_name, input_name, array):
+        """Run `array` through the signature, possibly with other requests.
+
+        Returns:
+            {output_name: np.ndarray} for this request's items only.
+        """
+        key = (id(servable), signature_name, input_name, array.shape[1:])
+        pending = _Pending(
+            key, servable.functions[signature_name], input_name, array
+        )
+        self._queue.put(pending)
+        pending.done.wait()
+        if isinstance(pending.result, BaseException):
+            raise pending.result
+        return pending.result
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _next(self, timeout):
+        if self._carry:
+            return self._carry.popleft()
+        return self._queue.get(timeout=timeout)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                first = self._next(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch, size = [first], len(first.array)
+            deadline = time.monotonic() + self.timeout_s
+            skipped = []
+            while size < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    if self._carry:
+                        item = self._carry.popleft()
+                    elif remaining > 0:
+                        item = self._queue.get(timeout=remaining)
+                    else:
+                        item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if (
+                    item.key == first.key
+                    and size + len(item.array) <= self.max_batch_size
+                ):
+                    batch.append(item)
+                    size += len(item.array)
+                else:
+                    skipped.append(item)
+            self._carry.extendleft(reversed(skipped))
+            self._execute(batch)
+
+    @staticmethod
+    def _execute(batch):
+        function, input_name = batch[0].function, batch[0].input_name
+        try:
+            arrays = [item.array for item in batch]
+            merged = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            outputs = function(**{input_name: tf.constant(merged)})
+            outputs = {k: v.numpy() for k, v in outputs.items()}
+        except tf.errors.OpError as e:
+            if len(batch) == 1:
+                batch[0].result = e
+                batch[0].done.set()
+                return
+            # One bad request must not fail the others: run each alone.
+            for item in batch:
+                Batcher._execute([item])
+            return
+        except Exception as e:  # noqa: BLE001 - handed to the waiting thread
+            for item in batch:
+                item.result = e
+                item.done.set()
+            return
+        start = 0
+        for item in batch:
+            stop = start + len(item.array)
+            item.result = {k: v[start:stop] for k, v in outputs.items()}
+            start = stop
+            item.done.set()
+
+
+class ModelServer:
+    """The embedded server: a ModelManager, a poller and a gRPC server.
+
+    Example:
+        server = ModelServer(ServerConfig("models/uhga", port=0))
+        port = server.start()
+        ...
+        server.stop()
+    """
+
+    def __init__(self, config):
+        self.config = config
+        if not os.path.isdir(config.model_base_path):
+            raise FileNotFoundError(
+                f"model_base_path {config.model_base_path} is not a directory"
+            )
+        self.manager = ModelManager(
+            config.model_base_path,
+            num_versions=config.num_versions,
+            version_labels=config.version_labels,
+        )
+        self.manager.warmup = self._warmup
+        self._batcher = None
+        self._grpc = None
+        self._stop = threading.Event()
+        self._poller = None
+        self.port = None
+
+    # Lifecycle -----------------------------------------------------------
+
+    def start(self):
+        """Load the newest version(s), bind, start polling; return the port."""
+        self.manager.poll()
+        if not self.manager.versions():
+            logging.warning(
+                "No servable version under %s yet; polling every %.1f s",
+                self.config.model_base_path,
+                self.config.poll_interval_s,
+            )
+        if self.config.enable_batching:
+            self._batcher = Batcher(
+                self.config.max_batch_size, self.config.batch_timeout_ms
+            )
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._grpc = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.config.num_threads,
+                thread_name_prefix="uhga-grpc",
+            ),
+            options=options,
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            _PredictionServicer(self), self._grpc
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            _ModelServicer(self), self._grpc
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            raise ValueError(f"cannot bind {address}: {e}") from e
+        if not port:
+            raise ValueError(f"cannot bind {address}")
+        self.port = port
+        self._grpc.start()
+        self._poller = threading.Thread(
+            target=self._poll_loop, name="uhga-poller", daemon=True
+        )
+        self._poller.start()
+        logging.info(
+            "Serving model %r from %s on %s:%d (versions %s)",
+            self.config.model_name,
+            self.config.model_base_path,
+            self.config.host,
+            port,
+            self.manager.versions(),
+        )
+        return port
+
+    def stop(self, grace_s=5.0):
+        """Stop accepting requests, let running ones finish, stop threads."""
+        self._stop.set()
+        if self._grpc is not None:
+            self._grpc.stop(grace_s).wait()
+        if self._poller is not None:
+            self._poller.join(timeout=grace_s)
+        if self._batcher is not None:
+            self._batcher.stop()
+        logging.info("Server stopped")
+
+    def wait(self):
+        """Block until `stop` is called (from another thread or a signal)."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def _poll_loop(self):
+        while not self._stop.wait(self.config.poll_interval_s):
+            try:
+                self.manager.poll()
+            except OSError as e:
+                logging.error(
+                    "Polling %s failed: %s", self.manager.base_path, e
+                )
+
+    def _warmup(self, servable):
+        requests = servable.warmup_requests()
+        for request in requests:
+            signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            self._run(servable, signature, request, list(request.output_filter))
+        if requests:
+            logging.info(
+                "Warmed up version %d with %d requests",
+                servable.version,
+                len(requests),
+            )
+
+    # Requests ------------------------------------------------------------
+
+    def predict(self, request):
+        """Answer a PredictRequest or raise RequestError."""
+        servable = self.manager.get(request.model_spec, self.config.model_name)
+        signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        outputs = self._run(
+            servable, signature, request, list(request.output_filter)
+        )
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = self.config.model_name
+        response.model_spec.version.value = servable.version
+        response.model_spec.signature_name = signature
+        for key, value in outputs.items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def _run(self, servable, signature, request, output_filter):
+        if signature not in servable.signature_defs:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Serving signature key {signature!r} not found; available: "
+                f"{sorted(servable.signature_defs)}",
+            )
+        signature_def = servable.signature_defs[signature]
+        for name in output_filter:
+            if name not in signature_def.outputs:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"output_filter name {name!r} is not an output of "
+                    f"signature {signature!r}; outputs: "
+                    f"{sorted(signature_def.outputs)}",
+                )
+        inputs = self._validate_inputs(signature, signature_def, request)
+        (input_name, array), = inputs.items()
+        try:
+            if self._batcher is not None:
+                outputs = self._batcher.run(
+                    servable, signature, input_name, array
+                )
+            else:
+                outputs = servable.functions[signature](
+                    **{input_name: tf.constant(array)}
+                )
+                outputs = {k: v.numpy() for k, v in outputs.items()}
+        except tf.errors.InvalidArgumentError as e:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                self._locate_error(signature_def, input_name, array, e),
+            ) from e
+        keep = output_filter or list(outputs)
+        return {key: outputs[key] for key in keep}
+
+    def _validate_inputs(self, signature, signature_def, request):
+        expected = signature_def.inputs
+        given = set(request.inputs)
+        unknown = sorted(given - set(expected))
+        if unknown:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input names {unknown} are not inputs of signature "
+                f"{signature!r}; expected {sorted(expected)}",
+            )
+        missing = sorted(set(expected) - given)
+        if missing:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"signature {signature!r} needs inputs {missing}",
+            )
+        arrays = {}
+        for name, info in expected.items():
+            proto = request.inputs[name]
+            if proto.dtype != info.dtype:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} of signature {signature!r} must be "
+                    f"{_dtype_name(info.dtype)}; received "
+                    f"{_dtype_name(proto.dtype)}",
+                )
+            shape = [d.size for d in proto.tensor_shape.dim]
+            want = [d.size for d in info.tensor_shape.dim]
+            mismatch = any(w >= 0 and s != w for s, w in zip(shape, want))
+            if (
+                proto.tensor_shape.unknown_rank
+                or len(shape) != len(want)
+                or mismatch
+            ):
+                pretty = [None if w < 0 else w for w in want]
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} of signature {signature!r} must have "
+                    f"shape {pretty}; received {shape}",
+                )
+            if any(s <= 0 for s in shape[1:]):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} has an empty dimension: shape {shape}",
+                )
+            batch = shape[0]
+            if batch == 0:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} is an empty batch (shape {shape})",
+                )
+            if batch > self.config.max_batch_size:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} holds a batch of {batch}, over "
+                    f"max_batch_size={self.config.max_batch_size}",
+                )
+            try:
+                array = tf.make_ndarray(proto)
+            except (ValueError, TypeError) as e:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} is not a valid TensorProto of shape "
+                    f"{shape}: {e}",
+                ) from e
+            if list(array.shape) != shape:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {name!r} declares shape {shape} but holds "
+                    f"{array.size} values",
+                )
+            if info.dtype == tf.string.as_datatype_enum:
+                for i, encoded in enumerate(array.reshape(-1)):
+                    if _image_format(encoded) is None:
+                        raise RequestError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{name}[{i}] is not a JPEG, PNG, GIF or BMP "
+                            f"image (first bytes {bytes(encoded[:8])!r})",
+                        )
+            arrays[name] = array
+        if len(arrays) != 1:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"signature {signature!r} has {len(arrays)} inputs; this "
+                "server runs single-input signatures",
+            )
+        return arrays
+
+    @staticmethod
+    def _locate_error(signature_def, input_name, array, error):
+        """Name the offending image of a failed decode when possible."""
+        summary = tf_error_summary(error)
+        info = signature_def.inputs[input_name]
+        if info.dtype != tf.string.as_datatype_enum or len(array) < 2:
+            if info.dtype == tf.string.as_datatype_enum:
+                return f"{input_name}[0]: {summary}"
+            return summary
+        for i, encoded in enumerate(array):
+            try:
+                tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            except tf.errors.InvalidArgumentError as e:
+                return f"{input_name}[{i}]: {tf_error_summary(e)}"
+        return summary
+
+    def model_metadata(self, request):
+        """Answer a GetModelMetadataRequest or raise RequestError."""
+        servable = self.manager.get(request.model_spec, self.config.model_name)
+        fields = list(request.metadata_field)
+        unsupported = [f for f in fields if f != "signature_def"]
+        if not fields or unsupported:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "metadata_field must be ['signature_def']; received "
+                f"{fields}",
+            )
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.config.model_name
+        response.model_spec.version.value = servable.version
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in servable.signature_defs.items():
+            signature_map.signature_def[key].CopyFrom(value)
+        response.metadata["signature_def"].Pack(signature_map)
+        return response
+
+    def model_status(self, request):
+        """Answer a GetModelStatusRequest or raise RequestError."""
+        spec = request.model_spec
+        if spec.name != self.config.model_name:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Could not find any versions of model {spec.name!r}",
+            )
+        versions = self.manager.versions()
+        choice = spec.WhichOneof("version_choice")
+        if choice is not None:
+            versions = [self.manager.get(spec, self.config.model_name).version]
+        elif not versions:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Could not find any versions of model {spec.name!r}",
+            )
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version in versions:
+            status = response.model_version_status.add()
+            status.version = version
+            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return response
+
+
+def _handler(server, method, fn):
+    """Wrap a request handler: map RequestError to a status, log once."""
+
+    def handle(request, context):
+        try:
+            return fn(request)
+        except RequestError as e:
+            logging.warning("%s %s: %s", method, e.code.name, e.message)
+            context.abort(e.code, e.message)
+        except tf.errors.OpError as e:
+            message = tf_error_summary(e)
+            logging.error("%s INTERNAL: %s", method, message)
+            context.abort(grpc.StatusCode.INTERNAL, message)
+
+    return handle
+
+
+class _PredictionServicer(
+    prediction_service_pb2_grpc.PredictionServiceServicer
+):
+    def __init__(self, server):
+        self.Predict = _handler(server, "Predict", server.predict)
+        self.GetModelMetadata = _handler(
+            server, "GetModelMetadata", server.model_metadata
+        )
+
+
+class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, server):
+        self.GetModelStatus = _handler(
+            server, "GetModelStatus", server.model_status
+        )
