@@ -1,0 +1,67 @@
+r"""Print the nearest index images of query images and draw a result grid.
+
+  python -m uhga_tf.search --index=index/ --model=models/uhga/1 \
+      QUERY.jpg [QUERY2.jpg ...] --top_k=10 [--out=result.png]
+  python -m uhga_tf.search --index=index/ --server=localhost:8500 QUERY.jpg
+
+Prints, per query, a `query<TAB>PATH<TAB>CLASS` line and then one
+`RANK<TAB>DISTANCE<TAB>SOURCE<TAB>CLASS` line per result (ties broken by
+index order; CLASS is "-" when unknown).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from uhga_tf import search
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.")
+flags.DEFINE_string("model", None, "SavedModel directory for the queries.")
+flags.DEFINE_string("server", None,
+                    "HOST:PORT of a gRPC server encoding the queries.")
+flags.DEFINE_string("model_name", "uhga", "Model name on --server.")
+flags.DEFINE_integer("top_k", 10, "Results per query.", lower_bound=1)
+flags.DEFINE_string("out", None, "PNG result grid path (optional).")
+flags.DEFINE_integer("tile_size", 128, "Grid tile size in pixels.",
+                     lower_bound=16)
+flags.DEFINE_string("query_label", None,
+                    "Class of the queries (default: parent folder name).")
+flags.mark_flags_as_required(["index"])
+flags.register_multi_flags_validator(
+    ["model", "server"],
+    lambda f: (f["model"] is None) != (f["server"] is None),
+    message="give exactly one of --model and --server",
+)
+
+
+def main(argv):
+    try:
+        results, index = search.search_images(
+            FLAGS.index,
+            argv[1:],
+            top_k=FLAGS.top_k,
+            model_dir=FLAGS.model,
+            server=FLAGS.server,
+            model_name=FLAGS.model_name,
+            query_label=FLAGS.query_label,
+        )
+        if FLAGS.out:
+            search.write_result_grid(results, index, FLAGS.out,
+                                     tile_size=FLAGS.tile_size)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"uhga_tf.search: {e}")
+    lines = []
+    for r in results:
+        lines.append(f"query\t{r.query_path}\t{r.query_class or '-'}")
+        for rank, (distance, source) in enumerate(
+            zip(r.distances, r.sources), start=1
+        ):
+            name = r.class_names[rank - 1] if r.class_names else "-"
+            lines.append(f"{rank}\t{int(distance)}\t{source}\t{name}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
