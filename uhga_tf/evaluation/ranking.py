@@ -1,0 +1,290 @@
+"""Exhaustive Hamming ranking with the deterministic tie rule of protocol §2.
+
+Tie rule: the database is ranked by a stable sort on (distance, database
+index), where the index is the row of `database_codes` (the row of the stored
+database index file). This module is shared by the evaluation metrics and the
+search index so that both return the same order.
+
+The sort is a stable counting sort by distance: distances are small integers
+in [0, code_length], held as uint8 (code_length <= 255) or uint16, and
+`np.argsort(..., kind="stable")` on such keys is NumPy's LSD radix sort, i.e.
+one (uint8) or two (uint16) counting-sort passes per query: O(N + 256) per
+query, vectorised over a batch of queries in one C call, no comparison sort.
+"""
+
+import numpy as np
+
+from uhga_tf import codes as codes_lib
+
+# Memory budget of one query batch (distance matrix, sort order, relevance);
+# small enough that the temporaries are recycled from the heap and stay
+# near the caches (measured faster than 256 MiB batches).
+BATCH_BYTES = 32 * 2**20
+# Bytes per (query, database item) pair held by one batch, all arrays summed.
+_BYTES_PER_PAIR = 40
+
+
+def query_batch_size(num_database, batch_bytes=None):
+    """Queries per batch so one batch stays within `batch_bytes`.
+
+    `batch_bytes` defaults to the module's BATCH_BYTES at call time.
+    """
+    if batch_bytes is None:
+        batch_bytes = BATCH_BYTES
+    return max(1, int(batch_bytes // (_BYTES_PER_PAIR * max(1, num_database))))
+
+
+def distance_dtype(code_length):
+    """Smallest unsigned dtype holding a distance in [0, code_length]."""
+    return np.uint8 if code_length <= np.iinfo(np.uint8).max else np.uint16
+
+
+def validate_code_pair(query_codes, database_codes):
+    """Validate query/database codes; return them as int8 arrays.
+
+    Raises:
+        ValueError: codes that are not 2-D {-1, +1} arrays, a code_length of
+            0, an empty database, or different query/database code_length.
+    """
+    query_codes = codes_lib.validate_codes(query_codes, "query_codes")
+    database_codes = codes_lib.validate_codes(database_codes, "database_codes")
+    if query_codes.shape[1] == 0:
+        raise ValueError(
+            "query_codes must have code_length >= 1; received shape "
+            f"{query_codes.shape}"
+        )
+    if query_codes.shape[1] != database_codes.shape[1]:
+        raise ValueError(
+            "query_codes and database_codes must have the same code_length; "
+            f"received {query_codes.shape[1]} and {database_codes.shape[1]}"
+        )
+    if database_codes.shape[0] == 0:
+        raise ValueError(
+            "database_codes must hold at least one code; received shape "
+            f"{database_codes.shape}"
+        )
+    return query_codes, database_codes
+
+
+def validate_top_k(top_k, num_database):
+    """Return `top_k` as an int (None -> num_database).
+
+    Raises:
+        ValueError: unless top_k is None or an int in [1, num_database].
+    """
+    if top_k is None:
+        return int(num_database)
+    if (
+        isinstance(top_k, bool)
+        or not isinstance(top_k, (int, np.integer))
+        or not 1 <= top_k <= num_database
+    ):
+        raise ValueError(
+            f"top_k must be None or an int in [1, {num_database}] (the "
+            f"database size); received top_k={top_k!r}"
+        )
+    return int(top_k)
+
+
+def _packed_words(codes):
+    """Codes as 64-bit words, [num_words, n] uint64 (zero padding bits)."""
+    packed = codes_lib.pack_codes(codes)
+    num_words = -(-packed.shape[1] // 8)
+    padded = np.zeros((packed.shape[0], 8 * num_words), dtype=np.uint8)
+    padded[:, : packed.shape[1]] = packed
+    return np.ascontiguousarray(padded.view(np.uint64).T)
+
+
+class DistanceKernel:
+    """Hamming distances of query batches against one fixed database.
+
+    The same distance as `codes.hamming_distance`, d = (code_length - q . n)
+    / 2 = popcount(q xor n), computed on the packed bits (`codes.pack_codes`)
+    as 64-bit words with `np.bitwise_count`; the database is packed once.
+    With NumPy < 2.0 (no `bitwise_count`) it falls back to one float32
+    matrix product with an appended constant column, so the product is the
+    distance itself (exact: every value is an integer below 2**24).
+    """
+
+    def __init__(self, database_codes, use_popcount=None):
+        database_codes = np.asarray(database_codes, dtype=np.int8)
+        self.code_length = database_codes.shape[1]
+        self.num_database = database_codes.shape[0]
+        self.dtype = distance_dtype(self.code_length)
+        if use_popcount is None:
+            use_popcount = hasattr(np, "bitwise_count")
+        self.use_popcount = use_popcount
+        if use_popcount:
+            self._database_words = _packed_words(database_codes)
+        else:
+            augmented = np.empty(
+                (self.code_length + 1, self.num_database), dtype=np.float32
+            )
+            augmented[:-1] = database_codes.T
+            augmented[-1] = 1.0
+            self._database_t = augmented
+
+    def __call__(self, query_codes):
+        """Distances, [n_query, num_database] uint8/uint16 in [0, K]."""
+        query_codes = np.asarray(query_codes)
+        if self.use_popcount:
+            return self._popcount(query_codes)
+        augmented = np.empty(
+            (query_codes.shape[0], self.code_length + 1), dtype=np.float32
+        )
+        augmented[:, :-1] = query_codes
+        augmented[:, :-1] *= -0.5
+        augmented[:, -1] = self.code_length / 2
+        return (augmented @ self._database_t).astype(self.dtype)
+
+    def _popcount(self, query_codes):
+        query_words = _packed_words(query_codes)
+        shape = (query_codes.shape[0], self.num_database)
+        xor = np.empty(shape, dtype=np.uint64)
+        counts = np.empty(shape, dtype=np.uint8)
+        if len(query_words) == 1 and self.dtype == np.uint8:
+            np.bitwise_xor(query_words[0][:, None],
+                           self._database_words[0][None, :], out=xor)
+            return np.bitwise_count(xor, out=counts)
+        distances = None
+        for query_word, database_word in zip(
+            query_words, self._database_words
+        ):
+            np.bitwise_xor(query_word[:, None], database_word[None, :],
+                           out=xor)
+            np.bitwise_count(xor, out=counts)
+            if distances is None:
+                distances = counts.astype(self.dtype)
+            else:
+                distances += counts
+        return distances
+
+
+def stable_order(distances):
+    """Stable counting sort of each row of `distances`.
+
+    Args:
+        distances: uint8/uint16 [n_query, n_database].
+
+    Returns:
+        int64 [n_query, n_database]: database indices ordered by
+        (distance, database index).
+    """
+    return np.argsort(distances, axis=1, kind="stable")
+
+
+def hamming_ranking(query_codes, database_codes, top_k=None):
+    """Rank the database for each query by (Hamming distance, index).
+
+    Convention: ties in distance are broken by database index (lower index
+    first), i.e. a stable sort on distance (protocol §2); the result is the
+    same on every machine and equals `np.argsort(d, kind="stable")`.
+
+    Args:
+        query_codes: int8 [n_query, code_length] in {-1, +1}.
+        database_codes: int8 [n_database, code_length] in {-1, +1}.
+        top_k: keep the first top_k items per query; None keeps all.
+
+    Returns:
+        (indices, distances): int64 [n_query, top_k] database indices and
+        int32 [n_query, top_k] their Hamming distances.
+
+    Raises:
+        ValueError: invalid codes, code_length mismatch, or top_k outside
+            [1, n_database].
+    """
+    query_codes, database_codes = validate_code_pair(
+        query_codes, database_codes
+    )
+    top_k = validate_top_k(top_k, database_codes.shape[0])
+    kernel = DistanceKernel(database_codes)
+    num_query = query_codes.shape[0]
+    indices = np.empty((num_query, top_k), dtype=np.int64)
+    distances = np.empty((num_query, top_k), dtype=np.int32)
+    batch = query_batch_size(kernel.num_database)
+    for start in range(0, num_query, batch):
+        stop = min(start + batch, num_query)
+        dist = kernel(query_codes[start:stop])
+        order = stable_order(dist)[:, :top_k]
+        indices[start:stop] = order
+        distances[start:stop] = np.take_along_axis(dist, order, axis=1)
+    return indices, distances
+
+
+def validate_label_pair(query_labels, database_labels, num_query=None,
+                        num_database=None):
+    """Validate labels for `relevance`; return them as arrays.
+
+    Single-label: 1-D integer class ids. Multi-label: 2-D multi-hot {0, 1}
+    arrays with the same number of columns. Both sides must be of one kind.
+
+    Raises:
+        ValueError: mixed kinds, other ranks, non-{0,1} multi-hot values,
+            different label widths, or a length that differs from
+            num_query / num_database when those are given.
+    """
+    query_labels = np.asarray(query_labels)
+    database_labels = np.asarray(database_labels)
+    for name, labels, expected in (
+        ("query_labels", query_labels, num_query),
+        ("database_labels", database_labels, num_database),
+    ):
+        if labels.ndim not in (1, 2):
+            raise ValueError(
+                f"{name} must be 1-D class ids or a 2-D multi-hot array; "
+                f"received shape {labels.shape}"
+            )
+        if expected is not None and labels.shape[0] != expected:
+            raise ValueError(
+                f"{name} must have one row per code ({expected}); received "
+                f"{labels.shape[0]} rows"
+            )
+        if labels.ndim == 2 and labels.size and not np.all(
+            (labels == 0) | (labels == 1)
+        ):
+            raise ValueError(
+                f"{name} as a 2-D array must be multi-hot in {{0, 1}}; "
+                f"received values {np.unique(labels)[:5].tolist()}"
+            )
+    if query_labels.ndim != database_labels.ndim:
+        raise ValueError(
+            "query_labels and database_labels must both be 1-D class ids or "
+            f"both 2-D multi-hot; received shapes {query_labels.shape} and "
+            f"{database_labels.shape}"
+        )
+    if (
+        query_labels.ndim == 2
+        and query_labels.shape[1] != database_labels.shape[1]
+    ):
+        raise ValueError(
+            "query_labels and database_labels must have the same number of "
+            f"label columns; received {query_labels.shape[1]} and "
+            f"{database_labels.shape[1]}"
+        )
+    return query_labels, database_labels
+
+
+def relevance(query_labels, database_labels):
+    """Relevance of every database item to every query.
+
+    Convention: single-label (1-D class ids): relevant iff same class.
+    Multi-label (2-D multi-hot): relevant iff the two share >= 1 label.
+
+    Returns:
+        bool [n_query, n_database].
+    """
+    query_labels, database_labels = validate_label_pair(
+        query_labels, database_labels
+    )
+    return relevance_unchecked(query_labels, database_labels)
+
+
+def relevance_unchecked(query_labels, database_labels):
+    """`relevance` for labels already checked by `validate_label_pair`."""
+    if query_labels.ndim == 1:
+        return query_labels[:, None] == database_labels[None, :]
+    # Counts of shared labels are small integers: float32 is exact.
+    shared = query_labels.astype(np.float32) @ database_labels.T.astype(
+        np.float32
+    )
+    return shared > 0

@@ -1,0 +1,440 @@
+"""The build/query pipeline around `HammingIndex`.
+
+`build_index` encodes an image folder or a dataset with an exported
+SavedModel and saves a `HammingIndex`; `search_images` encodes query images
+(SavedModel or a gRPC server) and ranks the index. Both are the library
+behind `python -m uhga_tf.index` and `python -m uhga_tf.search`.
+TensorFlow is imported lazily so `HammingIndex` stays light.
+"""
+
+import dataclasses
+import io
+import json
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+
+from uhga_tf import codes as codes_lib
+from uhga_tf.search import result_grid
+from uhga_tf.search.hamming_index import HammingIndex
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+METADATA_FILE = os.path.join("assets.extra", "uhga_tf.json")
+
+
+class SavedModelEncoder:
+    """Encode images with an exported uhga_tf SavedModel.
+
+    Uses the `serving_default` (encoded bytes) and `encode_images` (uint8
+    [n, H, W, 3]) signatures; both return `codes` int8 [n, code_length] and
+    `packed_codes` uint8 [n, code_length / 8], checked to agree bit for bit.
+    """
+
+    def __init__(self, model_dir):
+        import tensorflow as tf
+
+        self.model_dir = os.path.abspath(os.fspath(model_dir))
+        if not os.path.isfile(os.path.join(self.model_dir, "saved_model.pb")):
+            raise FileNotFoundError(f"no SavedModel at {self.model_dir}")
+        loaded = tf.saved_model.load(self.model_dir)
+        missing = {"serving_default", "encode_images"} - set(loaded.signatures)
+        if missing:
+            raise ValueError(
+                f"SavedModel {self.model_dir} lacks signatures "
+                f"{sorted(missing)}; has {sorted(loaded.signatures)}"
+            )
+        self._loaded = loaded  # keeps the signatures' variables alive
+        self._serving_default = loaded.signatures["serving_default"]
+        self._encode_images = loaded.signatures["encode_images"]
+        self.metadata = {}
+        path = os.path.join(self.model_dir, METADATA_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.metadata = json.load(f)
+        self.code_length = self.metadata.get("code_length")
+
+    def encode_image_bytes(self, image_bytes):
+        """Encode a list of encoded JPEG/PNG byte strings.
+
+        Raises:
+            tf.errors.InvalidArgumentError: if any image cannot be decoded.
+        """
+        import tensorflow as tf
+
+        outputs = self._serving_default(
+            image_bytes=tf.constant(list(image_bytes), dtype=tf.string)
+        )
+        return self._check(outputs)
+
+    def encode_images(self, images):
+        """Encode uint8 images [n, H, W, 3]."""
+        import tensorflow as tf
+
+        outputs = self._encode_images(
+            images=tf.constant(np.asarray(images, dtype=np.uint8))
+        )
+        return self._check(outputs)
+
+    def _check(self, outputs):
+        codes = outputs["codes"].numpy()
+        packed_codes = outputs["packed_codes"].numpy()
+        if self.code_length is None:
+            self.code_length = codes.shape[1]
+        if codes.shape[1] != self.code_length:
+            raise ValueError(
+                f"SavedModel emitted codes of length {codes.shape[1]}; its "
+                f"metadata says code_length={self.code_length}"
+            )
+        if not np.array_equal(codes_lib.pack_codes(codes), packed_codes):
+            raise ValueError(
+                "SavedModel packed_codes disagree with np.packbits(codes > 0);"
+                " the model does not follow the uhga_tf bit order"
+            )
+        return codes, packed_codes
+
+
+def find_images(images_dir):
+    """List image files under `images_dir` recursively, sorted.
+
+    Returns:
+        (paths, class_names, labels): absolute paths; when every image lies
+        in a direct sub-folder (class-per-folder layout), the sorted folder
+        names and the int label of each path, else (paths, None, None).
+    """
+    images_dir = os.path.abspath(os.fspath(images_dir))
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"no image directory {images_dir}")
+    paths = []
+    for root, dirs, files in os.walk(images_dir):
+        dirs.sort()
+        paths.extend(
+            os.path.join(root, name)
+            for name in sorted(files)
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    if not paths:
+        raise ValueError(
+            f"no {'/'.join(IMAGE_EXTENSIONS)} images under {images_dir}"
+        )
+    parents = [os.path.dirname(p) for p in paths]
+    if all(os.path.dirname(p) == images_dir for p in parents):
+        class_names = sorted({os.path.basename(p) for p in parents})
+        lookup = {name: i for i, name in enumerate(class_names)}
+        labels = [lookup[os.path.basename(p)] for p in parents]
+        return paths, class_names, labels
+    return paths, None, None
+
+
+def build_index(
+    model_dir,
+    out_dir,
+    images_dir=None,
+    dataset=None,
+    data_dir=None,
+    batch_size=64,
+    progress=True,
+    skip_corrupt=False,
+):
+    """Encode an image folder or a dataset and save a `HammingIndex`.
+
+    Exactly one of `images_dir` and `dataset` is given. Ids are positions
+    in the sorted file list (folder) or dataset indices; metadata holds
+    `source` (a path, or "dataset:NAME:INDEX" for in-memory images) and
+    `label` (an int, or a list of class indices for multi-label data) when
+    labels are known.
+
+    Raises:
+        ValueError: on a corrupt image unless `skip_corrupt`, naming it.
+    """
+    if (images_dir is None) == (dataset is None):
+        raise ValueError(
+            "give exactly one of images_dir and dataset; received "
+            f"images_dir={images_dir!r}, dataset={dataset!r}"
+        )
+    if batch_size <= 0:
+        raise ValueError(
+            f"batch_size must be > 0; received batch_size={batch_size}"
+        )
+    encoder = SavedModelEncoder(model_dir)
+    info = {"model": encoder.model_dir, "class_names": None}
+    if images_dir is not None:
+        paths, class_names, labels = find_images(images_dir)
+        info.update(source="images", images_dir=os.path.abspath(images_dir))
+        sources = paths
+        ids, packed_codes = _encode_files(
+            encoder, paths, np.arange(len(paths)), batch_size, progress,
+            skip_corrupt)
+    else:
+        from uhga_tf.data import datasets
+
+        data = datasets.load_dataset(dataset, data_dir)
+        class_names = getattr(data, "class_names", None)
+        labels = getattr(data, "labels", None)
+        images = getattr(data, "images", None)
+        info.update(source="dataset", dataset=dataset,
+                    data_dir=None if data_dir is None
+                    else os.path.abspath(data_dir))
+        if images is not None:
+            sources = [f"dataset:{dataset}:{i}" for i in range(len(images))]
+            ids = np.arange(len(images))
+            packed_codes = _encode_arrays(encoder, images, batch_size,
+                                          progress)
+        else:
+            sources = [os.fspath(p) for p in data.paths]
+            ids, packed_codes = _encode_files(
+                encoder, sources, np.arange(len(sources)), batch_size,
+                progress, skip_corrupt)
+        if labels is not None:
+            labels = _label_list(np.asarray(labels))
+    if class_names is not None:
+        info["class_names"] = [str(name) for name in class_names]
+    metadata = {"source": [sources[i] for i in ids]}
+    if labels is not None:
+        metadata["label"] = [labels[i] for i in ids]
+    index = HammingIndex(encoder.code_length, info=info)
+    index.add(packed_codes, ids, metadata=metadata)
+    index.save(out_dir)
+    return index
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """The ranking of one query image.
+
+    Attributes:
+        query_path: the query file.
+        query_class: class name of the query, or None when unknown.
+        ids: int64 [k] result ids, best first (ties by insertion order).
+        distances: int32 [k] Hamming distances.
+        sources: k image sources (path or "dataset:NAME:INDEX").
+        class_names: k result class names (", "-joined if multi-label), or
+            None when the index has no labels.
+        relevant: k bools (shares the query's class), or None.
+    """
+
+    query_path: str
+    query_class: str | None
+    ids: np.ndarray
+    distances: np.ndarray
+    sources: list
+    class_names: list | None
+    relevant: list | None
+
+
+def search_images(
+    index_dir,
+    query_paths,
+    top_k=10,
+    model_dir=None,
+    server=None,
+    model_name="uhga",
+    query_label=None,
+):
+    """Encode query images and return one `QueryResult` per query.
+
+    Queries go through the SavedModel at `model_dir`, or through the gRPC
+    server at `server` ("HOST:PORT") with `uhga_tf.serving.client`.
+    """
+    if (model_dir is None) == (server is None):
+        raise ValueError(
+            "give exactly one of model_dir and server; received "
+            f"model_dir={model_dir!r}, server={server!r}"
+        )
+    if not query_paths:
+        raise ValueError("give at least one query image")
+    index = HammingIndex.load(index_dir)
+    class_names = index.info.get("class_names")
+    if query_label is not None and (
+        not class_names or query_label not in class_names
+    ):
+        raise ValueError(
+            f"query_label must be one of the index classes {class_names}; "
+            f"received query_label={query_label!r}"
+        )
+    image_bytes = [_read_query(path) for path in query_paths]
+    if server is not None:
+        try:
+            from uhga_tf.serving import client
+        except ImportError as e:
+            raise ValueError(
+                f"--server needs uhga_tf.serving.client: {e}"
+            ) from e
+        _, packed_codes = client.encode_images(
+            server,
+            image_bytes,
+            model_name=model_name,
+            signature_name="serving_default",
+            timeout=10.0,
+        )
+        packed_codes = np.asarray(packed_codes, dtype=np.uint8)
+    else:
+        _, packed_codes = SavedModelEncoder(model_dir).encode_image_bytes(
+            image_bytes
+        )
+    ids, distances = index.search(packed_codes, top_k)
+    results = []
+    for path, row_ids, row_distances in zip(query_paths, ids, distances):
+        metadata = index.get_metadata(row_ids)
+        query_class = query_label
+        parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if query_class is None and class_names and parent in class_names:
+            query_class = parent
+        names = relevant = None
+        if class_names and all("label" in m for m in metadata):
+            label_sets = [_as_set(m["label"]) for m in metadata]
+            names = [
+                ", ".join(class_names[i] for i in sorted(s))
+                for s in label_sets
+            ]
+            if query_class is not None:
+                target = class_names.index(query_class)
+                relevant = [target in s for s in label_sets]
+        results.append(QueryResult(
+            query_path=os.fspath(path),
+            query_class=query_class,
+            ids=row_ids,
+            distances=row_distances,
+            sources=[m.get("source") for m in metadata],
+            class_names=names,
+            relevant=relevant,
+        ))
+    return results, index
+
+
+def write_result_grid(results, index, out_path, tile_size=128):
+    """Render `results` of `search_images` to a PNG at `out_path`."""
+    loader = _TileLoader(index.info)
+    rows = []
+    for result in results:
+        caption = "query" + (
+            f"\n{result.query_class}" if result.query_class else ""
+        )
+        row = [result_grid.Tile(Image.open(result.query_path), caption)]
+        for i, (source, distance) in enumerate(
+            zip(result.sources, result.distances)
+        ):
+            caption = f"d={int(distance)}"
+            if result.class_names is not None:
+                caption += f"\n{result.class_names[i]}"
+            row.append(result_grid.Tile(
+                loader(source),
+                caption,
+                None if result.relevant is None else result.relevant[i],
+            ))
+        rows.append(row)
+    image = result_grid.render_result_grid(rows, tile_size=tile_size)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    image.save(out_path, format="PNG")
+    logging.info("Wrote result grid %s (%dx%d)", out_path, *image.size)
+    return image.size
+
+
+def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
+    """Encode image files by raw bytes; return (kept ids, packed_codes)."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    kept, chunks = [], []
+    with tqdm(total=len(paths), disable=not progress, unit="img",
+              desc="encode") as bar:
+        for start in range(0, len(paths), batch_size):
+            batch_ids = ids[start:start + batch_size]
+            batch = [_read_file(paths[i]) for i in batch_ids]
+            try:
+                chunks.append(encoder.encode_image_bytes(batch)[1])
+                kept.extend(batch_ids)
+            except tf.errors.InvalidArgumentError:
+                # Find the offending file(s) one by one.
+                for i, data in zip(batch_ids, batch):
+                    try:
+                        chunks.append(encoder.encode_image_bytes([data])[1])
+                        kept.append(i)
+                    except tf.errors.InvalidArgumentError as e:
+                        if not skip_corrupt:
+                            raise ValueError(
+                                f"cannot decode image {paths[i]}: "
+                                f"{_tf_error_line(e)} (pass --skip_corrupt "
+                                "to skip it)"
+                            ) from e
+                        logging.warning("Skipping corrupt image %s: %s",
+                                        paths[i], _tf_error_line(e))
+            bar.update(len(batch))
+    if not kept:
+        raise ValueError("no image could be decoded")
+    return np.asarray(kept, np.int64), np.concatenate(chunks)
+
+
+def _encode_arrays(encoder, images, batch_size, progress):
+    from tqdm import tqdm
+
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), disable=not progress,
+                      unit="batch", desc="encode"):
+        chunks.append(
+            encoder.encode_images(images[start:start + batch_size])[1]
+        )
+    return np.concatenate(chunks)
+
+
+def _label_list(labels):
+    """int [N] -> list of ints; multi-hot [N, C] -> list of index lists."""
+    if labels.ndim == 1:
+        return labels.astype(np.int64).tolist()
+    return [np.flatnonzero(row).tolist() for row in labels]
+
+
+def _as_set(label):
+    if label is None:
+        return set()
+    return set(label) if isinstance(label, list) else {label}
+
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _read_query(path):
+    """Read a query file and check that it decodes as an image."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no query image {path}")
+    data = _read_file(path)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot decode query image {path}: {e}") from e
+    return data
+
+
+def _tf_error_line(error):
+    """The meaningful line of a TF error ("Graph execution error: ...")."""
+    lines = [
+        line.strip()
+        for line in str(getattr(error, "message", error)).splitlines()
+        if line.strip() and not line.strip().startswith("[[")
+    ]
+    return lines[-1] if lines else type(error).__name__
+
+
+class _TileLoader:
+    """Open a result source: a file path or "dataset:NAME:INDEX"."""
+
+    def __init__(self, info):
+        self._info = info
+        self._images = None
+
+    def __call__(self, source):
+        if source and source.startswith("dataset:"):
+            name, i = source.split(":", 1)[1].rsplit(":", 1)
+            if self._images is None:
+                from uhga_tf.data import datasets
+
+                self._images = datasets.load_dataset(
+                    name, self._info.get("data_dir")
+                ).images
+            return Image.fromarray(np.asarray(self._images[int(i)]))
+        return Image.open(source)
