@@ -31,7 +31,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.every_steps = every_steps
 
     def _step(self):
-        return int(self.model.train_step_counter.numpy())
+        return int(self.model.step.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
@@ -95,7 +95,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
 
         logs = dict(logs or {})
         epoch_number = epoch + 1
-        step = int(self.uhga_model.train_step_counter.numpy())
+        step = int(self.uhga_model.step.numpy())
         z, relaxed = self._relaxed(self.sets.features["train"])
         train_codes = codes_lib.binarize(z)
         record = {

@@ -1,0 +1,224 @@
+"""Tests for UHGAModel and HashOptimizer (T2, T5, look-ahead FD, §8, (18))."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from uhga_tf.models import attention_net
+from uhga_tf.models.hash_layer import HashLayer
+from uhga_tf.training.hash_optimizer import HashOptimizer
+from uhga_tf.training.uhga_model import UHGAModel, pair_loss_and_grad
+
+N, D, K, B = 24, 6, 4, 4
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    features = rng.random((N, D))
+    matrix = rng.choice([-1, 0, 1], size=(N, N)).astype(np.int8)
+    return features, matrix
+
+
+def _model(attention=True, lookahead="jvp", pairing="cross", lr=0.05,
+           **kwargs):
+    features, matrix = _data()
+    keras.utils.set_random_seed(0)
+    hasher = keras.Sequential(
+        [keras.Input((D,), dtype="float64"), HashLayer(K, dtype="float64")]
+    )
+    model = UHGAModel(hasher, matrix, code_length=K, attention=attention,
+                      lookahead=lookahead, pairing=pairing,
+                      attention_dtype="float64", positive_weight=3.0,
+                      attention_hidden=8,
+                      **kwargs)
+    model.compile(
+        hash_optimizer=HashOptimizer(lr),
+        attention_optimizer=keras.optimizers.Adam(0.01, epsilon=1e-8),
+    )
+    return model, features
+
+
+def _batch(features, start=0):
+    f = tf.constant(features)
+    i = tf.range(N, dtype=tf.int32)
+    return ((f[start:start + B], i[start:start + B]),
+            (f[start + B:start + 2 * B], i[start + B:start + 2 * B]))
+
+
+def test_t2_jvp_equals_second_order():
+    model, features = _model()
+    data = _batch(features)
+    jvp = model.compute_step(data)["attention_grads"]
+    model.lookahead = "second_order"
+    second = model.compute_step(data)["attention_grads"]
+    for a, b in zip(jvp[:3], second[:3]):
+        assert np.abs(b.numpy()).max() > 1e-8
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4,
+                                   atol=1e-12)
+
+
+def test_lookahead_gradient_matches_finite_difference():
+    model, features = _model(lr=0.5)
+    data = _batch(features)
+    grads = model.compute_step(data)["attention_grads"]
+    variables = model.attention_net.trainable_variables
+    base = [v.numpy() for v in variables]
+    rng = np.random.default_rng(7)
+    direction = [rng.standard_normal(b.shape) for b in base]
+    direction[3] = np.zeros_like(base[3])
+    analytic = sum(float(np.sum(g.numpy() * d))
+                   for g, d in zip(grads, direction))
+    eps = 1e-5
+
+    def lookahead(sign):
+        for v, b, d in zip(variables, base, direction):
+            v.assign(b + sign * eps * d)
+        return float(model.compute_step(data)["lookahead_loss"])
+
+    numeric = (lookahead(1) - lookahead(-1)) / (2 * eps)
+    for v, b in zip(variables, base):
+        v.assign(b)
+    assert abs(analytic) > 1e-7
+    assert abs(numeric - analytic) <= 1e-3 * abs(analytic)
+
+
+def test_train_step_changes_attention_and_hasher_weights():
+    model, features = _model()
+    before_phi = [v.numpy().copy() for v in
+                  model.attention_net.trainable_variables]
+    before_w = [v.numpy().copy() for v in model.hasher.trainable_variables]
+    logs = model.train_step(_batch(features))
+    for a, v in zip(before_phi[:3], model.attention_net.trainable_variables):
+        assert np.abs(a - v.numpy()).max() > 1e-4  # Adam moves ~lr
+    for a, v in zip(before_w, model.hasher.trainable_variables):
+        assert np.abs(a - v.numpy()).max() > 1e-6
+    assert int(model.step) == 1
+    assert set(logs) == {"pair_loss", "scale", "learning_rate",
+                         "lookahead_loss", "attention_loss",
+                         "attention_mean", "attention_std"}
+    assert float(logs["lookahead_loss"]) < float(logs["pair_loss"])
+    assert float(logs["scale"]) == 1.0
+
+
+@pytest.mark.parametrize("pairing", ["cross", "within"])
+def test_t5_attention_off_is_plain_sgd_on_loss(pairing):
+    model, features = _model(attention=False, pairing=pairing)
+    data = _batch(features) if pairing == "cross" else (
+        tf.constant(features[:6]), tf.range(6))
+    w0 = [tf.constant(v.numpy()) for v in model.hasher.trainable_variables]
+    with tf.GradientTape() as tape:
+        tape.watch(w0)
+        z, _ = model.hasher.stateless_call(
+            w0, [], tf.concat([data[0][0], data[1][0]], 0)
+            if pairing == "cross" else data[0])
+        codes = tf.tanh(z)
+        if pairing == "cross":
+            u, v = codes[:B], codes[B:]
+            idx1, idx2 = data[0][1], data[1][1]
+        else:
+            u = v = codes
+            idx1 = idx2 = data[1]
+        s = tf.gather(tf.gather(_data()[1], idx1), idx2, axis=1)
+        loss, _ = pair_loss_and_grad(u, v, s, sigmoid_param=0.2,
+                                     positive_weight=3.0)
+    grads = tape.gradient(loss, w0)
+    logs = model.train_step(data)
+    lr = float(np.float32(0.05)) * 10.0  # float32 schedule, x10 multiplier
+    for w, g, v in zip(w0, grads, model.hasher.trainable_variables):
+        expected = w - lr * 1.9 * (g + 5e-4 * w)  # (18), zero momentum
+        np.testing.assert_allclose(v.numpy(), expected.numpy(), rtol=1e-12)
+        assert np.abs(v.numpy() - w.numpy()).max() > 1e-4
+    assert float(logs["pair_loss"]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_dilemma_example_of_section_8():
+    u = tf.constant([[0.5]], tf.float64)
+    v = tf.constant([[-0.5]], tf.float64)
+    _, g = pair_loss_and_grad(u, v, tf.constant([[1]]), sigmoid_param=1.0,
+                              positive_weight=1.0)
+    assert g.numpy().item() == pytest.approx(-0.5622, abs=5e-5)
+    plain_u, plain_v = (g * v).numpy().item(), (g * u).numpy().item()
+    assert plain_u == pytest.approx(0.2811, abs=5e-5)
+    for eta, expected in [(1.5, 0.0784), (3.0, -0.3433)]:
+        assert round(0.5 - eta * plain_u, 4) == expected
+        assert round(-0.5 - eta * plain_v, 4) == -expected
+    # Attention (a_u, a_v) = (0, 1): an AttentionNet that scores by own code.
+    net = attention_net.AttentionNet(hidden_units=1, dtype="float64")
+    net.build((None, 5))
+    net.kernel.assign([[-1000.0], [0.0], [0.0], [0.0], [0.0]])
+    net.bias.assign([0.0])
+    net.output_kernel.assign([[1.0]])
+    attended_u, attended_v = attention_net.attend(u, v, g, net, budget=2.0)
+    assert round(0.5 - 1.5 * attended_u.numpy().item(), 4) == 0.5
+    assert round(-0.5 - 1.5 * attended_v.numpy().item(), 4) == 0.3433
+
+
+def test_explicit_update_closed_form_and_keras_sgd():
+    rng = np.random.default_rng(0)
+    w_init = rng.standard_normal((3, 2))
+    grads = [rng.standard_normal((3, 2)) for _ in range(3)]
+    # Closed form with weight decay and a multiplier.
+    optimizer = HashOptimizer(0.1, weight_decay=5e-4, lr_step_steps=2,
+                              lr_decay=0.5)
+    var = tf.Variable(w_init)
+    optimizer.build([var], [10.0])
+    w, nu = w_init.copy(), np.zeros_like(w_init)
+    for t, g in enumerate(grads, start=1):
+        lr = float(np.float32(0.1 * 0.5 ** ((t - 1) // 2))) * 10.0
+        d = g + 5e-4 * w
+        expected = w - lr * (1.9 * d) - lr * 0.81 * nu
+        optimizer.apply([tf.constant(g)], [var])
+        nu = 0.9 * nu + d
+        w = expected
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
+    np.testing.assert_allclose(optimizer.momenta[0].numpy(), nu, rtol=1e-12)
+    assert int(optimizer.iterations) == 3
+    # Equal to keras SGD(momentum=0.9, nesterov=True), constant lr, wd = 0.
+    ours = HashOptimizer(0.1, weight_decay=0.0, lr_step_steps=100)
+    a = tf.Variable(w_init)
+    ours.build([a])
+    b = keras.Variable(w_init, dtype="float64")
+    sgd = keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+    for g in grads:
+        ours.apply([tf.constant(g)], [a])
+        sgd.apply([tf.constant(g)], [b])
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+    assert np.abs(a.numpy() - w_init).max() > 0.1
+
+
+def test_compile_refuses_generic_keywords_and_bad_args():
+    model, _ = _model()
+    with pytest.raises(ValueError, match="optimizer="):
+        model.compile(optimizer="sgd", hash_optimizer=HashOptimizer())
+    with pytest.raises(ValueError, match="loss="):
+        model.compile(loss="mse", hash_optimizer=HashOptimizer())
+    with pytest.raises(ValueError, match="attention_optimizer"):
+        model.compile(hash_optimizer=HashOptimizer())
+    with pytest.raises(ValueError, match="lookahead"):
+        UHGAModel(model.hasher, _data()[1], code_length=K, lookahead="fd")
+    with pytest.raises(ValueError, match="momentum"):
+        HashOptimizer(momentum=1.0)
+
+
+def test_fit_in_graph_and_checkpoint_restores_step_and_momenta(tmp_path):
+    model, features = _model(scale_step=2, scale_gamma=0.5)
+    dataset = tf.data.Dataset.from_tensors(_batch(features)).repeat(3)
+    history = model.fit(dataset, epochs=1, verbose=0)
+    assert int(model.step) == 3
+    # s_t = sqrt(1 + floor(t / 2)): 1, sqrt(2), sqrt(2).
+    assert history.history["scale"][0] == pytest.approx(
+        (1 + 2 * np.sqrt(2)) / 3, rel=1e-6)
+    checkpoint = tf.train.Checkpoint(model=model,
+                                     hash_optimizer=model.hash_optimizer)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+    momentum = model.hash_optimizer.momenta[0].numpy().copy()
+    assert np.abs(momentum).max() > 0
+    model.step.assign(0)
+    model.hash_optimizer.momenta[0].assign(tf.zeros_like(momentum))
+    checkpoint.restore(path)
+    assert int(model.step) == 3
+    np.testing.assert_array_equal(model.hash_optimizer.momenta[0].numpy(),
+                                  momentum)
+    codes = model.encode(tf.constant(features[:3])).numpy()
+    assert codes.shape == (3, K) and np.all(np.abs(codes) < 1)

@@ -1,0 +1,162 @@
+"""Hash head on frozen features, and the tanh-scale continuation (eq. (4))."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+HASH_HEADS = ("dense", "mlp")
+SCALE_SCHEDULES = ("sqrt_step", "none")
+
+
+def _fan_in_uniform(fan_in):
+    """PyTorch-default Linear init U(+-1/sqrt(fan_in)) (GA-init)."""
+    limit = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-limit, limit)
+
+
+@keras.saving.register_keras_serializable(package="uhga_tf")
+class HashLayer(keras.layers.Layer):
+    """Map features [b, D] to hash-layer pre-activations z [b, code_length].
+
+    ``hash_head="dense"`` is one affine map D -> K; ``"mlp"`` is
+    D -> hidden_units -> ReLU -> K. Kernels and biases are drawn from
+    U(-1/sqrt(fan_in), +1/sqrt(fan_in)) (GA-init). The relaxed codes are
+    ``tanh(s_t * z)``; binary codes are ``z >= 0 -> +1`` (eq. (21)).
+
+    Example:
+    >>> layer = HashLayer(code_length=16)
+    >>> z = layer(tf.zeros([2, 1280]))  # [2, 16]
+    """
+
+    def __init__(
+        self, code_length, hash_head="dense", hidden_units=1024, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(code_length, int) or code_length < 1:
+            raise ValueError(
+                "code_length must be an integer >= 1; received "
+                f"code_length={code_length!r}"
+            )
+        if hash_head not in HASH_HEADS:
+            raise ValueError(
+                f"hash_head must be one of {HASH_HEADS}; received "
+                f"hash_head={hash_head!r}"
+            )
+        if not isinstance(hidden_units, int) or hidden_units < 1:
+            raise ValueError(
+                "hidden_units must be an integer >= 1; received "
+                f"hidden_units={hidden_units!r}"
+            )
+        self.code_length = code_length
+        self.hash_head = hash_head
+        self.hidden_units = hidden_units
+
+    def build(self, input_shape):
+        fan_in = int(input_shape[-1])
+        if self.hash_head == "mlp":
+            init = _fan_in_uniform(fan_in)
+            self.hidden_kernel = self.add_weight(
+                name="hidden_kernel",
+                shape=(fan_in, self.hidden_units),
+                initializer=init,
+            )
+            self.hidden_bias = self.add_weight(
+                name="hidden_bias", shape=(self.hidden_units,), initializer=init
+            )
+            fan_in = self.hidden_units
+        init = _fan_in_uniform(fan_in)
+        self.kernel = self.add_weight(
+            name="kernel", shape=(fan_in, self.code_length), initializer=init
+        )
+        self.bias = self.add_weight(
+            name="bias", shape=(self.code_length,), initializer=init
+        )
+
+    def call(self, features):
+        x = features
+        if self.hash_head == "mlp":
+            x = keras.ops.relu(
+                keras.ops.matmul(x, self.hidden_kernel) + self.hidden_bias
+            )
+        return keras.ops.matmul(x, self.kernel) + self.bias
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.code_length,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            code_length=self.code_length,
+            hash_head=self.hash_head,
+            hidden_units=self.hidden_units,
+        )
+        return config
+
+
+def build_hasher(
+    feature_dim,
+    code_length,
+    hash_head="dense",
+    hidden_units=1024,
+    dropout_rate=0.0,
+):
+    """Build the hashing network: features [b, D] -> z [b, K] (pre-tanh).
+
+    ``dropout_rate`` > 0 adds Dropout on the features; its mask comes from
+    the model's seed-generator state, which UHGAModel reuses across the
+    passes of one step (method.md §11).
+    """
+    if not isinstance(feature_dim, int) or feature_dim < 1:
+        raise ValueError(
+            "feature_dim must be an integer >= 1; received "
+            f"feature_dim={feature_dim!r}"
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(
+            "dropout_rate must be in [0, 1); received "
+            f"dropout_rate={dropout_rate!r}"
+        )
+    features = keras.Input(shape=(feature_dim,), name="features")
+    x = features
+    if dropout_rate > 0:
+        x = keras.layers.Dropout(dropout_rate, name="feature_dropout")(x)
+    z = HashLayer(
+        code_length,
+        hash_head=hash_head,
+        hidden_units=hidden_units,
+        name="hash_layer",
+    )(x)
+    return keras.Model(features, z, name="hasher")
+
+
+def scale_at_step(
+    step,
+    scale_schedule="sqrt_step",
+    scale_step=200,
+    scale_gamma=0.005,
+    scale_power=0.5,
+):
+    """Return s_t = (1 + gamma * scale_step * floor(t / scale_step))^power.
+
+    Eq. (4) with the 1-based step t; with the defaults s_t =
+    sqrt(1 + floor(t / 200)): s_199 = 1, s_200 = sqrt(2), s_12040 = sqrt(61).
+    ``scale_schedule="none"`` gives s_t = 1. A tf tensor step gives a float32
+    tensor (usable in-graph); a Python number gives a float.
+    """
+    if scale_schedule not in SCALE_SCHEDULES:
+        raise ValueError(
+            f"scale_schedule must be one of {SCALE_SCHEDULES}; received "
+            f"scale_schedule={scale_schedule!r}"
+        )
+    if tf.is_tensor(step):
+        if scale_schedule == "none":
+            return tf.ones([], tf.float32)
+        t = tf.cast(step, tf.float64)
+        stage = tf.floor(t / float(scale_step))
+        value = tf.pow(1.0 + scale_gamma * scale_step * stage, scale_power)
+        return tf.cast(value, tf.float32)
+    if scale_schedule == "none":
+        return 1.0
+    stage = math.floor(step / scale_step)
+    return float((1.0 + scale_gamma * scale_step * stage) ** scale_power)
