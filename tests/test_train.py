@@ -40,6 +40,7 @@ def _tiny_args(tmp_path, workdir="run", **overrides):
         "eval_every_epochs": 1,
         "checkpoint_every_steps": 3,
         "learning_rate": 0.01,
+        "positive_weight": "auto",
         "noprogress": None,
     }
     values.update(overrides)
@@ -91,6 +92,8 @@ def test_train_resume_and_foreign_checkpoint(tmp_path):
     """Train, kill mid-run after a checkpoint, resume to the same weights."""
     import keras
 
+    from uhga_tf.models import hash_layer  # noqa: F401 (registers HashLayer)
+
     # Uninterrupted reference run.
     done = _train(_tiny_args(tmp_path, workdir="reference", epochs=EPOCHS))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,7 +109,8 @@ def test_train_resume_and_foreign_checkpoint(tmp_path):
     results = json.loads((reference / "results.json").read_text())
     # 120 train rows / 16 per branch = 7 steps per epoch.
     assert results["steps"] == 7 * EPOCHS
-    assert results["map"] > 0.5  # four well-separated clusters
+    # Four well-separated clusters: cosine ranking scores 0.93, chance 0.25.
+    assert results["map"] > 0.8
 
     # Killed run: SIGKILL once a checkpoint past step 10 exists.
     args = _tiny_args(tmp_path, workdir="killed", epochs=EPOCHS)

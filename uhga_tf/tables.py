@@ -87,6 +87,8 @@ def workdir_codes(workdir, sets):
     """Codes from a trained UHGA workdir (`hasher.keras`)."""
     import keras
 
+    from uhga_tf.models import hash_layer  # noqa: F401 (registers HashLayer)
+
     path = os.path.join(workdir, "hasher.keras")
     if not os.path.exists(path):
         raise FileNotFoundError(

@@ -412,6 +412,7 @@ def run_experiment(experiment, sets=None):
                 steps_per_epoch=steps,
                 callbacks=callbacks,
                 verbose=verbose,
+                shuffle=False,
             )
     manager.save(checkpoint_number=int(model.step.numpy()))
 
