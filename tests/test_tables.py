@@ -1,0 +1,106 @@
+"""Table reproduction and the evaluate entry point, on synthetic features."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train_fixtures import write_feature_file
+from uhga_tf import config
+from uhga_tf import tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _experiment(tmp_path, **overrides):
+    features = tmp_path / "features.npz"
+    if not features.exists():
+        write_feature_file(str(features))
+    values = dict(
+        dataset="features", data_dir=str(features),
+        cache_dir=str(tmp_path / "cache"), workdir=str(tmp_path / "run"),
+        code_length=16, global_batch_size=32, epochs=2,
+        eval_every_epochs=2, positive_weight="auto", progress=False,
+    )
+    values.update(overrides)
+    return config.experiment_from_flat(values)
+
+
+def test_table3_cells_markdown_json_and_resume(tmp_path):
+    experiment = _experiment(tmp_path)
+    results_dir = str(tmp_path / "results")
+    methods = ["LSH", "ITQ", "Ours"]
+    markdown, summary = tables.reproduce_table(
+        3, experiment, [16], 1, results_dir, methods=methods,
+        command="test", progress=False,
+    )
+    stored = json.loads(
+        (tmp_path / "results" / "features_table3.json").read_text())
+    for cell in stored["cells"]:
+        # JSON, Markdown and the per-cell files hold the same numbers.
+        assert summary[cell["method"]][16]["values"] == [cell["map"]]
+        assert f"{cell['map']:.4f} ± 0.0000" in markdown
+        assert 0.0 < cell["map"] <= 1.0
+    assert [c["method"] for c in stored["cells"]] == methods
+    assert os.path.exists(
+        os.path.join(results_dir, "features_table3_map_vs_code_length.png"))
+    assert os.path.exists(
+        os.path.join(results_dir, "features_table3_pr_16.png"))
+
+    # A rerun reads every finished cell instead of recomputing it.
+    calls = []
+    original = tables.shallow_codes
+    tables.shallow_codes = lambda *a, **k: calls.append(a) or original(*a)
+    try:
+        again, _ = tables.reproduce_table(
+            3, experiment, [16], 1, results_dir, methods=methods,
+            command="test", progress=False,
+        )
+    finally:
+        tables.shallow_codes = original
+    assert calls == []
+    assert again.split("\n", 6)[6] == markdown.split("\n", 6)[6]
+
+
+def test_paper_numbers_sit_beside_ours():
+    assert tables.paper_value(3, "Ours+GA", 64, "cifar10") == 0.3499
+    assert tables.paper_value(1, 0.2, 16, "cifar10") == 0.2940
+    assert tables.paper_value(3, "LSH", 64, "cifar10") is None
+    assert tables.paper_value(3, "ITQ", 64, "fashion_mnist") is None
+
+
+@pytest.mark.parametrize(
+    "table, methods, fragment",
+    [(4, None, "table must be 1, 2 or 3"),
+     (3, ["KNN"], "unknown method")],
+)
+def test_bad_table_or_method(table, methods, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        tables.table_cells(table, [16], 1, methods)
+
+
+def test_evaluate_cli_baseline_writes_metrics_and_plots(tmp_path):
+    features = write_feature_file(str(tmp_path / "features.npz"))
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "uhga_tf.evaluate", "--baseline=itq",
+         "--dataset=features", f"--data_dir={features}", "--code_length=16",
+         f"--cache_dir={tmp_path / 'cache'}", f"--out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"MAP {metrics['map']:.4f}" in result.stdout
+    assert metrics["num_query"] == 40 and metrics["code_length"] == 16
+    assert (out / "pr.png").exists() and (out / "precision_at_n.png").exists()
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "uhga_tf.evaluate", "--baseline=knn",
+         "--dataset=features", f"--data_dir={features}",
+         f"--cache_dir={tmp_path / 'cache'}", f"--out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 1
+    assert "baseline must be one of" in bad.stderr
