@@ -150,7 +150,9 @@ class Cell:
 
     @property
     def key(self):
-        return f"t{self.table}_{self.method}_{self.code_length}_s{self.seed}"
+        # Tables 2 and 3 share their deep rows: one stored cell serves both.
+        row = f"lambda{self.method}" if self.table == 1 else self.method
+        return f"{row}_{self.code_length}_s{self.seed}"
 
 
 def table_cells(table, code_lengths, seeds, methods=None):
