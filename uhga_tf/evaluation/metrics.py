@@ -22,7 +22,9 @@ per-distance histograms and a harmonic-number table shared by all queries; it
 uses no sort at all.
 """
 
+import concurrent.futures
 import math
+import os
 
 import numpy as np
 from absl import logging
@@ -92,15 +94,20 @@ class _Inputs:
         self.kernel = ranking.DistanceKernel(self.database_codes)
         self.batch_size = ranking.query_batch_size(self.num_database)
 
-    def batches(self):
-        """Yield (start, stop, distances, relevance) per query batch."""
-        for start in range(0, self.num_query, self.batch_size):
-            stop = min(start + self.batch_size, self.num_query)
-            distances = self.kernel(self.query_codes[start:stop])
-            rel = ranking.relevance_unchecked(
-                self.query_labels[start:stop], self.database_labels
-            )
-            yield start, stop, distances, rel
+    def spans(self):
+        """(start, stop) of each query batch."""
+        return [
+            (start, min(start + self.batch_size, self.num_query))
+            for start in range(0, self.num_query, self.batch_size)
+        ]
+
+    def batch(self, start, stop):
+        """(distances, relevance) of queries [start, stop)."""
+        distances = self.kernel(self.query_codes[start:stop])
+        rel = ranking.relevance_unchecked(
+            self.query_labels[start:stop], self.database_labels
+        )
+        return distances, rel
 
 
 def _histograms(distances, rel, code_length):
@@ -152,7 +159,9 @@ def _collect(inputs, *, top_k=None, histograms=False, precision_at=()):
     if precision_at:
         out["hits_at"] = np.zeros((num_query, len(precision_at)), np.int64)
     width = max([top_k or 0] + list(precision_at))
-    for start, stop, distances, rel in inputs.batches():
+
+    def process(start, stop):
+        distances, rel = inputs.batch(start, stop)
         if histograms:
             counts, relevant = _histograms(distances, rel, inputs.code_length)
             out["counts"][start:stop] = counts
@@ -161,7 +170,7 @@ def _collect(inputs, *, top_k=None, histograms=False, precision_at=()):
         else:
             out["num_relevant"][start:stop] = np.count_nonzero(rel, axis=1)
         if not width:
-            continue
+            return
         order = ranking.stable_order(distances)
         if width < order.shape[1]:
             order = order[:, :width]
@@ -186,6 +195,17 @@ def _collect(inputs, *, top_k=None, histograms=False, precision_at=()):
                                    axis=1, dtype=np.int64)
             columns = np.asarray(precision_at) - 1
             out["hits_at"][start:stop] = cumulative[:, columns]
+
+    # Batches write disjoint rows, and NumPy's sorts, takes and popcounts
+    # release the GIL, so threads use every core with no extra memory copy.
+    spans = inputs.spans()
+    workers = min(len(spans), os.cpu_count() or 1)
+    if workers > 1:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda span: process(*span), spans))
+    else:
+        for span in spans:
+            process(*span)
     return out
 
 
