@@ -148,3 +148,38 @@ def test_attention_net_serialization_and_init():
     assert again.get_config() == config
     with pytest.raises(ValueError, match="hidden_units"):
         attention_net.AttentionNet(hidden_units=0)
+
+
+@pytest.mark.parametrize("columns", [3, 1])
+def test_fused_backward_column_chunks_equal_autodiff(monkeypatch, columns):
+    # The XLA backward unrolls over at most BACKWARD_COLUMNS pair columns per
+    # call and sums the calls: uneven chunks (4 = 3 + 1, 4 x 1) must give the
+    # autodiff gradient of the brute-force rows.
+    monkeypatch.setattr(attention_net, "BACKWARD_COLUMNS", columns)
+    u, v, g = _inputs(b1=4, b2=4, seed=11)
+    net = _net(seed=12)
+    rng = np.random.default_rng(13)
+    ru, rv = rng.standard_normal(u.shape), rng.standard_normal(v.shape)
+    variables = net.trainable_variables
+    with tf.GradientTape() as tape:
+        au, av = attention_net.attend(u, v, g, net, jit_compile=True)
+        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
+    fast = tape.gradient(objective, variables)
+    with tf.GradientTape() as tape:
+        f1, f2 = _brute_force_logits(net, u, v, g)
+        w = tf.sigmoid(f1 - f2)
+        au = 2 * tf.einsum("ijk,ij,jk->ik", w, g, v)
+        av = 2 * tf.einsum("ijk,ij,ik->jk", 1 - w, g, u)
+        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
+    slow = tape.gradient(objective, variables)
+    for a, b in zip(fast[:3], slow[:3]):
+        assert np.abs(b.numpy()).max() > 0
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8,
+                                   atol=1e-14)
+
+
+def test_attention_flops_formula():
+    # rows * (forward 2*5*H + 4*H + 1 + backward 2*5*H + 5*H + 1)
+    assert attention_net.attention_flops(128, 128, 64, 100) == (
+        2 * 128 * 128 * 64 * 2902
+    )

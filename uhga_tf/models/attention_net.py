@@ -5,16 +5,27 @@ The attention path has 2 * B * B * K rows of 5 features through a
 row by row:
 
 * the first layer is split: H1 x = H1[:, code] u_ik + H1[:, total] P((GV)_ik)
-  + c1 (per (i, k), computed once, broadcast over j) + H1[:, pair] P(e_ijk)
-  (per row);
+  + c1 (per (i, k), broadcast over j) + H1[:, pair] P(e_ijk) (per row);
 * the forward pass is an XLA-fused loop over hidden units, so no
   [rows, hidden] tensor is ever written to memory;
 * the backward pass (only the gradient w.r.t. the attention weights is
-  needed: the inputs are detached) is one skinny matmul per row chunk:
-  with M = 1[pre > 0] [rows, hidden] and per-row weights
-  R = df * [1, u, P(total), P(e)] [rows, 6], dH1/dc1 = h2 * (R^T M); the
+  needed: the inputs are detached) needs S[q, h] = sum_rows R[row, q]
+  1[pre_row,h > 0] with per-row weights R = df * [code, P(e) (2),
+  P(total) (2), 1]. Only three of them vary over j (df, df P_log(e),
+  df P_sign(e)); the rest are per-(i, k) constants. The XLA path
+  (:func:`_backward_sums_fused`) accumulates the three sums over j in
+  registers, one fused loop over [rows_i, K, hidden] per column chunk of
+  ``BACKWARD_COLUMNS`` pairs, then contracts the per-(i, k) constants in a
+  small einsum: no [rows, hidden] tensor is written. The graph path
+  (``jit_compile=False``) uses one skinny matmul per row chunk on the
+  materialized activity mask. dH1 = h2 * S[:5], dc1 = h2 * S[5]; the
   output-layer gradient is recovered from the same sums
   (sum_row df relu(pre_h) = sum_q H1[q, h] S[q, h] + c1[h] S[1, h]).
+
+Cost (benchmarks/train_step.py): the forward runs near the dense-matmul
+rate per CPU-second in naive-MLP FLOPs; the backward does three masked sums
+per (row, h), each re-evaluating the pre-activation (XLA:CPU has no
+multi-output fusion), so it is ~3x the forward.
 """
 
 import math
@@ -189,8 +200,64 @@ def _backward_sums(own, total_log, total_sign, pair_log, pair_sign, kernel,
     )
 
 
+def _backward_sums_fused(own, total_log, total_sign, pair_log, pair_sign,
+                         kernel, bias, upstream):
+    """S [6, hidden] like :func:`_backward_sums`, without a [rows, hidden] mask.
+
+    For the XLA path. The reduction over the pair axis j is unrolled (j is
+    the short axis, one column chunk), so the three per-(i, k, h)
+    accumulators T_q = sum_j 1[pre_ijk,h > 0] * upstream_ijk * x_q,ijk,
+    x_q in (1, P_log(e), P_sign(e)), stay in registers: one fused pass over
+    [R, K, hidden] per column, about 2 + 3 * 2 flops per (row, h) instead
+    of writing and re-reading a [rows, hidden] activity mask. The per-(i, k)
+    inputs (own code, P(total), 1) are then contracted with T_1 in one small
+    einsum (they are constant over j).
+    """
+    base = (
+        own[:, :, None] * kernel[_CODE]
+        + total_log[:, :, None] * kernel[_TOTAL_LOG]
+        + total_sign[:, :, None] * kernel[_TOTAL_SIGN]
+        + bias
+    )  # [R, K, H]
+    w_log, w_sign = kernel[_PAIR_LOG], kernel[_PAIR_SIGN]
+    up_log = upstream * pair_log
+    up_sign = upstream * pair_sign
+    zero = tf.zeros([], base.dtype)
+    t_one = t_log = t_sign = tf.zeros_like(base)
+    for j in range(int(pair_log.shape[1])):
+        pre = (
+            base
+            + pair_log[:, j, :, None] * w_log
+            + pair_sign[:, j, :, None] * w_sign
+        )
+        active = pre > 0
+        t_one = t_one + tf.where(active, upstream[:, j, :, None], zero)
+        t_log = t_log + tf.where(active, up_log[:, j, :, None], zero)
+        t_sign = t_sign + tf.where(active, up_sign[:, j, :, None], zero)
+    per_ik = tf.stack(
+        [own, total_log, total_sign, tf.ones_like(own)], axis=-1
+    )  # [R, K, 4]
+    s4 = tf.einsum("rkq,rkh->qh", per_ik, t_one)
+    return tf.stack(
+        [
+            s4[0],
+            tf.reduce_sum(t_log, [0, 1]),
+            tf.reduce_sum(t_sign, [0, 1]),
+            s4[1],
+            s4[2],
+            s4[3],
+        ]
+    )
+
+
+# Pair columns per call of the fused XLA backward: its unrolled loop (and
+# so the compile time) is bounded by this, whatever the batch size.
+BACKWARD_COLUMNS = 32
+
 _forward_xla = tf.function(_forward_kernel, jit_compile=True, autograph=False)
-_backward_xla = tf.function(_backward_sums, jit_compile=True, autograph=False)
+_backward_xla = tf.function(
+    _backward_sums_fused, jit_compile=True, autograph=False
+)
 _forward_graph = tf.function(_forward_kernel, autograph=False)
 _backward_graph = tf.function(_backward_sums, autograph=False)
 
@@ -219,6 +286,12 @@ def member_logits(own, total_log, total_sign, pair_log, pair_sign, kernel,
         tf.stop_gradient(t)
         for t in (own, total_log, total_sign, pair_log, pair_sign)
     ]
+    if pair_log.shape.rank != 3 or None in pair_log.shape.as_list():
+        raise ValueError(
+            "the attention path needs static batch shapes (batch with "
+            "drop_remainder=True); received pair inputs of shape "
+            f"{pair_log.shape}"
+        )
     rows = int(pair_log.shape[0])
 
     @tf.custom_gradient
@@ -233,13 +306,22 @@ def member_logits(own, total_log, total_sign, pair_log, pair_sign, kernel,
         )
 
         def grad(upstream):
-            sums = tf.add_n(
-                [
-                    backward(*[t[a:b] for t in inputs], kernel, bias,
-                             upstream[a:b])
-                    for a, b in _chunks(rows, chunk_rows)
-                ]
-            )  # [6, H]: code, pair_log, pair_sign, total_log, total_sign, 1
+            columns = int(pair_log.shape[1])
+            column_chunks = (
+                _chunks(columns, BACKWARD_COLUMNS) if jit_compile
+                else [(0, columns)]
+            )
+            parts = []
+            for a, b in _chunks(rows, chunk_rows):
+                own_, total_log_, total_sign_ = (t[a:b] for t in inputs[:3])
+                for c, d in column_chunks:
+                    parts.append(backward(
+                        own_, total_log_, total_sign_,
+                        inputs[3][a:b, c:d], inputs[4][a:b, c:d], kernel,
+                        bias, upstream[a:b, c:d],
+                    ))
+            sums = tf.add_n(parts)
+            # [6, H]: code, pair_log, pair_sign, total_log, total_sign, 1
             h2 = output_kernel[:, 0]
             d_kernel = sums[:NUM_INPUTS] * h2
             d_bias = sums[NUM_INPUTS] * h2

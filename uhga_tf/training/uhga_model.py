@@ -9,11 +9,14 @@ tape, Adam on phi (20).
 Distribution (MirroredStrategy / MultiWorkerMirroredStrategy): every replica
 pairs only its local batch (S rows gathered for the local indices); its code
 gradient is divided by ``num_replicas_in_sync`` after the attention (the
-attention sees the replica's own G, as a single device would), the hasher
-gradient is all-reduced (SUM) before (18) so all replicas apply the same
-update, the look-ahead gradient is all-reduced too, and the phi gradients are
-summed by the Keras attention optimizer. The result equals a single device
-averaging the per-replica half-batch steps.
+attention sees the replica's own G, as a single device would) and *inside*
+the phi tape, so that the phi gradient of each replica is its share of the
+global one; the hasher gradient is all-reduced (SUM) before (18) so all
+replicas apply the same update, the look-ahead gradient is all-reduced too
+(the JVP tangent is the global one), and the phi shares are summed by the
+Keras attention optimizer (its apply all-reduces with SUM; never all-reduce
+dphi by hand as well). The result equals a single device averaging the
+per-replica half-batch steps (tests/test_distributed.py, both look-aheads).
 """
 
 import keras
@@ -426,6 +429,12 @@ class UHGAModel(keras.Model):
                 with tf.GradientTape(watch_accessed_variables=False) as tape_phi:
                     tape_phi.watch(phi)
                     attended_u, attended_v, stats = self._attend(u, v, grad)
+                    # This replica's share of the global cotangent: the
+                    # 1/replicas must be recorded here, because the phi
+                    # gradient below is this replica's share and the Keras
+                    # attention optimizer SUMS the shares over replicas.
+                    attended_u = attended_u / replicas
+                    attended_v = attended_v / replicas
                 out.update(stats)
                 code_grad = tf.cast(
                     self._combine(attended_u, attended_v), codes.dtype
@@ -433,11 +442,11 @@ class UHGAModel(keras.Model):
             else:
                 code_grad = self._combine(
                     tf.matmul(grad, v), tf.matmul(grad, u, transpose_a=True)
-                )
+                ) / replicas
             if extra is not None:
-                code_grad += extra
+                code_grad += extra / replicas
             local_grads = tape_w.gradient(
-                codes, values, output_gradients=code_grad / replicas
+                codes, values, output_gradients=code_grad
             )
             hash_grads = _all_reduce_sum(local_grads)
             new_values, new_momenta = self.hash_optimizer._step(
