@@ -123,6 +123,7 @@ class UHGAModel(keras.Model):
         seed=0,
         attention_dtype="float32",
         attention_jit_compile=True,
+        replica_batch_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -197,6 +198,9 @@ class UHGAModel(keras.Model):
         self.seed = seed
         self.attention_dtype = attention_dtype
         self.attention_jit_compile = bool(attention_jit_compile)
+        # MultiWorkerMirroredStrategy hands replicas batches of unknown
+        # static size; the attention kernels need it, so the runner states it.
+        self.replica_batch_size = replica_batch_size
         self._similarity = tf.constant(matrix.astype(np.int8))
         self.step = self.add_weight(
             shape=(),
@@ -303,12 +307,30 @@ class UHGAModel(keras.Model):
             rest = list(data[1:])
             if len(data) in (1, 2, 3) and all(r is None for r in rest):
                 data = data[0]
+        if self.replica_batch_size:
+            data = tf.nest.map_structure(self._static_batch, data)
         if self.pairing == "cross":
             (features_1, index_1), (features_2, index_2) = data
             features = tf.concat([features_1, features_2], axis=0)
             return features, index_1, index_2, tf.shape(features_1)[0]
         features, index = data
         return features, index, index, tf.shape(features)[0]
+
+    def _static_batch(self, tensor):
+        shape = [self.replica_batch_size] + tensor.shape.as_list()[1:]
+        return tf.ensure_shape(tensor, shape)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras would reduce a sample batch across replicas to build the
+        # model symbolically; that reduce fails for nested per-replica data
+        # under MultiWorkerMirroredStrategy. Every variable of UHGAModel
+        # exists once compile has run, so there is nothing left to build.
+        if self.hash_optimizer is not None and all(
+            layer.built for layer in self._flatten_layers(include_self=False)
+        ):
+            self.built = True
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _split(self, codes, size):
         if self.pairing == "cross":
@@ -527,7 +549,15 @@ class UHGAModel(keras.Model):
             trackers["attention_loss"].update_state(out["lookahead_loss"])
             trackers["attention_mean"].update_state(out["attention_mean"])
             trackers["attention_std"].update_state(out["attention_std"])
-        return {name: t.result() for name, t in trackers.items()}
+        logs = {name: t.result() for name, t in trackers.items()}
+        if isinstance(
+            tf.distribute.get_strategy(),
+            tf.distribute.MultiWorkerMirroredStrategy,
+        ):
+            # Keras reduces logs across workers with reduce(MEAN, axis=0),
+            # which needs a leading axis; it returns the scalar mean.
+            logs = {name: tf.reshape(v, [1]) for name, v in logs.items()}
+        return logs
 
     def get_config(self):
         config = super().get_config()
@@ -552,6 +582,7 @@ class UHGAModel(keras.Model):
             seed=self.seed,
             attention_dtype=self.attention_dtype,
             attention_jit_compile=self.attention_jit_compile,
+            replica_batch_size=self.replica_batch_size,
         )
         return config
 
