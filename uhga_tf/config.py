@@ -98,7 +98,13 @@ class ModelConfig:
         code_length: K, a multiple of 8 in [8, 1024].
         hash_head: `dense` (D -> K) or `mlp` (D -> hash_hidden -> K).
         hash_hidden: hidden width of the `mlp` head.
-        trainable_backbone: fine-tune the backbone end to end (GPU path).
+        trainable_backbone: fine-tune the backbone end to end on images
+            (GPU path, method.md §0.1/§6); needs a dataset whose images are
+            in memory (cifar10, fashion_mnist), not `features`. The
+            similarity matrix still comes from the frozen, cached features.
+        dropout_rate: dropout on the features in front of the hash layer;
+            one mask per step, shared by every pass of the step (§11). 0 =
+            off; the paper's AlexNet uses 0.5.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -108,17 +114,17 @@ class ModelConfig:
     hash_head: str = "dense"
     hash_hidden: int = 1024
     trainable_backbone: bool = False
+    dropout_rate: float = 0.0
 
     def __post_init__(self):
         codes.check_code_length(self.code_length)
         _choice("hash_head", self.hash_head, HASH_HEADS)
         _positive("image_size", self.image_size, allow_zero=True)
         _positive("hash_hidden", self.hash_hidden)
-        if self.trainable_backbone:
+        if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(
-                "trainable_backbone=true (end-to-end fine-tuning) is not "
-                "implemented yet; received trainable_backbone=True. Use the "
-                "default frozen backbone with cached features."
+                "dropout_rate must be in [0, 1); received "
+                f"dropout_rate={self.dropout_rate!r}"
             )
 
 

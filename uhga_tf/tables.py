@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import config as config_lib
 
 CODE_LENGTHS = (16, 32, 64, 128)
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -95,6 +96,18 @@ def workdir_codes(workdir, sets):
             f"no hasher.keras in {workdir!r}: training has not finished there"
         )
     hasher = keras.saving.load_model(path)
+    experiment = config_lib.load_experiment(workdir)
+    if experiment.model.trainable_backbone:
+        # A fine-tuned backbone: the cached features are stale, encode images.
+        from uhga_tf.training import image_inputs
+
+        encoder = image_inputs.ImageEncoder(
+            hasher, sets, sets.image_dataset,
+            int(hasher.input_shape[1]),
+        )
+        return tuple(
+            codes_lib.binarize(encoder(name)) for name in ("query", "database")
+        )
     return tuple(
         _binarize_batched(hasher, sets.features[name])
         for name in ("query", "database")
@@ -182,8 +195,6 @@ def table_cells(table, code_lengths, seeds, methods=None):
 
 def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     """Run one cell (or read its stored result); return the result dict."""
-    from uhga_tf import config as config_lib
-
     path = os.path.join(cells_dir, cell.key + ".json")
     if os.path.exists(path):
         with open(path) as f:

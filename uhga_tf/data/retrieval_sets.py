@@ -30,6 +30,9 @@ class RetrievalSets:
         indices: {set: int64 [n]}; database rows keep split order (ties).
         feature_dim: D.
         description: provenance for logs and result headers.
+        image_dataset: the `datasets.ImageDataset` that `indices` index
+            (None for `dataset="features"`); the end-to-end path
+            (`trainable_backbone=true`) trains and encodes on its images.
     """
 
     features: dict
@@ -37,6 +40,7 @@ class RetrievalSets:
     indices: dict
     feature_dim: int
     description: str
+    image_dataset: object = None
 
 
 def load_retrieval_sets(data, model, seed, progress=True):
@@ -100,6 +104,7 @@ def load_retrieval_sets(data, model, seed, progress=True):
             f"weights={model.backbone_weights} "
             f"image_size={model.image_size or 'default'}"
         ),
+        image_dataset=image_dataset,
     )
     _log_sizes(sets)
     return sets

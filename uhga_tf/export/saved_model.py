@@ -603,9 +603,13 @@ def export_from_checkpoint(
 ):
     """Export a training workdir (config.json + hasher.keras) as a version.
 
-    Builds the backbone named in the config with
-    `uhga_tf.models.backbone.build_backbone`, loads the hasher with
-    `keras.saving.load_model` and calls `export_saved_model`.
+    Frozen-backbone runs: builds the backbone named in the config with
+    `uhga_tf.models.backbone.build_backbone`, loads the hasher (features ->
+    z) with `keras.saving.load_model` and calls `export_saved_model`.
+    End-to-end runs (`model.trainable_backbone` true in config.json):
+    `hasher.keras` is the whole fine-tuned images -> z network; its
+    backbone and hash head (`hash_layer.split_image_hasher`) are exported,
+    so `encode_features` takes the fine-tuned backbone's features.
 
     Returns:
         The path of the new version directory.
@@ -613,19 +617,29 @@ def export_from_checkpoint(
     config, values = read_checkpoint_config(checkpoint_dir)
     # Registers the hash layer classes before the hasher is deserialised.
     from uhga_tf.models import backbone as backbone_lib
-    from uhga_tf.models import hash_layer  # noqa: F401
+    from uhga_tf.models import hash_layer
 
-    backbone = backbone_lib.build_backbone(
-        values["model.backbone"],
-        weights=values["model.backbone_weights"],
-        image_size=values["model.image_size"],
+    trainable_backbone = bool(
+        config.get("model", {}).get("trainable_backbone", False)
     )
-    hasher = keras.saving.load_model(
-        os.path.join(checkpoint_dir, HASHER_FILENAME)
-    )
-    _, code_length = _probe_dims(
-        backbone, hasher, values["model.image_size"]
-    )
+    if trainable_backbone:
+        backbone, hasher = hash_layer.split_image_hasher(
+            keras.saving.load_model(
+                os.path.join(checkpoint_dir, HASHER_FILENAME)
+            )
+        )
+        image_size = int(backbone.input_shape[1])
+    else:
+        backbone = backbone_lib.build_backbone(
+            values["model.backbone"],
+            weights=values["model.backbone_weights"],
+            image_size=values["model.image_size"],
+        )
+        hasher = keras.saving.load_model(
+            os.path.join(checkpoint_dir, HASHER_FILENAME)
+        )
+        image_size = values["model.image_size"]
+    _, code_length = _probe_dims(backbone, hasher, image_size)
     if code_length != values["model.code_length"]:
         raise ValueError(
             f"the hasher in {checkpoint_dir} emits code_length={code_length} "
@@ -634,7 +648,11 @@ def export_from_checkpoint(
         )
     metadata = {
         "backbone": values["model.backbone"],
-        "backbone_weights": values["model.backbone_weights"],
+        "backbone_weights": (
+            "fine-tuned (hasher.keras)" if trainable_backbone
+            else values["model.backbone_weights"]
+        ),
+        "trainable_backbone": trainable_backbone,
         "training_data": values["data.dataset"],
         "checkpoint": os.path.abspath(checkpoint_dir),
         "model_name": model_name,
@@ -644,7 +662,7 @@ def export_from_checkpoint(
         backbone,
         hasher,
         export_dir,
-        image_size=values["model.image_size"],
+        image_size=image_size,
         version=version,
         metadata=metadata,
         warmup_images=warmup_images,

@@ -16,6 +16,10 @@ never preprocess by hand. `BACKBONES` lists the choices:
   after ReLU (4096-d), weights from a torchvision state-dict file.
 * `vgg16` and other `keras.applications` models: VGG16/VGG19 give fc7
   (`fc2` after ReLU, 4096-d); the others global-average-pooled features.
+* `tiny_cnn` (tests and smoke runs only): two 3x3/2 convs with a
+  BatchNormalization between them, 16-d global-average-pooled ReLU
+  features, fixed-seed random weights (identical in every process), 32 px
+  default input; any size >= 32 works.
 
 Example:
     backbone = build_backbone("efficientnet_lite0", image_size=128)
@@ -71,6 +75,7 @@ BACKBONES = {
         BackboneSpec("resnet50", 2048, 224, _CAFFE),
         BackboneSpec("mobilenet_v2", 1280, 224, _TF),
         BackboneSpec("efficientnet_b0", 1280, 224, _RAW),
+        BackboneSpec("tiny_cnn", 16, 32, _TF),
     )
 }
 
@@ -234,6 +239,8 @@ def backbone_fingerprint(name, weights="default", image_size=None):
     path = _resolve_weights_path(spec, weights)
     if path is not None:
         identity = torch_weights.sha256_file(path)
+    elif spec.name == "tiny_cnn":
+        identity = _TINY_CNN_WEIGHTS
     elif weights is None:
         identity = "random"
     else:  # "imagenet", or "default" of a keras.applications backbone
@@ -278,6 +285,10 @@ def build_backbone(
         model = _alexnet(include_top)
         if path is not None:
             load_alexnet_weights(model, path)
+    elif name == "tiny_cnn":
+        model = _tiny_cnn(size, include_top)
+        if path is not None:
+            model.load_weights(path)
     else:
         model = _keras_application(spec, size, weights, path, include_top)
     logging.info(
@@ -511,6 +522,41 @@ def load_alexnet_weights(model, path):
     has_top = any(layer.name == "classifier.6" for layer in model.layers)
     _assign(model, state_dict, lambda name: name + ".", path,
             ignore=() if has_top else ("classifier.6.",))
+
+
+# --- tiny_cnn (tests) ---------------------------------------------------------
+
+# The fixed-seed initialisation of `tiny_cnn`; enters its fingerprint.
+_TINY_CNN_WEIGHTS = "seeded-v1"
+
+
+def _tiny_cnn(image_size, include_top):
+    """Two-conv test backbone with fixed-seed weights (any `image_size`).
+
+    images -> "tf" scaling -> conv 8 3x3/2 ReLU -> BatchNormalization ->
+    conv 16 3x3/2 ReLU -> global average pool: features [b, 16], >= 0.
+    `weights="default"` and `weights=None` give the same seeded weights.
+    """
+    images = keras.Input((image_size, image_size, 3), name="images")
+    x = ImagePreprocessing("tf", name="preprocessing")(images)
+    x = keras.layers.Conv2D(
+        8, 3, 2, padding="same", activation="relu", name="conv1",
+        kernel_initializer=keras.initializers.HeNormal(seed=1),
+    )(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Conv2D(
+        16, 3, 2, padding="same", activation="relu", name="conv2",
+        kernel_initializer=keras.initializers.HeNormal(seed=2),
+        bias_initializer=keras.initializers.Constant(0.05),
+    )(x)
+    features = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    if include_top:
+        logits = keras.layers.Dense(
+            1000, name="logits",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=3),
+        )(features)
+        return keras.Model(images, logits, name="tiny_cnn")
+    return keras.Model(images, features, name="tiny_cnn")
 
 
 # --- keras.applications ------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Hash head on frozen features, and the tanh-scale continuation (eq. (4))."""
+"""Hash head on frozen features, the end-to-end image hasher, and the
+tanh-scale continuation (eq. (4))."""
 
 import math
 
@@ -100,12 +101,16 @@ def build_hasher(
     hash_head="dense",
     hidden_units=1024,
     dropout_rate=0.0,
+    name="hasher",
 ):
     """Build the hashing network: features [b, D] -> z [b, K] (pre-tanh).
 
     ``dropout_rate`` > 0 adds Dropout on the features; its mask comes from
-    the model's seed-generator state, which UHGAModel reuses across the
-    passes of one step (method.md §11).
+    the Dropout layer's seed-generator state, a non-trainable variable of
+    the hasher. UHGAModel passes the same pre-step non-trainable values to
+    every ``stateless_call`` of one step, so all passes of the step share
+    one mask, and assigns the advanced state once at the end (method.md
+    §11; tests/test_trainable_backbone.py).
     """
     if not isinstance(feature_dim, int) or feature_dim < 1:
         raise ValueError(
@@ -127,7 +132,91 @@ def build_hasher(
         hidden_units=hidden_units,
         name="hash_layer",
     )(x)
-    return keras.Model(features, z, name="hasher")
+    return keras.Model(features, z, name=name)
+
+
+HASH_HEAD_NAME = "hash_head"
+
+
+def build_image_hasher(
+    backbone,
+    code_length,
+    hash_head="dense",
+    hidden_units=1024,
+    dropout_rate=0.0,
+):
+    """Build the end-to-end hasher: images -> backbone -> head -> z.
+
+    Args:
+        backbone: `keras.Model`, float32 [b, S, S, 3] RGB in [0, 255] ->
+            features [b, D] (preprocessing inside); it is fine-tuned, and
+            its BatchNormalization layers are frozen here (see below).
+        code_length, hash_head, hidden_units, dropout_rate: as in
+            `build_hasher`, whose model becomes the nested ``hash_head``.
+
+    Returns:
+        `keras.Model` named "hasher": float32 [b, S, S, 3] in [0, 255] ->
+        z [b, code_length]; its layers are the input, `backbone` and the
+        ``hash_head`` sub-model (`split_image_hasher` recovers the two).
+    """
+    shape = tuple(backbone.input_shape[1:])
+    if len(shape) != 3 or shape[-1] != 3 or None in shape:
+        raise ValueError(
+            "backbone must take images [b, S, S, 3] of a fixed size; "
+            f"received input shape {backbone.input_shape}"
+        )
+    feature_dim = backbone.output_shape[-1]
+    if len(backbone.output_shape) != 2 or feature_dim is None:
+        raise ValueError(
+            "backbone must return features [b, D]; received output shape "
+            f"{backbone.output_shape}"
+        )
+    # BatchNormalization stays in inference mode (frozen moving statistics,
+    # and gamma/beta not trained): the per-replica batches of a GA step are
+    # small (2B = 128 images per replica at most, fewer on several GPUs) and
+    # batch statistics would couple the codes of a batch; above all, the
+    # first pass, the look-ahead pass at W' and the JVP pass of one step
+    # must see the same normalisation, which batch statistics (they change
+    # with W') and moving-average updates (three per step) would break. A
+    # Keras BatchNormalization with trainable=False normalises with its
+    # moving statistics even under training=True.
+    for layer in backbone._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    head = build_hasher(
+        int(feature_dim),
+        code_length,
+        hash_head=hash_head,
+        hidden_units=hidden_units,
+        dropout_rate=dropout_rate,
+        name=HASH_HEAD_NAME,
+    )
+    images = keras.Input(shape=shape, name="images")
+    z = head(backbone(images))
+    return keras.Model(images, z, name="hasher")
+
+
+def split_image_hasher(hasher):
+    """Return (backbone, hash head) of a `build_image_hasher` model.
+
+    Works on a reloaded ``hasher.keras`` too; the two share the hasher's
+    weights.
+
+    Raises:
+        ValueError: when `hasher` is not an image hasher.
+    """
+    models = [
+        layer for layer in hasher.layers if isinstance(layer, keras.Model)
+    ]
+    heads = [m for m in models if m.name == HASH_HEAD_NAME]
+    backbones = [m for m in models if m.name != HASH_HEAD_NAME]
+    if len(heads) != 1 or len(backbones) != 1:
+        raise ValueError(
+            "hasher must be an image hasher (input, backbone, "
+            f"{HASH_HEAD_NAME!r} sub-models); received layers "
+            f"{[layer.name for layer in hasher.layers]}"
+        )
+    return backbones[0], heads[0]
 
 
 def scale_at_step(

@@ -55,15 +55,21 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
     queries come from database \\ train and are ranked against the database
     without themselves, so the reported query set is never used for model
     selection (protocol.md §1.3).
+
+    `encode_fn(set_name, rows=None) -> z [n, K]` encodes rows of a set;
+    the default runs `hasher` over `sets.features[set_name][rows]`. The
+    end-to-end path passes an `image_inputs.ImageEncoder`, which encodes
+    the images through the fine-tuned backbone instead.
     """
 
     def __init__(
         self, hasher, sets, logdir, metrics_path, eval_every_epochs,
-        last_epoch, model=None,
+        last_epoch, model=None, encode_fn=None,
     ):
         super().__init__()
         self.hasher = hasher
         self.sets = sets
+        self.encode_fn = encode_fn or self._encode_features
         self.writer = tf.summary.create_file_writer(
             os.path.join(logdir, "codes"))
         self.metrics_path = metrics_path
@@ -77,14 +83,20 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         )
         self.epoch_start = None
 
-    def _relaxed(self, features):
-        scale = float(self.uhga_model.current_scale().numpy())
-        z = np.concatenate(
+    def _encode_features(self, set_name, rows=None):
+        features = self.sets.features[set_name]
+        if rows is not None:
+            features = features[rows]
+        return np.concatenate(
             [
                 np.asarray(self.hasher(features[i:i + 4096], training=False))
                 for i in range(0, len(features), 4096)
             ]
         )
+
+    def _relaxed(self, set_name, rows=None):
+        scale = float(self.uhga_model.current_scale().numpy())
+        z = self.encode_fn(set_name, rows)
         return z, np.tanh(scale * z)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -96,7 +108,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         logs = dict(logs or {})
         epoch_number = epoch + 1
         step = int(self.uhga_model.step.numpy())
-        z, relaxed = self._relaxed(self.sets.features["train"])
+        z, relaxed = self._relaxed("train")
         train_codes = codes_lib.binarize(z)
         record = {
             "epoch": epoch_number,
@@ -113,10 +125,9 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
             epoch_number % self.eval_every_epochs == 0
             or epoch_number == self.last_epoch
         ):
-            database = self.sets.features["database"][self.database_mask]
             database_labels = self.sets.labels["database"][self.database_mask]
-            z_query, _ = self._relaxed(self.sets.features["validation"])
-            z_database, _ = self._relaxed(database)
+            z_query, _ = self._relaxed("validation")
+            z_database, _ = self._relaxed("database", self.database_mask)
             record["validation_map"] = float(
                 metrics.mean_average_precision(
                     codes_lib.binarize(z_query),

@@ -1,5 +1,11 @@
 """run_experiment(config): features -> similarity matrix -> UHGA fit -> MAP.
 
+Two paths share everything but the hasher's input: the default trains the
+hash head on frozen, cached backbone features; `trainable_backbone=true`
+fine-tunes backbone + head end to end on the train images (gathered by the
+same step-deterministic branch indices) and encodes every set from its
+images. The similarity matrix always comes from the cached features.
+
 Resumable: a rerun with the same config restores the newest complete
 checkpoint (model, attention net, both optimizers with their slots, the
 in-graph step that drives the scale and lr schedules, and the seed
@@ -84,6 +90,8 @@ def check_workdir(experiment):
     with open(path) as f:
         stored = json.load(f)
     new = experiment.to_dict()
+    # A field added after the stored run was written takes its default there.
+    defaults = type(experiment)().to_dict()
     differing = []
     for section, fields in new.items():
         if not isinstance(fields, dict):
@@ -91,7 +99,9 @@ def check_workdir(experiment):
         for name, value in fields.items():
             if name in _RESUMABLE_FIELDS:
                 continue
-            old = stored.get(section, {}).get(name, "<missing>")
+            old = stored.get(section, {}).get(
+                name, defaults.get(section, {}).get(name, "<missing>")
+            )
             if old != value:
                 differing.append(f"{name}: stored {old!r}, requested {value!r}")
     if differing:
@@ -121,16 +131,21 @@ def branch_indices(seed, branch, epoch, num_train, steps_per_epoch, batch):
 
 
 def make_train_dataset(
-    strategy, experiment, train_features, start_step, end_step
+    strategy, experiment, train_features, start_step, end_step,
+    train_images=None, image_size=None,
 ):
     """Distributed dataset of steps [start_step, end_step).
 
     Each element is ((features_1, index_1), (features_2, index_2)) for cross
     pairing or (features, index) for within pairing, split so that replica r
     gets rows [r * b, (r + 1) * b) of the global batch (b = batch / replicas):
-    pairs never cross replicas.
+    pairs never cross replicas. With `train_images` (uint8 [n_train, H, W,
+    3], the end-to-end path) the branches carry float32 images [b, S, S, 3]
+    resized to `image_size` instead of features, in the same order.
     """
     import tensorflow as tf
+
+    from uhga_tf.training import image_inputs
 
     num_train = len(train_features)
     batch = branch_batch_size(experiment)
@@ -157,7 +172,21 @@ def make_train_dataset(
         )
         offset = first_epoch * steps_per_epoch
         per_branch.append(rows[start_step - offset: end_step - offset])
-    features_const = tf.constant(train_features, dtype=tf.float32)
+    if train_images is None:
+        features_const = tf.constant(train_features, dtype=tf.float32)
+
+        def lookup(idx):
+            return tf.gather(features_const, idx)
+    else:
+        if len(train_images) != num_train:
+            raise ValueError(
+                f"train_images has {len(train_images)} rows, train_features "
+                f"{num_train}; they must be the same train set"
+            )
+        images_const = tf.constant(train_images, dtype=tf.uint8)
+
+        def lookup(idx):
+            return image_inputs.gather_images(images_const, idx, image_size)
 
     def dataset_fn(input_context):
         pipeline = input_context.input_pipeline_id
@@ -169,9 +198,7 @@ def make_train_dataset(
             sliced.append(rows.reshape(-1, per_replica))
 
         def gather(*index_batches):
-            out = tuple(
-                (tf.gather(features_const, idx), idx) for idx in index_batches
-            )
+            out = tuple((lookup(idx), idx) for idx in index_batches)
             return out if len(out) > 1 else out[0]
 
         ds = tf.data.Dataset.from_tensor_slices(tuple(sliced))
@@ -212,15 +239,18 @@ def run_experiment(experiment, sets=None):
     import keras
     import tensorflow as tf
 
+    from uhga_tf import codes as codes_lib
     from uhga_tf import similarity
     from uhga_tf.evaluation import metrics
     from uhga_tf.models import hash_layer
     from uhga_tf.training import callbacks as callbacks_lib
     from uhga_tf.training import hash_optimizer
+    from uhga_tf.training import image_inputs
     from uhga_tf.training import uhga_model
 
     start_time = time.time()
     # Everything that can fail on user input fails before anything is written.
+    image_inputs.check_experiment(experiment)
     check_workdir(experiment)
     strategy = make_strategy(experiment.train.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -241,6 +271,13 @@ def run_experiment(experiment, sets=None):
             experiment.data, experiment.model, experiment.train.seed,
             progress=experiment.progress and chief,
         )
+    end_to_end = experiment.model.trainable_backbone
+    image_dataset = image_size = None
+    if end_to_end:
+        image_dataset = image_inputs.image_dataset_of(
+            sets, experiment.data.dataset
+        )
+        image_size = image_inputs.resolve_image_size(experiment.model)
     train_features = sets.features["train"]
     num_train = len(train_features)
     if num_train < batch:
@@ -296,12 +333,30 @@ def run_experiment(experiment, sets=None):
 
     lr_steps = experiment.train.lr_step_epochs * steps_per_epoch
     with strategy.scope():
-        hasher = hash_layer.build_hasher(
-            sets.feature_dim,
-            experiment.model.code_length,
-            hash_head=experiment.model.hash_head,
-            hidden_units=experiment.model.hash_hidden,
-        )
+        if end_to_end:
+            backbone = image_inputs.build_backbone(experiment.model)
+            if backbone.output_shape[-1] != sets.feature_dim:
+                raise ValueError(
+                    f"backbone {experiment.model.backbone!r} gives "
+                    f"{backbone.output_shape[-1]}-d features but the cached "
+                    f"features are {sets.feature_dim}-d; they must come from "
+                    "the same backbone"
+                )
+            hasher = hash_layer.build_image_hasher(
+                backbone,
+                experiment.model.code_length,
+                hash_head=experiment.model.hash_head,
+                hidden_units=experiment.model.hash_hidden,
+                dropout_rate=experiment.model.dropout_rate,
+            )
+        else:
+            hasher = hash_layer.build_hasher(
+                sets.feature_dim,
+                experiment.model.code_length,
+                hash_head=experiment.model.hash_head,
+                hidden_units=experiment.model.hash_hidden,
+                dropout_rate=experiment.model.dropout_rate,
+            )
         loss_cfg, att_cfg = experiment.loss, experiment.attention
         model = uhga_model.UHGAModel(
             hasher,
@@ -323,6 +378,7 @@ def run_experiment(experiment, sets=None):
             attention_chunk_rows=att_cfg.attention_chunk_rows,
             quantization_weight=loss_cfg.quantization_weight,
             seed=experiment.train.seed,
+            replica_batch_size=batch // replicas,
         )
         optimizer = hash_optimizer.HashOptimizer(
             learning_rate=experiment.train.learning_rate,
@@ -344,14 +400,22 @@ def run_experiment(experiment, sets=None):
         model.compile(
             hash_optimizer=optimizer, attention_optimizer=attention_optimizer
         )
+        extra = {}
+        if attention_optimizer is not None:
+            extra["attention_optimizer"] = attention_optimizer
+        # Dropout seed states (dropout_rate > 0, or dropout inside a
+        # fine-tuned backbone) are not Keras weights and tf.train.Checkpoint
+        # does not reach them through the model; without them a resumed run
+        # would redraw the masks of the steps it already took.
+        weight_ids = {id(w) for w in hasher.weights}
+        seed_states = [
+            v for v in hasher.non_trainable_variables
+            if id(v) not in weight_ids
+        ]
+        if seed_states:
+            extra["hasher_seed_states"] = seed_states
         checkpoint = tf.train.Checkpoint(
-            model=model,
-            hash_optimizer=optimizer,
-            **(
-                {"attention_optimizer": attention_optimizer}
-                if attention_optimizer is not None
-                else {}
-            ),
+            model=model, hash_optimizer=optimizer, **extra
         )
     manager = tf.train.CheckpointManager(
         checkpoint, ckpt_dir, max_to_keep=experiment.train.keep_checkpoints
@@ -363,6 +427,14 @@ def run_experiment(experiment, sets=None):
         logging.info(
             "resuming from step %d (%s)", start_step, manager.latest_checkpoint
         )
+
+    if end_to_end:
+        encode_fn = image_inputs.ImageEncoder(
+            hasher, sets, image_dataset, image_size
+        )
+        train_images = image_inputs.train_images(sets, image_dataset)
+    else:
+        encode_fn = train_images = None
 
     logdir = experiment.logdir or os.path.join(workdir, "logs")
     callbacks = [
@@ -380,6 +452,7 @@ def run_experiment(experiment, sets=None):
                 eval_every_epochs=experiment.train.eval_every_epochs,
                 last_epoch=experiment.train.epochs,
                 model=model,
+                encode_fn=encode_fn,
             ),
             keras.callbacks.TensorBoard(
                 log_dir=logdir, update_freq="epoch", write_graph=False
@@ -402,7 +475,8 @@ def run_experiment(experiment, sets=None):
                              first_epoch * steps_per_epoch, total_steps))
         for initial_epoch, epochs, seg_start, seg_end in segments:
             dataset = make_train_dataset(
-                strategy, experiment, train_features, seg_start, seg_end
+                strategy, experiment, train_features, seg_start, seg_end,
+                train_images=train_images, image_size=image_size,
             )
             steps = (seg_end - seg_start) // (epochs - initial_epoch)
             model.fit(
@@ -416,8 +490,12 @@ def run_experiment(experiment, sets=None):
             )
     manager.save(checkpoint_number=int(model.step.numpy()))
 
-    query_codes = encode(hasher, sets.features["query"])
-    database_codes = encode(hasher, sets.features["database"])
+    if end_to_end:
+        query_codes = codes_lib.binarize(encode_fn("query"))
+        database_codes = codes_lib.binarize(encode_fn("database"))
+    else:
+        query_codes = encode(hasher, sets.features["query"])
+        database_codes = encode(hasher, sets.features["database"])
     eval_cfg = experiment.eval
     result = metrics.evaluate_codes(
         query_codes, database_codes, sets.labels["query"],

@@ -1,0 +1,370 @@
+"""End-to-end path (`trainable_backbone=true`) on a tiny in-memory image set.
+
+The toy set has 4 classes of 24x24 images whose colour identifies the class;
+`tiny_cnn` (two convs, a BatchNormalization, fixed-seed weights, 32 px
+input) stands in for the real backbone, so one run of `run_experiment` takes
+a few seconds on a CPU.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from uhga_tf import codes as codes_lib
+from uhga_tf import config as config_lib
+from uhga_tf.data import datasets
+from uhga_tf.data import feature_cache
+from uhga_tf.data import retrieval_sets
+from uhga_tf.evaluation import metrics
+from uhga_tf.export import saved_model
+from uhga_tf.models import backbone as backbone_lib
+from uhga_tf.models import hash_layer
+from uhga_tf.training import hash_optimizer
+from uhga_tf.training import image_inputs
+from uhga_tf.training import run
+from uhga_tf.training import uhga_model
+
+NUM_CLASSES, PER_CLASS, SIDE = 4, 48, 24
+IMAGE_SIZE = backbone_lib.BACKBONES["tiny_cnn"].default_image_size  # 32
+COLOURS = np.array(
+    [[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 210, 40]], np.float64
+)
+
+
+def _toy_dataset(paths=False):
+    """4 colour classes x 48 images, uint8 [192, 24, 24, 3] in memory.
+
+    Each image's colour is 0.65 x its class colour + 0.35 x a random colour,
+    plus pixel noise: the frozen tiny_cnn features rank well (cosine MAP
+    0.96) without being trivially separable (16-bit codes of the untrained
+    network: MAP 0.75; chance: about 0.25).
+    """
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS).astype(np.int64)
+    colours = 0.65 * COLOURS[labels] + 0.35 * rng.uniform(
+        0, 255, size=(len(labels), 3)
+    )
+    texture = rng.normal(0.0, 30.0, size=(len(labels), SIDE, SIDE, 3))
+    images = np.clip(colours[:, None, None, :] + texture, 0, 255)
+    common = dict(
+        name="toy",
+        labels=labels,
+        class_names=[f"class{c}" for c in range(NUM_CLASSES)],
+        partition=np.array(["train"] * len(labels), dtype=object),
+        source="memory",
+    )
+    if paths:
+        return datasets.ImageDataset(
+            paths=[f"/nonexistent/{i}.png" for i in range(len(labels))],
+            **common,
+        )
+    return datasets.ImageDataset(images=images.astype(np.uint8), **common)
+
+
+def _toy_sets(image_dataset):
+    """Per class: 6 query, 24 train, 6 validation, 42 database rows."""
+    query, train, validation, database = [], [], [], []
+    for c in range(NUM_CLASSES):
+        rows = np.flatnonzero(image_dataset.labels == c)
+        query.extend(rows[:6])
+        database.extend(rows[6:])
+        train.extend(rows[6:30])
+        validation.extend(rows[30:36])
+    indices = {
+        "train": np.array(train), "query": np.array(query),
+        "database": np.array(database), "validation": np.array(validation),
+    }
+    backbone = backbone_lib.build_backbone("tiny_cnn")
+    everything = np.arange(image_dataset.num_examples)
+    features = feature_cache.extract_features(
+        backbone, image_dataset.to_tf_dataset(everything, IMAGE_SIZE, 64),
+        len(everything), progress=False,
+    )
+    return retrieval_sets.RetrievalSets(
+        features={n: features[i] for n, i in indices.items()},
+        labels={n: image_dataset.labels[i] for n, i in indices.items()},
+        indices=indices,
+        feature_dim=features.shape[1],
+        description="toy colours, tiny_cnn",
+        image_dataset=image_dataset,
+    )
+
+
+def _experiment(workdir, **overrides):
+    values = dict(
+        dataset="cifar10",  # the sets are injected; only not "features"
+        backbone="tiny_cnn",
+        trainable_backbone=True,
+        dropout_rate=0.25,
+        code_length=16,
+        global_batch_size=32,
+        epochs=2,
+        eval_every_epochs=1,
+        checkpoint_every_steps=100,
+        learning_rate=0.01,
+        hash_lr_multiplier=10.0,
+        positive_weight="auto",
+        # The toy features are too clean for the SSDH thresholds (no pair
+        # falls below m - lambda * sigma); cut at the within/across gap.
+        similarity="threshold",
+        similarity_threshold=0.08,
+        dissimilarity_threshold=0.25,
+        attention_hidden=16,
+        workdir=str(workdir),
+        progress=False,
+    )
+    values.update(overrides)
+    return config_lib.experiment_from_flat(values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-epoch end-to-end run (12 steps); its sets, result and workdir."""
+    workdir = tmp_path_factory.mktemp("e2e") / "run"
+    sets = _toy_sets(_toy_dataset())
+    result = run.run_experiment(_experiment(workdir), sets=sets)
+    return sets, result, workdir
+
+
+def _load_hasher(workdir):
+    return keras.saving.load_model(str(workdir / "hasher.keras"))
+
+
+def test_config_accepts_trainable_backbone_and_checks_dropout():
+    model = config_lib.ModelConfig(trainable_backbone=True, dropout_rate=0.5)
+    assert model.trainable_backbone and model.dropout_rate == 0.5
+    with pytest.raises(ValueError, match="dropout_rate must be in"):
+        config_lib.ModelConfig(dropout_rate=1.0)
+
+
+def test_refuses_features_dataset_and_lazy_images(tmp_path):
+    experiment = _experiment(tmp_path / "a", dataset="features",
+                             data_dir=str(tmp_path / "f.npz"))
+    with pytest.raises(ValueError, match="dataset='features'"):
+        run.run_experiment(experiment)
+    assert not (tmp_path / "a").exists()
+
+    lazy = _toy_dataset(paths=True)
+    sets = retrieval_sets.RetrievalSets(
+        features={}, labels={}, indices={}, feature_dim=16,
+        description="lazy", image_dataset=lazy,
+    )
+    with pytest.raises(ValueError, match="not supported yet"):
+        image_inputs.image_dataset_of(sets)
+    with pytest.raises(ValueError, match="without an image dataset"):
+        image_inputs.image_dataset_of(
+            retrieval_sets.RetrievalSets({}, {}, {}, 16, "features")
+        )
+
+
+def test_image_hasher_multipliers_and_frozen_batch_norm():
+    keras.utils.set_random_seed(0)
+    hasher = hash_layer.build_image_hasher(
+        backbone_lib.build_backbone("tiny_cnn"), 16, dropout_rate=0.5
+    )
+    matrix = np.zeros((8, 8), np.int8)
+    model = uhga_model.UHGAModel(hasher, matrix, code_length=16,
+                                 attention=False, positive_weight=1.0)
+    optimizer = hash_optimizer.HashOptimizer(0.01, hash_lr_multiplier=10.0)
+    model.compile(hash_optimizer=optimizer)
+    by_path = {
+        v.path: m for v, m in zip(hasher.trainable_variables,
+                                  optimizer.lr_multipliers)
+    }
+    # The hash layer at 10x, the backbone convs at 1x, BN not trained.
+    assert sorted(p for p, m in by_path.items() if m == 10.0) == [
+        "hash_layer/bias", "hash_layer/kernel"
+    ]
+    assert sorted(p for p, m in by_path.items() if m == 1.0) == [
+        "conv1/bias", "conv1/kernel", "conv2/bias", "conv2/kernel"
+    ]
+    backbone, head = hash_layer.split_image_hasher(hasher)
+    assert backbone.name == "tiny_cnn" and head.name == "hash_head"
+
+
+def _seed_states(hasher):
+    states = {
+        id(sg.state)
+        for layer in hasher._flatten_layers()
+        for sg in getattr(layer, "_seed_generators", [])
+    }
+    return [i for i, v in enumerate(hasher.non_trainable_variables)
+            if id(v) in states]
+
+
+def _mask_model(lookahead):
+    """Image hasher with dropout 0.5 and GA; float64 for tight checks."""
+    keras.config.set_floatx("float64")
+    try:
+        keras.utils.set_random_seed(3)
+        hasher = hash_layer.build_image_hasher(
+            backbone_lib.build_backbone("tiny_cnn"), 8, dropout_rate=0.5
+        )
+        rng = np.random.default_rng(1)
+        matrix = rng.choice([-1, 0, 1], size=(16, 16)).astype(np.int8)
+        model = uhga_model.UHGAModel(
+            hasher, matrix, code_length=8, lookahead=lookahead,
+            positive_weight=3.0, attention_hidden=8,
+            attention_dtype="float64", seed=0,
+        )
+        model.compile(
+            hash_optimizer=hash_optimizer.HashOptimizer(0.5),
+            attention_optimizer=keras.optimizers.Adam(0.01, epsilon=1e-8),
+        )
+    finally:
+        keras.config.set_floatx("float32")
+    shape = (16, IMAGE_SIZE, IMAGE_SIZE, 3)
+    images = tf.constant(
+        np.random.default_rng(2).uniform(0, 255, shape), tf.float64
+    )
+    index = tf.range(16, dtype=tf.int32)
+    data = ((images[:8], index[:8]), (images[8:], index[8:]))
+    return model, data
+
+
+def test_dropout_mask_is_shared_by_every_pass_of_a_step():
+    """JVP (19') equals the literal second-order gradient only if the JVP
+    pass at W sees the first pass's mask; the look-ahead loss equals a
+    recomputation at W' with the pre-step seed state and differs with the
+    advanced one; a per-pass mask (simulated) breaks the agreement."""
+    model, data = _mask_model("jvp")
+    hasher = model.hasher
+    seeds = _seed_states(hasher)
+    assert len(seeds) == 1  # the feature dropout (tiny_cnn has none)
+    before = [tf.convert_to_tensor(v) for v in hasher.non_trainable_variables]
+
+    out = model.compute_step(data)
+    jvp = out["attention_grads"]
+    model.lookahead = "second_order"
+    second = model.compute_step(data)["attention_grads"]
+    # The output bias of the attention MLP gets no gradient (budget
+    # normalisation), as in tests/test_uhga_model.py.
+    for a, b in zip(jvp[:3], second[:3]):
+        assert np.abs(b.numpy()).max() > 1e-9
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6,
+                                   atol=1e-12)
+
+    # The look-ahead loss is that of W' under the pre-step mask.
+    images = tf.concat([data[0][0], data[1][0]], axis=0)
+    similarity_block = tf.gather(
+        tf.gather(model._similarity, data[0][1], axis=0), data[1][1], axis=1
+    )
+    scale = model.current_scale(model.step + 1)
+
+    def lookahead_loss(non_trainable):
+        codes, _ = model._forward(out["new_values"], non_trainable, images,
+                                  scale)
+        return float(model._loss(codes, 8, similarity_block))
+
+    assert lookahead_loss(before) == pytest.approx(
+        float(out["lookahead_loss"]), rel=1e-12
+    )
+    advanced = out["new_non_trainable"]
+    assert not np.array_equal(advanced[seeds[0]], before[seeds[0]])
+    assert abs(lookahead_loss(advanced) - float(out["lookahead_loss"])) > 1e-6
+
+    # Control: a fresh mask per pass makes JVP and second order disagree.
+    original = model._forward
+    calls = []
+
+    def per_pass_mask(values, non_trainable, features, scale):
+        calls.append(None)
+        non_trainable = list(non_trainable)
+        state = non_trainable[seeds[0]]
+        non_trainable[seeds[0]] = state + tf.cast(len(calls), state.dtype)
+        return original(values, non_trainable, features, scale)
+
+    model._forward = per_pass_mask
+    model.lookahead = "jvp"
+    broken = model.compute_step(data)["attention_grads"]
+    model.lookahead = "second_order"
+    calls.clear()
+    broken_second = model.compute_step(data)["attention_grads"]
+    gap = max(
+        float(np.abs(a.numpy() - b.numpy()).max())
+        for a, b in zip(broken[:3], broken_second[:3])
+    )
+    assert gap > 1e-4, gap
+    model._forward = original
+
+    # One train step advances the seed state once (a new mask next step).
+    model.lookahead = "jvp"
+    model.train_step(data)
+    after = hasher.non_trainable_variables[seeds[0]].numpy()
+    np.testing.assert_array_equal(after, advanced[seeds[0]].numpy())
+
+
+def test_end_to_end_run_fine_tunes_and_encodes_images(trained):
+    sets, result, workdir = trained
+    assert result["steps"] == 2 * (96 // 16)
+    hasher = _load_hasher(workdir)
+    backbone, head = hash_layer.split_image_hasher(hasher)
+    fresh = backbone_lib.build_backbone("tiny_cnn")
+    for name in ("conv1", "conv2"):
+        change = np.abs(
+            backbone.get_layer(name).kernel.numpy()
+            - fresh.get_layer(name).kernel.numpy()
+        ).max()
+        assert change > 1e-4, (name, change)
+    # BatchNormalization kept its (inference-mode) statistics and affine.
+    for got, want in zip(backbone.get_layer("bn1").get_weights(),
+                         fresh.get_layer("bn1").get_weights()):
+        np.testing.assert_array_equal(got, want)
+    # The reported MAP is that of codes from the images through the saved,
+    # fine-tuned network (no-op or cached-feature encodings would differ).
+    encoder = image_inputs.ImageEncoder(
+        hasher, sets, sets.image_dataset, IMAGE_SIZE, batch_size=40
+    )
+    query = codes_lib.binarize(encoder("query"))
+    database = codes_lib.binarize(encoder("database"))
+    expected = metrics.mean_average_precision(
+        query, database, sets.labels["query"], sets.labels["database"]
+    )
+    assert result["map"] == pytest.approx(expected, abs=1e-12)
+    # Chance is about 0.25 for 4 balanced classes (this run: 0.73).
+    assert result["map"] > 0.6, result["map"]
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["validation_map"] > 0.5 for r in records), records
+    assert records[1]["pair_loss"] < records[0]["pair_loss"], records
+
+
+def test_export_of_end_to_end_workdir_reproduces_codes(trained, tmp_path):
+    sets, _, workdir = trained
+    target = saved_model.export_from_checkpoint(
+        str(workdir), str(tmp_path / "export")
+    )
+    hasher = _load_hasher(workdir)
+    encoder = image_inputs.ImageEncoder(
+        hasher, sets, sets.image_dataset, IMAGE_SIZE
+    )
+    relaxed = encoder("query")
+    loaded = tf.saved_model.load(target)
+    pixels = sets.image_dataset.images[sets.indices["query"]]
+    got = loaded.signatures["encode_images"](images=tf.constant(pixels))
+    firm = np.abs(relaxed) >= 1e-4
+    np.testing.assert_array_equal(
+        got["codes"].numpy()[firm], codes_lib.binarize(relaxed)[firm]
+    )
+    info = json.load(open(f"{target}/assets.extra/uhga_tf.json"))
+    assert info["trainable_backbone"] is True
+    assert info["image_size"] == IMAGE_SIZE
+
+
+def test_resume_replays_the_uninterrupted_run(trained, tmp_path):
+    """1 epoch, then a rerun to 2 epochs == the 2-epoch run, bit for bit
+    (weights, momenta and the dropout seed state are checkpointed; the image
+    branches replay `run.branch_indices`)."""
+    sets, result, workdir = trained
+    resumed = tmp_path / "resumed"
+    run.run_experiment(_experiment(resumed, epochs=1), sets=sets)
+    second = run.run_experiment(_experiment(resumed, epochs=2), sets=sets)
+    assert second["steps"] == result["steps"]
+    assert second["map"] == result["map"]
+    for got, want in zip(_load_hasher(resumed).get_weights(),
+                         _load_hasher(workdir).get_weights()):
+        np.testing.assert_array_equal(got, want)
