@@ -88,6 +88,24 @@ def test_malformed_tf_config_fails(tmp_path):
     assert not workdir.exists()
 
 
+def _assert_tensorboard_tags(logdir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tags = set()
+    for sub in ("codes", "train"):
+        events = event_accumulator.EventAccumulator(
+            str(logdir / sub), size_guidance={"tensors": 0})
+        events.Reload()
+        tags |= set(events.Tags()["tensors"])
+    expected = {
+        "relaxed_codes", "attention_weights", "bits_flipped",
+        "validation_map", "bit_balance", "epoch_pair_loss",
+        "epoch_lookahead_loss", "epoch_attention_loss",
+        "epoch_attention_mean", "epoch_attention_std", "epoch_learning_rate",
+    }
+    assert expected <= tags, expected - tags
+
+
 def test_train_resume_and_foreign_checkpoint(tmp_path):
     """Train, kill mid-run after a checkpoint, resume to the same weights."""
     import keras
@@ -106,6 +124,7 @@ def test_train_resume_and_foreign_checkpoint(tmp_path):
         range(1, EPOCHS + 1)
     )
     assert "validation_map" in json.loads(lines[-1])
+    _assert_tensorboard_tags(reference / "logs")
     results = json.loads((reference / "results.json").read_text())
     # 120 train rows / 16 per branch = 7 steps per epoch.
     assert results["steps"] == 7 * EPOCHS

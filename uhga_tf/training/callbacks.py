@@ -99,6 +99,38 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         z = self.encode_fn(set_name, rows)
         return z, np.tanh(scale * z)
 
+    def _attention_weights(self, relaxed, sample=64):
+        """a1 [sample, sample, K] on the first train rows (both branches).
+
+        The train step keeps no Python-visible copy of its attention weights
+        (it is traced once), so they are recomputed here on a fixed sample
+        with the current attention net and the step's own loss gradient.
+        """
+        from uhga_tf.models import attention_net
+        from uhga_tf.training import uhga_model
+
+        model = self.uhga_model
+        if not getattr(model, "attention", False):
+            return None
+        rows = np.arange(min(2 * sample, len(relaxed)))
+        half = len(rows) // 2
+        u = tf.constant(relaxed[rows[:half]], tf.float32)
+        v = tf.constant(relaxed[rows[half:2 * half]], tf.float32)
+        block = self._similarity_rows(rows[:half], rows[half:2 * half])
+        _, grad = uhga_model.pair_loss_and_grad(
+            u, v, block, model.loss_name, model.sigmoid_param,
+            model.positive_weight,
+        )
+        return attention_net.attention_weights(
+            u, v, grad, model.attention_net, grad_p=model.attention_grad_p,
+            jit_compile=False,
+        )
+
+    def _similarity_rows(self, rows_1, rows_2):
+        """S block [len(rows_1), len(rows_2)] of train rows."""
+        matrix = self.uhga_model._similarity
+        return tf.gather(tf.gather(matrix, rows_1), rows_2, axis=1)
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.time()
 
@@ -145,7 +177,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
                 if key in record:
                     tf.summary.scalar(key, record[key])
             tf.summary.histogram("relaxed_codes", relaxed)
-            weights = getattr(self.uhga_model, "last_attention_weights", None)
+            weights = self._attention_weights(relaxed)
             if weights is not None:
                 tf.summary.histogram("attention_weights", weights)
         self.writer.flush()
