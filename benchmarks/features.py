@@ -19,7 +19,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,33 +30,13 @@ from PIL import Image
 
 from uhga_tf.data import feature_cache
 from uhga_tf.models import backbone as backbone_lib
+from bench_env import cpu_model, git_sha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CIFAR_ZIP = os.path.join(
     HERE, "..", "..", "shared", "data", "cifar10", "cifar10-jpeg.zip"
 )
 IMAGE_SIZES = (96, 128, 160, 192, 224)
-
-
-def git_sha():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def load_images(num_images):

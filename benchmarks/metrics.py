@@ -18,7 +18,6 @@ pytest.
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -28,6 +27,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf.evaluation import metrics
+from bench_env import git_sha
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_query", 10000, "Number of query codes.")
@@ -81,16 +81,6 @@ def _peak_mb(fn, *args, **kwargs):
     return peak / 2**20
 
 
-def _git_sha():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-            check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv):
     del argv
     rng = np.random.default_rng(FLAGS.seed)
@@ -141,7 +131,7 @@ def main(argv):
             "num_classes": FLAGS.num_classes,
             "seed": FLAGS.seed,
         },
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "cpu_count": os.cpu_count(),
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),

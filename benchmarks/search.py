@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from uhga_tf.search import HammingIndex
+from bench_env import cpu_model, git_sha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP_K = 100
@@ -111,17 +112,6 @@ def interleaved_qps(fns, queries, repeats, n_batches=10):
                 fn(batch)
                 best[f, b] = min(best[f, b], time.perf_counter() - start)
     return [len(queries) / t for t in best.sum(axis=1)]
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():
@@ -238,7 +228,7 @@ def main():
             "repeats": args.repeats,
             "data": "uniform random packed codes, np.random.default_rng(0)",
         },
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "versions": {"python": platform.python_version(),
                      "numpy": np.__version__, "faiss": faiss.__version__},
         "device": f"{cpu_model()}, {cores} cores (shared machine)",
@@ -262,15 +252,6 @@ def _subset_faiss(code_length, database, queries):
     index = HammingIndex(code_length)
     index.add(database, np.arange(len(database)))
     return index.search(queries, TOP_K)[0]
-
-
-def _git_sha():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
-            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

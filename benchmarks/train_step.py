@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -43,6 +42,7 @@ from uhga_tf.models import attention_net
 from uhga_tf.models import hash_layer
 from uhga_tf.training import hash_optimizer as hash_optimizer_lib
 from uhga_tf.training import uhga_model
+from bench_env import cpu_model, git_dirty, git_sha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "train_step.json")
@@ -52,38 +52,6 @@ FLOPS_FORMULA = (
     "(2*5*H + 4*H + 1) + backward w.r.t. phi (2*5*H + 5*H + 1)] "
     "= rows * 2902 at H=100 (naive 5->H->1 MLP per row)"
 )
-
-
-def git_sha():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def git_dirty():
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=HERE, capture_output=True, text=True, check=True,
-        ).stdout
-        return bool(out.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def reset_peak_rss():

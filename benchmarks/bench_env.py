@@ -1,0 +1,41 @@
+"""Provenance shared by the benchmark scripts: commit, tree state, CPU."""
+
+import os
+import platform
+import subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _git(*args):
+    return subprocess.run(
+        ["git", *args], cwd=HERE, capture_output=True, text=True, check=True,
+    ).stdout
+
+
+def git_sha():
+    """HEAD's commit, or "unknown" outside a checkout."""
+    try:
+        return _git("rev-parse", "HEAD").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def git_dirty():
+    """Whether tracked files differ from HEAD (None outside a checkout)."""
+    try:
+        return bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_model():
+    """The CPU's model name from lscpu, else platform.processor()."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
