@@ -56,9 +56,10 @@ def _evaluate():
         method = {v: k for k, v in tables.SHALLOW_METHODS.items()}.get(
             FLAGS.baseline.lower())
         if method is None:
+            choices = sorted(tables.SHALLOW_METHODS.values())
             raise ValueError(
-                f"baseline must be one of {sorted(tables.SHALLOW_METHODS.values())}"
-                f"; received baseline={FLAGS.baseline!r}"
+                f"baseline must be one of {choices}; received "
+                f"baseline={FLAGS.baseline!r}"
             )
         query, database = tables.shallow_codes(
             method, experiment.model.code_length, sets,
