@@ -105,7 +105,7 @@ def plot_map_vs_code_length(maps, path, paper=None):
             dashed in the colour of the same method.
     """
     _check_mapping("maps", maps)
-    figure, axes = plt.subplots(figsize=(5, 4))
+    figure, axes = plt.subplots(figsize=(8, 5))
     for method, values in maps.items():
         pairs = sorted((int(k), v) for k, v in values.items())
         code_lengths, map_values = zip(*pairs)
@@ -126,5 +126,7 @@ def plot_map_vs_code_length(maps, path, paper=None):
     axes.set_xlabel("code_length (bits)")
     axes.set_ylabel("MAP")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(
+        fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5)
+    )
     return _save(figure, path)
