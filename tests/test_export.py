@@ -11,34 +11,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import model_fixtures
 from uhga_tf import codes as codes_lib
 from uhga_tf.export import saved_model
 from uhga_tf.serving import server as server_lib
 
-IMAGE_SIZE = 32
-FEATURE_DIM = 16
+IMAGE_SIZE = model_fixtures.IMAGE_SIZE
+FEATURE_DIM = model_fixtures.FEATURE_DIM
 # Not a multiple of 8, so the last packed byte carries 4 pad bits.
 CODE_LENGTH = 20
 
 
 def tiny_models(seed=0):
-    """A two-conv backbone and a Dense hasher, seeded."""
-    keras.utils.set_random_seed(seed)
-    backbone = keras.Sequential(
-        [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
-            keras.layers.Rescaling(1 / 127.5, offset=-1.0),
-            keras.layers.Conv2D(8, 3, activation="relu"),
-            keras.layers.Conv2D(FEATURE_DIM, 3),
-            keras.layers.GlobalAveragePooling2D(),
-        ],
-        name="tiny_backbone",
-    )
-    hasher = keras.Sequential(
-        [keras.Input((FEATURE_DIM,)), keras.layers.Dense(CODE_LENGTH)],
-        name="tiny_hasher",
-    )
-    return backbone, hasher
+    return model_fixtures.tiny_models(CODE_LENGTH, seed)
 
 
 def sample_images():

@@ -14,7 +14,6 @@ import threading
 import time
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -23,14 +22,15 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+import model_fixtures
 from uhga_tf import codes as codes_lib
 from uhga_tf.export import saved_model
 from uhga_tf.serving import client
 
 pytestmark = pytest.mark.slow
 
-IMAGE_SIZE = 32
-FEATURE_DIM = 16
+IMAGE_SIZE = model_fixtures.IMAGE_SIZE
+FEATURE_DIM = model_fixtures.FEATURE_DIM
 CODE_LENGTH = 24
 MAX_BATCH_SIZE = 8
 POLL_INTERVAL_S = 0.5
@@ -39,21 +39,7 @@ TIMEOUT = 20.0
 
 
 def tiny_models(seed):
-    keras.utils.set_random_seed(seed)
-    backbone = keras.Sequential(
-        [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
-            keras.layers.Rescaling(1 / 127.5, offset=-1.0),
-            keras.layers.Conv2D(8, 3, activation="relu"),
-            keras.layers.Conv2D(FEATURE_DIM, 3),
-            keras.layers.GlobalAveragePooling2D(),
-        ],
-        name="tiny_backbone",
-    )
-    hasher = keras.Sequential(
-        [keras.Input((FEATURE_DIM,)), keras.layers.Dense(CODE_LENGTH)]
-    )
-    return backbone, hasher
+    return model_fixtures.tiny_models(CODE_LENGTH, seed)
 
 
 def sample_images(n=4, seed=0):
