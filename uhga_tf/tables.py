@@ -352,12 +352,7 @@ def reproduce_table(
     _write_text(stem + ".json", json.dumps(
         payload, indent=1, sort_keys=True, default=_builtin))
     if table == 1:
-        plots.plot_map_vs_code_length(
-            {f"{k} bits": {float(m): v[k]["mean"] for m, v in summary.items()
-                           if k in v}
-             for k in code_lengths},
-            stem + "_sweep.png",
-        )
+        _plot_sweep(summary, code_lengths, dataset, stem + "_sweep.png")
     else:
         plots.plot_map_vs_code_length(
             {m: {k: e["mean"] for k, e in v.items()}
@@ -374,6 +369,34 @@ def reproduce_table(
             stem + f"_pr_{pr_length}.png",
         )
     return markdown, summary
+
+
+def _plot_sweep(summary, code_lengths, dataset, path):
+    """MAP vs similarity_lambda, ours solid and the paper's dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    lambdas = sorted(summary, key=float)
+    for code_length in code_lengths:
+        ours = [summary[m][code_length]["mean"] for m in lambdas]
+        line, = axes.plot([float(m) for m in lambdas], ours, marker="o",
+                          label=f"ours, {code_length} bits")
+        paper = [summary[m][code_length]["paper"] for m in lambdas]
+        if dataset == "cifar10" and None not in paper:
+            axes.plot([float(m) for m in lambdas], paper, linestyle="--",
+                      marker="x", color=line.get_color(),
+                      label=f"paper, {code_length} bits")
+    axes.set_xlabel("similarity_lambda")
+    axes.set_ylabel("MAP")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    tmp = path + ".tmp.png"
+    figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, path)
 
 
 def _write_text(path, text):
