@@ -163,3 +163,42 @@ def test_train_resume_and_foreign_checkpoint(tmp_path):
     assert foreign.returncode == 1
     assert "holds a checkpoint of another model" in foreign.stderr
     assert (reference / "config.json").read_text() == before
+
+
+def test_hasher_init_does_not_depend_on_a_feature_cache_hit(tmp_path):
+    """A backbone built for extraction must not shift the hasher's init."""
+    import keras
+
+    from uhga_tf import config
+    from uhga_tf.data import retrieval_sets
+    from uhga_tf.training import run as run_lib
+
+    def experiment(name):
+        flat = {}
+        for arg in _tiny_args(tmp_path, workdir=name, epochs=1):
+            key, _, value = arg[2:].partition("=")
+            flat[key] = value
+        flat.pop("noprogress")
+        return config.experiment_from_flat(dict(
+            flat, code_length=16, global_batch_size=32, epochs=1,
+            eval_every_epochs=1, checkpoint_every_steps=3,
+            learning_rate=0.01, progress=False,
+        ))
+
+    cached = run_lib.run_experiment(experiment("cached"))
+    original = retrieval_sets.load_retrieval_sets
+
+    def extracting(*args, **kwargs):
+        keras.layers.Dense(7).build((None, 5))  # what extraction draws
+        return original(*args, **kwargs)
+
+    retrieval_sets.load_retrieval_sets = extracting
+    try:
+        fresh = run_lib.run_experiment(experiment("fresh"))
+    finally:
+        retrieval_sets.load_retrieval_sets = original
+    assert fresh["map"] == cached["map"]
+    a = keras.saving.load_model(str(tmp_path / "cached" / "hasher.keras"))
+    b = keras.saving.load_model(str(tmp_path / "fresh" / "hasher.keras"))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)

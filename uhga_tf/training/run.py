@@ -332,6 +332,9 @@ def run_experiment(experiment, sets=None):
         )
 
     lr_steps = experiment.train.lr_step_epochs * steps_per_epoch
+    # Building a backbone for feature extraction draws from the global seed;
+    # reseed so the hash layer's init does not depend on a cache hit.
+    keras.utils.set_random_seed(experiment.train.seed)
     with strategy.scope():
         if end_to_end:
             backbone = image_inputs.build_backbone(experiment.model)
