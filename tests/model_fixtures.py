@@ -24,3 +24,26 @@ def tiny_models(code_length, seed=0):
         name="tiny_hasher",
     )
     return backbone, hasher
+
+
+def sample_images(sizes, seed=0):
+    """Seeded (pixels, encoded bytes) per (h, w): PNG at even, JPEG at odd i.
+
+    Smooth gradients plus noise, so codes vary between images.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    pixels, encoded = [], []
+    for i, (h, w) in enumerate(sizes):
+        base = rng.integers(0, 256, size=(1, 1, 3))
+        ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(-1, 1, 3)
+        noise = rng.normal(0, 40, size=(h, w, 3))
+        image = np.clip(base + ramp + noise, 0, 255).astype(np.uint8)
+        pixels.append(image)
+        if i % 2:
+            encoded.append(tf.io.encode_jpeg(image, quality=95).numpy())
+        else:
+            encoded.append(tf.io.encode_png(image).numpy())
+    return pixels, encoded

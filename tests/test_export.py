@@ -28,21 +28,8 @@ def tiny_models(seed=0):
 
 def sample_images():
     """Seeded RGB images of mixed sizes with PNG and JPEG encodings."""
-    rng = np.random.default_rng(0)
     sizes = [(40, 50), (32, 32), (17, 60), (64, 24)]
-    pixels, encoded = [], []
-    for i, (h, w) in enumerate(sizes):
-        # Smooth gradients plus noise: codes then vary between images.
-        base = rng.integers(0, 256, size=(1, 1, 3))
-        ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(-1, 1, 3)
-        noise = rng.normal(0, 40, size=(h, w, 3))
-        image = np.clip(base + ramp + noise, 0, 255).astype(np.uint8)
-        pixels.append(image)
-        if i % 2:
-            encoded.append(tf.io.encode_jpeg(image, quality=95).numpy())
-        else:
-            encoded.append(tf.io.encode_png(image).numpy())
-    return pixels, encoded
+    return model_fixtures.sample_images(sizes)
 
 
 def decoded_pixels(encoded):

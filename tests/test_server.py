@@ -44,20 +44,8 @@ def tiny_models(seed):
 
 def sample_images(n=4, seed=0):
     """Seeded (pixels, PNG/JPEG bytes) of mixed sizes."""
-    rng = np.random.default_rng(seed)
-    pixels, encoded = [], []
-    for i in range(n):
-        h, w = 24 + 8 * i, 60 - 6 * i
-        ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(-1, 1, 3)
-        noise = rng.normal(0, 40, size=(h, w, 3))
-        base = rng.integers(0, 256, size=(1, 1, 3))
-        image = np.clip(base + ramp + noise, 0, 255).astype(np.uint8)
-        pixels.append(image)
-        if i % 2:
-            encoded.append(tf.io.encode_jpeg(image, quality=95).numpy())
-        else:
-            encoded.append(tf.io.encode_png(image).numpy())
-    return pixels, encoded
+    sizes = [(24 + 8 * i, 60 - 6 * i) for i in range(n)]
+    return model_fixtures.sample_images(sizes, seed)
 
 
 def expected_codes(models, encoded):
