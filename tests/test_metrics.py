@@ -18,24 +18,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import protocol_example
 from uhga_tf.evaluation import metrics
 from uhga_tf.evaluation import plots
 from uhga_tf.evaluation import ranking
 
-DATABASE = np.array(
-    [
-        [-1, -1, 1, 1],
-        [-1, 1, 1, 1],
-        [1, 1, 1, 1],
-        [1, 1, 1, -1],
-        [1, -1, -1, 1],
-        [-1, -1, -1, 1],
-    ],
-    dtype=np.int8,
-)
-DATABASE_LABELS = np.array([0, 1, 0, 0, 1, 0])  # A = 0, B = 1, C = 2
-QUERY = np.ones((1, 4), dtype=np.int8)
-QUERY_LABELS = np.array([0])
+DATABASE = protocol_example.DATABASE
+DATABASE_LABELS = protocol_example.DATABASE_LABELS
+QUERY = protocol_example.QUERY
+QUERY_LABELS = protocol_example.QUERY_LABELS
 TWO_QUERIES = np.ones((2, 4), dtype=np.int8)
 TWO_QUERY_LABELS = np.array([0, 2])
 EXACT = 1e-12

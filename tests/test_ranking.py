@@ -3,22 +3,12 @@
 import numpy as np
 import pytest
 
+import protocol_example
 from uhga_tf import codes as codes_lib
 from uhga_tf.evaluation import ranking
 
-# protocol.md §4: query (+1,+1,+1,+1); distances 2, 1, 0, 1, 2, 3.
-EXAMPLE_DATABASE = np.array(
-    [
-        [-1, -1, 1, 1],
-        [-1, 1, 1, 1],
-        [1, 1, 1, 1],
-        [1, 1, 1, -1],
-        [1, -1, -1, 1],
-        [-1, -1, -1, 1],
-    ],
-    dtype=np.int8,
-)
-EXAMPLE_QUERY = np.ones((1, 4), dtype=np.int8)
+EXAMPLE_DATABASE = protocol_example.DATABASE
+EXAMPLE_QUERY = protocol_example.QUERY
 
 
 def _random_codes(rng, n, code_length):
