@@ -39,3 +39,8 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor()
+
+
+def provenance():
+    """{commit, dirty, cpu} for a benchmark's JSON."""
+    return {"commit": git_sha(), "dirty": git_dirty(), "cpu": cpu_model()}

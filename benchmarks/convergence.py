@@ -1,13 +1,18 @@
 """MAP vs step and vs wall time for Ours and Ours+GA (same seed, same features).
 
-    python benchmarks/convergence.py --flagfile=configs/cifar.flags \
+    python benchmarks/convergence.py --flagfile=configs/paper/cifar.flags \
         --data_dir=../shared/data --epochs=30
+    python benchmarks/convergence.py --flagfile=configs/cifar.flags \
+        --data_dir=../shared/data --seeds=3 --name=convergence_product
 
 Trains both rows of method.md §14 with validation MAP every epoch (validation
 queries from database minus train, never the reported query set), then
 reports the step and the training time at which Ours+GA first reaches Ours'
 final validation MAP: the paper's claim is that gradient attention learns
-faster. Writes benchmarks/results/convergence.json and convergence.png.
+faster. With --seeds, every seed trains both rows; per seed it also reports
+the step and training time at which each row first comes within TOLERANCE
+of its own final validation MAP. Writes benchmarks/results/<name>.json and
+<name>.png (curves of seed 0).
 """
 
 import json
@@ -19,6 +24,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -27,6 +33,11 @@ from uhga_tf import flags_util  # noqa: E402
 
 flags_util.define_config_flags()
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where to write results.")
+flags.DEFINE_integer("seeds", 1, "Training seeds (0 .. seeds-1).")
+flags.DEFINE_string("name", "convergence", "Output name (.json, .png).")
+# A method "reaches its final MAP" at the first evaluation within this much
+# of the validation MAP it ends with.
+TOLERANCE = 0.005
 FLAGS = flags.FLAGS
 
 
@@ -42,6 +53,24 @@ def _curve(workdir):
                 seconds.append(elapsed)
                 maps.append(record["validation_map"])
     return {"step": steps, "train_seconds": seconds, "validation_map": maps}
+
+
+def _seed_summary(seed_curves):
+    """Final validation MAP, and step/seconds to reach it, per method."""
+    out = {}
+    for method, curve in seed_curves.items():
+        maps = curve["validation_map"]
+        final = maps[-1]
+        i = next(j for j, m in enumerate(maps) if m >= final - TOLERANCE)
+        key = "ga" if method.endswith("GA") else "ours"
+        out[f"{key}_final_validation_map"] = final
+        out[f"{key}_query_map"] = curve["query_map"]
+        out[f"{key}_steps_to_final"] = curve["step"][i]
+        out[f"{key}_seconds_to_final"] = curve["train_seconds"][i]
+        out[f"{key}_train_seconds"] = curve["train_seconds"][-1]
+    out["ga_minus_ours_validation"] = (
+        out["ga_final_validation_map"] - out["ours_final_validation_map"])
+    return out
 
 
 def main(argv):
@@ -61,26 +90,42 @@ def main(argv):
     sets = retrieval_sets.load_retrieval_sets(
         experiment.data, experiment.model, experiment.train.seed)
     tag = f"{experiment.data.dataset}_{experiment.model.code_length}"
-    curves, finals = {}, {}
-    for method, attention in (("Ours", False), ("Ours+GA", True)):
-        workdir = os.path.join("runs", f"convergence_{tag}_{method}")
-        if os.path.exists(workdir):
-            import shutil
+    curves, finals, per_seed = {}, {}, []
+    for seed in range(FLAGS.seeds):
+        seed_curves = {}
+        for method, attention in (("Ours", False), ("Ours+GA", True)):
+            workdir = os.path.join(
+                "runs", f"convergence_{tag}_{method}_s{seed}")
+            if os.path.exists(workdir):
+                import shutil
 
-            shutil.rmtree(workdir)
-        cfg = config.experiment_from_flat(
-            {**base, "attention": attention, "workdir": workdir})
-        start = time.time()
-        result = run_lib.run_experiment(cfg, sets=sets)
-        curves[method] = _curve(workdir)
-        curves[method]["wall_time_s"] = time.time() - start
-        finals[method] = result["map"]
-
-    target = curves["Ours"]["validation_map"][-1]
-    ga = curves["Ours+GA"]
+                shutil.rmtree(workdir)
+            cfg = config.experiment_from_flat(
+                {**base, "attention": attention, "workdir": workdir,
+                 "seed": seed})
+            start = time.time()
+            result = run_lib.run_experiment(cfg, sets=sets)
+            curve = _curve(workdir)
+            curve["wall_time_s"] = time.time() - start
+            curve["query_map"] = result["map"]
+            seed_curves[method] = curve
+        per_seed.append(_seed_summary(seed_curves))
+        curves[f"s{seed}"] = seed_curves
+    first = curves["s0"]
+    target = first["Ours"]["validation_map"][-1]
+    finals = {m: first[m]["query_map"] for m in first}
+    ga = first["Ours+GA"]
     reached = next(
         (i for i, m in enumerate(ga["validation_map"]) if m >= target), None)
     summary = {
+        "seeds": FLAGS.seeds,
+        "tolerance": TOLERANCE,
+        "per_seed": per_seed,
+        "mean": {
+            key: float(np.mean([s[key] for s in per_seed]))
+            for key in per_seed[0]
+            if all(s[key] is not None for s in per_seed)
+        },
         "ours_final_validation_map": target,
         "ga_final_validation_map": ga["validation_map"][-1],
         "ours_final_query_map": finals["Ours"],
@@ -89,8 +134,8 @@ def main(argv):
             None if reached is None else ga["step"][reached]),
         "ga_reaches_ours_final_at_train_seconds": (
             None if reached is None else ga["train_seconds"][reached]),
-        "ours_total_steps": curves["Ours"]["step"][-1],
-        "ours_train_seconds": curves["Ours"]["train_seconds"][-1],
+        "ours_total_steps": first["Ours"]["step"][-1],
+        "ours_train_seconds": first["Ours"]["train_seconds"][-1],
     }
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
@@ -104,11 +149,11 @@ def main(argv):
             sys.argv[1:]),
     }
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, "convergence.json"), "w") as f:
+    with open(os.path.join(FLAGS.out_dir, FLAGS.name + ".json"), "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, curve in curves.items():
+    for method, curve in first.items():
         axes[0].plot(curve["step"], curve["validation_map"], label=method)
         axes[1].plot(curve["train_seconds"], curve["validation_map"],
                      label=method)
@@ -121,11 +166,12 @@ def main(argv):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{tag} bits: Ours vs Ours+GA")
     fig.tight_layout()
-    fig.savefig(os.path.join(FLAGS.out_dir, "convergence.png"), dpi=100)
+    fig.savefig(os.path.join(FLAGS.out_dir, FLAGS.name + ".png"), dpi=100)
 
     print("| quantity | value |\n|---|---|")
     for key, value in summary.items():
-        print(f"| {key} | {value} |")
+        if key not in ("per_seed",):
+            print(f"| {key} | {value} |")
 
 
 if __name__ == "__main__":

@@ -16,17 +16,28 @@ Writes benchmarks/results/serving.json. Top-level keys: `errors` (all
 phases), `p50_ms`/`p99_ms` (single-image requests), `images_per_s` (batched
 requests) and `served_over_inprocess` (batched served images/s over the
 in-process SavedModel's images/s at the same batch size, same run).
+
+The mixed run (`mixed` key; with --mixed_only it is the only phase and is
+merged into the existing JSON) starts a batching server and measures an
+all-good phase, then the same clients and request count with 1 request in
+10 bad (corrupt bytes, a batch over max_batch_size, a float32 tensor for
+image_bytes, in turn) and one decompression bomb (a ~100 KB PNG of
+10000 x 10000 pixels) in every 100: `mixed.failed_good_requests`,
+`mixed.p99_good_ms`, `mixed.p99_all_good_ms` (the all-good phase, same
+script) and `mixed.peak_rss_mb` (the server's VmHWM after the mixed phase).
 """
 
 import json
 import os
 import platform
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 
 from absl import app
 from absl import flags
@@ -34,6 +45,8 @@ import grpc
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf.export import saved_model
 from uhga_tf.serving import client
@@ -53,6 +66,14 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float("max_seconds", 90.0, "Time limit per phase.")
 flags.DEFINE_bool("enable_batching", False, "Server-side batching.")
+flags.DEFINE_integer(
+    "mixed_requests_per_client", 500,
+    "Requests per client in each phase of the mixed run (0 skips it).",
+)
+flags.DEFINE_bool(
+    "mixed_only", False,
+    "Run only the mixed run and merge it into the existing --out JSON.",
+)
 flags.DEFINE_string(
     "out", "benchmarks/results/serving.json", "Where to write the JSON."
 )
@@ -110,7 +131,9 @@ def in_process_images_per_s(path, images, batch_size, max_seconds):
     return count * batch_size / elapsed, fn
 
 
-def start_server(base, log_dir):
+def start_server(base, log_dir, enable_batching=None):
+    if enable_batching is None:
+        enable_batching = FLAGS.enable_batching
     out_path = os.path.join(log_dir, "server.out")
     log = open(os.path.join(log_dir, "server.log"), "wb")
     out = open(out_path, "wb")
@@ -119,7 +142,7 @@ def start_server(base, log_dir):
         f"--model_base_path={base}", "--port=0",
         f"--max_batch_size={max(64, FLAGS.batch_size)}",
     ]  # fmt: skip
-    if FLAGS.enable_batching:
+    if enable_batching:
         cmd.append("--enable_batching")
     proc = subprocess.Popen(cmd, stdout=out, stderr=log)
     deadline = time.monotonic() + 180
@@ -189,6 +212,175 @@ def run_phase(address, channel, requests, per_client, expected, max_seconds):
     }
 
 
+def png_bomb(width=10000, height=10000):
+    """A real PNG of width x height black pixels, about 100 KB."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * width)
+    idat = b"".join(compressor.compress(row) for _ in range(height))
+    idat += compressor.flush()
+
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _request(array, dtype=None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "uhga"
+    request.model_spec.signature_name = "serving_default"
+    request.output_filter.append("codes")
+    request.inputs["image_bytes"].CopyFrom(
+        tf.make_tensor_proto(array, dtype=dtype)
+    )
+    return request
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def mixed_phase(stub, goods, expected, bads, bomb, per_client, max_seconds):
+    """Good requests, with bad ones (1 in 10) and a bomb every 100 if given.
+
+    Returns good-request latency stats and the count of good requests that
+    failed (an error status or wrong codes) and of bad requests that did
+    not get INVALID_ARGUMENT.
+    """
+    latencies, failed_good, wrong_bad = [], [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+    counts = {"good": 0, "bad": 0, "bomb": 0}
+
+    def worker(i):
+        mine = []
+        for j in range(per_client):
+            if time.monotonic() > deadline:
+                break
+            if bads is not None and j % 100 == 50:
+                kind, request = "bomb", bomb
+            elif bads is not None and j % 10 == 5:
+                kind, request = "bad", bads[(j // 10) % len(bads)]
+            else:
+                kind = "good"
+                k = (i * per_client + j) % len(goods)
+                request = goods[k]
+            start = time.perf_counter()
+            try:
+                response = stub.Predict(request, timeout=TIMEOUT)
+            except grpc.RpcError as e:
+                with lock:
+                    counts[kind] += 1
+                    if kind == "good":
+                        failed_good.append(f"{e.code().name}: {e.details()}")
+                    elif e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        wrong_bad.append(f"{kind} {e.code().name}")
+                continue
+            elapsed = time.perf_counter() - start
+            with lock:
+                counts[kind] += 1
+                if kind != "good":
+                    wrong_bad.append(f"{kind} answered OK")
+                    continue
+            codes = tf.make_ndarray(response.outputs["codes"])
+            if not np.array_equal(codes, expected[k]):
+                with lock:
+                    failed_good.append(f"request {k}: codes differ")
+                continue
+            mine.append(elapsed)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [
+        threading.Thread(target=worker, args=(i,))
+        for i in range(FLAGS.clients)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "requests": counts,
+        "seconds": round(elapsed, 3),
+        "p50_good_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_good_ms": round(float(np.percentile(ms, 99)), 3),
+        "failed_good_requests": len(failed_good),
+        "bad_not_invalid_argument": len(wrong_bad),
+        "first_errors": (failed_good + wrong_bad)[:3],
+    }
+
+
+def mixed_run(base, tmp, images, fn):
+    """All-good phase, then the mixed phase, on one batching server."""
+    goods = [_request(np.array([b], dtype=object)) for b in images]
+    expected = [
+        fn(image_bytes=tf.constant([b]))["codes"].numpy() for b in images
+    ]
+    max_batch_size = max(64, FLAGS.batch_size)
+    bads = [
+        _request(np.array([b"\xff\xd8\xff garbage, not a JPEG"],
+                          dtype=object)),
+        _request(np.array(images[:1] * (max_batch_size + 1), dtype=object)),
+        _request(np.zeros((1,), np.float32)),
+    ]
+    bomb = _request(np.array([png_bomb()], dtype=object))
+    proc, address = start_server(base, tmp, enable_batching=True)
+    channel = grpc.insecure_channel(
+        address,
+        options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
+    )
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    try:
+        stub.Predict(goods[0], timeout=TIMEOUT)
+        per_client = FLAGS.mixed_requests_per_client
+        all_good = mixed_phase(stub, goods, expected, None, None,
+                               per_client, FLAGS.max_seconds)
+        rss_all_good = peak_rss_mb(proc.pid)
+        mixed = mixed_phase(stub, goods, expected, bads, bomb, per_client,
+                            FLAGS.max_seconds)
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {
+        "failed_good_requests": mixed["failed_good_requests"],
+        "p99_good_ms": mixed["p99_good_ms"],
+        "p99_all_good_ms": all_good["p99_good_ms"],
+        "p99_ratio": round(mixed["p99_good_ms"] / all_good["p99_good_ms"],
+                           3),
+        "peak_rss_mb": rss,
+        "peak_rss_mb_after_all_good": rss_all_good,
+        "all_good": all_good,
+        "mixed": mixed,
+        "config": {
+            "backbone": FLAGS.backbone,
+            "clients": FLAGS.clients,
+            "requests_per_client": FLAGS.mixed_requests_per_client,
+            "enable_batching": True,
+            "bad": "1 in 10: corrupt bytes, batch of "
+            f"{max_batch_size + 1} > max_batch_size, float32 image_bytes",
+            "bomb": "1 in 100: 10000x10000 PNG "
+            f"({len(bomb.inputs['image_bytes'].string_val[0])} bytes)",
+            "good": "one 256x192 JPEG via serving_default",
+        },
+    }
+
+
 def main(argv):
     del argv
     wall = time.perf_counter()
@@ -206,6 +398,11 @@ def main(argv):
             metadata={"backbone": FLAGS.backbone},
             warmup_images=images[:2],
         )  # fmt: skip
+        if FLAGS.mixed_only:
+            fn = tf.saved_model.load(path).signatures["serving_default"]
+            return write_mixed_only(
+                mixed_run(base, tmp, images, fn), image_size, wall
+            )
         inproc_batched, fn = in_process_images_per_s(
             path, images, FLAGS.batch_size, FLAGS.max_seconds
         )
@@ -243,6 +440,9 @@ def main(argv):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        mixed = None
+        if FLAGS.mixed_requests_per_client:
+            mixed = mixed_run(base, tmp, images, fn)
     sha = saved_model.git_sha()
     result = {
         "errors": single["errors"] + batched["errors"],
@@ -275,6 +475,7 @@ def main(argv):
             "enable_batching": FLAGS.enable_batching,
             "input": "256x192 JPEG bytes via serving_default",
         },
+        "mixed": mixed,
         "git_sha": sha,
         "tensorflow_version": tf.__version__,
         "device": f"CPU ({os.cpu_count()} cores, shared), "
@@ -306,6 +507,38 @@ def main(argv):
         f"\nserved_over_inprocess = {result['served_over_inprocess']} "
         f"(wall {result['wall_s']} s) -> {FLAGS.out}"
     )
+
+    if mixed is not None:
+        print_mixed(mixed)
+
+
+def print_mixed(mixed):
+    print("\n| mixed run | good requests | p99 good ms | failed good | "
+          "peak RSS MB |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| all good | {mixed['all_good']['requests']['good']} | "
+          f"{mixed['p99_all_good_ms']} | "
+          f"{mixed['all_good']['failed_good_requests']} | "
+          f"{mixed['peak_rss_mb_after_all_good']} |")
+    print(f"| 1/10 bad, 1/100 bomb | {mixed['mixed']['requests']['good']} | "
+          f"{mixed['p99_good_ms']} | {mixed['failed_good_requests']} | "
+          f"{mixed['peak_rss_mb']} |")
+
+
+def write_mixed_only(mixed, image_size, wall):
+    result = {}
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            result = json.load(f)
+    mixed["config"]["image_size"] = image_size
+    mixed["git_sha"] = saved_model.git_sha()
+    mixed["wall_s"] = round(time.perf_counter() - wall, 1)
+    result["mixed"] = mixed
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print_mixed(mixed)
+    print(f"\n-> {FLAGS.out}")
 
 
 if __name__ == "__main__":

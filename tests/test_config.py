@@ -38,7 +38,7 @@ def test_every_field_is_one_flag():
         ({"global_batch_size": 7}, "must be even with pairing=cross"),
         ({"strategy": "tpu"}, "strategy must be one of"),
         ({"loss": "hinge"}, "loss must be one of"),
-        ({"similarity": "knn"}, "similarity must be one of"),
+        ({"similarity": "spectral"}, "similarity must be one of"),
         ({"positive_weight": "many"}, "positive_weight must be"),
         ({"dataset": "mnist"}, "dataset must be one of"),
         ({"code_lenght": 64}, "unknown config fields: code_lenght"),

@@ -262,7 +262,7 @@ def test_versions_increment_and_never_overwrite(tmp_path):
             backbone, hasher, base, image_size=IMAGE_SIZE, version=3
         )
     assert os.path.getmtime(os.path.join(first, "saved_model.pb")) == mtime
-    with pytest.raises(ValueError, match="version must be a positive"):
+    with pytest.raises(ValueError, match="version must be an integer in"):
         saved_model.export_saved_model(
             backbone, hasher, base, image_size=IMAGE_SIZE, version=0
         )
@@ -383,3 +383,38 @@ def test_export_cli_reports_user_errors(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"uhga_tf.export: no config.json in {tmp_path}"
     )
+
+
+def test_feature_centring_travels_inside_the_saved_model(tmp_path):
+    """The product recipe's fixed centring is part of the exported model."""
+    from uhga_tf.models import hash_layer
+
+    backbone, _ = tiny_models()
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, size=(6, IMAGE_SIZE, IMAGE_SIZE, 3),
+                          dtype=np.uint8)
+    features = np.asarray(
+        backbone(saved_model.preprocess_images(pixels, IMAGE_SIZE)))
+    # A large common offset: without the centring every code would be the
+    # same; with it the codes vary.
+    centring = hash_layer.centring_statistics(features + 50.0)
+    keras.utils.set_random_seed(3)
+    hasher = hash_layer.build_hasher(
+        FEATURE_DIM, CODE_LENGTH, centring=centring)
+    hasher(features + 50.0)
+    path = str(tmp_path / "hasher.keras")
+    hasher.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(
+        reloaded.get_layer("feature_centring").get_weights()[0],
+        centring[0],
+    )
+    shifted = features + 50.0
+    expected = codes_lib.binarize(np.asarray(hasher(shifted)))
+    assert len({row.tobytes() for row in expected}) > 1
+    out_dir = saved_model.export_saved_model(
+        backbone, reloaded, str(tmp_path / "uhga"), image_size=IMAGE_SIZE)
+    loaded = tf.saved_model.load(out_dir)
+    served = loaded.signatures["encode_features"](
+        features=tf.constant(shifted))["codes"].numpy()
+    np.testing.assert_array_equal(served, expected)

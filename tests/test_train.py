@@ -59,7 +59,12 @@ def _tiny_args(tmp_path, workdir="run", **overrides):
         ("--global_batch_size=1", "global_batch_size must be >= 2"),
         ("--strategy=ring", "strategy must be one of"),
         ("--loss=hinge", "loss must be one of"),
-        ("--similarity=knn", "similarity must be one of"),
+        ("--similarity=spectral", "similarity must be one of"),
+        ("--similarity_clusters=1", "similarity_clusters must be >= 2"),
+        ("--similarity_knn=0", "similarity_knn must be > 0"),
+        ("--similarity_dissimilar_quantile=1.5",
+         "similarity_dissimilar_quantile must be in (0, 1)"),
+        ("--balance_weight=-1", "balance_weight must be >= 0"),
     ],
 )
 def test_bad_flag_is_one_line_and_writes_nothing(tmp_path, flag, fragment):
@@ -99,7 +104,8 @@ def _assert_tensorboard_tags(logdir):
         tags |= set(events.Tags()["tensors"])
     expected = {
         "relaxed_codes", "attention_weights", "bits_flipped",
-        "validation_map", "bit_balance", "epoch_pair_loss",
+        "validation_map", "bit_balance", "quantization_gap",
+        "epoch_pair_loss",
         "epoch_lookahead_loss", "epoch_attention_loss",
         "epoch_attention_mean", "epoch_attention_std", "epoch_learning_rate",
     }
@@ -202,3 +208,70 @@ def test_hasher_init_does_not_depend_on_a_feature_cache_hit(tmp_path):
     b = keras.saving.load_model(str(tmp_path / "fresh" / "hasher.keras"))
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(wa, wb)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"similarity": "knn", "similarity_knn": 120},
+         "similarity_knn must be in [1, N) = [1, 120)"),
+        ({"similarity": "manifold", "similarity_clusters": 121},
+         "similarity_clusters must be in [2, N] = [2, 120]"),
+    ],
+)
+def test_structured_similarity_parameters_checked_against_n(
+    tmp_path, overrides, fragment
+):
+    result = _train(_tiny_args(tmp_path, **overrides))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("uhga_tf.train:") and fragment in last
+    assert not (tmp_path / "run").exists()
+
+
+def _constant_feature_file(path, nan_row=None):
+    """Every row the same vector: no pair can be told apart."""
+    write_feature_file(str(path))
+    data = dict(np.load(path))
+    data["features"] = np.ones_like(data["features"])
+    if nan_row is not None:
+        data["features"][nan_row] = np.nan
+    np.savez(path, **data)
+    return path
+
+
+def test_s_without_dissimilar_pairs_names_the_flags(tmp_path):
+    features = _constant_feature_file(tmp_path / "same.npz")
+    result = _train(_tiny_args(
+        tmp_path, data_dir=str(features), similarity="cluster",
+        similarity_clusters=4, similarity_runs=1,
+    ))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "no dissimilar pair" in last and "similarity_clusters" in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_feature_rows_are_refused(tmp_path):
+    features = _constant_feature_file(tmp_path / "nan.npz", nan_row=15)
+    result = _train(_tiny_args(
+        tmp_path, data_dir=str(features), similarity="knn",
+        similarity_knn=5,
+    ))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("uhga_tf.train:") and "NaN" in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_collapsed_run_stops_instead_of_reporting_map(tmp_path):
+    # Identical features give identical codes whatever is learned.
+    features = _constant_feature_file(tmp_path / "same.npz")
+    result = _train(_tiny_args(
+        tmp_path, data_dir=str(features), positive_weight="10", epochs=1,
+        noattention=None,
+    ))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "training collapsed" in last
+    assert "MAP@ALL" not in result.stdout

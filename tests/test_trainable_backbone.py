@@ -244,8 +244,10 @@ def test_dropout_mask_is_shared_by_every_pass_of_a_step():
     # normalisation), as in tests/test_uhga_model.py.
     for a, b in zip(jvp[:3], second[:3]):
         assert np.abs(b.numpy()).max() > 1e-9
+        # float32: faiss, imported by other tests, changes the thread count
+        # and so the summation order; 1e-9 is still far below the values.
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6,
-                                   atol=1e-12)
+                                   atol=1e-9)
 
     # The look-ahead loss is that of W' under the pre-step mask.
     images = tf.concat([data[0][0], data[1][0]], axis=0)

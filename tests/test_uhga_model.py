@@ -222,3 +222,62 @@ def test_fit_in_graph_and_checkpoint_restores_step_and_momenta(tmp_path):
                                   momentum)
     codes = model.encode(tf.constant(features[:3])).numpy()
     assert codes.shape == (3, K) and np.all(np.abs(codes) < 1)
+
+
+@pytest.mark.parametrize("mode", ["knn", "manifold"])
+def test_structured_similarity_step_equals_its_dense_matrix(mode):
+    """A structured S built per batch trains exactly as its materialised
+    N x N matrix, with GA and the balance and quantization terms on."""
+    from uhga_tf import structured_similarity
+
+    features, _ = _data()
+    structure = structured_similarity.build_structured_similarity(
+        features, similarity=mode, similarity_knn=3, similarity_clusters=3,
+        similarity_runs=2, similarity_dissimilar_quantile=0.5, seed=0,
+    )
+    rows = np.arange(N)
+    dense = structure.block(rows, rows).numpy()
+    assert (dense == 1).sum() > N and (dense == -1).any()
+    steps = []
+    for similarity in (structure, dense):
+        keras.utils.set_random_seed(0)
+        hasher = keras.Sequential(
+            [keras.Input((D,), dtype="float64"),
+             HashLayer(K, dtype="float64")])
+        model = UHGAModel(
+            hasher, similarity, code_length=K, attention_dtype="float64",
+            positive_weight=3.0, attention_hidden=8, balance_weight=0.5,
+            quantization_weight=0.5,
+        )
+        model.compile(
+            hash_optimizer=HashOptimizer(0.05),
+            attention_optimizer=keras.optimizers.Adam(0.01, epsilon=1e-8),
+        )
+        steps.append(model.compute_step(_batch(features)))
+    for key in ("pair_loss", "lookahead_loss"):
+        np.testing.assert_allclose(
+            steps[0][key].numpy(), steps[1][key].numpy(), rtol=1e-12)
+    for a, b in zip(steps[0]["new_values"], steps[1]["new_values"]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
+    for a, b in zip(steps[0]["attention_grads"], steps[1]["attention_grads"]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
+
+
+def test_balance_term_gradient_matches_finite_differences():
+    model, features = _model(balance_weight=0.7, quantization_weight=0.3)
+    codes = tf.constant(
+        np.random.default_rng(4).uniform(-0.9, 0.9, size=(2 * B, K)))
+    _, _, _, _, extra = model._code_gradients(
+        codes, B, tf.zeros([B, B], tf.int8))
+    eps = 1e-6
+    flat = codes.numpy().ravel()
+    numeric = np.empty_like(flat)
+    for i in range(flat.size):
+        plus, minus = flat.copy(), flat.copy()
+        plus[i] += eps
+        minus[i] -= eps
+        numeric[i] = (
+            model._regularizer(tf.constant(plus.reshape(codes.shape)))
+            - model._regularizer(tf.constant(minus.reshape(codes.shape)))
+        ).numpy() / (2 * eps)
+    np.testing.assert_allclose(extra.numpy().ravel(), numeric, atol=1e-8)

@@ -8,6 +8,8 @@ Prints one line per image, `<path> <packed code as hex>`, or with --out
 writes the int8 codes [n, code_length] to a .npy file.
 """
 
+import errno
+import os
 import sys
 
 from absl import app
@@ -15,6 +17,7 @@ from absl import flags
 import grpc
 import numpy as np
 
+from uhga_tf import cli_errors
 from uhga_tf.serving import client as client_lib
 
 FLAGS = flags.FLAGS
@@ -34,11 +37,17 @@ def main(argv):
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give at least one IMAGE path")
+    if FLAGS.out:
+        folder = os.path.dirname(os.path.abspath(FLAGS.out))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                errno.ENOENT, "no such folder for --out", folder
+            )
+    image_bytes_list = []
+    for path in paths:
+        with open(path, "rb") as f:
+            image_bytes_list.append(f.read())
     try:
-        image_bytes_list = []
-        for path in paths:
-            with open(path, "rb") as f:
-                image_bytes_list.append(f.read())
         codes, packed_codes = client_lib.encode_images(
             FLAGS.server,
             image_bytes_list,
@@ -46,8 +55,6 @@ def main(argv):
             signature_name=FLAGS.signature_name,
             timeout=FLAGS.timeout,
         )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"uhga_tf.client: {e}")
     except grpc.RpcError as e:
         sys.exit(f"uhga_tf.client: {e.code().name}: {e.details()}")
     if FLAGS.out:
@@ -59,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("client", main, outputs=lambda: [FLAGS.out])

@@ -10,6 +10,7 @@ defaults of §0.1.
 
 import dataclasses
 import json
+import math
 import os
 
 from uhga_tf import codes
@@ -21,7 +22,7 @@ SPLIT_PROTOCOLS = (
 )
 QUERY_POOLS = ("test", "all")
 HASH_HEADS = ("dense", "mlp")
-SIMILARITY_MODES = ("ssdh", "threshold")
+SIMILARITY_MODES = ("ssdh", "threshold", "knn", "cluster", "manifold")
 LOSSES = ("ga_logistic", "ssdh_l2")
 PAIRINGS = ("cross", "within")
 SCALE_SCHEDULES = ("sqrt_step", "none")
@@ -29,6 +30,25 @@ LOOKAHEADS = ("jvp", "second_order")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 AP_DENOMINATORS = ("retrieved", "min_rk", "all")
 EMPTY_QUERY = ("zero", "skip")
+
+
+# The product recipe: the best codes we learn inside UHGA's framework, with
+# choices beyond the paper (docs/product_recipe.md). Picked on the
+# validation split by benchmarks/sweep.py (benchmarks/results/sweeps/);
+# configs/cifar.flags spells the same values out.
+PRODUCT_RECIPE = {
+    "similarity": "manifold",
+    "similarity_knn": 20,
+    "similarity_clusters": 10,
+    "similarity_runs": 10,
+    "feature_centring": True,
+    "positive_weight": "auto",
+    "quantization_weight": 0.0,
+    "epochs": 30,
+    "lr_step_epochs": 30,
+    "learning_rate": 0.0005,
+    "attention_learning_rate": 0.05,
+}
 
 
 def _choice(name, value, choices):
@@ -39,7 +59,15 @@ def _choice(name, value, choices):
         )
 
 
+def _finite(name, value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(
+            f"{name} must be a finite number; received {name}={value!r}"
+        )
+
+
 def _positive(name, value, allow_zero=False):
+    _finite(name, value)
     if value is None or (value < 0 if allow_zero else value <= 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}; received {name}={value!r}")
@@ -105,6 +133,9 @@ class ModelConfig:
         dropout_rate: dropout on the features in front of the hash layer;
             one mask per step, shared by every pass of the step (§11). 0 =
             off; the paper's AlexNet uses 0.5.
+        feature_centring: subtract the train-feature mean and divide by the
+            per-dimension RMS inside the model (beyond the paper,
+            docs/product_recipe.md).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -115,6 +146,7 @@ class ModelConfig:
     hash_hidden: int = 1024
     trainable_backbone: bool = False
     dropout_rate: float = 0.0
+    feature_centring: bool = False
 
     def __post_init__(self):
         codes.check_code_length(self.code_length)
@@ -133,7 +165,11 @@ class SimilarityConfig:
     """Similarity matrix of eqs. (2)-(3), method.md §5.
 
     Attributes:
-        similarity: `ssdh` (mirrored-Gaussian thresholds) or `threshold`.
+        similarity: `ssdh` (mirrored-Gaussian thresholds) or `threshold`
+            (the paper's reading), or a structured S beyond the paper
+            (docs/product_recipe.md): `knn` (mutual kNN), `cluster` (k-means ensemble) or
+            `manifold` (k-means ensemble in the spectral embedding of
+            the kNN graph).
         similarity_lambda: alpha = beta = lambda, the Table-1 parameter
             [inferred].
         ssdh_alpha: overrides alpha when >= 0 (negative = use lambda).
@@ -141,6 +177,12 @@ class SimilarityConfig:
         similarity_threshold: tau_sim for `threshold` mode.
         dissimilarity_threshold: tau_dis for `threshold` mode (negative =
             equal to similarity_threshold).
+        similarity_knn: k of the kNN graph (`knn`, `manifold`).
+        similarity_clusters: clusters per k-means run (`cluster`,
+            `manifold`; also the spectral embedding's dimensions).
+        similarity_runs: k-means runs; similar = same cluster in all.
+        similarity_dissimilar_quantile: per-row distance quantile beyond
+            which a pair is dissimilar (`knn`, `manifold`).
     """
 
     similarity: str = "ssdh"
@@ -149,9 +191,26 @@ class SimilarityConfig:
     ssdh_beta: float = -1.0
     similarity_threshold: float = -1.0
     dissimilarity_threshold: float = -1.0
+    similarity_knn: int = 20
+    similarity_clusters: int = 50
+    similarity_runs: int = 5
+    similarity_dissimilar_quantile: float = 0.3
 
     def __post_init__(self):
         _choice("similarity", self.similarity, SIMILARITY_MODES)
+        _positive("similarity_knn", self.similarity_knn)
+        if self.similarity_clusters < 2:
+            raise ValueError(
+                "similarity_clusters must be >= 2; received "
+                f"similarity_clusters={self.similarity_clusters}"
+            )
+        _positive("similarity_runs", self.similarity_runs)
+        quantile = self.similarity_dissimilar_quantile
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(
+                "similarity_dissimilar_quantile must be in (0, 1); received "
+                f"similarity_dissimilar_quantile={quantile!r}"
+            )
         _positive("similarity_lambda", self.similarity_lambda, True)
         if self.similarity == "threshold" and not (
             0.0 <= self.similarity_threshold <= 1.0
@@ -172,6 +231,8 @@ class LossConfig:
         positive_weight: omega of eq. (6), a float or `auto`.
         pairing: `cross` (two shuffled branches) or `within`.
         quantization_weight: weight of mean((|u| - 1)^2); 0 = off.
+        balance_weight: weight of the bit-balance term mean_k (batch mean
+            of u_k)^2 (beyond the paper, docs/product_recipe.md); 0 = off.
         scale_schedule: `sqrt_step` (eq. 4) or `none` (s_t = 1).
         scale_step, scale_gamma, scale_power: constants of eq. (4).
     """
@@ -181,6 +242,7 @@ class LossConfig:
     positive_weight: str = "10"
     pairing: str = "cross"
     quantization_weight: float = 0.0
+    balance_weight: float = 0.0
     scale_schedule: str = "sqrt_step"
     scale_step: int = 200
     scale_gamma: float = 0.005
@@ -200,6 +262,7 @@ class LossConfig:
             _positive("positive_weight", weight)
         _choice("pairing", self.pairing, PAIRINGS)
         _positive("quantization_weight", self.quantization_weight, True)
+        _positive("balance_weight", self.balance_weight, True)
         _choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
         _positive("scale_step", self.scale_step)
 
@@ -340,6 +403,12 @@ class ExperimentConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Every float flag must be finite (`nan <= 0` is False, so range
+        # checks alone let NaN through).
+        for section in _SECTIONS:
+            values = getattr(self, section)
+            for field in dataclasses.fields(values):
+                _finite(field.name, getattr(values, field.name))
         if not self.workdir:
             raise ValueError("workdir must be a path; received ''")
         per_branch = self.train.global_batch_size
@@ -424,8 +493,56 @@ def load_experiment(workdir):
         raise FileNotFoundError(
             f"no config.json in {workdir!r}: not a uhga_tf training workdir"
         )
-    with open(path) as f:
-        return experiment_from_dict(json.load(f))
+    return experiment_from_dict(read_json(path))
+
+
+def check_writable_dir(path, flag):
+    """Refuse a folder path that is a file, lies under a file or is read-only.
+
+    The folder need not exist; its nearest existing ancestor must be a
+    writable folder.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is" if probe == os.path.abspath(path) else "lies under"
+        raise ValueError(
+            f"{flag} {where} a file ({probe}): expected a folder "
+            f"(received {flag}={path!r})"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{flag} is not writable ({probe}): expected a folder this user "
+            f"may write (received {flag}={path!r})"
+        )
+
+
+def read_json(path):
+    """Read a JSON object; a corrupt file is a ValueError naming file/line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"corrupt JSON ({path}, line {e.lineno} column {e.colno}): "
+            f"{e.msg}; expected the file as uhga_tf wrote it (delete it to "
+            "start over)"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"corrupt JSON ({path}): not UTF-8 text; expected the file as "
+            "uhga_tf wrote it (delete it to start over)"
+        ) from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"corrupt JSON ({path}, line 1): holds a "
+            f"{type(value).__name__}; expected an object"
+        )
+    return value
 
 
 def _attribute_docs(cls):

@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from uhga_tf import cli_errors  # noqa: E402
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 
@@ -80,7 +81,7 @@ def _evaluate():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = flags_util.exit_on_user_error("evaluate", _evaluate)
+    result = _evaluate()
     print(
         f"{result['method']}: MAP {result['map']:.4f}, tie-aware MAP "
         f"{result['map_tie_aware']:.4f}, P@H<=2 "
@@ -90,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("evaluate", main, outputs=lambda: [FLAGS.out])

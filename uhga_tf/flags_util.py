@@ -1,9 +1,8 @@
 """Expose config dataclass fields as absl flags (entry points only)."""
 
-import sys
-
 from absl import flags
 
+from uhga_tf import cli_errors
 from uhga_tf import config
 
 _DEFINE = {
@@ -32,8 +31,5 @@ def config_values(flag_values=flags.FLAGS, only=None):
 
 
 def exit_on_user_error(verb, fn, *args, **kwargs):
-    """Run fn; turn our user errors into one stderr line and exit 1."""
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"uhga_tf.{verb}: {e}")
+    """Run fn; turn user errors into one stderr line and exit 1."""
+    return cli_errors.run(verb, fn, *args, **kwargs)

@@ -9,11 +9,10 @@ codes, ids, sources and labels with `HammingIndex.save`, and prints the
 index path and size.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 
+from uhga_tf import cli_errors
 from uhga_tf import search
 
 FLAGS = flags.FLAGS
@@ -43,21 +42,18 @@ def main(argv):
         raise app.UsageError(
             f"expected the command 'build'; received {argv[1:]}"
         )
-    try:
-        index = search.build_index(
-            FLAGS.model,
-            FLAGS.out,
-            images_dir=FLAGS.images,
-            dataset=FLAGS.dataset,
-            data_dir=FLAGS.data_dir,
-            batch_size=FLAGS.batch_size,
-            progress=FLAGS.progress,
-            skip_corrupt=FLAGS.skip_corrupt,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"uhga_tf.index: {e}")
+    index = search.build_index(
+        FLAGS.model,
+        FLAGS.out,
+        images_dir=FLAGS.images,
+        dataset=FLAGS.dataset,
+        data_dir=FLAGS.data_dir,
+        batch_size=FLAGS.batch_size,
+        progress=FLAGS.progress,
+        skip_corrupt=FLAGS.skip_corrupt,
+    )
     print(f"{FLAGS.out}\t{len(index)} items\t{index.code_length} bits")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("index", main, outputs=lambda: [FLAGS.out])

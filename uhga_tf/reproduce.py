@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from uhga_tf import cli_errors  # noqa: E402
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("reproduce", main)

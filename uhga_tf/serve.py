@@ -11,11 +11,11 @@ command line (the production path, see serving/) and exits.
 
 import os
 import signal
-import sys
 
 from absl import app
 from absl import flags
 
+from uhga_tf import cli_errors
 from uhga_tf.serving import server as server_lib
 
 FLAGS = flags.FLAGS
@@ -44,6 +44,17 @@ flags.DEFINE_float(
     "batch_timeout_ms", 2.0, "Longest wait for requests to merge."
 )
 flags.DEFINE_integer("num_threads", 16, "gRPC worker threads.")
+flags.DEFINE_integer(
+    "max_image_pixels",
+    server_lib.request_checks.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest width x height of one image, read from its header before "
+    "decoding (larger ones are INVALID_ARGUMENT).",
+)
+flags.DEFINE_integer(
+    "max_request_pixels",
+    server_lib.request_checks.DEFAULT_MAX_REQUEST_PIXELS,
+    "Largest total of pixels of the images in one request.",
+)
 flags.DEFINE_float("grace_s", 5.0, "Seconds running requests get on stop.")
 flags.DEFINE_bool(
     "print_tf_serving_command",
@@ -76,6 +87,8 @@ def config_from_flags():
         max_batch_size=FLAGS.max_batch_size,
         batch_timeout_ms=FLAGS.batch_timeout_ms,
         num_threads=FLAGS.num_threads,
+        max_image_pixels=FLAGS.max_image_pixels,
+        max_request_pixels=FLAGS.max_request_pixels,
     )
 
 
@@ -94,15 +107,12 @@ def tf_serving_command(config):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config = config_from_flags()
-        if FLAGS.print_tf_serving_command:
-            print(tf_serving_command(config))
-            return
-        server = server_lib.ModelServer(config)
-        port = server.start()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"uhga_tf.serve: {e}")
+    config = config_from_flags()
+    if FLAGS.print_tf_serving_command:
+        print(tf_serving_command(config))
+        return
+    server = server_lib.ModelServer(config)
+    port = server.start()
 
     def on_signal(signum, frame):
         del frame
@@ -116,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("serve", main)

@@ -310,12 +310,18 @@ def resolve_positive_weight(positive_weight, similarity_matrix):
                 "positive_weight must be a float > 0 or 'auto'; received "
                 f"positive_weight={positive_weight!r}"
             )
-        matrix = getattr(
-            similarity_matrix, "similarity_matrix", similarity_matrix
-        )
-        matrix = np.asarray(matrix)
-        n_pos = int(np.count_nonzero(matrix == 1))
-        n_neg = int(np.count_nonzero(matrix == -1))
+        fractions = getattr(similarity_matrix, "fractions", None)
+        if fractions and "positive_offdiagonal" in fractions:
+            # A structured S is never materialised: use its sampled
+            # fractions.
+            n_pos, n_neg = fractions["positive"], fractions["negative"]
+        else:
+            matrix = getattr(
+                similarity_matrix, "similarity_matrix", similarity_matrix
+            )
+            matrix = np.asarray(matrix)
+            n_pos = int(np.count_nonzero(matrix == 1))
+            n_neg = int(np.count_nonzero(matrix == -1))
         if n_pos == 0:
             raise ValueError(
                 "positive_weight='auto' needs at least one S=+1 entry; "

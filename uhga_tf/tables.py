@@ -29,6 +29,11 @@ DEEP_METHODS = {
                 "ssdh_beta": 2.0, "scale_schedule": "none"},
     "Ours": {"loss": "ga_logistic", "attention": False},
     "Ours+GA": {"loss": "ga_logistic", "attention": True},
+    # The product recipe (config.PRODUCT_RECIPE), with and without GA.
+    "Ours (product)": {"loss": "ga_logistic", "attention": False,
+                       **config_lib.PRODUCT_RECIPE},
+    "Ours+GA (product)": {"loss": "ga_logistic", "attention": True,
+                          **config_lib.PRODUCT_RECIPE},
 }
 SHALLOW_METHODS = {"LSH": "lsh", "SH": "sh", "SpH": "sph", "ITQ": "itq",
                    "DSH": "dsh", "PCAH": "pcah"}
@@ -165,7 +170,21 @@ class Cell:
     def key(self):
         # Tables 2 and 3 share their deep rows: one stored cell serves both.
         row = f"lambda{self.method}" if self.table == 1 else self.method
+        if is_product(self.method):
+            # A changed recipe must not read the old recipe's cells.
+            row = row.replace(" (product)", "_product_" + recipe_digest())
         return f"{row}_{self.code_length}_s{self.seed}"
+
+
+def is_product(method):
+    return method.endswith("(product)")
+
+
+def recipe_digest():
+    import hashlib
+
+    text = json.dumps(config_lib.PRODUCT_RECIPE, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def table_cells(table, code_lengths, seeds, methods=None):
@@ -221,11 +240,12 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
             flat["similarity_lambda"] = float(cell.method)
         else:
             flat.update(DEEP_METHODS[cell.method])
-        learning_rate, attention_lr = CIFAR_RATES.get(
-            cell.code_length, CIFAR_RATES[64])
-        flat.update(code_length=cell.code_length, seed=cell.seed,
-                    learning_rate=learning_rate,
-                    attention_learning_rate=attention_lr)
+        if not is_product(cell.method):
+            learning_rate, attention_lr = CIFAR_RATES.get(
+                cell.code_length, CIFAR_RATES[64])
+            flat.update(learning_rate=learning_rate,
+                        attention_learning_rate=attention_lr)
+        flat.update(code_length=cell.code_length, seed=cell.seed)
         experiment = config_lib.experiment_from_flat(flat)
         result = run_lib.run_experiment(experiment, sets=sets)
     result.update(

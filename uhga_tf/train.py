@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from uhga_tf import cli_errors  # noqa: E402
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 
@@ -32,16 +33,17 @@ def main(argv):
         return run_lib.run_experiment(experiment)
 
     result = flags_util.exit_on_user_error("train", run)
+    references = [
+        f"{name} {result[key]:.4f}"
+        for name, key in (("ITQ", "itq_map"), ("cosine ranking", "cosine_map"))
+        if result.get(key) is not None
+    ]
     print(
         f"MAP@ALL query/database ({result['method']}, "
         f"{result['code_length']} bits): {result['map']:.4f}"
-        + (
-            f"   cosine-ranking reference: {result['cosine_map']:.4f}"
-            if result.get("cosine_map") is not None
-            else ""
-        )
+        + (f"   same split: {', '.join(references)}" if references else "")
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("train", main)

@@ -43,6 +43,8 @@ import tempfile
 import numpy as np
 from absl import logging
 
+from uhga_tf import config
+
 SPLIT_PROTOCOLS = (
     "uhga",
     "disjoint54k",
@@ -223,6 +225,13 @@ def make_split(
             if query_pool == "all"
             else (everything[partition == "test"])
         )
+        if query_pool == "test" and n and not len(pool):
+            raise ValueError(
+                "no images in a test/ part (query_pool=test): the data is "
+                "one flat class-per-folder set; expected train/ and test/ "
+                "parts, or pass --query_pool=all to draw the queries from "
+                "all images"
+            )
         query = _sorted(
             _balanced(rng, labels, pool, counts["query"], num_classes, "query")
         )
@@ -421,8 +430,20 @@ def _write_indices(path, indices):
 
 
 def _read_indices(path):
-    with open(path) as f:
-        return np.array(f.read().split(), dtype=np.int64)
+    indices = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            for field in line.split():
+                try:
+                    indices.append(int(field))
+                except ValueError as e:
+                    raise ValueError(
+                        f"corrupt split file ({path}, line {lineno}): "
+                        f"{field[:40]!r} is not an index; expected one "
+                        "integer per line (delete the folder to draw the "
+                        "split again)"
+                    ) from e
+    return np.array(indices, dtype=np.int64)
 
 
 def _list_fingerprint(list_dir):
@@ -509,8 +530,7 @@ def _read_split(target, protocol, seed, options, fingerprint, n):
     meta_path = os.path.join(target, "split.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"split metadata not found: {meta_path}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = config.read_json(meta_path)
     expected = {
         "protocol": protocol,
         "seed": int(seed),
@@ -529,6 +549,12 @@ def _read_split(target, protocol, seed, options, fingerprint, n):
         name: _read_indices(os.path.join(target, f"{name}.txt"))
         for name in SPLIT_SETS
     }
+    sizes = meta.get("sizes")
+    if not isinstance(sizes, dict) or set(sizes) < set(SPLIT_SETS):
+        raise ValueError(
+            f"corrupt split metadata ({meta_path}): no 'sizes' of "
+            f"{list(SPLIT_SETS)}; delete the folder to draw a new split"
+        )
     for name, values in arrays.items():
         if len(values) != meta["sizes"][name]:
             raise ValueError(

@@ -8,11 +8,10 @@ an existing version is never overwritten), verified by reloading, and prints
 its path.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 
+from uhga_tf import cli_errors
 from uhga_tf.export import saved_model
 
 FLAGS = flags.FLAGS
@@ -39,24 +38,23 @@ flags.mark_flags_as_required(["checkpoint", "export_dir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        warmup_images = None
-        if FLAGS.warmup_images:
-            warmup_images = []
-            for path in FLAGS.warmup_images:
-                with open(path, "rb") as f:
-                    warmup_images.append(f.read())
-        path = saved_model.export_from_checkpoint(
-            FLAGS.checkpoint,
-            FLAGS.export_dir,
-            version=FLAGS.version,
-            warmup_images=warmup_images,
-            model_name=FLAGS.model_name,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"uhga_tf.export: {e}")
+    warmup_images = None
+    if FLAGS.warmup_images:
+        warmup_images = []
+        for path in FLAGS.warmup_images:
+            with open(path, "rb") as f:
+                warmup_images.append(f.read())
+    path = saved_model.export_from_checkpoint(
+        FLAGS.checkpoint,
+        FLAGS.export_dir,
+        version=FLAGS.version,
+        warmup_images=warmup_images,
+        model_name=FLAGS.model_name,
+    )
     print(path)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run(
+        "export", main, outputs=lambda: [FLAGS.export_dir]
+    )

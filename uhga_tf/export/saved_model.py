@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import config as config_lib
 
 SIGNATURE_IMAGE_BYTES = "serving_default"
 SIGNATURE_IMAGES = "encode_images"
@@ -64,6 +65,8 @@ HASHER_FILENAME = "hasher.keras"
 CONFIG_FILENAME = "config.json"
 
 _VERSION_RE = re.compile(r"^[0-9]+$")
+# TF-Serving's model_spec.version is an Int64Value.
+MAX_VERSION = 2**63 - 1
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
@@ -82,6 +85,7 @@ def list_versions(base_path):
         int(name)
         for name in names
         if _VERSION_RE.match(name)
+        and int(name) <= MAX_VERSION
         and os.path.isdir(os.path.join(base_path, name))
     )
 
@@ -349,6 +353,45 @@ def git_sha():
     return out.stdout.strip() or None
 
 
+def check_version(version):
+    """Refuse a version TF-Serving could not address (ValueError)."""
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, (int, np.integer))
+        or not 1 <= version <= MAX_VERSION
+    ):
+        raise ValueError(
+            f"version must be an integer in [1, {MAX_VERSION}] (int64, as "
+            f"model_spec.version); received version={version!r}"
+        )
+
+
+def check_warmup_images(warmup_images):
+    """Refuse warm-up images the server would refuse (ValueError).
+
+    The same header checks as `uhga_tf.serving.request_checks`: JPEG, PNG,
+    GIF or BMP, within the default pixel limit.
+    """
+    from uhga_tf.serving import request_checks
+
+    limits = request_checks.RequestLimits()
+    total = 0
+    for i, encoded in enumerate(warmup_images):
+        try:
+            total += request_checks.check_encoded_image(
+                bytes(encoded), f"warmup_images[{i}]", limits
+            )
+        except request_checks.RequestError as e:
+            raise ValueError(
+                f"{e.message}; expected what the server accepts"
+            ) from e
+    if total > limits.max_request_pixels:
+        raise ValueError(
+            f"warmup_images hold {total} pixels, over max_request_pixels="
+            f"{limits.max_request_pixels}"
+        )
+
+
 def _next_version(export_dir):
     versions = list_versions(export_dir)
     return versions[-1] + 1 if versions else 1
@@ -437,18 +480,18 @@ def export_saved_model(
             f"image_size={image_size!r}"
         )
     image_size = int(image_size)
-    os.makedirs(export_dir, exist_ok=True)
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(
+            f"export_dir ({export_dir}) is a file: expected a folder of "
+            "versions"
+        )
     if version is None:
         version = _next_version(export_dir)
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, (int, np.integer))
-        or version < 1
-    ):
-        raise ValueError(
-            f"version must be a positive integer; received version={version!r}"
-        )
+    check_version(version)
     version = int(version)
+    if warmup_images is not None:
+        check_warmup_images(warmup_images)
+    os.makedirs(export_dir, exist_ok=True)
     target = os.path.join(export_dir, str(version))
     if os.path.exists(target):
         raise ValueError(
@@ -567,11 +610,7 @@ def read_checkpoint_config(checkpoint_dir):
     path = os.path.join(checkpoint_dir, CONFIG_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_FILENAME} in {checkpoint_dir}")
-    with open(path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    config = config_lib.read_json(path)
     values = {}
     for key in CHECKPOINT_CONFIG_KEYS:
         node = config
@@ -614,6 +653,12 @@ def export_from_checkpoint(
     Returns:
         The path of the new version directory.
     """
+    # Refuse what serving would refuse before anything is loaded or written.
+    config_lib.check_writable_dir(export_dir, "export_dir")
+    if version is not None:
+        check_version(version)
+    if warmup_images is not None:
+        check_warmup_images(warmup_images)
     config, values = read_checkpoint_config(checkpoint_dir)
     # Registers the hash layer classes before the hasher is deserialised.
     from uhga_tf.models import backbone as backbone_lib

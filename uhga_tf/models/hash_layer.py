@@ -95,6 +95,62 @@ class HashLayer(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="uhga_tf")
+class FeatureCentring(keras.layers.Layer):
+    """Fixed (x - mean) / scale in front of the hash layer; not trained.
+
+    A choice beyond the paper (docs/product_recipe.md): backbone features after a
+    ReLU are non-negative with a large common mean, so an affine hash layer
+    at init puts every bit far to one side. The train-feature mean and the
+    per-dimension RMS of the centred train features are stored as non-trainable
+    weights, so the SavedModel, the server and the index apply the same
+    centring with no extra step.
+    """
+
+    def __init__(self, mean=None, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self._initial_mean = mean
+        self._initial_scale = float(scale)
+
+    def build(self, input_shape):
+        dim = int(input_shape[-1])
+        mean = self._initial_mean
+        self.mean = self.add_weight(
+            name="mean", shape=(dim,), trainable=False,
+            initializer=(
+                "zeros" if mean is None
+                else keras.initializers.Constant(mean)
+            ),
+        )
+        self.scale = self.add_weight(
+            name="scale", shape=(), trainable=False,
+            initializer=keras.initializers.Constant(self._initial_scale),
+        )
+
+    def call(self, features):
+        return (features - self.mean) / self.scale
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        # The statistics are weights: a reloaded model gets them from the
+        # weights file, not from the config.
+        return super().get_config()
+
+
+def centring_statistics(features):
+    """(mean [D], scale) of train features for `FeatureCentring`."""
+    import numpy as np
+
+    features = np.asarray(features, dtype=np.float64)
+    mean = features.mean(axis=0)
+    # Root-mean-square per dimension, so each centred input is O(1) and the
+    # fan-in init gives pre-activations of O(1) spread, above the bias.
+    scale = float(np.sqrt(np.mean(np.square(features - mean))))
+    return mean.astype("float32"), max(scale, 1e-12)
+
+
 def build_hasher(
     feature_dim,
     code_length,
@@ -102,6 +158,7 @@ def build_hasher(
     hidden_units=1024,
     dropout_rate=0.0,
     name="hasher",
+    centring=None,
 ):
     """Build the hashing network: features [b, D] -> z [b, K] (pre-tanh).
 
@@ -110,7 +167,9 @@ def build_hasher(
     the hasher. UHGAModel passes the same pre-step non-trainable values to
     every ``stateless_call`` of one step, so all passes of the step share
     one mask, and assigns the advanced state once at the end (method.md
-    §11; tests/test_trainable_backbone.py).
+    §11; tests/test_trainable_backbone.py). ``centring`` = (mean [D],
+    scale), from `centring_statistics` of the train features, puts a fixed
+    `FeatureCentring` first.
     """
     if not isinstance(feature_dim, int) or feature_dim < 1:
         raise ValueError(
@@ -124,6 +183,9 @@ def build_hasher(
         )
     features = keras.Input(shape=(feature_dim,), name="features")
     x = features
+    if centring is not None:
+        mean, scale = centring
+        x = FeatureCentring(mean, scale, name="feature_centring")(x)
     if dropout_rate > 0:
         x = keras.layers.Dropout(dropout_rate, name="feature_dropout")(x)
     z = HashLayer(
@@ -144,6 +206,7 @@ def build_image_hasher(
     hash_head="dense",
     hidden_units=1024,
     dropout_rate=0.0,
+    centring=None,
 ):
     """Build the end-to-end hasher: images -> backbone -> head -> z.
 
@@ -158,6 +221,8 @@ def build_image_hasher(
         `keras.Model` named "hasher": float32 [b, S, S, 3] in [0, 255] ->
         z [b, code_length]; its layers are the input, `backbone` and the
         ``hash_head`` sub-model (`split_image_hasher` recovers the two).
+    ``centring`` = (mean, scale) of the frozen features puts a
+    `FeatureCentring` at the head's input.
     """
     shape = tuple(backbone.input_shape[1:])
     if len(shape) != 3 or shape[-1] != 3 or None in shape:
@@ -190,6 +255,7 @@ def build_image_hasher(
         hidden_units=hidden_units,
         dropout_rate=dropout_rate,
         name=HASH_HEAD_NAME,
+        centring=centring,
     )
     images = keras.Input(shape=shape, name="images")
     z = head(backbone(images))

@@ -9,11 +9,9 @@ Prints, per query, a `query<TAB>PATH<TAB>CLASS` line and then one
 index order; CLASS is "-" when unknown).
 """
 
-import sys
-
-from absl import app
 from absl import flags
 
+from uhga_tf import cli_errors
 from uhga_tf import search
 
 FLAGS = flags.FLAGS
@@ -37,21 +35,18 @@ flags.register_multi_flags_validator(
 
 
 def main(argv):
-    try:
-        results, index = search.search_images(
-            FLAGS.index,
-            argv[1:],
-            top_k=FLAGS.top_k,
-            model_dir=FLAGS.model,
-            server=FLAGS.server,
-            model_name=FLAGS.model_name,
-            query_label=FLAGS.query_label,
-        )
-        if FLAGS.out:
-            search.write_result_grid(results, index, FLAGS.out,
-                                     tile_size=FLAGS.tile_size)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"uhga_tf.search: {e}")
+    results, index = search.search_images(
+        FLAGS.index,
+        argv[1:],
+        top_k=FLAGS.top_k,
+        model_dir=FLAGS.model,
+        server=FLAGS.server,
+        model_name=FLAGS.model_name,
+        query_label=FLAGS.query_label,
+    )
+    if FLAGS.out:
+        search.write_result_grid(results, index, FLAGS.out,
+                                 tile_size=FLAGS.tile_size)
     lines = []
     for r in results:
         lines.append(f"query\t{r.query_path}\t{r.query_class or '-'}")
@@ -64,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.app_run("search", main, outputs=lambda: [FLAGS.out])

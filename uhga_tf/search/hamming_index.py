@@ -468,6 +468,18 @@ def _parse(data, path):
         header = json.loads(body[:header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} has a corrupt header: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"corrupt index header ({path}): expected a JSON object"
+        )
+    fields = ("code_length", "count", "metadata_bytes", "payload_bytes",
+              "payload_crc32", "info")
+    missing = [f for f in fields if f not in header]
+    if missing:
+        raise ValueError(
+            f"corrupt index header ({path}): no {', '.join(missing)}; "
+            f"expected the fields {', '.join(fields)}"
+        )
     if header.get("bit_order") != BIT_ORDER:
         raise ValueError(
             f"{path} has bit_order={header.get('bit_order')!r}; expected "

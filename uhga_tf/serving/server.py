@@ -17,8 +17,13 @@ Behaviour follows TF-Serving where it is observable by a client:
 - inputs are checked against the SignatureDef before the graph runs: an
   unknown signature, a missing or unknown input name, a wrong dtype or shape,
   an empty batch, a batch over `max_batch_size`, bytes that are not an image,
-  or an unknown `output_filter` name are INVALID_ARGUMENT with a message
-  naming the problem;
+  an image whose header states more than `max_image_pixels` (a request
+  more than `max_request_pixels`), non-finite features, or an unknown
+  `output_filter` name are INVALID_ARGUMENT with a message naming the
+  problem (`request_checks.check_input_array`, shared by every front-end);
+- a version that fails to load, for any reason, is logged, reported by
+  GetModelStatus as END with its error and skipped; the poller keeps going;
+- the port is bound exclusively (no SO_REUSEPORT twin servers);
 - with `enable_batching`, concurrent requests for the same signature (and,
   for pixel inputs, the same image shape) are merged into one graph run of
   up to `max_batch_size` items, waiting at most `batch_timeout_ms`.
@@ -47,17 +52,12 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf.export import saved_model as saved_model_lib
+from uhga_tf.serving import request_checks
+
+RequestError = request_checks.RequestError
 
 DEFAULT_SIGNATURE = "serving_default"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Leading bytes of the formats tf.io.decode_image reads.
-_IMAGE_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-)
 _INIT_OP_KEY = "__saved_model_init_op"
 
 
@@ -77,6 +77,9 @@ class ServerConfig:
         max_batch_size: largest batch a request (or a merged run) may hold.
         batch_timeout_ms: longest wait for more requests to merge.
         num_threads: gRPC worker threads.
+        max_image_pixels: largest width x height of one encoded image,
+            read from its header before decoding.
+        max_request_pixels: largest total of pixels in one request.
     """
 
     model_base_path: str
@@ -92,8 +95,11 @@ class ServerConfig:
     max_batch_size: int = 64
     batch_timeout_ms: float = 2.0
     num_threads: int = 16
+    max_image_pixels: int = request_checks.DEFAULT_MAX_IMAGE_PIXELS
+    max_request_pixels: int = request_checks.DEFAULT_MAX_REQUEST_PIXELS
 
     def __post_init__(self):
+        self.limits()  # validates the pixel limits
         if not self.model_name:
             raise ValueError("model_name must not be empty")
         if not 0 <= self.port <= 65535:
@@ -123,14 +129,12 @@ class ServerConfig:
                     f"versions; received {label!r}={version!r}"
                 )
 
-
-class RequestError(Exception):
-    """A request the server refuses, with its gRPC status code."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def limits(self):
+        """The `RequestLimits` every front-end applies."""
+        return request_checks.RequestLimits(
+            max_image_pixels=self.max_image_pixels,
+            max_request_pixels=self.max_request_pixels,
+        )
 
 
 def tf_error_summary(error):
@@ -157,13 +161,6 @@ def _dtype_name(enum):
         return tf.dtypes.as_dtype(enum).name
     except TypeError:
         return f"dtype enum {enum}"
-
-
-def _image_format(encoded):
-    for magic, name in _IMAGE_MAGIC:
-        if encoded.startswith(magic):
-            return name
-    return None
 
 
 class Servable:
@@ -207,7 +204,7 @@ class ModelManager:
         self.num_versions = num_versions
         self.version_labels = dict(version_labels or {})
         self._servables = {}  # version -> Servable; replaced, never mutated
-        self._failed = set()
+        self._failed = {}  # version -> why it failed to load
         self._lock = threading.Lock()
         self.warmup = None  # callable(servable), set by the server
 
@@ -215,18 +212,30 @@ class ModelManager:
         """Return the loaded versions, oldest first."""
         return sorted(self._servables)
 
+    def failed(self):
+        """Return {version: error message} of versions that failed to load."""
+        return dict(self._failed)
+
     def poll(self):
         """Scan the base path once; load new versions, unload old ones.
+
+        A version that fails to load (any error: a garbage saved_model.pb,
+        missing variables, a failing warm-up) is logged, remembered with its
+        error and skipped; the next older version stands in for it.
 
         Returns:
             The versions loaded by this call.
         """
-        wanted = saved_model_lib.list_versions(self.base_path)[
-            -self.num_versions :
-        ]
+        available = saved_model_lib.list_versions(self.base_path)
         loaded = []
-        for version in reversed(wanted):
-            if version in self._servables or version in self._failed:
+        chosen = 0
+        for version in reversed(available):
+            if chosen >= self.num_versions:
+                break
+            if version in self._failed:
+                continue
+            if version in self._servables:
+                chosen += 1
                 continue
             path = os.path.join(self.base_path, str(version))
             start = time.monotonic()
@@ -234,10 +243,17 @@ class ModelManager:
                 servable = Servable(path, version)
                 if self.warmup is not None:
                     self.warmup(servable)
-            except (OSError, ValueError, tf.errors.OpError) as e:
-                self._failed.add(version)
-                logging.error("Failed to load version %d: %s", version, e)
+            except Exception as e:  # noqa: BLE001 - one bad version only
+                message = " ".join(
+                    (str(e).strip() or type(e).__name__).split()
+                )[:500]
+                self._failed[version] = f"{type(e).__name__}: {message}"
+                logging.error(
+                    "Failed to load version %d from %s: %s",
+                    version, path, self._failed[version],
+                )
                 continue
+            chosen += 1
             with self._lock:
                 servables = dict(self._servables)
                 servables[version] = servable
@@ -441,6 +457,7 @@ class ModelServer:
             version_labels=config.version_labels,
         )
         self.manager.warmup = self._warmup
+        self._limits = config.limits()
         self._batcher = None
         self._grpc = None
         self._stop = threading.Event()
@@ -466,6 +483,9 @@ class ModelServer:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
+        # gRPC turns SO_REUSEPORT on by default, which lets a second server
+        # bind a port that is already serving: bind exclusively instead.
+        options.append(("grpc.so_reuseport", 0))
         self._grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.config.num_threads,
@@ -480,12 +500,16 @@ class ModelServer:
             _ModelServicer(self), self._grpc
         )
         address = f"{self.config.host}:{self.config.port}"
+        taken = (
+            f"cannot bind {address} (--port={self.config.port}): expected a "
+            "free port; another process is listening there"
+        )
         try:
             port = self._grpc.add_insecure_port(address)
         except RuntimeError as e:
-            raise ValueError(f"cannot bind {address}: {e}") from e
+            raise ValueError(taken) from e
         if not port:
-            raise ValueError(f"cannot bind {address}")
+            raise ValueError(taken)
         self.port = port
         self._grpc.start()
         self._poller = threading.Thread(
@@ -522,10 +546,8 @@ class ModelServer:
         while not self._stop.wait(self.config.poll_interval_s):
             try:
                 self.manager.poll()
-            except OSError as e:
-                logging.error(
-                    "Polling %s failed: %s", self.manager.base_path, e
-                )
+            except Exception:  # noqa: BLE001 - the poller must never die
+                logging.exception("Polling %s failed", self.manager.base_path)
 
     def _warmup(self, servable):
         requests = servable.warmup_requests()
@@ -663,14 +685,7 @@ class ModelServer:
                     f"input {name!r} declares shape {shape} but holds "
                     f"{array.size} values",
                 )
-            if info.dtype == tf.string.as_datatype_enum:
-                for i, encoded in enumerate(array.reshape(-1)):
-                    if _image_format(encoded) is None:
-                        raise RequestError(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{name}[{i}] is not a JPEG, PNG, GIF or BMP "
-                            f"image (first bytes {bytes(encoded[:8])!r})",
-                        )
+            request_checks.check_input_array(name, array, self._limits)
             arrays[name] = array
         if len(arrays) != 1:
             raise RequestError(
@@ -728,7 +743,7 @@ class ModelServer:
         choice = spec.WhichOneof("version_choice")
         if choice is not None:
             versions = [self.manager.get(spec, self.config.model_name).version]
-        elif not versions:
+        elif not versions and not self.manager.failed():
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
                 f"Could not find any versions of model {spec.name!r}",
@@ -738,6 +753,15 @@ class ModelServer:
             status = response.model_version_status.add()
             status.version = version
             status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        if choice is None:
+            # As TF-Serving: a version that failed to load is END with its
+            # error in `status`.
+            for version, message in sorted(self.manager.failed().items()):
+                status = response.model_version_status.add()
+                status.version = version
+                status.state = get_model_status_pb2.ModelVersionStatus.END
+                status.status.error_code = grpc.StatusCode.UNKNOWN.value[0]
+                status.status.error_message = message
         return response
 
 

@@ -49,7 +49,8 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
     """Per-epoch code statistics, validation MAP and metrics.jsonl.
 
     Logged under `<logdir>/codes`: the fraction of train-set code bits that
-    flipped since the last epoch, per-bit balance, histograms of relaxed codes
+    flipped since the last epoch, per-bit balance, the relaxed-to-binary gap
+    mean((|u| - 1)^2), histograms of relaxed codes
     (and of attention weights when the model exposes them), and validation
     MAP every `eval_every_epochs` epochs and at the last epoch. Validation
     queries come from database \\ train and are ranked against the database
@@ -128,8 +129,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
 
     def _similarity_rows(self, rows_1, rows_2):
         """S block [len(rows_1), len(rows_2)] of train rows."""
-        matrix = self.uhga_model._similarity
-        return tf.gather(tf.gather(matrix, rows_1), rows_2, axis=1)
+        return self.uhga_model.similarity_block(rows_1, rows_2)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.time()
@@ -153,6 +153,9 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
                 np.mean(train_codes != self.previous_codes))
         self.previous_codes = train_codes
         record["bit_balance"] = float(np.mean(np.abs(train_codes.mean(0))))
+        # How far the relaxed codes still are from the binary ones.
+        record["quantization_gap"] = float(
+            np.mean(np.square(np.abs(relaxed) - 1.0)))
         if (
             epoch_number % self.eval_every_epochs == 0
             or epoch_number == self.last_epoch
@@ -173,7 +176,8 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
                 record["validation_map"],
             )
         with self.writer.as_default(step=step):
-            for key in ("bits_flipped", "bit_balance", "validation_map"):
+            for key in ("bits_flipped", "bit_balance", "quantization_gap",
+                        "validation_map"):
                 if key in record:
                     tf.summary.scalar(key, record[key])
             tf.summary.histogram("relaxed_codes", relaxed)

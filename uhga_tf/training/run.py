@@ -20,6 +20,7 @@ import time
 import numpy as np
 from absl import logging
 
+from uhga_tf import config
 from uhga_tf.data import retrieval_sets
 
 # Config fields that may change between a run and its resumption; every other
@@ -84,11 +85,11 @@ def is_chief(strategy):
 
 def check_workdir(experiment):
     """Refuse a workdir that holds a run of a different model."""
+    config.check_writable_dir(experiment.workdir, "workdir")
     path = os.path.join(experiment.workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        stored = json.load(f)
+    stored = config.read_json(path)
     new = experiment.to_dict()
     # A field added after the stored run was written takes its default there.
     defaults = type(experiment)().to_dict()
@@ -244,6 +245,7 @@ def run_experiment(experiment, sets=None):
     from uhga_tf.evaluation import metrics
     from uhga_tf.models import hash_layer
     from uhga_tf.training import callbacks as callbacks_lib
+    from uhga_tf.training import checkpoints
     from uhga_tf.training import hash_optimizer
     from uhga_tf.training import image_inputs
     from uhga_tf.training import uhga_model
@@ -278,6 +280,14 @@ def run_experiment(experiment, sets=None):
             sets, experiment.data.dataset
         )
         image_size = image_inputs.resolve_image_size(experiment.model)
+    for name, features in sets.features.items():
+        bad = ~np.all(np.isfinite(features), axis=1)
+        if bad.any():
+            raise ValueError(
+                f"{name} features have {int(bad.sum())} rows with NaN or inf "
+                f"(first: row {int(np.argmax(bad))}); every feature row must "
+                "be finite (check the feature file or the images)"
+            )
     train_features = sets.features["train"]
     num_train = len(train_features)
     if num_train < batch:
@@ -288,40 +298,24 @@ def run_experiment(experiment, sets=None):
     steps_per_epoch = num_train // batch
     total_steps = steps_per_epoch * experiment.train.epochs
 
-    sim_cfg = experiment.similarity
-    matrix = similarity.build_similarity_matrix(
-        train_features,
-        similarity=sim_cfg.similarity,
-        similarity_lambda=sim_cfg.similarity_lambda,
-        ssdh_alpha=None if sim_cfg.ssdh_alpha < 0 else sim_cfg.ssdh_alpha,
-        ssdh_beta=None if sim_cfg.ssdh_beta < 0 else sim_cfg.ssdh_beta,
-        similarity_threshold=(
-            None if sim_cfg.similarity_threshold < 0
-            else sim_cfg.similarity_threshold
-        ),
-        dissimilarity_threshold=(
-            None if sim_cfg.dissimilarity_threshold < 0
-            else sim_cfg.dissimilarity_threshold
-        ),
-    )
-    logging.info(
-        "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
-        matrix.mode, matrix.tau_sim, matrix.tau_dis, matrix.fractions,
-    )
+    matrix = build_similarity(experiment, train_features)
     positive_weight = experiment.loss.positive_weight
     positive_weight = similarity.resolve_positive_weight(
         positive_weight if positive_weight == "auto" else float(
             positive_weight),
-        matrix.similarity_matrix,
+        matrix,
     )
+    diagnostics = similarity_diagnostics(
+        matrix, sets.labels["train"], experiment.train.seed
+    )
+    if diagnostics:
+        logging.info(
+            "similarity matrix vs labels (diagnostics only, never used to "
+            "train or select): %s",
+            {k: round(v, 4) for k, v in diagnostics.items()},
+        )
 
     workdir = experiment.workdir
-    if chief:
-        os.makedirs(workdir, exist_ok=True)
-        _write_json_atomic(
-            os.path.join(workdir, "config.json"), experiment.to_dict()
-        )
-        logging.info("config: %s", experiment.to_json())
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not chief:
         # Non-chief workers must still write (collective save) but to a
@@ -332,6 +326,10 @@ def run_experiment(experiment, sets=None):
         )
 
     lr_steps = experiment.train.lr_step_epochs * steps_per_epoch
+    centring = (
+        hash_layer.centring_statistics(train_features)
+        if experiment.model.feature_centring else None
+    )
     # Building a backbone for feature extraction draws from the global seed;
     # reseed so the hash layer's init does not depend on a cache hit.
     keras.utils.set_random_seed(experiment.train.seed)
@@ -351,6 +349,7 @@ def run_experiment(experiment, sets=None):
                 hash_head=experiment.model.hash_head,
                 hidden_units=experiment.model.hash_hidden,
                 dropout_rate=experiment.model.dropout_rate,
+                centring=centring,
             )
         else:
             hasher = hash_layer.build_hasher(
@@ -359,11 +358,12 @@ def run_experiment(experiment, sets=None):
                 hash_head=experiment.model.hash_head,
                 hidden_units=experiment.model.hash_hidden,
                 dropout_rate=experiment.model.dropout_rate,
+                centring=centring,
             )
         loss_cfg, att_cfg = experiment.loss, experiment.attention
         model = uhga_model.UHGAModel(
             hasher,
-            matrix.similarity_matrix,
+            matrix,
             code_length=experiment.model.code_length,
             loss=loss_cfg.loss,
             attention=att_cfg.attention,
@@ -380,6 +380,7 @@ def run_experiment(experiment, sets=None):
             attention_budget=att_cfg.attention_budget,
             attention_chunk_rows=att_cfg.attention_chunk_rows,
             quantization_weight=loss_cfg.quantization_weight,
+            balance_weight=loss_cfg.balance_weight,
             seed=experiment.train.seed,
             replica_batch_size=batch // replicas,
         )
@@ -420,16 +421,24 @@ def run_experiment(experiment, sets=None):
         checkpoint = tf.train.Checkpoint(
             model=model, hash_optimizer=optimizer, **extra
         )
+    checkpoints.drop_damaged(ckpt_dir)
     manager = tf.train.CheckpointManager(
         checkpoint, ckpt_dir, max_to_keep=experiment.train.keep_checkpoints
     )
     start_step = 0
     if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        checkpoints.restore(checkpoint, manager.latest_checkpoint)
         start_step = int(model.step.numpy())
         logging.info(
             "resuming from step %d (%s)", start_step, manager.latest_checkpoint
         )
+    # Only now, with the restore (or a fresh start) known to work.
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json_atomic(
+            os.path.join(workdir, "config.json"), experiment.to_dict()
+        )
+        logging.info("config: %s", experiment.to_json())
 
     if end_to_end:
         encode_fn = image_inputs.ImageEncoder(
@@ -496,9 +505,12 @@ def run_experiment(experiment, sets=None):
     if end_to_end:
         query_codes = codes_lib.binarize(encode_fn("query"))
         database_codes = codes_lib.binarize(encode_fn("database"))
+        validation_codes = codes_lib.binarize(encode_fn("validation"))
     else:
         query_codes = encode(hasher, sets.features["query"])
         database_codes = encode(hasher, sets.features["database"])
+        validation_codes = encode(hasher, sets.features["validation"])
+    check_not_collapsed(database_codes)
     eval_cfg = experiment.eval
     result = metrics.evaluate_codes(
         query_codes, database_codes, sets.labels["query"],
@@ -518,10 +530,14 @@ def run_experiment(experiment, sets=None):
             sets.labels["query"], sets.labels["database"],
             top_k=eval_cfg.top_k or None,
         ),
+        itq_map=itq_map(experiment, sets),
+        validation_map=validation_map(validation_codes, database_codes, sets),
         steps=int(model.step.numpy()),
+        similarity_mode=experiment.similarity.similarity,
         similarity_fractions=matrix.fractions,
-        tau_sim=matrix.tau_sim,
-        tau_dis=matrix.tau_dis,
+        similarity_diagnostics=diagnostics,
+        tau_sim=getattr(matrix, "tau_sim", None),
+        tau_dis=getattr(matrix, "tau_dis", None),
         data=sets.description,
         wall_time_s=time.time() - start_time,
     )
@@ -533,6 +549,116 @@ def run_experiment(experiment, sets=None):
         result["map"], result["map_tie_aware"], result["steps"],
     )
     return result
+
+
+def build_similarity(experiment, train_features):
+    """S of the configured mode: dense (paper) or structured (beyond it)."""
+    from uhga_tf import similarity
+    from uhga_tf import structured_similarity
+
+    sim_cfg = experiment.similarity
+    if sim_cfg.similarity in structured_similarity.STRUCTURED_MODES:
+        return structured_similarity.build_structured_similarity(
+            train_features,
+            similarity=sim_cfg.similarity,
+            similarity_knn=sim_cfg.similarity_knn,
+            similarity_clusters=sim_cfg.similarity_clusters,
+            similarity_runs=sim_cfg.similarity_runs,
+            similarity_dissimilar_quantile=(
+                sim_cfg.similarity_dissimilar_quantile
+            ),
+            seed=experiment.train.seed,
+        )
+    matrix = similarity.build_similarity_matrix(
+        train_features,
+        similarity=sim_cfg.similarity,
+        similarity_lambda=sim_cfg.similarity_lambda,
+        ssdh_alpha=None if sim_cfg.ssdh_alpha < 0 else sim_cfg.ssdh_alpha,
+        ssdh_beta=None if sim_cfg.ssdh_beta < 0 else sim_cfg.ssdh_beta,
+        similarity_threshold=(
+            None if sim_cfg.similarity_threshold < 0
+            else sim_cfg.similarity_threshold
+        ),
+        dissimilarity_threshold=(
+            None if sim_cfg.dissimilarity_threshold < 0
+            else sim_cfg.dissimilarity_threshold
+        ),
+    )
+    logging.info(
+        "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
+        matrix.mode, matrix.tau_sim, matrix.tau_dis, matrix.fractions,
+    )
+    return matrix
+
+
+def similarity_diagnostics(matrix, train_labels, seed):
+    """P(same class | S=+1), P(different class | S=-1) on sampled pairs.
+
+    For analysis only: stored with the results, never used to train or to
+    select. Empty when the train set has no labels.
+    """
+    from uhga_tf import structured_similarity
+
+    if train_labels is None or len(train_labels) == 0:
+        return {}
+    rows, cols = structured_similarity.sample_pairs(len(train_labels), seed)
+    if isinstance(matrix, structured_similarity.StructuredSimilarity):
+        block = matrix.block(rows, cols).numpy()
+    else:
+        block = matrix.similarity_matrix[np.ix_(rows, cols)]
+    return structured_similarity.label_agreement(
+        block, train_labels[rows], train_labels[cols]
+    )
+
+
+def itq_map(experiment, sets):
+    """MAP of ITQ at the same code length on the same split: the bar.
+
+    ITQ is fitted on the same train features in a second or two; a learned
+    code that does not beat it is not worth training.
+    """
+    from uhga_tf import tables
+    from uhga_tf.evaluation import metrics
+
+    query_codes, database_codes = tables.shallow_codes(
+        "ITQ", experiment.model.code_length, sets, experiment.train.seed
+    )
+    return float(metrics.mean_average_precision(
+        query_codes, database_codes, sets.labels["query"],
+        sets.labels["database"], top_k=experiment.eval.top_k or None,
+        ap_denominator=experiment.eval.ap_denominator,
+        empty_query=experiment.eval.empty_query,
+    ))
+
+
+def validation_map(validation_codes, database_codes, sets):
+    """MAP@ALL of the validation queries against database \\ validation.
+
+    The number to select defaults on (protocol.md §1.3); the reported
+    query set is never used for that.
+    """
+    from uhga_tf.evaluation import metrics
+
+    validation = set(sets.indices["validation"].tolist())
+    keep = np.array(
+        [i not in validation for i in sets.indices["database"].tolist()]
+    )
+    return float(metrics.mean_average_precision(
+        validation_codes, database_codes[keep],
+        sets.labels["validation"], sets.labels["database"][keep],
+    ))
+
+
+def check_not_collapsed(database_codes):
+    """Stop instead of reporting the MAP of codes that are all equal."""
+    if len(database_codes) > 1 and np.all(
+        database_codes == database_codes[:1]
+    ):
+        raise ValueError(
+            "training collapsed: every database item got the same code, so "
+            "the MAP would only measure tie order; lower learning_rate, or "
+            "raise balance_weight, or check the similarity matrix fractions"
+        )
 
 
 def _save_hasher(hasher, path):

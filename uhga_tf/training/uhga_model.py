@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from uhga_tf import similarity as similarity_lib
+from uhga_tf import structured_similarity
 from uhga_tf.models import attention_net as attention_lib
 from uhga_tf.models import hash_layer as hash_layer_lib
 from uhga_tf.training import hash_optimizer as hash_optimizer_lib
@@ -120,6 +121,7 @@ class UHGAModel(keras.Model):
         attention_budget=2.0,
         attention_chunk_rows=0,
         quantization_weight=0.0,
+        balance_weight=0.0,
         seed=0,
         attention_dtype="float32",
         attention_jit_compile=True,
@@ -162,19 +164,34 @@ class UHGAModel(keras.Model):
                 "attention_chunk_rows must be an integer >= 0; received "
                 f"attention_chunk_rows={attention_chunk_rows!r}"
             )
+        if not balance_weight >= 0:
+            raise ValueError(
+                "balance_weight must be >= 0; received "
+                f"balance_weight={balance_weight!r}"
+            )
         if not quantization_weight >= 0:
             raise ValueError(
                 "quantization_weight must be >= 0; received "
                 f"quantization_weight={quantization_weight!r}"
             )
-        matrix = np.asarray(
-            getattr(similarity_matrix, "similarity_matrix", similarity_matrix)
-        )
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(
-                "similarity_matrix must be square [N, N]; received shape "
-                f"{matrix.shape}"
+        # S is either a dense int8 [N, N] matrix (the paper's modes) or a
+        # compact StructuredSimilarity whose batch blocks are built per step.
+        self._structure = None
+        if isinstance(
+            similarity_matrix, structured_similarity.StructuredSimilarity
+        ):
+            self._structure = similarity_matrix
+            matrix = None
+        else:
+            matrix = np.asarray(
+                getattr(similarity_matrix, "similarity_matrix",
+                        similarity_matrix)
             )
+            if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+                raise ValueError(
+                    "similarity_matrix must be square [N, N]; received shape "
+                    f"{matrix.shape}"
+                )
         self.hasher = hasher
         self.code_length = int(code_length)
         self.loss_name = loss
@@ -183,7 +200,8 @@ class UHGAModel(keras.Model):
         self.sigmoid_param = float(sigmoid_param)
         self.positive_weight_setting = positive_weight
         self.positive_weight = similarity_lib.resolve_positive_weight(
-            positive_weight, matrix
+            positive_weight,
+            matrix if self._structure is None else self._structure,
         )
         self.pairing = pairing
         self.scale_schedule = scale_schedule
@@ -195,13 +213,17 @@ class UHGAModel(keras.Model):
         self.attention_budget = float(attention_budget)
         self.attention_chunk_rows = attention_chunk_rows
         self.quantization_weight = float(quantization_weight)
+        self.balance_weight = float(balance_weight)
         self.seed = seed
         self.attention_dtype = attention_dtype
         self.attention_jit_compile = bool(attention_jit_compile)
         # MultiWorkerMirroredStrategy hands replicas batches of unknown
         # static size; the attention kernels need it, so the runner states it.
         self.replica_batch_size = replica_batch_size
-        self._similarity = tf.constant(matrix.astype(np.int8))
+        if self._structure is None:
+            self._similarity = tf.constant(matrix.astype(np.int8))
+        else:
+            self._structure_tensors = self._structure.tensors()
         self.step = self.add_weight(
             shape=(),
             dtype="int64",
@@ -332,10 +354,38 @@ class UHGAModel(keras.Model):
             return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
+    def similarity_block(self, index_1, index_2):
+        """S entries [b1, b2] (int8) of two batches of train rows."""
+        if self._structure is None:
+            return tf.gather(
+                tf.gather(self._similarity, index_1, axis=0), index_2, axis=1
+            )
+        return structured_similarity.similarity_block(
+            self._structure.mode, self._structure_tensors, index_1, index_2
+        )
+
     def _split(self, codes, size):
         if self.pairing == "cross":
             return codes[:size], codes[size:]
         return codes, codes
+
+    def _regularizer(self, codes):
+        """Quantization and bit-balance terms of the relaxed codes.
+
+        quantization: mean((|u| - 1)^2), the relaxed-to-binary gap;
+        balance: mean over bits of (batch mean of u)^2, zero when every bit
+        is +1 on half the batch (a choice beyond the paper, docs/product_recipe.md).
+        """
+        value = tf.zeros([], codes.dtype)
+        if self.quantization_weight > 0:
+            value += self.quantization_weight * tf.reduce_mean(
+                tf.square(tf.abs(codes) - 1.0)
+            )
+        if self.balance_weight > 0:
+            value += self.balance_weight * tf.reduce_mean(
+                tf.square(tf.reduce_mean(codes, axis=0))
+            )
+        return value
 
     def _loss(self, codes, size, similarity_block):
         """Loss of a [2B or B, K] code tensor (value only, differentiable)."""
@@ -344,30 +394,23 @@ class UHGAModel(keras.Model):
             u, v, similarity_block, self.loss_name, self.sigmoid_param,
             self.positive_weight,
         )
-        if self.quantization_weight > 0:
-            value += self.quantization_weight * tf.reduce_mean(
-                tf.square(tf.abs(codes) - 1.0)
-            )
-        return value
+        return value + self._regularizer(codes)
 
     def _code_gradients(self, codes, size, similarity_block):
-        """(loss, plain dL/dcodes, G, attention inputs) for the batch."""
+        """(loss, G, u, v, regularizer gradient or None) for the batch."""
         u, v = self._split(tf.stop_gradient(codes), size)
         value, grad = pair_loss_and_grad(
             u, v, similarity_block, self.loss_name, self.sigmoid_param,
             self.positive_weight,
         )
         extra = None
-        if self.quantization_weight > 0:
+        if self.quantization_weight > 0 or self.balance_weight > 0:
             c = tf.stop_gradient(codes)
-            value += self.quantization_weight * tf.reduce_mean(
-                tf.square(tf.abs(c) - 1.0)
-            )
-            count = tf.cast(tf.size(c), c.dtype)
-            extra = (
-                self.quantization_weight * 2.0 * (tf.abs(c) - 1.0)
-                * tf.sign(c) / count
-            )
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(c)
+                regularizer = self._regularizer(c)
+            value += regularizer
+            extra = tape.gradient(regularizer, c)
         return value, grad, u, v, extra
 
     def _combine(self, grad_u, grad_v):
@@ -416,9 +459,7 @@ class UHGAModel(keras.Model):
         scale = self.current_scale(step)
         learning_rate = self.hash_optimizer.learning_rate_at(step)
         features, index_1, index_2, size = self._unpack(data)
-        similarity_block = tf.gather(
-            tf.gather(self._similarity, index_1, axis=0), index_2, axis=1
-        )
+        similarity_block = self.similarity_block(index_1, index_2)
         replicas = float(_num_replicas())
         variables = self.hasher.trainable_variables
         values = [tf.convert_to_tensor(v) for v in variables]
@@ -579,6 +620,7 @@ class UHGAModel(keras.Model):
             attention_budget=self.attention_budget,
             attention_chunk_rows=self.attention_chunk_rows,
             quantization_weight=self.quantization_weight,
+            balance_weight=self.balance_weight,
             seed=self.seed,
             attention_dtype=self.attention_dtype,
             attention_jit_compile=self.attention_jit_compile,

@@ -1,0 +1,108 @@
+"""Time and peak memory of building each structured similarity matrix.
+
+    python benchmarks/similarity_build.py --data_dir=../shared/data
+
+Builds `knn`, `cluster` and `manifold` S (product-recipe parameters) on the
+features of CIFAR-10's whole train part (50,000 images, the cached
+EfficientNet-Lite0 features at 160 px), each in a fresh subprocess so its
+peak resident memory is its own. Target (issue 10): <= 5 minutes and <= 2 GB
+each. Writes benchmarks/results/similarity_build.json.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_env  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("knn", "cluster", "manifold")
+PARAMS = dict(similarity_knn=20, similarity_clusters=10, similarity_runs=10,
+              similarity_dissimilar_quantile=0.3)
+
+
+def _train_part_features(data_dir):
+    import numpy as np
+
+    from uhga_tf import config
+    from uhga_tf.data import retrieval_sets
+
+    experiment = config.experiment_from_flat(
+        {"dataset": "cifar10", "split": "uhga", "image_size": 160,
+         "data_dir": data_dir})
+    sets = retrieval_sets.load_retrieval_sets(
+        experiment.data, experiment.model, 0, progress=False)
+    partition = np.asarray(sets.image_dataset.partition)
+    rows, features = [], []
+    for name in ("query", "database"):
+        keep = partition[sets.indices[name]] == "train"
+        rows.append(sets.indices[name][keep])
+        features.append(sets.features[name][keep])
+    order = np.argsort(np.concatenate(rows))
+    return np.concatenate(features)[order]
+
+
+def _child(mode, path):
+    """Build one mode from the saved features; print JSON."""
+    import numpy as np
+
+    from uhga_tf import structured_similarity
+
+    features = np.load(path)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.time()
+    structure = structured_similarity.build_structured_similarity(
+        features, similarity=mode, seed=0, **PARAMS)
+    seconds = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "mode": mode, "n": len(features), "seconds": seconds,
+        "peak_rss_mb": peak / 1024, "rss_before_build_mb": base_rss / 1024,
+        "stored_mb": structure.nbytes / 1e6,
+        "fractions": structure.fractions,
+    }))
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3])
+        return
+    data_dir = next(
+        (a.split("=", 1)[1] for a in sys.argv[1:]
+         if a.startswith("--data_dir=")),
+        os.environ.get("UHGA_DATA_DIR", ""))
+    import numpy as np
+
+    features = _train_part_features(data_dir)
+    path = "/tmp/uhga_similarity_build_features.npy"
+    np.save(path, features)
+    results = []
+    for mode in MODES:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", mode, path],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip().splitlines()[-1]
+        results.append(json.loads(out))
+        r = results[-1]
+        print(f"{mode:>9}: N={r['n']} {r['seconds']:7.1f} s  peak RSS "
+              f"{r['peak_rss_mb']:7.0f} MB (features loaded: "
+              f"{r['rss_before_build_mb']:.0f} MB)  stored "
+              f"{r['stored_mb']:.1f} MB")
+    payload = {"results": results, "params": PARAMS,
+               "command": "python benchmarks/similarity_build.py "
+               + " ".join(sys.argv[1:]),
+               "targets": {"seconds": 300, "peak_rss_mb": 2048},
+               **bench_env.provenance()}
+    out_path = os.path.join(HERE, "results", "similarity_build.json")
+    with open(out_path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+    os.replace(out_path + ".tmp", out_path)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Grid sweep on the validation split: pick defaults without the query set.
+
+    python benchmarks/sweep.py --flagfile=configs/cifar.flags \
+        --data_dir=../shared/data --noattention --epochs=15 \
+        --grid="similarity=cluster,knn;similarity_clusters=20,50" \
+        --name=cifar_s_modes
+
+Every cell is the base config (flags) with one combination of the grid's
+values; ``--grid`` is ``field=v1,v2;field=v1,...`` over any config field.
+Cells share the loaded features, are stored one JSON each under
+``<out_dir>/sweeps/<name>/cells/`` as they finish (a rerun skips them:
+resumable), and the table is sorted by validation MAP (validation queries
+from database minus train, protocol.md §1.3). The query-set MAP is shown but
+never used to rank. Writes ``<out_dir>/sweeps/<name>.json`` and prints the
+table.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_env  # noqa: E402
+
+from uhga_tf import config  # noqa: E402
+from uhga_tf import flags_util  # noqa: E402
+
+flags_util.define_config_flags()
+flags.DEFINE_string("grid", "", "field=v1,v2;field=v1,... (config fields).")
+flags.DEFINE_string("name", "sweep", "Sweep name (folder and JSON name).")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where to write.")
+FLAGS = flags.FLAGS
+
+
+def parse_grid(text):
+    """'a=1,2;b=x' -> [("a", ["1", "2"]), ("b", ["x"])] (validated names)."""
+    known = {name for name, *_ in config.flag_specs()}
+    grid = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, values = part.partition("=")
+        name = name.strip()
+        if not sep or name not in known or not values.strip():
+            raise ValueError(
+                f"--grid part {part!r} must be field=v1,v2 with a config "
+                "field name"
+            )
+        grid.append((name, [v.strip() for v in values.split(",")]))
+    return grid
+
+
+def _typed(name, text):
+    kinds = {name: kind for name, _, kind, _ in config.flag_specs()}
+    kind = kinds[name]
+    if kind is bool:
+        return text.lower() in ("1", "true", "yes")
+    return kind(text)
+
+
+def cells(base_values, grid):
+    """Yield (overrides, flat values) for every grid combination."""
+    names = [name for name, _ in grid]
+    for combo in itertools.product(*(values for _, values in grid)):
+        overrides = {n: _typed(n, v) for n, v in zip(names, combo)}
+        yield overrides, {**base_values, **overrides}
+
+
+def cell_id(values):
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def main(argv):
+    del argv
+    from tqdm import tqdm
+
+    grid = flags_util.exit_on_user_error("sweep", parse_grid, FLAGS.grid)
+    base = flags_util.config_values()
+    sweep_dir = os.path.join(FLAGS.out_dir, "sweeps", FLAGS.name)
+    cells_dir = os.path.join(sweep_dir, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
+    todo = list(cells(base, grid))
+    experiments = [
+        (overrides, flags_util.exit_on_user_error(
+            "sweep", config.experiment_from_flat, values))
+        for overrides, values in todo
+    ]
+
+    from uhga_tf.data import retrieval_sets
+    from uhga_tf.training import run as run_lib
+
+    first = experiments[0][1]
+    sets = retrieval_sets.load_retrieval_sets(
+        first.data, first.model, first.train.seed, progress=True
+    )
+    rows = []
+    for overrides, experiment in tqdm(experiments, desc="sweep", unit="cell"):
+        key = cell_id(experiment.to_dict())
+        path = os.path.join(cells_dir, key + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+            continue
+        experiment = dataclasses.replace(
+            experiment, workdir=os.path.join(sweep_dir, "runs", key),
+            progress=False,
+        )
+        start = time.time()
+        try:
+            result = run_lib.run_experiment(experiment, sets=sets)
+            row = {
+                "overrides": overrides,
+                "validation_map": result["validation_map"],
+                "map": result["map"],
+                "similarity_fractions": result["similarity_fractions"],
+                "similarity_diagnostics": result["similarity_diagnostics"],
+                "wall_time_s": time.time() - start,
+            }
+        except ValueError as e:  # a cell the grid makes invalid
+            row = {"overrides": overrides, "error": str(e)}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(row, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+        rows.append(row)
+    ok = sorted(
+        (r for r in rows if "error" not in r),
+        key=lambda r: -r["validation_map"],
+    )
+    print(f"\n{'validation MAP':>14} {'query MAP':>10} {'P(same|S+)':>10}"
+          f" {'P(diff|S-)':>10}  cell")
+    for r in ok:
+        diag = r.get("similarity_diagnostics") or {}
+        print(
+            f"{r['validation_map']:14.4f} {r['map']:10.4f} "
+            f"{diag.get('p_same_given_similar', float('nan')):10.3f} "
+            f"{diag.get('p_different_given_dissimilar', float('nan')):10.3f}"
+            f"  {r['overrides']}"
+        )
+    for r in rows:
+        if "error" in r:
+            print(f"{'error':>14}  {r['overrides']}: {r['error']}")
+    out = {
+        "command": " ".join(sys.argv),
+        "grid": FLAGS.grid,
+        "base": base,
+        "ranked_by": "validation_map",
+        "cells": ok + [r for r in rows if "error" in r],
+        **bench_env.provenance(),
+    }
+    path = os.path.join(FLAGS.out_dir, "sweeps", FLAGS.name + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,761 @@
+"""Bad inputs, tried as a careless or hostile user would (issue 11).
+
+Each case runs through the real entry point (`python -m uhga_tf.<cmd>` in a
+subprocess) or a real server on 127.0.0.1, and asserts the exit or status
+code, the key words of the one-line message, and that nothing was left
+behind. The numbered defects of the issue are marked `defect N`.
+"""
+
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+import model_fixtures
+from train_fixtures import write_feature_file
+from uhga_tf.data import splits
+from uhga_tf.export import saved_model
+from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf.serving import server as server_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_LENGTH = 16
+TIMEOUT = 20.0
+INT64_MAX = 2**63 - 1
+
+
+# Helpers ------------------------------------------------------------------
+
+
+def cli(verb, *args, timeout=120):
+    """Run `python -m uhga_tf.<verb>`; return (exit code, last stderr line)."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"uhga_tf.{verb}", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
+             "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    lines = result.stderr.strip().splitlines()
+    ours = [x for x in lines if x.startswith(f"uhga_tf.{verb}:")]
+    # TF may log after our line at exit; ours is still the only one.
+    assert len(ours) <= 1, ours
+    last = ours[-1] if ours else (lines[-1] if lines else "")
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.returncode, last
+
+
+def assert_one_line(code, line, verb, *words):
+    assert code == 1, line
+    assert line.startswith(f"uhga_tf.{verb}: "), line
+    for word in words:
+        assert word in line, (word, line)
+
+
+def png_bomb(width, height):
+    """A real, small PNG of width x height black pixels."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * width)
+    idat = b"".join(compressor.compress(row) for _ in range(height))
+    idat += compressor.flush()
+
+    def chunk(tag, data):
+        crc = zlib.crc32(tag + data)
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(
+            ">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def webp_bytes():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "WEBP")
+    return buffer.getvalue()
+
+
+def small_images(n=2):
+    _, encoded = model_fixtures.sample_images(
+        [(20 + 4 * i, 24) for i in range(n)]
+    )
+    return encoded
+
+
+@pytest.fixture(scope="module")
+def export_base(tmp_path_factory):
+    """A base path holding version 1 of the tiny model."""
+    base = tmp_path_factory.mktemp("models")
+    backbone, hasher = model_fixtures.tiny_models(CODE_LENGTH, seed=0)
+    saved_model.export_saved_model(
+        backbone, hasher, str(base), image_size=model_fixtures.IMAGE_SIZE,
+        version=1,
+    )
+    return str(base)
+
+
+def start_server(base, **overrides):
+    config = server_lib.ServerConfig(
+        model_base_path=str(base), port=0, poll_interval_s=0.2,
+        num_versions=1, max_batch_size=8, **overrides,
+    )
+    server = server_lib.ModelServer(config)
+    port = server.start()
+    return server, grpc.insecure_channel(f"127.0.0.1:{port}"), port
+
+
+@pytest.fixture(scope="module")
+def batching_server(export_base):
+    server, channel, port = start_server(
+        export_base, enable_batching=True, batch_timeout_ms=5.0
+    )
+    yield channel, port
+    channel.close()
+    server.stop(1.0)
+
+
+def predict(channel, signature, name, array, dtype=None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "uhga"
+    request.model_spec.signature_name = signature
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    return stub.Predict(request, timeout=TIMEOUT)
+
+
+def predict_error(channel, signature, name, array, dtype=None):
+    with pytest.raises(grpc.RpcError) as info:
+        predict(channel, signature, name, array, dtype)
+    return info.value.code(), info.value.details()
+
+
+def model_status(channel):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "uhga"
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    return stub.GetModelStatus(request, timeout=TIMEOUT)
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def tiny_train_args(tmp_path, **overrides):
+    features = tmp_path / "features.npz"
+    if not features.exists():
+        write_feature_file(str(features))
+    values = {
+        "dataset": "features", "data_dir": str(features),
+        "cache_dir": str(tmp_path / "cache"),
+        "workdir": str(tmp_path / "run"), "code_length": 16,
+        "global_batch_size": 32, "epochs": 1, "eval_every_epochs": 1,
+        "checkpoint_every_steps": 3, "learning_rate": 0.01,
+        "positive_weight": "auto",
+    }
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()] + ["--noprogress"]
+
+
+# train --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag", ["--learning_rate=nan", "--similarity_lambda=inf",
+             "--hash_lr_multiplier=nan", "--attention_grad_p=-inf"],
+)
+def test_train_non_finite_float_flag_writes_nothing(tmp_path, flag):
+    """defect 5: `nan <= 0` is False; NaN must not pass validation."""
+    workdir = tmp_path / "run"
+    code, line = cli("train", f"--workdir={workdir}", flag)
+    assert_one_line(code, line, "train", "finite", flag[2:].split("=")[0])
+    assert not workdir.exists()
+
+
+def test_train_workdir_is_a_file(tmp_path):
+    """defect 6."""
+    workdir = tmp_path / "run"
+    workdir.write_text("not a folder")
+    code, line = cli("train", *tiny_train_args(tmp_path, workdir=workdir))
+    assert_one_line(code, line, "train", "workdir", str(workdir), "folder")
+    assert workdir.read_text() == "not a folder"
+
+
+def test_train_workdir_under_a_file(tmp_path):
+    """defect 6 (stands in for a read-only workdir, which root can write)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, line = cli(
+        "train", *tiny_train_args(tmp_path, workdir=blocker / "run")
+    )
+    assert_one_line(code, line, "train", "workdir", str(blocker), "folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only dirs")
+def test_train_read_only_workdir(tmp_path):
+    """defect 6."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    workdir.chmod(0o500)
+    try:
+        code, line = cli("train", *tiny_train_args(tmp_path,
+                                                   workdir=workdir))
+    finally:
+        workdir.chmod(0o700)
+    assert_one_line(code, line, "train", "not writable", str(workdir))
+
+
+def test_train_binary_flagfile(tmp_path):
+    """defect 6."""
+    flagfile = tmp_path / "bad.flags"
+    flagfile.write_bytes(bytes(range(256)) * 4)
+    code, line = cli("train", f"--flagfile={flagfile}")
+    assert_one_line(code, line, "train", str(flagfile), "UTF-8")
+
+
+def test_train_missing_flagfile(tmp_path):
+    """absl named the file, on two lines; now one."""
+    code, line = cli("train", f"--flagfile={tmp_path / 'nope.flags'}")
+    assert code == 1
+    assert "nope.flags" in line
+
+
+def test_train_corrupt_config_json_names_file_and_line(tmp_path):
+    """defect 7."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{\n  "data": {\n  oops\n}\n')
+    code, line = cli("train", *tiny_train_args(tmp_path))
+    assert_one_line(code, line, "train", "config.json", "line 3")
+
+
+def test_train_unknown_choice(tmp_path):
+    """Already behaved: a bad choice is one line and writes nothing."""
+    code, line = cli("train", f"--workdir={tmp_path / 'run'}",
+                     "--loss=hinge")
+    assert_one_line(code, line, "train", "loss must be one of")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """One epoch (7 steps, checkpoints at 3, 6 and 7) of the tiny run."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    result = subprocess.run(
+        [sys.executable, "-m", "uhga_tf.train", *tiny_train_args(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path
+
+
+def _checkpoint_numbers(ckpt_dir):
+    state = tf.train.get_checkpoint_state(str(ckpt_dir))
+    return sorted(
+        int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths
+    )
+
+
+def test_train_resume_falls_back_from_truncated_checkpoint(
+    trained_workdir, tmp_path
+):
+    """defect 4: resume from the previous complete checkpoint."""
+    shutil.copytree(trained_workdir, tmp_path, dirs_exist_ok=True)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    newest = _checkpoint_numbers(ckpt_dir)[-1]
+    data = ckpt_dir / f"ckpt-{newest}.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(100)
+    result = subprocess.run(
+        [sys.executable, "-m", "uhga_tf.train",
+         *tiny_train_args(tmp_path, epochs=2)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is damaged" in result.stderr
+    assert (ckpt_dir / "damaged" / data.name).exists()
+    # Resumed from the step before the damaged one, and trained on to 14.
+    assert f"resuming from step {newest - 1}" in result.stderr
+    assert _checkpoint_numbers(ckpt_dir)[-1] == 14
+
+
+def test_checkpoint_all_damaged_starts_from_scratch(tmp_path):
+    """defect 4, library level: nothing whole left means a fresh start."""
+    from uhga_tf.training import checkpoints
+
+    variable = tf.Variable(1.0)
+    checkpoint = tf.train.Checkpoint(v=variable)
+    manager = tf.train.CheckpointManager(checkpoint, str(tmp_path), 3)
+    manager.save(checkpoint_number=1)
+    for data in tmp_path.glob("ckpt-1.data-*"):
+        data.write_bytes(b"")
+    assert checkpoints.drop_damaged(str(tmp_path)) == [
+        str(tmp_path / "ckpt-1")
+    ]
+    assert tf.train.get_checkpoint_state(str(tmp_path)) is None
+    assert (tmp_path / "damaged" / "ckpt-1.index").exists()
+
+
+def test_train_changed_model_without_config_json_keeps_workdir(
+    trained_workdir, tmp_path
+):
+    """defect 5: config.json is written only after the restore succeeded."""
+    shutil.copytree(trained_workdir, tmp_path, dirs_exist_ok=True)
+    os.remove(tmp_path / "run" / "config.json")
+    code, line = cli("train", *tiny_train_args(tmp_path, code_length=32),
+                     timeout=600)
+    assert_one_line(code, line, "train", "another model", "checkpoint")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+# data ---------------------------------------------------------------------
+
+
+def test_flat_class_folder_suggests_query_pool_all():
+    """defect 7: no test/ part; say so instead of 'need 50, received 0'."""
+    labels = np.repeat(np.arange(10), 60)
+    partition = np.array(["train"] * len(labels))
+    with pytest.raises(ValueError, match="--query_pool=all"):
+        splits.make_split("uhga", labels, partition, seed=0)
+
+
+def test_corrupt_split_file_names_file_and_line(tmp_path):
+    """defect 7."""
+    labels = np.repeat(np.arange(10), 200)
+    partition = np.array(["train"] * 1500 + ["test"] * 500)
+    rng = np.random.default_rng(0)
+    partition = partition[rng.permutation(len(partition))]
+    kw = {"per_class": {"query": 5, "train": 20, "validation": 5}}
+    splits.load_or_create_split(str(tmp_path), "toy", "uhga", labels,
+                                partition, 0, **kw)
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("toy")]
+    lines = (folder / "train.txt").read_text().splitlines()
+    lines[4] = "12x"
+    (folder / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as info:
+        splits.load_or_create_split(str(tmp_path), "toy", "uhga", labels,
+                                    partition, 0, **kw)
+    assert "train.txt" in str(info.value) and "line 5" in str(info.value)
+
+
+# export -------------------------------------------------------------------
+
+
+def test_export_version_beyond_int64_writes_nothing(tmp_path):
+    """defect 8."""
+    export_dir = tmp_path / "models"
+    code, line = cli("export", f"--checkpoint={tmp_path}",
+                     f"--export_dir={export_dir}",
+                     f"--version={INT64_MAX + 1}")
+    assert_one_line(code, line, "export", "version", str(INT64_MAX))
+    assert not export_dir.exists()
+
+
+def test_export_webp_warmup_writes_nothing(tmp_path):
+    """defect 8: the server would refuse it, so export refuses it."""
+    webp = tmp_path / "warm.webp"
+    webp.write_bytes(webp_bytes())
+    export_dir = tmp_path / "models"
+    code, line = cli("export", f"--checkpoint={tmp_path}",
+                     f"--export_dir={export_dir}",
+                     f"--warmup_images={webp}")
+    assert_one_line(code, line, "export", "warmup_images[0]",
+                    "JPEG, PNG, GIF or BMP")
+    assert not export_dir.exists()
+
+
+def test_export_dir_is_a_file(tmp_path):
+    """defect 6."""
+    export_dir = tmp_path / "models"
+    export_dir.write_text("x")
+    code, line = cli("export", f"--checkpoint={tmp_path}",
+                     f"--export_dir={export_dir}")
+    assert_one_line(code, line, "export", "export_dir", str(export_dir),
+                    "folder")
+
+
+def test_export_missing_checkpoint(tmp_path):
+    """Already behaved: names the missing config.json; writes nothing."""
+    export_dir = tmp_path / "models"
+    code, line = cli("export", f"--checkpoint={tmp_path / 'none'}",
+                     f"--export_dir={export_dir}")
+    assert_one_line(code, line, "export", "config.json")
+    assert not export_dir.exists()
+
+
+# serve: start-up and hot-swap --------------------------------------------
+
+
+def _garbage_version(base, version):
+    path = os.path.join(base, str(version))
+    os.makedirs(path)
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(b"\x08\x96\x01 this is not a SavedModel \xff\xff")
+
+
+def test_bad_version_at_startup_serves_the_good_one(export_base, tmp_path):
+    """defect 1: a garbage saved_model.pb at start-up."""
+    base = tmp_path / "models"
+    shutil.copytree(export_base, base)
+    _garbage_version(base, 2)
+    server, channel, _ = start_server(base)
+    try:
+        response = predict(channel, "serving_default", "image_bytes",
+                           np.array(small_images(1), dtype=object))
+        assert response.model_spec.version.value == 1
+        status = {s.version: s for s in model_status(channel)
+                  .model_version_status}
+        assert status[1].state == (
+            get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+        assert status[2].state == get_model_status_pb2.ModelVersionStatus.END
+        assert "DecodeError" in status[2].status.error_message
+    finally:
+        channel.close()
+        server.stop(1.0)
+
+
+def test_bad_version_does_not_stop_hot_swapping(export_base, tmp_path):
+    """defect 1: a corrupt version, then a valid one, while serving."""
+    base = tmp_path / "models"
+    shutil.copytree(export_base, base)
+    server, channel, _ = start_server(base)
+    try:
+        _garbage_version(base, 2)
+        assert wait_for(lambda: 2 in server.manager.failed())
+        shutil.copytree(os.path.join(export_base, "1"), base / "3")
+        assert wait_for(lambda: server.manager.versions() == [3])
+        response = predict(channel, "serving_default", "image_bytes",
+                           np.array(small_images(1), dtype=object))
+        assert response.model_spec.version.value == 3
+        assert server._poller.is_alive()
+    finally:
+        channel.close()
+        server.stop(1.0)
+
+
+def test_version_beyond_int64_is_not_served(export_base, tmp_path):
+    """defect 8, server side: such a folder is not a version."""
+    base = tmp_path / "models"
+    shutil.copytree(export_base, base)
+    shutil.copytree(os.path.join(export_base, "1"),
+                    base / str(INT64_MAX + 1))
+    assert saved_model.list_versions(str(base)) == [1]
+
+
+def test_serve_refuses_a_port_in_use(tmp_path):
+    """defect 2: a second server on a busy port is an error, not a twin."""
+    other = grpc.server(
+        __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+    )
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        code, line = cli("serve", f"--model_base_path={tmp_path}",
+                         f"--port={port}", timeout=60)
+    finally:
+        other.stop(0)
+    assert_one_line(code, line, "serve", "cannot bind", f"--port={port}",
+                    "free port")
+
+
+def test_serve_missing_base_path(tmp_path):
+    """Already behaved."""
+    code, line = cli("serve", f"--model_base_path={tmp_path / 'none'}",
+                     "--port=0", timeout=60)
+    assert_one_line(code, line, "serve", "not a directory")
+
+
+# serve: requests ----------------------------------------------------------
+
+
+def test_decompression_bomb_is_refused_from_its_header(batching_server):
+    """defect 3: refused before decoding, naming the limit."""
+    channel, _ = batching_server
+    bomb = png_bomb(6000, 6000)
+    assert len(bomb) < 200_000
+    start = time.monotonic()
+    code, details = predict_error(channel, "serving_default", "image_bytes",
+                                  np.array([bomb], dtype=object))
+    assert time.monotonic() - start < 2.0
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "6000x6000" in details and "max_image_pixels" in details
+
+
+def test_bomb_does_not_block_good_requests(batching_server):
+    """defect 3: good requests beside bombs answer promptly."""
+    channel, _ = batching_server
+    bomb = np.array([png_bomb(6000, 6000)], dtype=object)
+    good = np.array(small_images(1), dtype=object)
+    errors, latencies = [], []
+
+    def bombs():
+        for _ in range(5):
+            try:
+                predict(channel, "serving_default", "image_bytes", bomb)
+            except grpc.RpcError as e:
+                errors.append(e.code())
+
+    thread = threading.Thread(target=bombs)
+    thread.start()
+    for _ in range(5):
+        start = time.monotonic()
+        predict(channel, "serving_default", "image_bytes", good)
+        latencies.append(time.monotonic() - start)
+    thread.join()
+    assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 5
+    assert max(latencies) < 2.0, latencies
+
+
+def test_request_pixel_limit():
+    """defect 3: the per-request total, in the shared request path."""
+    from uhga_tf.serving import request_checks
+
+    limits = request_checks.RequestLimits(max_image_pixels=1000,
+                                          max_request_pixels=1500)
+    one = small_images(1)[0]  # 20 x 24 = 480 pixels
+    request_checks.check_input_array(
+        "image_bytes", np.array([one, one, one], dtype=object), limits)
+    with pytest.raises(request_checks.RequestError,
+                       match="max_request_pixels=1500"):
+        request_checks.check_input_array(
+            "image_bytes", np.array([one] * 4, dtype=object), limits)
+    with pytest.raises(request_checks.RequestError,
+                       match="max_image_pixels=1000"):
+        request_checks.check_input_array(
+            "images", np.zeros((1, 40, 40, 3), np.uint8), limits)
+
+
+def test_nan_features_are_invalid_argument(batching_server):
+    """defect 8: NaN features were answered with all -1 codes."""
+    channel, _ = batching_server
+    features = np.zeros((2, model_fixtures.FEATURE_DIM), np.float32)
+    features[1, 3] = np.nan
+    code, details = predict_error(channel, "encode_features", "features",
+                                  features)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "features[1]" in details and "finite" in details
+
+
+def test_corrupt_image_is_invalid_argument(batching_server):
+    """Already behaved."""
+    channel, _ = batching_server
+    code, details = predict_error(channel, "serving_default", "image_bytes",
+                                  np.array([b"GIF89a garbage"], dtype=object))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_webp_request_is_invalid_argument(batching_server):
+    """Already behaved."""
+    channel, _ = batching_server
+    code, details = predict_error(channel, "serving_default", "image_bytes",
+                                  np.array([webp_bytes()], dtype=object))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "JPEG, PNG, GIF or BMP" in details
+
+
+def test_wrong_dtype_is_invalid_argument(batching_server):
+    """Already behaved."""
+    channel, _ = batching_server
+    code, details = predict_error(channel, "encode_images", "images",
+                                  np.zeros((1, 8, 8, 3), np.float32))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "uint8" in details
+
+
+# client -------------------------------------------------------------------
+
+
+def test_client_out_in_missing_folder(batching_server, tmp_path):
+    """defect 6."""
+    _, port = batching_server
+    image = tmp_path / "a.png"
+    image.write_bytes(small_images(1)[0])
+    out = tmp_path / "missing" / "codes.npy"
+    code, line = cli("client", f"--server=127.0.0.1:{port}",
+                     f"--out={out}", str(image))
+    assert_one_line(code, line, "client", str(out.parent))
+    assert not out.parent.exists()
+
+
+def test_client_image_path_is_a_folder(batching_server, tmp_path):
+    """defect 6."""
+    _, port = batching_server
+    code, line = cli("client", f"--server=127.0.0.1:{port}", str(tmp_path))
+    assert_one_line(code, line, "client", str(tmp_path), "not a folder")
+
+
+def test_client_missing_image(batching_server, tmp_path):
+    """Already behaved."""
+    _, port = batching_server
+    code, line = cli("client", f"--server=127.0.0.1:{port}",
+                     str(tmp_path / "none.png"))
+    assert_one_line(code, line, "client", "none.png")
+
+
+# index / search / weights ------------------------------------------------
+
+
+def _index_without(tmp_path, field):
+    directory = tmp_path / "index"
+    index = HammingIndex(CODE_LENGTH, backend="numpy")
+    codes = np.where(np.random.default_rng(0).random((4, CODE_LENGTH)) < .5,
+                     -1, 1).astype(np.int8)
+    index.add(codes, np.arange(4))
+    index.save(str(directory))
+    path = directory / "hamming_index.bin"
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<8sII", data)
+    header = json.loads(data[16:16 + length])
+    del header[field]
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<8sII", magic, version, len(new)) + new
+                     + data[16 + length:])
+    return directory
+
+
+def test_search_index_header_missing_a_field(tmp_path):
+    """defect 6."""
+    directory = _index_without(tmp_path, "count")
+    query = tmp_path / "q.png"
+    query.write_bytes(small_images(1)[0])
+    out = tmp_path / "grid.png"
+    code, line = cli("search", f"--index={directory}",
+                     f"--model={tmp_path}", f"--out={out}", str(query))
+    assert_one_line(code, line, "search", "hamming_index.bin", "count")
+    assert not out.exists()
+
+
+def test_index_build_missing_model(tmp_path):
+    """Already behaved: one line, no index folder left."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(small_images(1)[0])
+    out = tmp_path / "index"
+    code, line = cli("index", "build", f"--model={tmp_path / 'none'}",
+                     f"--images={images}", f"--out={out}")
+    assert code == 1 and line.startswith("uhga_tf.index: "), line
+    assert not out.exists()
+
+
+def test_evaluate_corrupt_config_json(tmp_path):
+    """defect 7: names the file and the line; --out not created."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"model": {"code_length": 16,}}')
+    out = tmp_path / "eval"
+    code, line = cli("evaluate", f"--checkpoint={workdir}", f"--out={out}")
+    assert_one_line(code, line, "evaluate", "config.json", "line 1")
+    assert not out.exists()
+
+
+def test_reproduce_bad_seeds():
+    """Already behaved."""
+    code, line = cli("reproduce", "--table=1", "--seeds=0")
+    assert_one_line(code, line, "reproduce", "seeds must be >= 1")
+
+
+@pytest.mark.parametrize("payload", [b"", b"hello world\n" * 10,
+                                     bytes(range(256))])
+def test_malformed_pth_is_a_user_error(tmp_path, payload):
+    """A malformed .pth is a ValueError naming the file (the reader already
+    did this; the entry points now also treat unpickling errors as user
+    errors)."""
+    from uhga_tf.models import torch_weights
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=str(path)):
+        torch_weights.load_state_dict(str(path), expected_sha256=None)
+
+
+def test_one_line_for_os_errors():
+    """The message format for path errors: what, (path), expected."""
+    from uhga_tf import cli_errors
+
+    error = IsADirectoryError(21, "Is a directory", "/tmp/x")
+    assert cli_errors.describe(error) == (
+        "Is a directory (/tmp/x): expected a file, not a folder"
+    )
+
+
+def test_animated_gif_counts_every_frame():
+    """defect 3: the GIF decoder decodes all frames, so all count."""
+    from PIL import Image
+
+    from uhga_tf.serving import request_checks
+
+    frames = [Image.fromarray(np.full((40, 50, 3), 30 * i, np.uint8))
+              for i in range(7)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True,
+                   append_images=frames[1:])
+    single = io.BytesIO()
+    frames[0].save(single, "GIF")
+    limits = request_checks.RequestLimits(max_image_pixels=10_000)
+    assert request_checks.check_encoded_image(
+        single.getvalue(), "g", limits) == 2000
+    with pytest.raises(request_checks.RequestError, match="7 frames"):
+        request_checks.check_encoded_image(animated.getvalue(), "g", limits)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_header_sizes_match_the_decoder(fmt):
+    """The header reader agrees with tf.io.decode_image on every format."""
+    from PIL import Image
+
+    from uhga_tf.data import image_header
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(buffer, fmt)
+    data = buffer.getvalue()
+    decoded = tf.io.decode_image(data, channels=3, expand_animations=False)
+    assert image_header.image_size(data) == (fmt, 53, 37)
+    assert decoded.shape[:2] == (37, 53)
+
+
+def test_user_error_removes_new_outputs_and_bugs_keep_traceback(tmp_path):
+    """The shared path: user error -> one line, exit 1, new outputs gone;
+    anything else propagates unchanged (its traceback is shown)."""
+    from uhga_tf import cli_errors
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    new = tmp_path / "new"
+
+    def half_written():
+        (new / "part").mkdir(parents=True)
+        (kept / "file").write_text("x")
+        raise ValueError("bad value (--flag): expected a good one")
+
+    with pytest.raises(SystemExit) as info:
+        cli_errors.run("verb", half_written, outputs=[str(new), str(kept)])
+    assert str(info.value) == (
+        "uhga_tf.verb: bad value (--flag): expected a good one"
+    )
+    assert not new.exists() and kept.exists()
+
+    def bug():
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError, match="a bug"):
+        cli_errors.run("verb", bug)

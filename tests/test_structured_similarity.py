@@ -1,0 +1,154 @@
+"""Structured similarity matrices (knn, cluster, manifold): recovery of
+clusters, determinism, O(N k) memory, the pair rule, and bad input."""
+
+import numpy as np
+import pytest
+
+from uhga_tf import structured_similarity as ss
+
+MODES = ("knn", "cluster", "manifold")
+
+
+def _blobs(n_per=60, clusters=5, dim=32, spread=0.15, seed=0):
+    """Gaussian blobs on the unit sphere, shuffled; returns (x, labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(clusters), n_per)
+    x = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    order = rng.permutation(len(labels))
+    return x[order].astype(np.float32), labels[order]
+
+
+def _build(mode, features, **kwargs):
+    defaults = dict(
+        similarity_knn=10, similarity_clusters=5, similarity_runs=3,
+        similarity_dissimilar_quantile=0.5,
+    )
+    defaults.update(kwargs)
+    return ss.build_structured_similarity(
+        features, similarity=mode, seed=0, **defaults
+    )
+
+
+def _dense(structure):
+    rows = np.arange(structure.num_items)
+    return structure.block(rows, rows).numpy()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recovers_clusters_of_blobs(mode):
+    x, labels = _blobs()
+    s = _dense(_build(mode, x))
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    similar, dissimilar = (s == 1) & off, s == -1
+    # Not a vacuous S: most of the k partners kept (knn, manifold; k = 10),
+    # most same-cluster pairs found (cluster).
+    minimum = 0.5 * len(labels) * 10 if mode == "knn" else 0.5 * (
+        same & off).sum()
+    assert similar.sum() >= minimum
+    assert same[similar].mean() >= 0.95
+    assert (~same[dissimilar]).mean() >= 0.95
+    np.testing.assert_array_equal(s, s.T)
+    assert np.all(np.diag(s) == 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_seed_gives_identical_structure(mode):
+    x, _ = _blobs(seed=3)
+    a, b = _build(mode, x), _build(mode, x)
+    np.testing.assert_array_equal(_dense(a), _dense(b))
+    assert a.fractions == b.fractions
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_is_linear_in_items(mode):
+    x, _ = _blobs(n_per=80)
+    structure = _build(mode, x)
+    n, dim = x.shape
+    if mode in ("cluster", "manifold"):
+        assert structure.nbytes == n * 3 * 4  # int32 ids per run
+    else:
+        # int32 partner lists [N, k], float32 radius [N] and unit features.
+        assert structure.nbytes == n * 10 * 4 + n * 4 + n * dim * 4
+    assert structure.nbytes < n * n  # never an N x N int8 matrix
+
+
+def test_pair_rule_on_a_hand_made_structure():
+    # Items 0,1 mutual partners; 2 alone. Features: 0,1 close, 2 opposite.
+    structure = ss.StructuredSimilarity(
+        mode="knn",
+        neighbours=np.array([[1], [0], [-1]], np.int32),
+        radius=np.array([0.5, 0.5, 0.5], np.float32),
+        unit_features=np.array([[1, 0], [0.8, 0.6], [-1, 0]], np.float32),
+    )
+    np.testing.assert_array_equal(
+        _dense(structure), [[1, 1, -1], [1, 1, -1], [-1, -1, 1]]
+    )
+    clusters = ss.StructuredSimilarity(
+        mode="cluster",
+        assignments=np.array([[0, 1], [0, 1], [0, 2], [1, 2]], np.int32),
+    )
+    # Same cluster in both runs -> +1, in none -> -1, in one -> 0.
+    np.testing.assert_array_equal(
+        _dense(clusters),
+        [[1, 1, 0, -1], [1, 1, 0, -1], [0, 0, 1, 0], [-1, -1, 0, 1]],
+    )
+
+
+def test_mutual_partners_keeps_only_reciprocated_pairs():
+    ids = np.array([[1, 2], [0, 2], [3, 1], [2, 0]])
+    np.testing.assert_array_equal(
+        ss.mutual_partners(ids), [[1, -1], [0, 2], [3, 1], [2, -1]]
+    )
+
+
+def test_label_agreement_counts_single_and_multi_label():
+    block = np.array([[1, -1], [0, 1]])
+    out = ss.label_agreement(block, np.array([0, 1]), np.array([0, 1]))
+    assert out["p_same_given_similar"] == 1.0
+    assert out["p_different_given_dissimilar"] == 1.0
+    assert out["p_same_base_rate"] == 0.5
+    multi = np.array([[1, 1, 0], [0, 0, 1]], np.uint8)
+    out = ss.label_agreement(block, multi, multi[::-1])
+    assert out["p_same_given_similar"] == 0.0
+    assert out["p_different_given_dissimilar"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "mode, kwargs, words",
+    [
+        ("knn", {"similarity_knn": 0}, "similarity_knn must be in [1, N)"),
+        ("knn", {"similarity_knn": 300}, "similarity_knn must be in [1, N)"),
+        ("cluster", {"similarity_clusters": 1}, "similarity_clusters"),
+        ("cluster", {"similarity_clusters": 301}, "similarity_clusters"),
+        ("manifold", {"similarity_clusters": 1}, "similarity_clusters"),
+        ("knn", {"similarity_dissimilar_quantile": 1.0},
+         "similarity_dissimilar_quantile"),
+    ],
+)
+def test_bad_parameters_name_the_flag(mode, kwargs, words):
+    x, _ = _blobs()
+    with pytest.raises(ValueError, match=words.replace("[", r"\[").replace(
+            "(", r"\(").replace(")", r"\)")):
+        _build(mode, x, **kwargs)
+
+
+def test_bad_feature_rows_are_refused():
+    x, _ = _blobs()
+    x[7] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf .*row 7"):
+        _build("knn", x)
+    x, _ = _blobs()
+    x[4] = 0.0
+    with pytest.raises(ValueError, match="all-zero rows .*row 4"):
+        _build("cluster", x)
+
+
+def test_an_s_without_dissimilar_pairs_names_the_flags():
+    x, _ = _blobs()
+    # One run with 300 clusters of one item each: no pair is similar.
+    with pytest.raises(ValueError, match="no similar pair.*similarity_"):
+        _build("cluster", x, similarity_clusters=300, similarity_runs=1)

@@ -1,0 +1,129 @@
+"""Checks every front-end (gRPC, REST) runs on request inputs before the graph.
+
+`check_input_array` is the one shared request path for the contents of an
+input tensor: encoded images must be JPEG/PNG/GIF/BMP whose header states a
+size within the pixel limits (so a decompression bomb is refused before any
+pixel is decoded and never reaches the batcher), pixel tensors must fit the
+per-request limit, and float features must be finite.
+"""
+
+import dataclasses
+
+import grpc
+import numpy as np
+
+from uhga_tf.data import image_header
+
+# 4096 x 4096 per image, 64 Mi pixels per request (~200 MB decoded RGB).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
+
+
+class RequestError(Exception):
+    """A request the server refuses, with its gRPC status code."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """Limits on what one request may make the server decode.
+
+    Attributes:
+        max_image_pixels: largest width x height of one image.
+        max_request_pixels: largest sum of width x height over a request.
+    """
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+
+    def __post_init__(self):
+        for name in ("max_image_pixels", "max_request_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                value < 1
+            ):
+                raise ValueError(
+                    f"{name} must be a positive integer; received "
+                    f"{name}={value!r}"
+                )
+
+
+def _invalid(message):
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_encoded_image(encoded, where, limits):
+    """Check one encoded image from its header; return its pixel count.
+
+    Raises:
+        RequestError: INVALID_ARGUMENT when it is not a JPEG/PNG/GIF/BMP
+            image or states a size over `limits.max_image_pixels`.
+    """
+    kind, width, height, pixels = image_header.decoded_pixels(encoded)
+    if kind is None:
+        raise _invalid(
+            f"{where} is not a JPEG, PNG, GIF or BMP image (first bytes "
+            f"{bytes(encoded[:8])!r})"
+        )
+    if width is None:
+        return 0  # a damaged header: the decoder names the problem
+    if pixels > limits.max_image_pixels:
+        frames = pixels // max(1, width * height)
+        what = f" x {frames} frames" if frames > 1 else ""
+        raise _invalid(
+            f"{where} is a {width}x{height}{what} {kind} ({pixels} pixels "
+            f"to decode), over max_image_pixels={limits.max_image_pixels}"
+        )
+    return pixels
+
+
+def check_input_array(name, array, limits):
+    """Check the contents of one input tensor before the graph runs.
+
+    Args:
+        name: the input's name (for messages).
+        array: the input as a NumPy array (object/bytes for image_bytes,
+            uint8 [n, h, w, 3] for pixels, float for features).
+        limits: `RequestLimits`.
+
+    Raises:
+        RequestError: INVALID_ARGUMENT naming the item and the limit.
+    """
+    if array.dtype.kind in ("O", "S"):
+        total = 0
+        for i, encoded in enumerate(array.reshape(-1)):
+            total += check_encoded_image(encoded, f"{name}[{i}]", limits)
+            if total > limits.max_request_pixels:
+                raise _invalid(
+                    f"{name} holds over {total} pixels in its first {i + 1} "
+                    f"images, over max_request_pixels="
+                    f"{limits.max_request_pixels}"
+                )
+        return
+    if array.dtype.kind in ("u", "i") and array.ndim == 4:
+        per_image = int(array.shape[1]) * int(array.shape[2])
+        if per_image > limits.max_image_pixels:
+            raise _invalid(
+                f"{name} holds {array.shape[1]}x{array.shape[2]} images "
+                f"({per_image} pixels), over max_image_pixels="
+                f"{limits.max_image_pixels}"
+            )
+        total = per_image * int(array.shape[0])
+        if total > limits.max_request_pixels:
+            raise _invalid(
+                f"{name} holds {total} pixels, over max_request_pixels="
+                f"{limits.max_request_pixels}"
+            )
+        return
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            row = int(np.argwhere(~finite)[0][0])
+            raise _invalid(
+                f"{name}[{row}] holds NaN or infinite values; expected "
+                "finite features"
+            )
