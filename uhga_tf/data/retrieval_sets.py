@@ -43,6 +43,18 @@ class RetrievalSets:
     image_dataset: object = None
 
 
+def validation_database_mask(sets):
+    """bool [n_database]: database rows that are not validation queries.
+
+    Validation queries are ranked against the database without themselves
+    (protocol.md §1.3).
+    """
+    validation = set(sets.indices["validation"].tolist())
+    return np.array(
+        [i not in validation for i in sets.indices["database"].tolist()]
+    )
+
+
 def load_retrieval_sets(data, model, seed, progress=True):
     """Load or compute the features of every set for a data/model config.
 

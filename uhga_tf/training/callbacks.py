@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from uhga_tf import codes as codes_lib
+from uhga_tf.data import retrieval_sets
 
 
 class CheckpointCallback(keras.callbacks.Callback):
@@ -78,10 +79,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         self.last_epoch = last_epoch
         self.uhga_model = model
         self.previous_codes = None
-        validation = set(sets.indices["validation"].tolist())
-        self.database_mask = np.array(
-            [i not in validation for i in sets.indices["database"].tolist()]
-        )
+        self.database_mask = retrieval_sets.validation_database_mask(sets)
         self.epoch_start = None
 
     def _encode_features(self, set_name, rows=None):

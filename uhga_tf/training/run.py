@@ -639,10 +639,7 @@ def validation_map(validation_codes, database_codes, sets):
     """
     from uhga_tf.evaluation import metrics
 
-    validation = set(sets.indices["validation"].tolist())
-    keep = np.array(
-        [i not in validation for i in sets.indices["database"].tolist()]
-    )
+    keep = retrieval_sets.validation_database_mask(sets)
     return float(metrics.mean_average_precision(
         validation_codes, database_codes[keep],
         sets.labels["validation"], sets.labels["database"][keep],
