@@ -3,7 +3,9 @@
 Every field of `uhga_tf.config` is a flag of the same name; a flag file sets
 only what differs from the defaults. The resolved config is written to
 `<workdir>/config.json`, and a rerun of the same command resumes from the
-newest complete checkpoint.
+newest complete checkpoint. The console shows the progress bar, the INFO
+lines that matter and warnings; `--verbosity=0` (or UHGA_VERBOSE=1) shows
+TensorFlow's and the libraries' INFO lines too (`uhga_tf.console`).
 """
 
 import os
@@ -14,6 +16,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from uhga_tf import config  # noqa: E402
+from uhga_tf import console  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 
 flags_util.define_config_flags()
@@ -23,9 +26,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = []
 
     def run():
         experiment = config.experiment_from_flat(flags_util.config_values())
+        workdir.append(experiment.workdir)
+        console.configure(verbose=console.verbose_requested(FLAGS))
         # Imported late so that flag errors never pay for TensorFlow.
         from uhga_tf.training import run as run_lib
 
@@ -40,6 +46,7 @@ def main(argv):
             if result.get("cosine_map") is not None
             else ""
         )
+        + f"   results: {os.path.join(workdir[0], 'results.json')}"
     )
 
 
