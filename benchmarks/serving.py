@@ -16,8 +16,18 @@ Writes benchmarks/results/serving.json. Top-level keys: `errors` (all
 phases), `p50_ms`/`p99_ms` (single-image requests), `images_per_s` (batched
 requests) and `served_over_inprocess` (batched served images/s over the
 in-process SavedModel's images/s at the same batch size, same run).
+
+REST vs gRPC (section `rest_vs_grpc`, on unless --norest): the same server
+also serves REST (`--rest_api_port=0`); the same clients send the same
+images as TF-Serving REST JSON (`{"instances": [{"b64": ...}]}`, one
+keep-alive connection per client thread) and over gRPC, in the order gRPC,
+REST, REST, gRPC for single images and again for batches, so drift in the
+machine's load cancels. `rest_over_grpc_batch` / `rest_over_grpc_single`:
+REST images/s over gRPC images/s (batches of --batch_size / single images).
 """
 
+import base64
+import http.client
 import json
 import os
 import platform
@@ -53,6 +63,10 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float("max_seconds", 90.0, "Time limit per phase.")
 flags.DEFINE_bool("enable_batching", False, "Server-side batching.")
+flags.DEFINE_bool("rest", True, "Also measure REST against gRPC.")
+flags.DEFINE_float(
+    "rest_max_seconds", 20.0, "Time limit per REST-vs-gRPC phase."
+)
 flags.DEFINE_string(
     "out", "benchmarks/results/serving.json", "Where to write the JSON."
 )
@@ -119,6 +133,8 @@ def start_server(base, log_dir):
         f"--model_base_path={base}", "--port=0",
         f"--max_batch_size={max(64, FLAGS.batch_size)}",
     ]  # fmt: skip
+    if FLAGS.rest:
+        cmd.append("--rest_api_port=0")
     if FLAGS.enable_batching:
         cmd.append("--enable_batching")
     proc = subprocess.Popen(cmd, stdout=out, stderr=log)
@@ -129,7 +145,13 @@ def start_server(base, log_dir):
         with open(out_path) as f:
             line = f.readline()
         if line.startswith("serving ") and line.endswith("\n"):
-            return proc, "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+            if not FLAGS.rest:
+                return proc, address, None
+            with open(out_path) as f:
+                rest = [x for x in f.read().splitlines() if x.startswith("rest ")]
+            if rest:
+                return proc, address, int(rest[0].rsplit(":", 1)[1])
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start; see " + log.name)
@@ -189,6 +211,145 @@ def run_phase(address, channel, requests, per_client, expected, max_seconds):
     }
 
 
+# REST vs gRPC ----------------------------------------------------------
+
+
+class RestClient:
+    """TF-Serving REST predict over one keep-alive connection."""
+
+    def __init__(self, port):
+        self._connection = http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=TIMEOUT
+        )
+
+    def encode_images(self, encoded):
+        body = json.dumps(
+            {
+                "instances": [
+                    {"b64": base64.b64encode(b).decode("ascii")}
+                    for b in encoded
+                ],
+                "output_filter": ["codes"],
+            }
+        )
+        self._connection.request(
+            "POST",
+            "/v1/models/uhga:predict",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+        response = self._connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {answer}")
+        return np.array(answer["predictions"], np.int8)
+
+    def close(self):
+        self._connection.close()
+
+
+def timed_phase(make_call, requests, expected, max_seconds):
+    """FLAGS.clients threads send `requests` round robin until the limit.
+
+    make_call() -> (call(encoded) -> codes, close()) per thread.
+    """
+    latencies, errors = [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def worker(i):
+        call, close = make_call()
+        mine, j = [], 0
+        try:
+            while time.monotonic() < deadline:
+                k = (i + j * FLAGS.clients) % len(requests)
+                j += 1
+                start = time.perf_counter()
+                try:
+                    codes = call(requests[k])
+                except (grpc.RpcError, RuntimeError, OSError) as e:
+                    with lock:
+                        errors.append(str(e)[:200])
+                    continue
+                mine.append(time.perf_counter() - start)
+                if not np.array_equal(codes, expected[k]):
+                    with lock:
+                        errors.append(f"request {k}: codes differ")
+        finally:
+            close()
+            with lock:
+                latencies.extend(mine)
+
+    threads = [
+        threading.Thread(target=worker, args=(i,))
+        for i in range(FLAGS.clients)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return latencies, len(requests[0]), elapsed, errors
+
+
+def _summary(parts):
+    latencies = [x for part in parts for x in part[0]]
+    seconds = sum(part[2] for part in parts)
+    n = len(latencies)
+    ms = np.array(latencies) * 1000 if n else np.zeros(1)
+    return {
+        "requests": n,
+        "images_per_request": parts[0][1],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n * parts[0][1] / seconds, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "errors": sum(len(part[3]) for part in parts),
+        "first_errors": [e for part in parts for e in part[3]][:3],
+    }
+
+
+def rest_vs_grpc(address, rest_port, singles, batches, expected_single,
+                 expected_batched):  # fmt: skip
+    """Same server, same images, same clients: REST and gRPC, ABBA order."""
+
+    def grpc_call():
+        channel = grpc.insecure_channel(address)
+
+        def call(encoded):
+            codes, _ = client.encode_images(
+                address, encoded, timeout=TIMEOUT, channel=channel
+            )
+            return codes
+
+        return call, channel.close
+
+    def rest_call():
+        rest = RestClient(rest_port)
+        return rest.encode_images, rest.close
+
+    result = {}
+    for name, requests, expected in (
+        ("single", singles, expected_single),
+        ("batch", batches, expected_batched),
+    ):
+        runs = {"grpc": [], "rest": []}
+        for api in ("grpc", "rest", "rest", "grpc"):
+            make_call = grpc_call if api == "grpc" else rest_call
+            runs[api].append(
+                timed_phase(make_call, requests, expected,
+                            FLAGS.rest_max_seconds / 2)
+            )  # fmt: skip
+        result[name] = {api: _summary(parts) for api, parts in runs.items()}
+        result[f"rest_over_grpc_{name}"] = round(
+            result[name]["rest"]["images_per_s"]
+            / result[name]["grpc"]["images_per_s"],
+            3,
+        )
+    return result
+
+
 def main(argv):
     del argv
     wall = time.perf_counter()
@@ -223,8 +384,9 @@ def main(argv):
         expected_batched = [
             fn(image_bytes=tf.constant(r))["codes"].numpy() for r in batches
         ]
-        proc, address = start_server(base, tmp)
+        proc, address, rest_port = start_server(base, tmp)
         channel = grpc.insecure_channel(address)
+        comparison = None
         try:
             client.encode_images(address, images[:1], channel=channel)
             single = run_phase(
@@ -235,6 +397,11 @@ def main(argv):
                 address, channel, batches, FLAGS.batched_requests_per_client,
                 expected_batched, FLAGS.max_seconds,
             )  # fmt: skip
+            if FLAGS.rest:
+                comparison = rest_vs_grpc(
+                    address, rest_port, singles, batches, expected_single,
+                    expected_batched,
+                )  # fmt: skip
         finally:
             channel.close()
             proc.send_signal(signal.SIGTERM)
@@ -281,6 +448,16 @@ def main(argv):
         f"{platform.processor() or platform.machine()}",
         "wall_s": round(time.perf_counter() - wall, 1),
     }
+    if comparison is not None:
+        result["errors"] += sum(
+            comparison[kind][api]["errors"]
+            for kind in ("single", "batch")
+            for api in ("grpc", "rest")
+        )
+        result["rest_over_grpc_batch"] = comparison["rest_over_grpc_batch"]
+        result["rest_over_grpc_single"] = comparison["rest_over_grpc_single"]
+        result["rest_vs_grpc"] = comparison
+        result["config"]["rest_max_seconds"] = FLAGS.rest_max_seconds
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -302,6 +479,22 @@ def main(argv):
         f"| in-process SavedModel, batch {FLAGS.batch_size} | | | "
         f"{inproc_batched:.2f} | | | |"
     )
+    if comparison is not None:
+        print("\n| REST vs gRPC | API | requests | images/s | p50 ms | "
+              "p99 ms | errors |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for kind in ("single", "batch"):
+            for api in ("grpc", "rest"):
+                phase = comparison[kind][api]
+                print(
+                    f"| {kind} | {api} | {phase['requests']} | "
+                    f"{phase['images_per_s']} | {phase['p50_ms']} | "
+                    f"{phase['p99_ms']} | {phase['errors']} |"
+                )
+        print(
+            f"\nrest_over_grpc_batch = {comparison['rest_over_grpc_batch']}, "
+            f"rest_over_grpc_single = {comparison['rest_over_grpc_single']}"
+        )
     print(
         f"\nserved_over_inprocess = {result['served_over_inprocess']} "
         f"(wall {result['wall_s']} s) -> {FLAGS.out}"

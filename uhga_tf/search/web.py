@@ -251,6 +251,9 @@ def _page():
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "uhga_tf-search"
+    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
+    # algorithm holds the body until the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     service = None  # SearchService, set by SearchWebServer
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
