@@ -20,9 +20,10 @@ in-process SavedModel's images/s at the same batch size, same run).
 REST vs gRPC (section `rest_vs_grpc`, on unless --norest): the same server
 also serves REST (`--rest_api_port=0`); the same clients send the same
 images as TF-Serving REST JSON (`{"instances": [{"b64": ...}]}`, one
-keep-alive connection per client thread) and over gRPC, in the order gRPC,
-REST, REST, gRPC for single images and again for batches, so drift in the
-machine's load cancels. `rest_over_grpc_batch` / `rest_over_grpc_single`:
+keep-alive connection per client thread) and over gRPC, in legs of
+--rest_leg_seconds in the order gRPC, REST, REST, gRPC (--rest_rounds
+times) for single images and again for batches, so drift in the machine's
+load cancels; images/s of each leg are kept. `rest_over_grpc_batch` / `rest_over_grpc_single`:
 REST images/s over gRPC images/s (batches of --batch_size / single images).
 """
 
@@ -65,7 +66,11 @@ flags.DEFINE_float("max_seconds", 90.0, "Time limit per phase.")
 flags.DEFINE_bool("enable_batching", False, "Server-side batching.")
 flags.DEFINE_bool("rest", True, "Also measure REST against gRPC.")
 flags.DEFINE_float(
-    "rest_max_seconds", 20.0, "Time limit per REST-vs-gRPC phase."
+    "rest_leg_seconds", 15.0, "Length of one REST-vs-gRPC leg."
+)
+flags.DEFINE_integer(
+    "rest_rounds", 2, "REST-vs-gRPC rounds of four legs (gRPC, REST, REST, "
+    "gRPC) per request size."
 )
 flags.DEFINE_string(
     "out", "benchmarks/results/serving.json", "Where to write the JSON."
@@ -149,7 +154,9 @@ def start_server(base, log_dir):
             if not FLAGS.rest:
                 return proc, address, None
             with open(out_path) as f:
-                rest = [x for x in f.read().splitlines() if x.startswith("rest ")]
+                rest = [
+                    x for x in f.read().splitlines() if x.startswith("rest ")
+                ]
             if rest:
                 return proc, address, int(rest[0].rsplit(":", 1)[1])
         time.sleep(0.2)
@@ -307,6 +314,9 @@ def _summary(parts):
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
         "errors": sum(len(part[3]) for part in parts),
         "first_errors": [e for part in parts for e in part[3]][:3],
+        "images_per_s_per_leg": [
+            round(len(part[0]) * part[1] / part[2], 2) for part in parts
+        ],
     }
 
 
@@ -335,11 +345,11 @@ def rest_vs_grpc(address, rest_port, singles, batches, expected_single,
         ("batch", batches, expected_batched),
     ):
         runs = {"grpc": [], "rest": []}
-        for api in ("grpc", "rest", "rest", "grpc"):
+        for api in ("grpc", "rest", "rest", "grpc") * FLAGS.rest_rounds:
             make_call = grpc_call if api == "grpc" else rest_call
             runs[api].append(
                 timed_phase(make_call, requests, expected,
-                            FLAGS.rest_max_seconds / 2)
+                            FLAGS.rest_leg_seconds)
             )  # fmt: skip
         result[name] = {api: _summary(parts) for api, parts in runs.items()}
         result[f"rest_over_grpc_{name}"] = round(
@@ -457,7 +467,8 @@ def main(argv):
         result["rest_over_grpc_batch"] = comparison["rest_over_grpc_batch"]
         result["rest_over_grpc_single"] = comparison["rest_over_grpc_single"]
         result["rest_vs_grpc"] = comparison
-        result["config"]["rest_max_seconds"] = FLAGS.rest_max_seconds
+        result["config"]["rest_leg_seconds"] = FLAGS.rest_leg_seconds
+        result["config"]["rest_rounds"] = FLAGS.rest_rounds
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=2)

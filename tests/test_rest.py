@@ -434,3 +434,26 @@ def test_readme_curl_examples(served, tmp_path):
     assert "serving_default" in json.loads(outputs[4])["metadata"][
         "signature_def"]["signature_def"]  # fmt: skip
     assert 'api="rest"' in outputs[5] and 'status="OK"' in outputs[5]
+
+
+def test_metric_labels_stay_bounded():
+    from uhga_tf.serving import metrics
+    from tensorflow_serving.apis import model_pb2
+
+    served = metrics.ServingMetrics("uhga", lambda: [3])
+    for i in range(metrics.MAX_LABEL_SETS + 50):
+        spec = model_pb2.ModelSpec(name="uhga", signature_name=f"sig{i}")
+        served.observe("rest", "Predict", spec, None, "INVALID_ARGUMENT",
+                       0.01)  # fmt: skip
+    stranger = model_pb2.ModelSpec(name="resnet", signature_name="sig0")
+    served.observe("grpc", "Predict", stranger, None, "NOT_FOUND", 0.01)
+    text = served.exposition()[0].decode()
+    counts = [
+        line for line in text.splitlines()
+        if line.startswith("uhga_request_count_total{")
+    ]  # fmt: skip
+    assert len(counts) == metrics.MAX_LABEL_SETS + 2, len(counts)
+    assert _counter(text, model="<other>", signature="<other>",
+                    status="INVALID_ARGUMENT") == 50  # fmt: skip
+    assert _counter(text, model="<other>", status="NOT_FOUND") == 1
+    assert 'uhga_model_version_loaded{model="uhga",version="3"} 1.0' in text

@@ -1,11 +1,13 @@
-r"""Serve exported uhga_tf SavedModels over gRPC and REST (TF-Serving's APIs).
+r"""Serve exported uhga_tf SavedModels over TF-Serving's gRPC and REST APIs.
 
   python -m uhga_tf.serve --model_base_path=models/uhga --model_name=uhga \
-      --port=8500 [--rest_api_port=8501] [--enable_batching --max_batch_size=32]
+      --port=8500 [--rest_api_port=8501] \
+      [--enable_batching --max_batch_size=32]
 
 Serves the newest version under --model_base_path and loads newer ones as
-they appear. SIGTERM or Ctrl-C stops it gracefully. --rest_api_port adds TF-Serving's REST API and Prometheus
-metrics at /monitoring/prometheus/metrics (same --host). With
+they appear. SIGTERM or Ctrl-C stops it gracefully. --rest_api_port adds
+TF-Serving's REST API and Prometheus metrics at
+/monitoring/prometheus/metrics (same --host). With
 --print_tf_serving_command it prints the equivalent tensorflow_model_server
 command line (the production path, see serving/) and exits.
 """

@@ -13,8 +13,13 @@ process never share counters). Exposed by `uhga_tf.serving.rest` at
   from the server at scrape time, and `uhga_loaded_versions{model}`.
 
 `version` is the version that answered when known, else the one asked for
-(a number or `label:<label>`), else empty.
+(a number or `label:<label>`), else empty. Labels come from requests, so
+their number is bounded: a model name other than the served one is counted
+as `model="<other>"`, and once MAX_LABEL_SETS (model, version, signature)
+combinations have been seen, new ones are counted under `<other>` too.
 """
+
+import threading
 
 import prometheus_client
 from prometheus_client import core as prometheus_core
@@ -25,6 +30,8 @@ LATENCY_BUCKETS = (
     10.0, 30.0,
 )  # fmt: skip
 _LABELS = ("api", "method", "model", "version", "signature", "status")
+MAX_LABEL_SETS = 256
+OTHER = "<other>"
 
 
 class _LoadedVersions:
@@ -79,6 +86,9 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.registry.register(_LoadedVersions(model_name, versions))
+        self._model_name = model_name
+        self._seen = set()
+        self._lock = threading.Lock()
 
     def observe(self, api, method, model_spec, version, status, seconds):
         """Count one answered request.
@@ -101,14 +111,17 @@ class ServingMetrics:
         signature = model_spec.signature_name
         if method == "Predict" and not signature:
             signature = "serving_default"
-        labels = (
-            api,
-            method,
-            model_spec.name,
-            "" if version is None else str(version),
-            signature,
-            status,
-        )
+        model = model_spec.name
+        if model != self._model_name:
+            model = OTHER
+        key = (model, "" if version is None else str(version), signature)
+        with self._lock:
+            if key not in self._seen:
+                if len(self._seen) < MAX_LABEL_SETS:
+                    self._seen.add(key)
+                else:
+                    key = (OTHER, OTHER, OTHER)
+        labels = (api, method, *key, status)
         self._requests.labels(*labels).inc()
         self._latency.labels(*labels).observe(seconds)
 

@@ -373,9 +373,12 @@ class RestApi:
 
     def status(self, match):
         request = get_model_status_pb2.GetModelStatusRequest()
-        self._model_spec(request.model_spec, match)
         response = self.server.handle(
-            "rest", "GetModelStatus", self.server.model_status, request
+            "rest",
+            "GetModelStatus",
+            self.server.model_status,
+            request,
+            lambda r: self._model_spec(r.model_spec, match),
         )
         return {
             "model_version_status": [
@@ -390,10 +393,13 @@ class RestApi:
 
     def metadata(self, match):
         request = get_model_metadata_pb2.GetModelMetadataRequest()
-        self._model_spec(request.model_spec, match)
         request.metadata_field.append("signature_def")
         response = self.server.handle(
-            "rest", "GetModelMetadata", self.server.model_metadata, request
+            "rest",
+            "GetModelMetadata",
+            self.server.model_metadata,
+            request,
+            lambda r: self._model_spec(r.model_spec, match),
         )
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
