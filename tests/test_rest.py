@@ -457,3 +457,22 @@ def test_metric_labels_stay_bounded():
                     status="INVALID_ARGUMENT") == 50  # fmt: skip
     assert _counter(text, model="<other>", status="NOT_FOUND") == 1
     assert 'uhga_model_version_loaded{model="uhga",version="3"} 1.0' in text
+
+
+def test_http_codes_follow_tf_serving():
+    """TF-Serving's model_servers/http_server.cc ToHTTPStatusCode."""
+    codes = grpc.StatusCode
+    assert {
+        code.name: rest.http_status(code)
+        for code in (
+            codes.OK, codes.INVALID_ARGUMENT, codes.FAILED_PRECONDITION,
+            codes.OUT_OF_RANGE, codes.NOT_FOUND, codes.UNIMPLEMENTED,
+            codes.INTERNAL, codes.RESOURCE_EXHAUSTED, codes.UNAVAILABLE,
+            codes.DEADLINE_EXCEEDED, codes.CANCELLED,
+        )
+    } == {
+        "OK": 200, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
+        "OUT_OF_RANGE": 400, "NOT_FOUND": 404, "UNIMPLEMENTED": 501,
+        "INTERNAL": 500, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503,
+        "DEADLINE_EXCEEDED": 504, "CANCELLED": 499,
+    }  # fmt: skip
