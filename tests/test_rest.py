@@ -476,3 +476,63 @@ def test_http_codes_follow_tf_serving():
         "INTERNAL": 500, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503,
         "DEADLINE_EXCEEDED": 504, "CANCELLED": 499,
     }  # fmt: skip
+
+
+def test_connections_over_the_cap_get_503():
+    import http.server
+    import socket
+    import threading
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 30
+
+        def do_GET(self):  # noqa: N802 - stdlib name
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            del args
+
+    httpd = rest.BoundedHTTPServer(("127.0.0.1", 0), Hello, max_connections=2)
+    port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    idle = []
+    try:
+        for _ in range(2):  # two idle keep-alive connections hold the slots
+            connection = http.client.HTTPConnection("127.0.0.1", port,
+                                                    timeout=TIMEOUT)  # fmt: skip
+            connection.request("GET", "/")
+            assert connection.getresponse().read() == b"ok"
+            idle.append(connection)
+        third = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        third.request("GET", "/")
+        response = third.getresponse()
+        assert response.status == 503
+        assert "2 open connections" in json.loads(response.read())["error"]
+        third.close()
+        idle.pop().close()  # a slot frees once its thread sees the close
+        deadline = time.monotonic() + 10
+        while True:
+            again = http.client.HTTPConnection("127.0.0.1", port,
+                                               timeout=TIMEOUT)  # fmt: skip
+            try:
+                again.request("GET", "/")
+                response = again.getresponse()
+                status = response.status
+                response.read()
+            except (ConnectionError, socket.timeout):
+                status = None
+            again.close()
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        for connection in idle:
+            connection.close()
+        httpd.shutdown()
+        httpd.server_close()

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from uhga_tf.search import pipeline
 from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf.serving import rest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 THUMBNAIL_SIZE = 256
@@ -250,6 +251,7 @@ def _page():
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = rest.IDLE_TIMEOUT_S
     server_version = "uhga_tf-search"
     # Headers and body are separate writes: without TCP_NODELAY, Nagle's
     # algorithm holds the body until the client's delayed ACK (~40 ms).
@@ -353,14 +355,13 @@ class SearchWebServer:
         """Bind and serve; return the bound port."""
         config = self.service.config
         try:
-            httpd = http.server.ThreadingHTTPServer(
+            httpd = rest.BoundedHTTPServer(
                 (config.host, config.port), self._handler
             )
         except OSError as e:
             raise ValueError(
                 f"cannot bind {config.host}:{config.port}: {e}"
             ) from e
-        httpd.daemon_threads = True
         self._httpd = httpd
         self.port = httpd.server_address[1]
         self._thread = threading.Thread(

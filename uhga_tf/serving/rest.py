@@ -19,7 +19,8 @@ TF-Serving, JSON numbers take the signature's dtype). Errors are
 `{"error": "<message>"}` with TF-Serving's HTTP code for the gRPC status.
 
 The HTTP layer is the standard library's `ThreadingHTTPServer` with
-HTTP/1.1 keep-alive: a thread per connection suits the blocking TensorFlow
+HTTP/1.1 keep-alive and TCP_NODELAY, capped at MAX_CONNECTIONS connection
+threads (503 beyond): a thread per connection suits the blocking TensorFlow
 calls, needs no new dependency, and `benchmarks/serving.py` measures it
 against gRPC under the same load.
 """
@@ -44,6 +45,8 @@ from uhga_tf.serving import server as server_lib
 
 # A JSON body may carry a base64 gRPC-sized message, plus JSON overhead.
 MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 60.0
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
 # TF-Serving's mapping (model_servers/http_server.cc, ToHTTPStatusCode).
@@ -417,8 +420,57 @@ class RestApi:
         }
 
 
+class BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at a time.
+
+    A connection over the limit gets 503 and `{"error": ...}` at once
+    (never queued behind idle keep-alive connections, which handlers close
+    after their `timeout`).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps(
+                {
+                    "error": f"over {self.max_connections} open "
+                    "connections; retry later"
+                }
+            ).encode()
+            try:
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Connection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+            except OSError:
+                pass  # the client is gone; nothing to tell it
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
     server_version = "uhga_tf"
     # Headers and body are separate writes: without TCP_NODELAY, Nagle's
     # algorithm holds the body until the client's delayed ACK (~40 ms).
@@ -524,14 +576,11 @@ class RestServer:
     def start(self):
         """Bind and serve in a background thread; return the bound port."""
         try:
-            httpd = http.server.ThreadingHTTPServer(
-                (self.host, self.port), self._handler
-            )
+            httpd = BoundedHTTPServer((self.host, self.port), self._handler)
         except OSError as e:
             raise ValueError(
                 f"cannot bind {self.host}:{self.port}: {e}"
             ) from e
-        httpd.daemon_threads = True
         self._httpd = httpd
         self.port = httpd.server_address[1]
         self._thread = threading.Thread(
