@@ -25,8 +25,19 @@ image_bytes, in turn) and one decompression bomb (a ~100 KB PNG of
 10000 x 10000 pixels) in every 100: `mixed.failed_good_requests`,
 `mixed.p99_good_ms`, `mixed.p99_all_good_ms` (the all-good phase, same
 script) and `mixed.peak_rss_mb` (the server's VmHWM after the mixed phase).
+
+REST vs gRPC (section `rest_vs_grpc`, on unless --norest): the same server
+also serves REST (`--rest_api_port=0`); the same clients send the same
+images as TF-Serving REST JSON (`{"instances": [{"b64": ...}]}`, one
+keep-alive connection per client thread) and over gRPC, in legs of
+--rest_leg_seconds in the order gRPC, REST, REST, gRPC (--rest_rounds
+times) for single images and again for batches, so drift in the machine's
+load cancels; images/s of each leg are kept. `rest_over_grpc_batch` / `rest_over_grpc_single`:
+REST images/s over gRPC images/s (batches of --batch_size / single images).
 """
 
+import base64
+import http.client
 import json
 import os
 import platform
@@ -73,6 +84,14 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
     "mixed_only", False,
     "Run only the mixed run and merge it into the existing --out JSON.",
+)
+flags.DEFINE_bool("rest", True, "Also measure REST against gRPC.")
+flags.DEFINE_float(
+    "rest_leg_seconds", 15.0, "Length of one REST-vs-gRPC leg."
+)
+flags.DEFINE_integer(
+    "rest_rounds", 2, "REST-vs-gRPC rounds of four legs (gRPC, REST, REST, "
+    "gRPC) per request size."
 )
 flags.DEFINE_string(
     "out", "benchmarks/results/serving.json", "Where to write the JSON."
@@ -131,7 +150,7 @@ def in_process_images_per_s(path, images, batch_size, max_seconds):
     return count * batch_size / elapsed, fn
 
 
-def start_server(base, log_dir, enable_batching=None):
+def start_server(base, log_dir, enable_batching=None, rest=False):
     if enable_batching is None:
         enable_batching = FLAGS.enable_batching
     out_path = os.path.join(log_dir, "server.out")
@@ -142,6 +161,8 @@ def start_server(base, log_dir, enable_batching=None):
         f"--model_base_path={base}", "--port=0",
         f"--max_batch_size={max(64, FLAGS.batch_size)}",
     ]  # fmt: skip
+    if rest:
+        cmd.append("--rest_api_port=0")
     if enable_batching:
         cmd.append("--enable_batching")
     proc = subprocess.Popen(cmd, stdout=out, stderr=log)
@@ -152,7 +173,15 @@ def start_server(base, log_dir, enable_batching=None):
         with open(out_path) as f:
             line = f.readline()
         if line.startswith("serving ") and line.endswith("\n"):
-            return proc, "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+            if not rest:
+                return proc, address, None
+            with open(out_path) as f:
+                rest = [
+                    x for x in f.read().splitlines() if x.startswith("rest ")
+                ]
+            if rest:
+                return proc, address, int(rest[0].rsplit(":", 1)[1])
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start; see " + log.name)
@@ -334,7 +363,7 @@ def mixed_run(base, tmp, images, fn):
         _request(np.zeros((1,), np.float32)),
     ]
     bomb = _request(np.array([png_bomb()], dtype=object))
-    proc, address = start_server(base, tmp, enable_batching=True)
+    proc, address, _ = start_server(base, tmp, enable_batching=True)
     channel = grpc.insecure_channel(
         address,
         options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
@@ -381,6 +410,148 @@ def mixed_run(base, tmp, images, fn):
     }
 
 
+# REST vs gRPC ----------------------------------------------------------
+
+
+class RestClient:
+    """TF-Serving REST predict over one keep-alive connection."""
+
+    def __init__(self, port):
+        self._connection = http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=TIMEOUT
+        )
+
+    def encode_images(self, encoded):
+        body = json.dumps(
+            {
+                "instances": [
+                    {"b64": base64.b64encode(b).decode("ascii")}
+                    for b in encoded
+                ],
+                "output_filter": ["codes"],
+            }
+        )
+        self._connection.request(
+            "POST",
+            "/v1/models/uhga:predict",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+        response = self._connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {answer}")
+        return np.array(answer["predictions"], np.int8)
+
+    def close(self):
+        self._connection.close()
+
+
+def timed_phase(make_call, requests, expected, max_seconds):
+    """FLAGS.clients threads send `requests` round robin until the limit.
+
+    make_call() -> (call(encoded) -> codes, close()) per thread.
+    """
+    latencies, errors = [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def worker(i):
+        call, close = make_call()
+        mine, j = [], 0
+        try:
+            while time.monotonic() < deadline:
+                k = (i + j * FLAGS.clients) % len(requests)
+                j += 1
+                start = time.perf_counter()
+                try:
+                    codes = call(requests[k])
+                except (grpc.RpcError, RuntimeError, OSError) as e:
+                    with lock:
+                        errors.append(str(e)[:200])
+                    continue
+                mine.append(time.perf_counter() - start)
+                if not np.array_equal(codes, expected[k]):
+                    with lock:
+                        errors.append(f"request {k}: codes differ")
+        finally:
+            close()
+            with lock:
+                latencies.extend(mine)
+
+    threads = [
+        threading.Thread(target=worker, args=(i,))
+        for i in range(FLAGS.clients)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return latencies, len(requests[0]), elapsed, errors
+
+
+def _summary(parts):
+    latencies = [x for part in parts for x in part[0]]
+    seconds = sum(part[2] for part in parts)
+    n = len(latencies)
+    ms = np.array(latencies) * 1000 if n else np.zeros(1)
+    return {
+        "requests": n,
+        "images_per_request": parts[0][1],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n * parts[0][1] / seconds, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "errors": sum(len(part[3]) for part in parts),
+        "first_errors": [e for part in parts for e in part[3]][:3],
+        "images_per_s_per_leg": [
+            round(len(part[0]) * part[1] / part[2], 2) for part in parts
+        ],
+    }
+
+
+def rest_vs_grpc(address, rest_port, singles, batches, expected_single,
+                 expected_batched):  # fmt: skip
+    """Same server, same images, same clients: REST and gRPC, ABBA order."""
+
+    def grpc_call():
+        channel = grpc.insecure_channel(address)
+
+        def call(encoded):
+            codes, _ = client.encode_images(
+                address, encoded, timeout=TIMEOUT, channel=channel
+            )
+            return codes
+
+        return call, channel.close
+
+    def rest_call():
+        rest = RestClient(rest_port)
+        return rest.encode_images, rest.close
+
+    result = {}
+    for name, requests, expected in (
+        ("single", singles, expected_single),
+        ("batch", batches, expected_batched),
+    ):
+        runs = {"grpc": [], "rest": []}
+        for api in ("grpc", "rest", "rest", "grpc") * FLAGS.rest_rounds:
+            make_call = grpc_call if api == "grpc" else rest_call
+            runs[api].append(
+                timed_phase(make_call, requests, expected,
+                            FLAGS.rest_leg_seconds)
+            )  # fmt: skip
+        result[name] = {api: _summary(parts) for api, parts in runs.items()}
+        result[f"rest_over_grpc_{name}"] = round(
+            result[name]["rest"]["images_per_s"]
+            / result[name]["grpc"]["images_per_s"],
+            3,
+        )
+    return result
+
+
 def main(argv):
     del argv
     wall = time.perf_counter()
@@ -420,8 +591,9 @@ def main(argv):
         expected_batched = [
             fn(image_bytes=tf.constant(r))["codes"].numpy() for r in batches
         ]
-        proc, address = start_server(base, tmp)
+        proc, address, rest_port = start_server(base, tmp, rest=FLAGS.rest)
         channel = grpc.insecure_channel(address)
+        comparison = None
         try:
             client.encode_images(address, images[:1], channel=channel)
             single = run_phase(
@@ -432,6 +604,11 @@ def main(argv):
                 address, channel, batches, FLAGS.batched_requests_per_client,
                 expected_batched, FLAGS.max_seconds,
             )  # fmt: skip
+            if FLAGS.rest:
+                comparison = rest_vs_grpc(
+                    address, rest_port, singles, batches, expected_single,
+                    expected_batched,
+                )  # fmt: skip
         finally:
             channel.close()
             proc.send_signal(signal.SIGTERM)
@@ -482,6 +659,17 @@ def main(argv):
         f"{platform.processor() or platform.machine()}",
         "wall_s": round(time.perf_counter() - wall, 1),
     }
+    if comparison is not None:
+        result["errors"] += sum(
+            comparison[kind][api]["errors"]
+            for kind in ("single", "batch")
+            for api in ("grpc", "rest")
+        )
+        result["rest_over_grpc_batch"] = comparison["rest_over_grpc_batch"]
+        result["rest_over_grpc_single"] = comparison["rest_over_grpc_single"]
+        result["rest_vs_grpc"] = comparison
+        result["config"]["rest_leg_seconds"] = FLAGS.rest_leg_seconds
+        result["config"]["rest_rounds"] = FLAGS.rest_rounds
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -503,6 +691,22 @@ def main(argv):
         f"| in-process SavedModel, batch {FLAGS.batch_size} | | | "
         f"{inproc_batched:.2f} | | | |"
     )
+    if comparison is not None:
+        print("\n| REST vs gRPC | API | requests | images/s | p50 ms | "
+              "p99 ms | errors |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for kind in ("single", "batch"):
+            for api in ("grpc", "rest"):
+                phase = comparison[kind][api]
+                print(
+                    f"| {kind} | {api} | {phase['requests']} | "
+                    f"{phase['images_per_s']} | {phase['p50_ms']} | "
+                    f"{phase['p99_ms']} | {phase['errors']} |"
+                )
+        print(
+            f"\nrest_over_grpc_batch = {comparison['rest_over_grpc_batch']}, "
+            f"rest_over_grpc_single = {comparison['rest_over_grpc_single']}"
+        )
     print(
         f"\nserved_over_inprocess = {result['served_over_inprocess']} "
         f"(wall {result['wall_s']} s) -> {FLAGS.out}"

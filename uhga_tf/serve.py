@@ -1,10 +1,13 @@
-r"""Serve exported uhga_tf SavedModels over gRPC (TF-Serving's protos).
+r"""Serve exported uhga_tf SavedModels over TF-Serving's gRPC and REST APIs.
 
   python -m uhga_tf.serve --model_base_path=models/uhga --model_name=uhga \
-      --port=8500 [--enable_batching --max_batch_size=32]
+      --port=8500 [--rest_api_port=8501] \
+      [--enable_batching --max_batch_size=32]
 
 Serves the newest version under --model_base_path and loads newer ones as
-they appear. SIGTERM or Ctrl-C stops it gracefully. With
+they appear. SIGTERM or Ctrl-C stops it gracefully. --rest_api_port adds
+TF-Serving's REST API and Prometheus metrics at
+/monitoring/prometheus/metrics (same --host). With
 --print_tf_serving_command it prints the equivalent tensorflow_model_server
 command line (the production path, see serving/) and exits.
 """
@@ -16,6 +19,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
+from uhga_tf.serving import rest as rest_lib
 from uhga_tf.serving import server as server_lib
 
 FLAGS = flags.FLAGS
@@ -25,6 +29,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("model_name", "uhga", "Model name clients must use.")
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (loopback).")
 flags.DEFINE_integer("port", 8500, "gRPC port; 0 picks a free one.")
+flags.DEFINE_integer(
+    "rest_api_port",
+    None,
+    "REST API + Prometheus metrics port (TF-Serving uses 8501); unset: no "
+    "REST; 0 picks a free one.",
+)
 flags.DEFINE_float(
     "poll_interval_s", 2.0, "Seconds between scans for new versions."
 )
@@ -112,16 +122,24 @@ def main(argv):
         print(tf_serving_command(config))
         return
     server = server_lib.ModelServer(config)
+    rest = None
+    if FLAGS.rest_api_port is not None:
+        rest = rest_lib.RestServer(server, config.host, FLAGS.rest_api_port)
     port = server.start()
+    rest_port = rest.start() if rest is not None else None
 
     def on_signal(signum, frame):
         del frame
         signal.signal(signum, signal.SIG_DFL)  # a second signal kills
+        if rest is not None:
+            rest.stop()
         server.stop(FLAGS.grace_s)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"serving {config.model_name} on {config.host}:{port}", flush=True)
+    if rest_port is not None:
+        print(f"rest on {config.host}:{rest_port}", flush=True)
     server.wait()
 
 

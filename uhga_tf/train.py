@@ -3,7 +3,9 @@
 Every field of `uhga_tf.config` is a flag of the same name; a flag file sets
 only what differs from the defaults. The resolved config is written to
 `<workdir>/config.json`, and a rerun of the same command resumes from the
-newest complete checkpoint.
+newest complete checkpoint. The console shows the progress bar, the INFO
+lines that matter and warnings; `--verbosity=0` (or UHGA_VERBOSE=1) shows
+TensorFlow's and the libraries' INFO lines too (`uhga_tf.console`).
 """
 
 import os
@@ -15,6 +17,7 @@ from absl import flags  # noqa: E402
 
 from uhga_tf import cli_errors  # noqa: E402
 from uhga_tf import config  # noqa: E402
+from uhga_tf import console  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 
 flags_util.define_config_flags()
@@ -24,9 +27,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = []
 
     def run():
         experiment = config.experiment_from_flat(flags_util.config_values())
+        workdir.append(experiment.workdir)
+        console.configure(verbose=console.verbose_requested(FLAGS))
         # Imported late so that flag errors never pay for TensorFlow.
         from uhga_tf.training import run as run_lib
 
@@ -42,6 +48,7 @@ def main(argv):
         f"MAP@ALL query/database ({result['method']}, "
         f"{result['code_length']} bits): {result['map']:.4f}"
         + (f"   same split: {', '.join(references)}" if references else "")
+        + f"   results: {os.path.join(workdir[0], 'results.json')}"
     )
 
 

@@ -52,6 +52,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf.export import saved_model as saved_model_lib
+from uhga_tf.serving import metrics as metrics_lib
 from uhga_tf.serving import request_checks
 
 RequestError = request_checks.RequestError
@@ -458,6 +459,9 @@ class ModelServer:
         )
         self.manager.warmup = self._warmup
         self._limits = config.limits()
+        self.metrics = metrics_lib.ServingMetrics(
+            config.model_name, self.manager.versions
+        )
         self._batcher = None
         self._grpc = None
         self._stop = threading.Event()
@@ -711,6 +715,53 @@ class ModelServer:
                 return f"{input_name}[{i}]: {tf_error_summary(e)}"
         return summary
 
+    def handle(self, api, method, fn, request, fill=None):
+        """Answer one request of either API; log a refusal once, count all.
+
+        The one request path of gRPC and REST: the same handlers, the same
+        validation, the same messages and status codes.
+
+        Args:
+            api: "grpc" or "rest" (a metrics label).
+            method: "Predict", "GetModelMetadata" or "GetModelStatus".
+            fn: its handler (`predict`, `model_metadata`, `model_status`).
+            request: the request proto (`model_spec` at least set).
+            fill: optional callable(request) completing it (REST parses its
+                JSON body here, so parse errors are logged and counted
+                like any other refusal).
+
+        Raises:
+            RequestError: the refusal, with its gRPC status code; TF op
+                errors become INTERNAL.
+        """
+        start = time.perf_counter()
+        response, version, status = None, None, "OK"
+        try:
+            if fill is not None:
+                fill(request)
+            response = fn(request)
+            if "model_spec" in response.DESCRIPTOR.fields_by_name:
+                version = response.model_spec.version.value
+            return response
+        except RequestError as e:
+            status = e.code.name
+            logging.warning("%s %s: %s", method, e.code.name, e.message)
+            raise
+        except tf.errors.OpError as e:
+            status = grpc.StatusCode.INTERNAL.name
+            message = tf_error_summary(e)
+            logging.error("%s INTERNAL: %s", method, message)
+            raise RequestError(grpc.StatusCode.INTERNAL, message) from e
+        finally:
+            self.metrics.observe(
+                api,
+                method,
+                request.model_spec,
+                version,
+                status,
+                time.perf_counter() - start,
+            )
+
     def model_metadata(self, request):
         """Answer a GetModelMetadataRequest or raise RequestError."""
         servable = self.manager.get(request.model_spec, self.config.model_name)
@@ -766,18 +817,13 @@ class ModelServer:
 
 
 def _handler(server, method, fn):
-    """Wrap a request handler: map RequestError to a status, log once."""
+    """Wrap a request handler for gRPC: abort with the refusal's status."""
 
     def handle(request, context):
         try:
-            return fn(request)
+            return server.handle("grpc", method, fn, request)
         except RequestError as e:
-            logging.warning("%s %s: %s", method, e.code.name, e.message)
             context.abort(e.code, e.message)
-        except tf.errors.OpError as e:
-            message = tf_error_summary(e)
-            logging.error("%s INTERNAL: %s", method, message)
-            context.abort(grpc.StatusCode.INTERNAL, message)
 
     return handle
 

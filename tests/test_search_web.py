@@ -1,0 +1,270 @@
+"""The search page: its JSON API in process, and the page in headless Chromium.
+
+The index holds 12 seeded images of three colour classes encoded by a tiny
+exported model; the expected ranking is brute force over the same model's
+codes (stable on distance, then index order).
+"""
+
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import model_fixtures
+from uhga_tf import codes as codes_lib
+from uhga_tf import search
+from uhga_tf.export import saved_model
+from uhga_tf.search import web
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_LENGTH = 24
+CLASSES = {"red": (210, 50, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+TOP_K = 6
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search_web")
+    models = model_fixtures.tiny_models(CODE_LENGTH, seed=0)
+    model_dir = saved_model.export_saved_model(
+        *models, str(root / "models"), image_size=model_fixtures.IMAGE_SIZE
+    )
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, rgb in CLASSES.items():
+        for i in range(4):
+            size = 40 + 4 * i
+            ramp = np.linspace(-60, 60, size)[None, :, None] * rng.uniform(
+                -1, 1, 3
+            )
+            noise = rng.normal(0, 25, size=(size, size, 3))
+            pixels = np.clip(np.asarray(rgb) + ramp + noise, 0, 255)
+            path = root / "images" / name / f"{name}_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(path)
+            paths.append(str(path))
+    index_dir = str(root / "index")
+    search.build_index(
+        model_dir, index_dir, images_dir=str(root / "images"),
+        batch_size=4, progress=False,
+    )  # fmt: skip
+    return root, model_dir, index_dir
+
+
+def expected_ranking(model_dir, index_dir, query_bytes, top_k):
+    """(ids, distances, labels) by brute force over the model's codes."""
+    index = search.HammingIndex.load(index_dir)
+    encode = tf.saved_model.load(model_dir).signatures["serving_default"]
+    sources = [m["source"] for m in index.get_metadata(index.ids)]
+    database = encode(
+        image_bytes=tf.constant([open(p, "rb").read() for p in sources])
+    )["codes"].numpy()
+    query = encode(image_bytes=tf.constant([query_bytes]))["codes"].numpy()
+    distances = codes_lib.hamming_distance(query, database)[0]
+    order = np.argsort(distances, kind="stable")[:top_k]
+    labels = [os.path.basename(os.path.dirname(sources[i])) for i in order]
+    return index.ids[order].tolist(), distances[order].tolist(), labels
+
+
+@pytest.fixture(scope="module")
+def page(workspace):
+    _, model_dir, index_dir = workspace
+    service = web.SearchService(
+        index_dir,
+        model_dir=model_dir,
+        config=web.WebConfig(port=0, top_k=TOP_K, max_upload_bytes=200_000,
+                             max_pixels=100_000),
+    )  # fmt: skip
+    server = web.SearchWebServer(service)
+    port = server.start()
+    yield port
+    server.stop()
+
+
+def call(port, method, path, body=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request(method, path, body=body)
+        response = connection.getresponse()
+        data = response.read()
+        kind = response.getheader("Content-Type", "")
+    finally:
+        connection.close()
+    if kind.startswith("application/json"):
+        return response.status, json.loads(data)
+    return response.status, data
+
+
+def test_upload_and_item_search_match_brute_force(workspace, page):
+    root, model_dir, index_dir = workspace
+    query = (root / "images" / "green" / "green_2.png").read_bytes()
+    status, answer = call(page, "POST", "/api/search", query)
+    assert status == 200, answer
+    ids, distances, labels = expected_ranking(
+        model_dir, index_dir, query, TOP_K
+    )
+    assert [r["id"] for r in answer["results"]] == ids
+    assert [r["distance"] for r in answer["results"]] == distances
+    assert [r["label"] for r in answer["results"]] == labels
+    assert [r["rank"] for r in answer["results"]] == list(range(1, 7))
+    assert distances[0] == 0 and answer["code_length"] == CODE_LENGTH
+    # Searching from an item starts with that item (or a tie) at 0.
+    first = answer["results"][0]
+    status, again = call(page, "GET", f"/api/search?id={first['id']}&top_k=3")
+    assert status == 200, again
+    assert again["query"]["id"] == first["id"]
+    assert again["query"]["label"] == first["label"]
+    assert [r["distance"] for r in again["results"]][0] == 0
+    assert len(again["results"]) == 3
+    status, png = call(page, "GET", first["image"])
+    assert status == 200 and png.startswith(b"\x89PNG")
+    status, html = call(page, "GET", "/")
+    assert status == 200 and b'id="file"' in html
+    assert b"http://" not in html and b"https://" not in html  # no CDN
+
+
+def _png_claiming(width, height):
+    """A PNG whose header claims width x height (the data is 1x1)."""
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status,words",
+    [
+        ("POST", "/api/search", b"x" * 200_001, 413, ["max_upload_bytes"]),
+        ("POST", "/api/search", _png_claiming(1000, 1000), 413,
+         ["1000x1000", "max_pixels=100000"]),
+        ("POST", "/api/search", b"GIF89a but not really", 400,
+         ["not an image"]),
+        ("POST", "/api/search?top_k=0", _png_claiming(1, 1), 400, ["top_k"]),
+        ("GET", "/api/search?id=999", None, 404, ["999"]),
+        ("GET", "/api/search?id=x", None, 400, ["id must be an integer"]),
+        ("GET", "/image/999", None, 404, ["999"]),
+        ("GET", "/etc/passwd", None, 404, ["no page"]),
+    ],  # fmt: skip
+)
+def test_bad_requests(page, method, path, body, status, words):
+    code, answer = call(page, method, path, body)
+    assert code == status, answer
+    for word in words:
+        assert word in answer["error"], answer
+    # The page keeps serving.
+    assert call(page, "GET", "/")[0] == 200
+
+
+def _chromium():
+    for browser in ("chromium", "chromium-browser"):
+        path = shutil.which(browser)
+        if path:
+            return path, shutil.which("chromedriver")
+    return None, None
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(workspace, tmp_path):
+    """Upload an image in the browser, check tiles, click a result."""
+    browser, driver_path = _chromium()
+    if browser is None or driver_path is None:
+        pytest.skip("chromium and chromedriver are not installed "
+                    "(Debian: chromium chromium-driver)")  # fmt: skip
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, model_dir, index_dir = workspace
+    out_path = tmp_path / "page.out"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    with open(out_path, "wb") as out, open(tmp_path / "page.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uhga_tf.search", "serve",
+             f"--index={index_dir}", f"--model={model_dir}", "--port=0",
+             f"--top_k={TOP_K}"],
+            cwd=REPO, env=env, stdout=out, stderr=log,
+        )  # fmt: skip
+    driver = None
+    try:
+        deadline = time.monotonic() + 90
+        url = None
+        while url is None and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "page.log").read_text()
+            line = out_path.read_text()
+            if line.endswith("\n"):
+                url = line.split()[-1]
+            time.sleep(0.1)
+        assert url and url.startswith("http://127.0.0.1:"), url
+        options = webdriver.ChromeOptions()
+        options.binary_location = browser
+        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--window-size=1000,760"):  # fmt: skip
+            options.add_argument(argument)
+        driver = webdriver.Chrome(
+            service=webdriver.ChromeService(executable_path=driver_path),
+            options=options,
+        )
+        driver.set_page_load_timeout(TIMEOUT)
+        driver.get(url)
+        query_path = root / "images" / "blue" / "blue_1.png"
+        driver.find_element(By.ID, "file").send_keys(str(query_path))
+        wait = WebDriverWait(driver, TIMEOUT)
+        wait.until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".tile")) == TOP_K
+            and all(
+                img.get_property("naturalWidth") > 0
+                for img in d.find_elements(By.CSS_SELECTOR, ".tile img")
+            )
+        )
+        _, distances, labels = expected_ranking(
+            model_dir, index_dir, query_path.read_bytes(), TOP_K
+        )
+        tiles = driver.find_elements(By.CSS_SELECTOR, ".tile")
+        assert len(tiles) == TOP_K
+        first = tiles[0]
+        assert first.find_element(By.CLASS_NAME, "label").text == labels[0]
+        assert first.find_element(By.CLASS_NAME, "distance").text == (
+            f"#1 · d = {distances[0]}"
+        )
+        assert labels[0] == "blue" and distances[0] == 0
+        screenshot = tmp_path / "example_search_page.png"
+        driver.save_screenshot(str(screenshot))
+        assert Image.open(screenshot).size[0] > 0
+        if os.environ.get("UHGA_UPDATE_SCREENSHOT"):
+            shutil.copy(screenshot, os.path.join(
+                REPO, "docs", "example_search_page.png"))  # fmt: skip
+        # Clicking a result searches from that item.
+        item_id = tiles[2].get_attribute("data-id")
+        tiles[2].click()
+        wait.until(
+            lambda d: d.find_element(By.ID, "query-text").text.startswith(
+                f"item {item_id} "
+            )
+        )
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".tile")) == TOP_K
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "page.log").read_text()[-2000:]

@@ -1,0 +1,387 @@
+"""The search page: a small web app over a `HammingIndex`.
+
+`SearchService` encodes an uploaded image (SavedModel or a gRPC server) and
+ranks the index; `SearchWebServer` serves, on loopback by default:
+
+- `GET /`: the page (`static/search.html`: no build step, no CDN);
+- `POST /api/search?top_k=K` with the image file as the body, and
+  `GET /api/search?id=ID&top_k=K` (search from an indexed item): JSON
+  `{"query": {...}, "results": [{"rank", "id", "distance", "label",
+  "source", "image"}, ...]}`, ties broken by index order as everywhere;
+- `GET /image/ID`: a PNG thumbnail of an indexed item.
+
+Uploads are bounded in bytes (checked from Content-Length before reading)
+and in pixels (read from the image header before decoding). Errors are
+`{"error": "..."}` with 400, 404, 411 or 413.
+"""
+
+import dataclasses
+import http.server
+import importlib.resources
+import io
+import json
+import os
+import threading
+import urllib.parse
+
+from absl import logging
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from uhga_tf.search import pipeline
+from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf.serving import rest
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+THUMBNAIL_SIZE = 256
+MAX_TOP_K = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+    """Settings of the search page.
+
+    Attributes:
+        host: interface to bind; loopback unless asked otherwise.
+        port: TCP port; 0 picks a free one.
+        top_k: results per search unless the request asks for another
+            number in [1, MAX_TOP_K].
+        max_upload_bytes: largest accepted upload.
+        max_pixels: largest accepted width * height of an upload.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    top_k: int = 12
+    max_upload_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 16_000_000
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(
+                f"port must be in [0, 65535]; received port={self.port}"
+            )
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(
+                f"top_k must be in [1, {MAX_TOP_K}]; received "
+                f"top_k={self.top_k}"
+            )
+        for name in ("max_upload_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be >= 1; received "
+                    f"{name}={getattr(self, name)}"
+                )
+
+
+class SearchError(Exception):
+    """A refused search request, with its HTTP status."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SearchService:
+    """Encode queries and rank a `HammingIndex`; JSON-ready answers.
+
+    Args:
+        index_dir: directory written by `uhga_tf.index build`.
+        model_dir: SavedModel encoding the queries, or None with `server`.
+        server: "HOST:PORT" of a gRPC server encoding the queries.
+        model_name: model name on `server`.
+        config: a `WebConfig` (upload bounds, default top_k).
+    """
+
+    def __init__(
+        self,
+        index_dir,
+        model_dir=None,
+        server=None,
+        model_name="uhga",
+        config=None,
+    ):
+        if (model_dir is None) == (server is None):
+            raise ValueError(
+                "give exactly one of model_dir and server; received "
+                f"model_dir={model_dir!r}, server={server!r}"
+            )
+        self.config = config or WebConfig()
+        self.index = HammingIndex.load(index_dir)
+        self._class_names = self.index.info.get("class_names")
+        self._tiles = pipeline._TileLoader(self.index.info)
+        self._tiles_lock = threading.Lock()
+        self._positions = {
+            int(item): i for i, item in enumerate(self.index.ids)
+        }
+        self._packed_codes = self.index.packed_codes
+        if server is not None:
+            from uhga_tf.serving import client
+
+            def encode(blobs):
+                _, packed = client.encode_images(
+                    server, blobs, model_name=model_name, timeout=30.0
+                )
+                return np.asarray(packed, np.uint8)
+
+        else:
+            encoder = pipeline.SavedModelEncoder(model_dir)
+
+            def encode(blobs):
+                return encoder.encode_image_bytes(blobs)[1]
+
+        self._encode = encode
+
+    def _top_k(self, top_k):
+        if top_k is None:
+            return self.config.top_k
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise SearchError(
+                400, f"top_k must be in [1, {MAX_TOP_K}]; received {top_k}"
+            )
+        return min(top_k, len(self.index))
+
+    def check_upload(self, data):
+        """Refuse anything but a JPEG/PNG/GIF/BMP within the pixel bound."""
+        if len(data) > self.config.max_upload_bytes:
+            raise SearchError(
+                413,
+                f"upload of {len(data)} bytes is over max_upload_bytes="
+                f"{self.config.max_upload_bytes}",
+            )
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in ALLOWED_FORMATS:
+                    raise SearchError(
+                        400,
+                        f"upload is {image.format}; send one of "
+                        f"{', '.join(ALLOWED_FORMATS)}",
+                    )
+                width, height = image.size
+                if width * height > self.config.max_pixels:
+                    raise SearchError(
+                        413,
+                        f"upload of {width}x{height} pixels is over "
+                        f"max_pixels={self.config.max_pixels}",
+                    )
+                image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise SearchError(400, f"upload is not an image: {e}") from e
+
+    def search_upload(self, data, top_k=None):
+        """Rank the index for an uploaded encoded image."""
+        self.check_upload(data)
+        packed = self._encode([data])
+        return self._answer(packed, {"id": None}, self._top_k(top_k))
+
+    def search_item(self, item_id, top_k=None):
+        """Rank the index for the code of an indexed item."""
+        position = self._positions.get(item_id)
+        if position is None:
+            raise SearchError(404, f"no item with id {item_id} in the index")
+        packed = self._packed_codes[position : position + 1]
+        query = self._item(item_id)
+        query["image"] = f"/image/{item_id}"
+        return self._answer(packed, query, self._top_k(top_k))
+
+    def _item(self, item_id):
+        (metadata,) = self.index.get_metadata(np.array([item_id]))
+        label = None
+        if self._class_names and metadata.get("label") is not None:
+            names = [
+                self._class_names[i]
+                for i in sorted(pipeline._as_set(metadata["label"]))
+            ]
+            label = ", ".join(names)
+        source = metadata.get("source")
+        return {
+            "id": int(item_id),
+            "label": label,
+            "source": os.path.basename(source) if source else None,
+        }
+
+    def _answer(self, packed, query, top_k):
+        ids, distances = self.index.search(packed, top_k)
+        results = []
+        for rank, (item_id, distance) in enumerate(
+            zip(ids[0], distances[0]), start=1
+        ):
+            if item_id < 0:
+                continue
+            item = self._item(int(item_id))
+            item.update(
+                rank=rank,
+                distance=int(distance),
+                image=f"/image/{int(item_id)}",
+            )
+            results.append(item)
+        return {
+            "query": query,
+            "code_length": self.index.code_length,
+            "results": results,
+        }
+
+    def thumbnail(self, item_id):
+        """Return PNG bytes of an indexed item, at most THUMBNAIL_SIZE."""
+        if item_id not in self._positions:
+            raise SearchError(404, f"no item with id {item_id} in the index")
+        (metadata,) = self.index.get_metadata(np.array([item_id]))
+        try:
+            with self._tiles_lock:
+                image = self._tiles(metadata.get("source"))
+            image = image.convert("RGB")
+        except (OSError, ValueError, TypeError) as e:
+            raise SearchError(
+                404, f"image of item {item_id} cannot be read: {e}"
+            ) from e
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+
+def _page():
+    return (
+        importlib.resources.files("uhga_tf.search")
+        .joinpath("static/search.html")
+        .read_bytes()
+    )
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = rest.IDLE_TIMEOUT_S
+    server_version = "uhga_tf-search"
+    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
+    # algorithm holds the body until the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
+    service = None  # SearchService, set by SearchWebServer
+
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        logging.vlog(1, "search page %s", format % args)
+
+    def _send(self, status, body, content_type="application/json"):
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _query(self):
+        url = urllib.parse.urlsplit(self.path)
+        params = urllib.parse.parse_qs(url.query)
+        values = {}
+        for name in ("top_k", "id"):
+            if name in params:
+                try:
+                    values[name] = int(params[name][0])
+                except ValueError as e:
+                    raise SearchError(
+                        400, f"{name} must be an integer; received "
+                        f"{params[name][0]!r}",
+                    ) from e
+        return url.path, values
+
+    def _run(self, fn):
+        try:
+            fn()
+        except SearchError as e:
+            logging.warning("search page %d: %s", e.status, e.message)
+            self._send(e.status, {"error": e.message})
+
+    def do_GET(self):  # noqa: N802 - stdlib name
+        def answer():
+            path, params = self._query()
+            if path in ("/", "/index.html"):
+                self._send(200, _page(), "text/html; charset=utf-8")
+            elif path == "/api/search":
+                if "id" not in params:
+                    raise SearchError(400, "GET /api/search needs ?id=")
+                self._send(
+                    200,
+                    self.service.search_item(params["id"], params.get("top_k")),
+                )
+            elif path.startswith("/image/"):
+                try:
+                    item_id = int(path[len("/image/") :])
+                except ValueError as e:
+                    raise SearchError(404, f"no image at {path}") from e
+                self._send(200, self.service.thumbnail(item_id), "image/png")
+            else:
+                raise SearchError(404, f"no page at {path}")
+
+        self._run(answer)
+
+    def do_POST(self):  # noqa: N802 - stdlib name
+        def answer():
+            path, params = self._query()
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                self.close_connection = True
+                raise SearchError(411, "a Content-Length header is required")
+            limit = self.service.config.max_upload_bytes
+            if int(length) > limit:
+                self.close_connection = True
+                raise SearchError(
+                    413,
+                    f"upload of {length} bytes is over max_upload_bytes="
+                    f"{limit}",
+                )
+            data = self.rfile.read(int(length))
+            if path != "/api/search":
+                raise SearchError(404, f"no endpoint at {path}")
+            self._send(
+                200, self.service.search_upload(data, params.get("top_k"))
+            )
+
+        self._run(answer)
+
+
+class SearchWebServer:
+    """Serve the search page and its JSON API in a background thread."""
+
+    def __init__(self, service):
+        self.service = service
+        self._handler = type("Handler", (_Handler,), {"service": service})
+        self._httpd = None
+        self._thread = None
+        self.port = None
+
+    def start(self):
+        """Bind and serve; return the bound port."""
+        config = self.service.config
+        try:
+            httpd = rest.BoundedHTTPServer(
+                (config.host, config.port), self._handler
+            )
+        except OSError as e:
+            raise ValueError(
+                f"cannot bind {config.host}:{config.port}: {e}"
+            ) from e
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="uhga-search-page",
+            daemon=True,
+        )
+        self._thread.start()
+        logging.info(
+            "Search page for %d items on http://%s:%d/",
+            len(self.service.index),
+            config.host,
+            self.port,
+        )
+        return self.port
+
+    def stop(self):
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+            self._httpd = None

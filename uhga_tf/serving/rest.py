@@ -1,0 +1,604 @@
+"""TF-Serving's REST API and Prometheus metrics for the embedded server.
+
+`RestServer` answers, on its own port (TF-Serving uses 8501):
+
+- `POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict` with
+  `{"instances": [...]}` (row format) or `{"inputs": ...}` (columnar), an
+  optional `signature_name`, binary values as `{"b64": "..."}`; answers
+  `{"predictions": ...}` or `{"outputs": ...}` like TF-Serving. This server
+  also honours an optional `output_filter` list (TF-Serving's REST has none);
+- `GET /v1/models/<name>[/versions/<v>|/labels/<l>]`: the version status;
+- `GET /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata`: the
+  SignatureDefs;
+- `GET /monitoring/prometheus/metrics`: `uhga_tf.serving.metrics`.
+
+Every request becomes the same proto a gRPC client sends and goes through
+`ModelServer.handle`, so validation, limits, messages and status codes are
+those of the gRPC API; only the JSON decoding is REST's own (as in
+TF-Serving, JSON numbers take the signature's dtype). Errors are
+`{"error": "<message>"}` with TF-Serving's HTTP code for the gRPC status.
+
+The HTTP layer is the standard library's `ThreadingHTTPServer` with
+HTTP/1.1 keep-alive and TCP_NODELAY, capped at MAX_CONNECTIONS connection
+threads (503 beyond): a thread per connection suits the blocking TensorFlow
+calls, needs no new dependency, and `benchmarks/serving.py` measures it
+against gRPC under the same load.
+"""
+
+import base64
+import binascii
+import http.server
+import json
+import re
+import threading
+
+from absl import logging
+from google.protobuf import json_format
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import predict_pb2
+
+from uhga_tf.serving import server as server_lib
+
+# A JSON body may carry a base64 gRPC-sized message, plus JSON overhead.
+MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 60.0
+METRICS_PATH = "/monitoring/prometheus/metrics"
+
+# TF-Serving's mapping (model_servers/http_server.cc, ToHTTPStatusCode).
+_HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+_MODEL_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<rest>/metadata|:predict|:classify|:regress)?$"
+)
+_STATUS_NAMES = {
+    get_model_status_pb2.ModelVersionStatus.AVAILABLE: "AVAILABLE",
+}
+
+
+def http_status(code):
+    """Return TF-Serving's HTTP status for a grpc.StatusCode."""
+    return _HTTP_STATUS.get(code, 500)
+
+
+def _invalid(message):
+    return server_lib.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _is_b64(value):
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
+def _is_b64_list(value):
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(_is_b64(v) for v in value)
+    )
+
+
+def _decode_leaves(value, path):
+    """Nested JSON lists -> nested lists with `{"b64": s}` turned to bytes."""
+    if isinstance(value, list):
+        return [_decode_leaves(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if _is_b64(value):
+        text = value["b64"]
+        if not isinstance(text, str):
+            raise _invalid(f"{path}: 'b64' must hold a string")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise _invalid(f"{path}: invalid base64: {e}") from e
+    if isinstance(value, dict):
+        raise _invalid(
+            f"{path}: objects other than {{\"b64\": ...}} are not tensor "
+            f"values; received keys {sorted(value)}"
+        )
+    return value
+
+
+def _leaves(value):
+    if isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _tensor_proto(value, dtype, name):
+    """JSON value (b64 already decoded) -> TensorProto of the input's dtype.
+
+    Bytes or strings make a string tensor whatever the signature wants, so
+    the shared validation names the dtype mismatch as it does for gRPC.
+    """
+    leaves = list(_leaves(value))
+    textual = [v for v in leaves if isinstance(v, (bytes, str))]
+    if textual and len(textual) != len(leaves):
+        raise _invalid(f"input {name!r} mixes strings and numbers")
+    try:
+        if textual or (not leaves and dtype == tf.string):
+            encoded = _map_leaves(
+                value, lambda v: v.encode() if isinstance(v, str) else v
+            )
+            shape = _shape_of(encoded, name)
+            array = np.array(encoded, dtype=object).reshape(shape)
+            return tf.make_tensor_proto(array, dtype=tf.string)
+        array = np.asarray(value)
+    except ValueError as e:
+        raise _invalid(f"input {name!r} is not a rectangular array: {e}") from e
+    if array.dtype == object:
+        raise _invalid(f"input {name!r} is not a rectangular numeric array")
+    if dtype == tf.string:
+        raise _invalid(
+            f"input {name!r} must be strings or {{\"b64\": ...}} values; "
+            f"received numbers"
+        )
+    if dtype.is_integer:
+        if array.size and array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)) or np.any(
+                array != np.round(array)
+            ):
+                raise _invalid(
+                    f"input {name!r} must be {dtype.name}; received "
+                    "non-integer JSON numbers"
+                )
+        if array.size and (
+            array.min() < dtype.min or array.max() > dtype.max
+        ):
+            raise _invalid(
+                f"input {name!r} must be {dtype.name} in [{dtype.min}, "
+                f"{dtype.max}]; received values in [{array.min()}, "
+                f"{array.max()}]"
+            )
+    elif dtype == tf.bool and array.size and array.dtype != np.bool_:
+        raise _invalid(f"input {name!r} must be true/false values")
+    return tf.make_tensor_proto(array.astype(dtype.as_numpy_dtype))
+
+
+def _map_leaves(value, fn):
+    if isinstance(value, list):
+        return [_map_leaves(v, fn) for v in value]
+    return fn(value)
+
+
+def _shape_of(value, name):
+    shape, level = [], value
+    while isinstance(level, list):
+        shape.append(len(level))
+        if not level:
+            break
+        level = level[0]
+    _check_rectangular(value, shape, name)
+    return shape
+
+
+def _check_rectangular(value, shape, name):
+    if not shape:
+        if isinstance(value, list):
+            raise ValueError(f"input {name!r} is not rectangular")
+        return
+    if not isinstance(value, list) or len(value) != shape[0]:
+        raise ValueError(
+            f"input {name!r} is not rectangular (expected shape {shape})"
+        )
+    for v in value:
+        _check_rectangular(v, shape[1:], name)
+
+
+def _json_value(array):
+    """np.ndarray -> JSON-ready lists; bytes as {"b64": ...} (TF-Serving)."""
+    if array.dtype == object or array.dtype.kind == "S":
+        return _map_leaves(
+            array.tolist(),
+            lambda v: {"b64": base64.b64encode(v).decode("ascii")},
+        )
+    return array.tolist()
+
+
+class RestApi:
+    """Turns REST calls into `ModelServer.handle` calls and back to JSON."""
+
+    def __init__(self, model_server):
+        self.server = model_server
+        self.model_name = model_server.config.model_name
+
+    def _model_spec(self, spec, match):
+        spec.name = match["name"]
+        if match["version"] is not None:
+            if not match["version"].isdigit():
+                raise _invalid(
+                    f"version must be a positive integer; received "
+                    f"{match['version']!r}"
+                )
+            spec.version.value = int(match["version"])
+        elif match["label"] is not None:
+            spec.version_label = match["label"]
+
+    def predict(self, match, body):
+        """Return the JSON answer of a :predict call (RequestError if not)."""
+        request = predict_pb2.PredictRequest()
+        state = {}
+
+        def fill(request):
+            self._model_spec(request.model_spec, match)
+            document = self._parse(body)
+            signature = document.get("signature_name")
+            if signature is not None and not isinstance(signature, str):
+                raise _invalid("signature_name must be a string")
+            request.model_spec.signature_name = (
+                signature or server_lib.DEFAULT_SIGNATURE
+            )
+            output_filter = document.get("output_filter", [])
+            if not isinstance(output_filter, list) or not all(
+                isinstance(n, str) for n in output_filter
+            ):
+                raise _invalid("output_filter must be a list of names")
+            request.output_filter.extend(output_filter)
+            state["row"] = self._fill_inputs(request, document)
+
+        response = self.server.handle(
+            "rest", "Predict", self.server.predict, request, fill
+        )
+        outputs = {
+            key: tf.make_ndarray(value)
+            for key, value in response.outputs.items()
+        }
+        names = list(request.output_filter) or sorted(outputs)
+        if state["row"]:
+            if len(names) == 1:
+                return {
+                    "predictions": _json_value(outputs[names[0]])
+                }
+            columns = {n: _json_value(outputs[n]) for n in names}
+            rows = len(next(iter(columns.values())))
+            return {
+                "predictions": [
+                    {n: columns[n][i] for n in names} for i in range(rows)
+                ]
+            }
+        if len(names) == 1:
+            return {"outputs": _json_value(outputs[names[0]])}
+        return {"outputs": {n: _json_value(outputs[n]) for n in names}}
+
+    @staticmethod
+    def _parse(body):
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _invalid(f"JSON Parse error: {e}") from e
+        if not isinstance(document, dict):
+            raise _invalid("the request body must be a JSON object")
+        return document
+
+    def _signature_inputs(self, request):
+        """{input name: tf.DType} of the requested signature, if known.
+
+        Unknown models, versions or signatures return None: the shared path
+        then refuses the request with the same status as for gRPC.
+        """
+        try:
+            servable = self.server.manager.get(
+                request.model_spec, self.model_name
+            )
+        except server_lib.RequestError:
+            return None
+        signature_def = servable.signature_defs.get(
+            request.model_spec.signature_name
+        )
+        if signature_def is None:
+            return None
+        return {
+            name: tf.dtypes.as_dtype(info.dtype)
+            for name, info in signature_def.inputs.items()
+        }
+
+    def _fill_inputs(self, request, document):
+        """Fill request.inputs; return True for the row format."""
+        has_rows, has_columns = "instances" in document, "inputs" in document
+        if has_rows == has_columns:
+            raise _invalid(
+                "the request body must hold exactly one of 'instances' "
+                "(row format) and 'inputs' (columnar format)"
+            )
+        expected = self._signature_inputs(request)
+        if has_rows:
+            instances = document["instances"]
+            if not isinstance(instances, list):
+                raise _invalid("'instances' must be a list")
+            named = bool(instances) and all(
+                isinstance(i, dict) and not _is_b64(i) for i in instances
+            )
+            if named:
+                keys = set(instances[0])
+                for i, instance in enumerate(instances):
+                    if set(instance) != keys:
+                        raise _invalid(
+                            f"instances[{i}] has keys {sorted(instance)}; "
+                            f"instances[0] has {sorted(keys)}"
+                        )
+                values = {k: [inst[k] for inst in instances] for k in keys}
+            else:
+                values = {None: instances}
+        else:
+            inputs = document["inputs"]
+            if isinstance(inputs, dict) and not _is_b64(inputs):
+                values = dict(inputs)
+            else:
+                values = {None: inputs}
+        if None in values:
+            if expected is not None and len(expected) != 1:
+                raise _invalid(
+                    f"signature {request.model_spec.signature_name!r} has "
+                    f"inputs {sorted(expected)}; name them"
+                )
+            # An unknown signature is refused by the shared path anyway.
+            name = next(iter(expected)) if expected else "inputs"
+            values = {name: values[None]}
+        for name, value in values.items():
+            dtype = (expected or {}).get(name, tf.string)
+            if _is_b64_list(value):
+                # The common case, a batch of encoded images: one pass.
+                blobs = [
+                    _decode_leaves(v, f"{name}[{i}]")
+                    for i, v in enumerate(value)
+                ]
+                proto = tf.make_tensor_proto(
+                    np.array(blobs, dtype=object), dtype=tf.string
+                )
+            else:
+                decoded = _decode_leaves(value, name)
+                proto = _tensor_proto(decoded, dtype, name)
+            request.inputs[name].CopyFrom(proto)
+        return has_rows
+
+    def status(self, match):
+        request = get_model_status_pb2.GetModelStatusRequest()
+        response = self.server.handle(
+            "rest",
+            "GetModelStatus",
+            self.server.model_status,
+            request,
+            lambda r: self._model_spec(r.model_spec, match),
+        )
+        return {
+            "model_version_status": [
+                {
+                    "version": str(status.version),
+                    "state": _STATUS_NAMES.get(status.state, "UNKNOWN"),
+                    "status": {"error_code": "OK", "error_message": ""},
+                }
+                for status in response.model_version_status
+            ]
+        }
+
+    def metadata(self, match):
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.metadata_field.append("signature_def")
+        response = self.server.handle(
+            "rest",
+            "GetModelMetadata",
+            self.server.model_metadata,
+            request,
+            lambda r: self._model_spec(r.model_spec, match),
+        )
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_map)
+        return {
+            "model_spec": {
+                "name": response.model_spec.name,
+                "signature_name": "",
+                "version": str(response.model_spec.version.value),
+            },
+            "metadata": {
+                "signature_def": json_format.MessageToDict(
+                    signature_map, preserving_proto_field_name=True
+                )
+            },
+        }
+
+
+class BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at a time.
+
+    A connection over the limit gets 503 and `{"error": ...}` at once
+    (never queued behind idle keep-alive connections, which handlers close
+    after their `timeout`).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps(
+                {
+                    "error": f"over {self.max_connections} open "
+                    "connections; retry later"
+                }
+            ).encode()
+            try:
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Connection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+            except OSError:
+                pass  # the client is gone; nothing to tell it
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
+    server_version = "uhga_tf"
+    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
+    # algorithm holds the body until the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
+    api = None  # RestApi, set by RestServer
+    metrics = None  # ServingMetrics
+
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        logging.vlog(1, "REST %s", format % args)
+
+    def _send(self, code, body, content_type="application/json"):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body, separators=(",", ":")).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, code, message):
+        self._send(code, {"error": message})
+
+    def _answer(self, call, *args):
+        try:
+            self._send(200, call(*args))
+        except server_lib.RequestError as e:
+            self._error(http_status(e.code), e.message)
+
+    def do_GET(self):  # noqa: N802 - stdlib name
+        path = self.path.split("?", 1)[0]
+        if path == METRICS_PATH:
+            body, content_type = self.metrics.exposition()
+            self._send(200, body, content_type)
+            return
+        match = _MODEL_PATH.match(path)
+        if match is None or match["rest"] not in (None, "/metadata"):
+            self._error(404, f"Malformed request: GET {path}")
+            return
+        if match["rest"] == "/metadata":
+            self._answer(self.api.metadata, match)
+        else:
+            self._answer(self.api.status, match)
+
+    def do_POST(self):  # noqa: N802 - stdlib name
+        path = self.path.split("?", 1)[0]
+        match = _MODEL_PATH.match(path)
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._error(411, "a Content-Length header is required")
+            return
+        length = int(length)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._error(
+                413,
+                f"request body of {length} bytes is over the limit of "
+                f"{MAX_BODY_BYTES} bytes",
+            )
+            return
+        body = self.rfile.read(length)
+        if match is None or match["rest"] is None or match["rest"] in (
+            "/metadata",
+        ):
+            self._error(404, f"Malformed request: POST {path}")
+            return
+        if match["rest"] != ":predict":
+            self._error(
+                501, f"{match['rest'][1:]} is not served: SavedModels of "
+                "uhga_tf have predict signatures only",
+            )
+            return
+        self._answer(self.api.predict, match, body)
+
+
+class RestServer:
+    """The REST API of a `ModelServer`, on its own port and threads.
+
+    Example:
+        rest = RestServer(model_server, "127.0.0.1", 8501)
+        port = rest.start()
+        ...
+        rest.stop()
+    """
+
+    def __init__(self, model_server, host="127.0.0.1", port=8501):
+        if not 0 <= port <= 65535:
+            raise ValueError(
+                f"rest_api_port must be in [0, 65535]; received "
+                f"rest_api_port={port}"
+            )
+        self.host, self.port = host, port
+        handler = type(
+            "Handler",
+            (_Handler,),
+            {"api": RestApi(model_server), "metrics": model_server.metrics},
+        )
+        self._handler = handler
+        self._httpd = None
+        self._thread = None
+
+    def start(self):
+        """Bind and serve in a background thread; return the bound port."""
+        try:
+            httpd = BoundedHTTPServer((self.host, self.port), self._handler)
+        except OSError as e:
+            raise ValueError(
+                f"cannot bind {self.host}:{self.port}: {e}"
+            ) from e
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="uhga-rest",
+            daemon=True,
+        )
+        self._thread.start()
+        logging.info("REST API on %s:%d", self.host, self.port)
+        return self.port
+
+    def stop(self):
+        """Stop accepting connections and close the socket."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+            self._httpd = None
+
+
