@@ -59,8 +59,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from uhga_tf.export import saved_model
-from uhga_tf.serving import client
+from uhga_tf import saved_model
+from uhga_tf.serving import grpc_client
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -201,7 +201,7 @@ def run_phase(address, channel, requests, per_client, expected, max_seconds):
             k = (i * per_client + j) % len(requests)
             start = time.perf_counter()
             try:
-                codes, _ = client.encode_images(
+                codes, _ = grpc_client.encode_images(
                     address, requests[k], timeout=TIMEOUT, channel=channel
                 )
             except grpc.RpcError as e:
@@ -520,7 +520,7 @@ def rest_vs_grpc(address, rest_port, singles, batches, expected_single,
         channel = grpc.insecure_channel(address)
 
         def call(encoded):
-            codes, _ = client.encode_images(
+            codes, _ = grpc_client.encode_images(
                 address, encoded, timeout=TIMEOUT, channel=channel
             )
             return codes
@@ -595,7 +595,7 @@ def main(argv):
         channel = grpc.insecure_channel(address)
         comparison = None
         try:
-            client.encode_images(address, images[:1], channel=channel)
+            grpc_client.encode_images(address, images[:1], channel=channel)
             single = run_phase(
                 address, channel, singles, FLAGS.requests_per_client,
                 expected_single, FLAGS.max_seconds,

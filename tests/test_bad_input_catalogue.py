@@ -29,8 +29,8 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 import model_fixtures
 from train_fixtures import write_feature_file
 from uhga_tf.data import splits
-from uhga_tf.export import saved_model
-from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf import saved_model
+from uhga_tf.retrieval.hamming_index import HammingIndex
 from uhga_tf.serving import server as server_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,8 @@ import tensorflow as tf
 
 import model_fixtures
 from uhga_tf import codes as codes_lib
-from uhga_tf.export import saved_model
-from uhga_tf.serving import server as server_lib
+from uhga_tf import saved_model
+from uhga_tf.serving import model_manager
 
 IMAGE_SIZE = model_fixtures.IMAGE_SIZE
 FEATURE_DIM = model_fixtures.FEATURE_DIM
@@ -296,7 +296,7 @@ def test_killed_export_is_invisible_to_the_server(tmp_path):
         f"""
         import os, signal
         import keras
-        from uhga_tf.export import saved_model
+        from uhga_tf import saved_model
         def die(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)
         saved_model.os.rename = die
@@ -328,7 +328,7 @@ def test_killed_export_is_invisible_to_the_server(tmp_path):
     # not be discovered.
     assert os.path.exists(os.path.join(base, temps[0], "saved_model.pb"))
     assert saved_model.list_versions(base) == [1]
-    manager = server_lib.ModelManager(base, num_versions=5)
+    manager = model_manager.ModelManager(base, num_versions=5)
     assert manager.poll() == [1]
     assert manager.versions() == [1]
     # The next export takes version 2 and does not reuse the leftover.

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from uhga_tf import codes as codes_lib
-from uhga_tf.search import hamming_index
-from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf.retrieval import hamming_index
+from uhga_tf.retrieval.hamming_index import HammingIndex
 
 BACKENDS = ("faiss", "numpy")
 

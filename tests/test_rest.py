@@ -20,8 +20,8 @@ import pytest
 import tensorflow as tf
 
 import test_server as grpc_tests
-from uhga_tf.export import saved_model
-from uhga_tf.serving import client
+from uhga_tf import saved_model
+from uhga_tf.serving import grpc_client
 from uhga_tf.serving import rest
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def served(tmp_path_factory):
         yield {1: models, 2: models_v2}, server
     finally:
         server.terminate()
-        client.close_channels()
+        grpc_client.close_channels()
 
 
 def b64(blob):
@@ -96,7 +96,7 @@ def test_predict_row_and_columnar_equal_grpc_bit_for_bit(served):
     models, server = served
     _, encoded = grpc_tests.sample_images()
     expected = grpc_tests.expected_codes(models[2], encoded)
-    grpc_codes, grpc_packed = client.encode_images(
+    grpc_codes, grpc_packed = grpc_client.encode_images(
         server.address, encoded, timeout=TIMEOUT, channel=server.channel
     )
     np.testing.assert_array_equal(grpc_codes, expected)
@@ -157,7 +157,7 @@ def test_other_signatures_and_json_numbers(served):
         [r["codes"] for r in answer["predictions"]], expected
     )
     features = rng.normal(size=(3, grpc_tests.FEATURE_DIM)).astype(np.float32)
-    grpc_codes, _ = client.encode_features(
+    grpc_codes, _ = grpc_client.encode_features(
         server.address, features, timeout=TIMEOUT, channel=server.channel
     )
     status, answer = server.call(
@@ -269,7 +269,7 @@ def test_grpc_bad_request_catalogue_over_rest(
     """Each case gets the gRPC status, as its HTTP code, and the message."""
     _, server = served
     with pytest.raises(grpc.RpcError) as info:
-        client.predict(
+        grpc_client.predict(
             server.address,
             inputs,
             timeout=TIMEOUT,
@@ -352,7 +352,7 @@ def test_metrics_counters_move(served):
             "/v1/models/uhga/versions/1:predict",
             {"instances": [b64(encoded[0])]},
         )
-    client.encode_images(
+    grpc_client.encode_images(
         server.address, encoded, timeout=TIMEOUT, channel=server.channel
     )
     server.call(
@@ -437,11 +437,11 @@ def test_readme_curl_examples(served, tmp_path):
 
 
 def test_metric_labels_stay_bounded():
-    from uhga_tf.serving import metrics
+    from uhga_tf.serving import prometheus
     from tensorflow_serving.apis import model_pb2
 
-    served = metrics.ServingMetrics("uhga", lambda: [3])
-    for i in range(metrics.MAX_LABEL_SETS + 50):
+    served = prometheus.ServingMetrics("uhga", lambda: [3])
+    for i in range(prometheus.MAX_LABEL_SETS + 50):
         spec = model_pb2.ModelSpec(name="uhga", signature_name=f"sig{i}")
         served.observe("rest", "Predict", spec, None, "INVALID_ARGUMENT",
                        0.01)  # fmt: skip
@@ -452,7 +452,7 @@ def test_metric_labels_stay_bounded():
         line for line in text.splitlines()
         if line.startswith("uhga_request_count_total{")
     ]  # fmt: skip
-    assert len(counts) == metrics.MAX_LABEL_SETS + 2, len(counts)
+    assert len(counts) == prometheus.MAX_LABEL_SETS + 2, len(counts)
     assert _counter(text, model="<other>", signature="<other>",
                     status="INVALID_ARGUMENT") == 50  # fmt: skip
     assert _counter(text, model="<other>", status="NOT_FOUND") == 1

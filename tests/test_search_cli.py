@@ -19,8 +19,8 @@ import tensorflow as tf
 from PIL import Image
 
 from uhga_tf import codes as codes_lib
-from uhga_tf import search
-from uhga_tf.search import result_grid
+from uhga_tf import retrieval
+from uhga_tf.retrieval import result_grid
 
 CODE_LENGTH = 16
 CLASSES = ("cat", "dog", "ship")
@@ -168,7 +168,7 @@ def test_build_and_search_cli(workspace):
 def test_search_cli_corrupt_query(workspace):
     root, model_dir = workspace
     index_dir = str(root / "index_small")
-    search.build_index(model_dir, index_dir, images_dir=root / "images",
+    retrieval.build_index(model_dir, index_dir, images_dir=root / "images",
                        progress=False)
     broken = str(root / "queries" / "broken.png")
     result = _run("uhga_tf.search", f"--index={index_dir}",
@@ -190,9 +190,9 @@ def test_build_corrupt_image(workspace, tmp_path):
     bad = images / "cat" / "1b.png"
     bad.write_bytes(b"\xff\xd8 truncated jpeg")
     with pytest.raises(ValueError, match=f"cannot decode image {bad}"):
-        search.build_index(model_dir, tmp_path / "index", images_dir=images,
+        retrieval.build_index(model_dir, tmp_path / "index", images_dir=images,
                            progress=False)
-    index = search.build_index(model_dir, tmp_path / "index",
+    index = retrieval.build_index(model_dir, tmp_path / "index",
                                images_dir=images, progress=False,
                                skip_corrupt=True)
     # Sorted files: 0, 1, 1b (skipped), 2 -> ids 0, 1, 3.
@@ -223,7 +223,7 @@ def test_dataset_build_and_server_search(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(uhga_tf.data, "datasets", fake_datasets,
                         raising=False)
-    index = search.build_index(model_dir, tmp_path / "index", dataset="toy",
+    index = retrieval.build_index(model_dir, tmp_path / "index", dataset="toy",
                                data_dir=str(tmp_path), progress=False,
                                batch_size=3)
     assert calls == [("toy", str(tmp_path))]
@@ -231,7 +231,7 @@ def test_dataset_build_and_server_search(workspace, tmp_path, monkeypatch):
         {"source": "dataset:toy:4", "label": 0}
     ]
 
-    encoder = search.SavedModelEncoder(model_dir)
+    encoder = retrieval.SavedModelEncoder(model_dir)
     requests = []
 
     def encode_images(server, image_bytes, model_name, signature_name,
@@ -239,15 +239,15 @@ def test_dataset_build_and_server_search(workspace, tmp_path, monkeypatch):
         requests.append((server, model_name, signature_name, timeout))
         return encoder.encode_image_bytes(image_bytes)
 
-    fake_client = types.ModuleType("uhga_tf.serving.client")
+    fake_client = types.ModuleType("uhga_tf.serving.grpc_client")
     fake_client.encode_images = encode_images
-    monkeypatch.setitem(sys.modules, "uhga_tf.serving.client", fake_client)
+    monkeypatch.setitem(sys.modules, "uhga_tf.serving.grpc_client", fake_client)
     import uhga_tf.serving
 
-    monkeypatch.setattr(uhga_tf.serving, "client", fake_client,
+    monkeypatch.setattr(uhga_tf.serving, "grpc_client", fake_client,
                         raising=False)
     query = str(root / "queries" / "q1.png")
-    results, loaded = search.search_images(
+    results, loaded = retrieval.search_images(
         tmp_path / "index", [query], top_k=4, server="localhost:8500",
         query_label="even",
     )
@@ -260,9 +260,9 @@ def test_dataset_build_and_server_search(workspace, tmp_path, monkeypatch):
     np.testing.assert_array_equal(result.ids, order)
     np.testing.assert_array_equal(result.distances, dist[order])
     assert result.relevant == [bool(labels[j] == 1) for j in order]
-    size = search.write_result_grid(results, loaded, tmp_path / "g.png",
+    size = retrieval.write_result_grid(results, loaded, tmp_path / "g.png",
                                     tile_size=16)
     assert size == (5 * 22 + 6, 50 + 6)
     with pytest.raises(ValueError, match="query_label must be one of"):
-        search.search_images(tmp_path / "index", [query], model_dir=model_dir,
+        retrieval.search_images(tmp_path / "index", [query], model_dir=model_dir,
                              query_label="bird")

@@ -24,9 +24,9 @@ from PIL import Image
 
 import model_fixtures
 from uhga_tf import codes as codes_lib
-from uhga_tf import search
-from uhga_tf.export import saved_model
-from uhga_tf.search import web
+from uhga_tf import retrieval
+from uhga_tf import saved_model
+from uhga_tf.retrieval import web
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_LENGTH = 24
@@ -57,7 +57,7 @@ def workspace(tmp_path_factory):
             Image.fromarray(pixels.astype(np.uint8)).save(path)
             paths.append(str(path))
     index_dir = str(root / "index")
-    search.build_index(
+    retrieval.build_index(
         model_dir, index_dir, images_dir=str(root / "images"),
         batch_size=4, progress=False,
     )  # fmt: skip
@@ -66,7 +66,7 @@ def workspace(tmp_path_factory):
 
 def expected_ranking(model_dir, index_dir, query_bytes, top_k):
     """(ids, distances, labels) by brute force over the model's codes."""
-    index = search.HammingIndex.load(index_dir)
+    index = retrieval.HammingIndex.load(index_dir)
     encode = tf.saved_model.load(model_dir).signatures["serving_default"]
     sources = [m["source"] for m in index.get_metadata(index.ids)]
     database = encode(

@@ -24,8 +24,8 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 import model_fixtures
 from uhga_tf import codes as codes_lib
-from uhga_tf.export import saved_model
-from uhga_tf.serving import client
+from uhga_tf import saved_model
+from uhga_tf.serving import grpc_client
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def served(tmp_path_factory):
 def test_predict_image_bytes_matches_in_process(served):
     models, server = served
     _, encoded = sample_images()
-    codes, packed = client.encode_images(
+    codes, packed = grpc_client.encode_images(
         server.address, encoded, timeout=TIMEOUT, channel=server.channel
     )
     expected = expected_codes(models, encoded)
@@ -154,18 +154,18 @@ def test_predict_image_bytes_matches_in_process(served):
     np.testing.assert_array_equal(packed, codes_lib.pack_codes(expected))
     assert len({row.tobytes() for row in codes}) >= 2
     # The cached-channel path gives the same answer.
-    codes_again, _ = client.encode_images(
+    codes_again, _ = grpc_client.encode_images(
         server.address, encoded[:1], timeout=TIMEOUT
     )
     np.testing.assert_array_equal(codes_again, expected[:1])
-    client.close_channels()
+    grpc_client.close_channels()
 
 
 def test_predict_uint8_and_features_match_in_process(served):
     (backbone, hasher), server = served
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, size=(3, 40, 28, 3), dtype=np.uint8)
-    codes, packed = client.encode_uint8_images(
+    codes, packed = grpc_client.encode_uint8_images(
         server.address, images, timeout=TIMEOUT, channel=server.channel
     )
     expected, relaxed = saved_model.encode_in_process(
@@ -176,7 +176,7 @@ def test_predict_uint8_and_features_match_in_process(served):
     np.testing.assert_array_equal(packed, codes_lib.pack_codes(expected))
 
     features = rng.normal(size=(5, FEATURE_DIM)).astype(np.float32)
-    codes, _ = client.encode_features(
+    codes, _ = grpc_client.encode_features(
         server.address, features, timeout=TIMEOUT, channel=server.channel
     )
     np.testing.assert_array_equal(
@@ -187,7 +187,7 @@ def test_predict_uint8_and_features_match_in_process(served):
 def test_output_filter_returns_only_requested(served):
     _, server = served
     _, encoded = sample_images(1)
-    outputs = client.predict(
+    outputs = grpc_client.predict(
         server.address,
         {"image_bytes": np.array(encoded, dtype=object)},
         output_filter=["packed_codes"],
@@ -200,7 +200,7 @@ def test_output_filter_returns_only_requested(served):
 
 def test_model_metadata_describes_signatures(served):
     _, server = served
-    version, signatures = client.get_model_metadata(
+    version, signatures = grpc_client.get_model_metadata(
         server.address, timeout=TIMEOUT, channel=server.channel
     )
     assert version == 1
@@ -229,10 +229,10 @@ def test_model_metadata_describes_signatures(served):
 
 def test_model_status_available(served):
     _, server = served
-    assert client.get_model_status(
+    assert grpc_client.get_model_status(
         server.address, timeout=TIMEOUT, channel=server.channel
     ) == {1: "AVAILABLE"}
-    assert client.get_model_status(
+    assert grpc_client.get_model_status(
         server.address, timeout=TIMEOUT, channel=server.channel, version=1
     ) == {1: "AVAILABLE"}
 
@@ -288,7 +288,7 @@ def test_bad_request_status_then_good_request(
 ):
     models, server = served
     with pytest.raises(grpc.RpcError) as info:
-        client.predict(
+        grpc_client.predict(
             server.address,
             inputs,
             timeout=TIMEOUT,
@@ -300,7 +300,7 @@ def test_bad_request_status_then_good_request(
         assert word in info.value.details(), info.value.details()
     # The server keeps serving.
     _, encoded = sample_images(1)
-    codes, _ = client.encode_images(
+    codes, _ = grpc_client.encode_images(
         server.address, encoded, timeout=TIMEOUT, channel=server.channel
     )
     np.testing.assert_array_equal(codes, expected_codes(models, encoded))
@@ -403,7 +403,7 @@ def test_new_version_hot_swap_with_batching(tmp_path):
             blob = [encoded[i]]
             while not stop.is_set():
                 try:
-                    codes, _ = client.encode_images(
+                    codes, _ = grpc_client.encode_images(
                         server.address,
                         blob,
                         timeout=TIMEOUT,
@@ -429,7 +429,7 @@ def test_new_version_hot_swap_with_batching(tmp_path):
         saved_model.export_saved_model(*models_v2, base, image_size=IMAGE_SIZE)
         exported_at = time.monotonic()
         while time.monotonic() - exported_at < POLL_INTERVAL_S + 30:
-            status = client.get_model_status(
+            status = grpc_client.get_model_status(
                 server.address, timeout=TIMEOUT, channel=server.channel
             )
             if 2 in status:
@@ -446,12 +446,12 @@ def test_new_version_hot_swap_with_batching(tmp_path):
         assert swap_s < POLL_INTERVAL_S + 15, swap_s
         assert seen.count(1) > 0 and seen.count(2) > 0
         # Unversioned requests get v2; both versions answer when named.
-        codes, _ = client.encode_images(
+        codes, _ = grpc_client.encode_images(
             server.address, encoded, timeout=TIMEOUT, channel=server.channel
         )
         np.testing.assert_array_equal(codes, expected_v2)
         for version, expected in ((1, expected_v1), (2, expected_v2)):
-            outputs = client.predict(
+            outputs = grpc_client.predict(
                 server.address,
                 {"image_bytes": np.array(encoded, dtype=object)},
                 version=version,

@@ -19,7 +19,7 @@ from uhga_tf.data import datasets
 from uhga_tf.data import feature_cache
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import metrics
-from uhga_tf.export import saved_model
+from uhga_tf import saved_model
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.models import hash_layer
 from uhga_tf.training import hash_optimizer

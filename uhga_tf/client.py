@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from uhga_tf import cli_errors
-from uhga_tf.serving import client as client_lib
+from uhga_tf.serving import grpc_client
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("server", "localhost:8500", "gRPC address host:port.")
@@ -48,7 +48,7 @@ def main(argv):
         with open(path, "rb") as f:
             image_bytes_list.append(f.read())
     try:
-        codes, packed_codes = client_lib.encode_images(
+        codes, packed_codes = grpc_client.encode_images(
             FLAGS.server,
             image_bytes_list,
             model_name=FLAGS.model_name,

@@ -13,7 +13,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
-from uhga_tf import search
+from uhga_tf import retrieval
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "SavedModel directory (models/uhga/1).")
@@ -42,7 +42,7 @@ def main(argv):
         raise app.UsageError(
             f"expected the command 'build'; received {argv[1:]}"
         )
-    index = search.build_index(
+    index = retrieval.build_index(
         FLAGS.model,
         FLAGS.out,
         images_dir=FLAGS.images,

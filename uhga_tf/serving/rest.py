@@ -10,7 +10,7 @@
 - `GET /v1/models/<name>[/versions/<v>|/labels/<l>]`: the version status;
 - `GET /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata`: the
   SignatureDefs;
-- `GET /monitoring/prometheus/metrics`: `uhga_tf.serving.metrics`.
+- `GET /monitoring/prometheus/metrics`: `uhga_tf.serving.prometheus`.
 
 Every request becomes the same proto a gRPC client sends and goes through
 `ModelServer.handle`, so validation, limits, messages and status codes are

@@ -29,37 +29,36 @@ Behaviour follows TF-Serving where it is observable by a client:
   up to `max_batch_size` items, waiting at most `batch_timeout_ms`.
 
 Each failed request logs one warning line; the server keeps serving.
+Versions are kept by `model_manager.ModelManager`, batching is
+`batcher.Batcher`; this module holds the request path shared by gRPC and
+REST (`ModelServer.handle`).
 """
 
-import collections
 import concurrent.futures
 import dataclasses
 import os
-import queue
 import threading
 import time
 from typing import Mapping
 
 from absl import logging
 import grpc
-import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from uhga_tf.export import saved_model as saved_model_lib
-from uhga_tf.serving import metrics as metrics_lib
+from uhga_tf.serving import prometheus
+from uhga_tf.serving.batcher import Batcher
+from uhga_tf.serving.model_manager import ModelManager
 from uhga_tf.serving import request_checks
 
 RequestError = request_checks.RequestError
 
 DEFAULT_SIGNATURE = "serving_default"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_INIT_OP_KEY = "__saved_model_init_op"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,278 +163,6 @@ def _dtype_name(enum):
         return f"dtype enum {enum}"
 
 
-class Servable:
-    """One loaded version: the SavedModel, its SignatureDefs, its metadata."""
-
-    def __init__(self, path, version):
-        self.path = path
-        self.version = version
-        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-            proto = saved_model_pb2.SavedModel.FromString(f.read())
-        self.signature_defs = {
-            key: value
-            for key, value in proto.meta_graphs[0].signature_def.items()
-            if key != _INIT_OP_KEY
-        }
-        self._model = tf.saved_model.load(path)
-        self.functions = dict(self._model.signatures)
-        missing = set(self.signature_defs) - set(self.functions)
-        if missing:
-            raise ValueError(
-                f"{path}: signatures {sorted(missing)} did not load"
-            )
-
-    def warmup_requests(self):
-        """Return the PredictRequests in assets.extra (empty if none)."""
-        path = os.path.join(
-            self.path,
-            saved_model_lib.ASSETS_EXTRA,
-            saved_model_lib.WARMUP_FILENAME,
-        )
-        if not os.path.exists(path):
-            return []
-        return saved_model_lib.read_warmup_requests(path)
-
-
-class ModelManager:
-    """Load, swap and look up versions of one model under a base path."""
-
-    def __init__(self, base_path, num_versions=1, version_labels=None):
-        self.base_path = base_path
-        self.num_versions = num_versions
-        self.version_labels = dict(version_labels or {})
-        self._servables = {}  # version -> Servable; replaced, never mutated
-        self._failed = {}  # version -> why it failed to load
-        self._lock = threading.Lock()
-        self.warmup = None  # callable(servable), set by the server
-
-    def versions(self):
-        """Return the loaded versions, oldest first."""
-        return sorted(self._servables)
-
-    def failed(self):
-        """Return {version: error message} of versions that failed to load."""
-        return dict(self._failed)
-
-    def poll(self):
-        """Scan the base path once; load new versions, unload old ones.
-
-        A version that fails to load (any error: a garbage saved_model.pb,
-        missing variables, a failing warm-up) is logged, remembered with its
-        error and skipped; the next older version stands in for it.
-
-        Returns:
-            The versions loaded by this call.
-        """
-        available = saved_model_lib.list_versions(self.base_path)
-        loaded = []
-        chosen = 0
-        for version in reversed(available):
-            if chosen >= self.num_versions:
-                break
-            if version in self._failed:
-                continue
-            if version in self._servables:
-                chosen += 1
-                continue
-            path = os.path.join(self.base_path, str(version))
-            start = time.monotonic()
-            try:
-                servable = Servable(path, version)
-                if self.warmup is not None:
-                    self.warmup(servable)
-            except Exception as e:  # noqa: BLE001 - one bad version only
-                message = " ".join(
-                    (str(e).strip() or type(e).__name__).split()
-                )[:500]
-                self._failed[version] = f"{type(e).__name__}: {message}"
-                logging.error(
-                    "Failed to load version %d from %s: %s",
-                    version, path, self._failed[version],
-                )
-                continue
-            chosen += 1
-            with self._lock:
-                servables = dict(self._servables)
-                servables[version] = servable
-                self._servables = servables
-            loaded.append(version)
-            logging.info(
-                "Loaded version %d from %s in %.2f s",
-                version,
-                path,
-                time.monotonic() - start,
-            )
-        with self._lock:
-            # A loaded version stays until newer ones replace it, even if its
-            # directory vanishes: never drop to zero loaded versions.
-            keep = set(sorted(self._servables)[-self.num_versions :])
-            gone = sorted(set(self._servables) - keep)
-            if gone:
-                self._servables = {
-                    v: s for v, s in self._servables.items() if v in keep
-                }
-        for version in gone:
-            logging.info("Unloaded version %d", version)
-        return loaded
-
-    def get(self, model_spec, model_name):
-        """Resolve a ModelSpec to a Servable or raise RequestError."""
-        if model_spec.name != model_name:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Servable not found for request: model "
-                f"{model_spec.name!r} (this server serves {model_name!r})",
-            )
-        servables = self._servables
-        choice = model_spec.WhichOneof("version_choice")
-        if choice == "version":
-            version = model_spec.version.value
-            if version not in servables:
-                raise RequestError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Servable not found for request: version {version} of "
-                    f"model {model_name!r} (loaded versions: "
-                    f"{sorted(servables)})",
-                )
-            return servables[version]
-        if choice == "version_label":
-            label = model_spec.version_label
-            if label not in self.version_labels:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"Unrecognized servable version label: {label!r} "
-                    f"(known labels: {sorted(self.version_labels)})",
-                )
-            version = self.version_labels[label]
-            if version not in servables:
-                raise RequestError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Servable not found for request: version {version} "
-                    f"(label {label!r}) of model {model_name!r}",
-                )
-            return servables[version]
-        if not servables:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Servable not found for request: no version of model "
-                f"{model_name!r} is loaded from {self.base_path}",
-            )
-        return servables[max(servables)]
-
-
-class _Pending:
-    __slots__ = ("key", "function", "input_name", "array", "done", "result")
-
-    def __init__(self, key, function, input_name, array):
-        self.key = key
-        self.function = function
-        self.input_name = input_name
-        self.array = array
-        self.done = threading.Event()
-        self.result = None  # dict of arrays, or an exception
-
-
-class Batcher:
-    """Merge concurrent single-input requests into batched graph runs."""
-
-    def __init__(self, max_batch_size, batch_timeout_ms):
-        self.max_batch_size = max_batch_size
-        self.timeout_s = batch_timeout_ms / 1000.0
-        self._queue = queue.Queue()
-        self._carry = collections.deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name="uhga-batcher", daemon=True
-        )
-        self._thread.start()
-
-    def run(self, servable, signature_name, input_name, array):
-        """Run `array` through the signature, possibly with other requests.
-
-        Returns:
-            {output_name: np.ndarray} for this request's items only.
-        """
-        key = (id(servable), signature_name, input_name, array.shape[1:])
-        pending = _Pending(
-            key, servable.functions[signature_name], input_name, array
-        )
-        self._queue.put(pending)
-        pending.done.wait()
-        if isinstance(pending.result, BaseException):
-            raise pending.result
-        return pending.result
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _next(self, timeout):
-        if self._carry:
-            return self._carry.popleft()
-        return self._queue.get(timeout=timeout)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                first = self._next(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch, size = [first], len(first.array)
-            deadline = time.monotonic() + self.timeout_s
-            skipped = []
-            while size < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    if self._carry:
-                        item = self._carry.popleft()
-                    elif remaining > 0:
-                        item = self._queue.get(timeout=remaining)
-                    else:
-                        item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if (
-                    item.key == first.key
-                    and size + len(item.array) <= self.max_batch_size
-                ):
-                    batch.append(item)
-                    size += len(item.array)
-                else:
-                    skipped.append(item)
-            self._carry.extendleft(reversed(skipped))
-            self._execute(batch)
-
-    @staticmethod
-    def _execute(batch):
-        function, input_name = batch[0].function, batch[0].input_name
-        try:
-            arrays = [item.array for item in batch]
-            merged = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            outputs = function(**{input_name: tf.constant(merged)})
-            outputs = {k: v.numpy() for k, v in outputs.items()}
-        except tf.errors.OpError as e:
-            if len(batch) == 1:
-                batch[0].result = e
-                batch[0].done.set()
-                return
-            # One bad request must not fail the others: run each alone.
-            for item in batch:
-                Batcher._execute([item])
-            return
-        except Exception as e:  # noqa: BLE001 - handed to the waiting thread
-            for item in batch:
-                item.result = e
-                item.done.set()
-            return
-        start = 0
-        for item in batch:
-            stop = start + len(item.array)
-            item.result = {k: v[start:stop] for k, v in outputs.items()}
-            start = stop
-            item.done.set()
-
-
 class ModelServer:
     """The embedded server: a ModelManager, a poller and a gRPC server.
 
@@ -459,7 +186,7 @@ class ModelServer:
         )
         self.manager.warmup = self._warmup
         self._limits = config.limits()
-        self.metrics = metrics_lib.ServingMetrics(
+        self.metrics = prometheus.ServingMetrics(
             config.model_name, self.manager.versions
         )
         self._batcher = None

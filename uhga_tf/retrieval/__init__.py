@@ -3,8 +3,8 @@
 TensorFlow is imported lazily, so `HammingIndex` stays light.
 """
 
-from uhga_tf.search.hamming_index import HammingIndex
-from uhga_tf.search.pipeline import (
+from uhga_tf.retrieval.hamming_index import HammingIndex
+from uhga_tf.retrieval.pipeline import (
     QueryResult,
     SavedModelEncoder,
     build_index,

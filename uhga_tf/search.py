@@ -9,7 +9,7 @@ r"""Print the nearest index images of query images and draw a result grid.
 Prints, per query, a `query<TAB>PATH<TAB>CLASS` line and then one
 `RANK<TAB>DISTANCE<TAB>SOURCE<TAB>CLASS` line per result (ties broken by
 index order; CLASS is "-" when unknown). `serve` serves the search page
-(`uhga_tf.search.web`) until SIGTERM or Ctrl-C.
+(`uhga_tf.retrieval.web`) until SIGTERM or Ctrl-C.
 """
 
 import signal
@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
-from uhga_tf import search
+from uhga_tf import retrieval
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.")
@@ -50,7 +50,7 @@ flags.register_multi_flags_validator(
 
 def serve():
     """Serve the search page until SIGTERM or Ctrl-C."""
-    from uhga_tf.search import web
+    from uhga_tf.retrieval import web
 
     config = web.WebConfig(
         host=FLAGS.host,
@@ -89,7 +89,7 @@ def main(argv):
             raise app.UsageError(f"unexpected arguments: {argv[2:]}")
         serve()
         return
-    results, index = search.search_images(
+    results, index = retrieval.search_images(
         FLAGS.index,
         argv[1:],
         top_k=FLAGS.top_k,
@@ -99,7 +99,7 @@ def main(argv):
         query_label=FLAGS.query_label,
     )
     if FLAGS.out:
-        search.write_result_grid(results, index, FLAGS.out,
+        retrieval.write_result_grid(results, index, FLAGS.out,
                                  tile_size=FLAGS.tile_size)
     lines = []
     for r in results:

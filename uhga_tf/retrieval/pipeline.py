@@ -17,8 +17,8 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from uhga_tf import codes as codes_lib
-from uhga_tf.search import result_grid
-from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf.retrieval import result_grid
+from uhga_tf.retrieval.hamming_index import HammingIndex
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 METADATA_FILE = os.path.join("assets.extra", "uhga_tf.json")
@@ -235,7 +235,7 @@ def search_images(
     """Encode query images and return one `QueryResult` per query.
 
     Queries go through the SavedModel at `model_dir`, or through the gRPC
-    server at `server` ("HOST:PORT") with `uhga_tf.serving.client`.
+    server at `server` ("HOST:PORT") with `uhga_tf.serving.grpc_client`.
     """
     if (model_dir is None) == (server is None):
         raise ValueError(
@@ -256,12 +256,12 @@ def search_images(
     image_bytes = [_read_query(path) for path in query_paths]
     if server is not None:
         try:
-            from uhga_tf.serving import client
+            from uhga_tf.serving import grpc_client
         except ImportError as e:
             raise ValueError(
-                f"--server needs uhga_tf.serving.client: {e}"
+                f"--server needs uhga_tf.serving.grpc_client: {e}"
             ) from e
-        _, packed_codes = client.encode_images(
+        _, packed_codes = grpc_client.encode_images(
             server,
             image_bytes,
             model_name=model_name,

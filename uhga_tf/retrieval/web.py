@@ -28,8 +28,8 @@ from absl import logging
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from uhga_tf.search import pipeline
-from uhga_tf.search.hamming_index import HammingIndex
+from uhga_tf.retrieval import pipeline
+from uhga_tf.retrieval.hamming_index import HammingIndex
 from uhga_tf.serving import rest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -117,10 +117,10 @@ class SearchService:
         }
         self._packed_codes = self.index.packed_codes
         if server is not None:
-            from uhga_tf.serving import client
+            from uhga_tf.serving import grpc_client
 
             def encode(blobs):
-                _, packed = client.encode_images(
+                _, packed = grpc_client.encode_images(
                     server, blobs, model_name=model_name, timeout=30.0
                 )
                 return np.asarray(packed, np.uint8)
@@ -243,7 +243,7 @@ class SearchService:
 
 def _page():
     return (
-        importlib.resources.files("uhga_tf.search")
+        importlib.resources.files("uhga_tf.retrieval")
         .joinpath("static/search.html")
         .read_bytes()
     )

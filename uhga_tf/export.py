@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
-from uhga_tf.export import saved_model
+from uhga_tf import saved_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
