@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from uhga_tf.search import HammingIndex
+from uhga_tf.retrieval import HammingIndex
 from bench_env import cpu_model, git_sha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
