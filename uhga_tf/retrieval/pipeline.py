@@ -17,6 +17,7 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import io_utils
 from uhga_tf.retrieval import result_grid
 from uhga_tf.retrieval.hamming_index import HammingIndex
 
@@ -356,11 +357,11 @@ def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
                         if not skip_corrupt:
                             raise ValueError(
                                 f"cannot decode image {paths[i]}: "
-                                f"{_tf_error_line(e)} (pass --skip_corrupt "
+                                f"{io_utils.tf_error_line(e)} (pass --skip_corrupt "
                                 "to skip it)"
                             ) from e
                         logging.warning("Skipping corrupt image %s: %s",
-                                        paths[i], _tf_error_line(e))
+                                        paths[i], io_utils.tf_error_line(e))
             bar.update(len(batch))
     if not kept:
         raise ValueError("no image could be decoded")
@@ -408,16 +409,6 @@ def _read_query(path):
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot decode query image {path}: {e}") from e
     return data
-
-
-def _tf_error_line(error):
-    """The meaningful line of a TF error ("Graph execution error: ...")."""
-    lines = [
-        line.strip()
-        for line in str(getattr(error, "message", error)).splitlines()
-        if line.strip() and not line.strip().startswith("[[")
-    ]
-    return lines[-1] if lines else type(error).__name__
 
 
 class _TileLoader:

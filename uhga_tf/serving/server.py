@@ -50,6 +50,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from uhga_tf import io_utils
 from uhga_tf.serving import prometheus
 from uhga_tf.serving.batcher import Batcher
 from uhga_tf.serving.model_manager import ModelManager
@@ -135,25 +136,6 @@ class ServerConfig:
             max_image_pixels=self.max_image_pixels,
             max_request_pixels=self.max_request_pixels,
         )
-
-
-def tf_error_summary(error):
-    """Return the meaningful line of a TF op error ("Graph execution ...")."""
-    lines = [line.strip() for line in str(error.message).splitlines()]
-    useful = [
-        line
-        for line in lines
-        if line
-        and not line.startswith("[[")
-        and not line.startswith("Graph execution error")
-        and not line.startswith("Detected at node")
-        and not line.startswith("<stack traces")
-    ]
-    line = useful[-1] if useful else lines[-1] if lines else str(error)
-    cut = line.find(" [[")
-    if cut > 0:
-        line = line[:cut]
-    return line.strip()
 
 
 def _dtype_name(enum):
@@ -429,7 +411,7 @@ class ModelServer:
     @staticmethod
     def _locate_error(signature_def, input_name, array, error):
         """Name the offending image of a failed decode when possible."""
-        summary = tf_error_summary(error)
+        summary = io_utils.tf_error_line(error)
         info = signature_def.inputs[input_name]
         if info.dtype != tf.string.as_datatype_enum or len(array) < 2:
             if info.dtype == tf.string.as_datatype_enum:
@@ -439,7 +421,7 @@ class ModelServer:
             try:
                 tf.io.decode_image(encoded, channels=3, expand_animations=False)
             except tf.errors.InvalidArgumentError as e:
-                return f"{input_name}[{i}]: {tf_error_summary(e)}"
+                return f"{input_name}[{i}]: {io_utils.tf_error_line(e)}"
         return summary
 
     def handle(self, api, method, fn, request, fill=None):
@@ -476,7 +458,7 @@ class ModelServer:
             raise
         except tf.errors.OpError as e:
             status = grpc.StatusCode.INTERNAL.name
-            message = tf_error_summary(e)
+            message = io_utils.tf_error_line(e)
             logging.error("%s INTERNAL: %s", method, message)
             raise RequestError(grpc.StatusCode.INTERNAL, message) from e
         finally:
