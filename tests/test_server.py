@@ -53,10 +53,10 @@ def expected_codes(models, encoded):
     rows = []
     for blob in encoded:
         image = tf.io.decode_image(blob, channels=3, expand_animations=False)
-        codes, relaxed = saved_model.encode_in_process(
+        codes, logits = saved_model.encode_in_process(
             backbone, hasher, image[None], IMAGE_SIZE
         )
-        assert np.abs(relaxed).min() > 1e-4, "a code bit sits on 0"
+        assert np.abs(logits).min() > 1e-4, "a code bit sits on 0"
         rows.append(codes)
     return np.concatenate(rows)
 
@@ -168,10 +168,10 @@ def test_predict_uint8_and_features_match_in_process(served):
     codes, packed = grpc_client.encode_uint8_images(
         server.address, images, timeout=TIMEOUT, channel=server.channel
     )
-    expected, relaxed = saved_model.encode_in_process(
+    expected, logits = saved_model.encode_in_process(
         backbone, hasher, images, IMAGE_SIZE
     )
-    assert np.abs(relaxed).min() > 1e-4
+    assert np.abs(logits).min() > 1e-4
     np.testing.assert_array_equal(codes, expected)
     np.testing.assert_array_equal(packed, codes_lib.pack_codes(expected))
 
