@@ -278,15 +278,16 @@ def _bad_cases():
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
+# Runs a test once per bad request of `_bad_cases` (test_rest reuses it).
+each_bad_case = pytest.mark.parametrize(
     "inputs,kwargs,code,words",
     [case[1:] for case in _bad_cases()],
     ids=[case[0] for case in _bad_cases()],
 )
-def test_bad_request_status_then_good_request(
-    served, inputs, kwargs, code, words
-):
-    models, server = served
+
+
+def predict_error(server, inputs, kwargs):
+    """The grpc.RpcError that a Predict call of `inputs` must raise."""
     with pytest.raises(grpc.RpcError) as info:
         grpc_client.predict(
             server.address,
@@ -295,9 +296,18 @@ def test_bad_request_status_then_good_request(
             channel=server.channel,
             **kwargs,
         )
-    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+@each_bad_case
+def test_bad_request_status_then_good_request(
+    served, inputs, kwargs, code, words
+):
+    models, server = served
+    error = predict_error(server, inputs, kwargs)
+    assert error.code() == code, error.details()
     for word in words:
-        assert word in info.value.details(), info.value.details()
+        assert word in error.details(), error.details()
     # The server keeps serving.
     _, encoded = sample_images(1)
     codes, _ = grpc_client.encode_images(
