@@ -64,6 +64,14 @@ def _check_timeout(timeout):
         raise ValueError(f"timeout must be > 0 s; received timeout={timeout}")
 
 
+def _for_model(request, model_name, version):
+    """Set `request.model_spec` to `model_name` (and `version` if given)."""
+    request.model_spec.name = model_name
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    return request
+
+
 def make_predict_request(
     inputs,
     model_name=DEFAULT_MODEL_NAME,
@@ -72,11 +80,8 @@ def make_predict_request(
     output_filter=OUTPUT_KEYS,
 ):
     """Build a PredictRequest from {input_name: np.ndarray}."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
+    request = _for_model(predict_pb2.PredictRequest(), model_name, version)
     request.model_spec.signature_name = signature_name
-    if version is not None:
-        request.model_spec.version.value = int(version)
     for name, value in inputs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     request.output_filter.extend(output_filter)
@@ -234,10 +239,9 @@ def get_model_metadata(
     stub = prediction_service_pb2_grpc.PredictionServiceStub(
         channel or get_channel(server)
     )
-    request = get_model_metadata_pb2.GetModelMetadataRequest()
-    request.model_spec.name = model_name
-    if version is not None:
-        request.model_spec.version.value = int(version)
+    request = _for_model(
+        get_model_metadata_pb2.GetModelMetadataRequest(), model_name, version
+    )
     request.metadata_field.append("signature_def")
     response = stub.GetModelMetadata(request, timeout=timeout)
     signature_map = get_model_metadata_pb2.SignatureDefMap()
@@ -275,10 +279,9 @@ def get_model_status(
     stub = model_service_pb2_grpc.ModelServiceStub(
         channel or get_channel(server)
     )
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = model_name
-    if version is not None:
-        request.model_spec.version.value = int(version)
+    request = _for_model(
+        get_model_status_pb2.GetModelStatusRequest(), model_name, version
+    )
     response = stub.GetModelStatus(request, timeout=timeout)
     state_name = get_model_status_pb2.ModelVersionStatus.State.Name
     return {
