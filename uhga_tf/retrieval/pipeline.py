@@ -273,6 +273,7 @@ def search_images(
     image_bytes = [_read_query(path) for path in query_paths]
     if server is not None:
         try:
+            from uhga_tf import saved_model as saved_model_lib
             from uhga_tf.serving import grpc_client
         except ImportError as e:
             raise ValueError(
@@ -282,6 +283,7 @@ def search_images(
             server,
             image_bytes,
             model_name=model_name,
+            signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
             timeout=10.0,
         )
         packed_codes = np.asarray(packed_codes, dtype=np.uint8)
