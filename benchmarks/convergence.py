@@ -18,6 +18,7 @@ of its own final validation MAP. Writes benchmarks/results/<name>.json and
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from absl import flags  # noqa: E402
 
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
+from uhga_tf import io_utils  # noqa: E402
 
 flags_util.define_config_flags()
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where to write results.")
@@ -73,51 +75,36 @@ def _seed_summary(seed_curves):
     return out
 
 
-def main(argv):
-    del argv
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import tensorflow as tf
-
-    from uhga_tf.data import retrieval_sets
+def _train_both(base, sets, tag, seed):
+    """Train Ours and Ours+GA with one seed; return {method: curve}."""
     from uhga_tf.training import run as run_lib
 
-    base = flags_util.config_values()
-    base.update(eval_every_epochs=1, progress=False)
-    experiment = config.experiment_from_flat(base)
-    sets = retrieval_sets.load_retrieval_sets(
-        experiment.data, experiment.model, experiment.train.seed)
-    tag = f"{experiment.data.dataset}_{experiment.model.code_length}"
-    curves, finals, per_seed = {}, {}, []
-    for seed in range(FLAGS.seeds):
-        seed_curves = {}
-        for method, attention in (("Ours", False), ("Ours+GA", True)):
-            workdir = os.path.join(
-                "runs", f"convergence_{tag}_{method}_s{seed}")
-            if os.path.exists(workdir):
-                import shutil
+    seed_curves = {}
+    for method, attention in (("Ours", False), ("Ours+GA", True)):
+        workdir = os.path.join("runs", f"convergence_{tag}_{method}_s{seed}")
+        if os.path.exists(workdir):
+            shutil.rmtree(workdir)
+        cfg = config.experiment_from_flat(
+            {**base, "attention": attention, "workdir": workdir,
+             "seed": seed})
+        start = time.time()
+        result = run_lib.run_experiment(cfg, sets=sets)
+        curve = _curve(workdir)
+        curve["wall_time_s"] = time.time() - start
+        curve["query_map"] = result["map"]
+        seed_curves[method] = curve
+    return seed_curves
 
-                shutil.rmtree(workdir)
-            cfg = config.experiment_from_flat(
-                {**base, "attention": attention, "workdir": workdir,
-                 "seed": seed})
-            start = time.time()
-            result = run_lib.run_experiment(cfg, sets=sets)
-            curve = _curve(workdir)
-            curve["wall_time_s"] = time.time() - start
-            curve["query_map"] = result["map"]
-            seed_curves[method] = curve
-        per_seed.append(_seed_summary(seed_curves))
-        curves[f"s{seed}"] = seed_curves
+
+def _summary(curves, per_seed):
+    """Seed means and when seed 0's Ours+GA reaches Ours' final MAP."""
     first = curves["s0"]
     target = first["Ours"]["validation_map"][-1]
     finals = {m: first[m]["query_map"] for m in first}
     ga = first["Ours+GA"]
     reached = next(
         (i for i, m in enumerate(ga["validation_map"]) if m >= target), None)
-    summary = {
+    return {
         "seeds": FLAGS.seeds,
         "tolerance": TOLERANCE,
         "per_seed": per_seed,
@@ -137,20 +124,14 @@ def main(argv):
         "ours_total_steps": first["Ours"]["step"][-1],
         "ours_train_seconds": first["Ours"]["train_seconds"][-1],
     }
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    payload = {
-        "summary": summary, "curves": curves,
-        "config": experiment.to_dict(), "data": sets.description,
-        "git_sha": sha, "tensorflow": tf.__version__,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "load_average_at_end": os.getloadavg(),
-        "command": "python benchmarks/convergence.py " + " ".join(
-            sys.argv[1:]),
-    }
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, FLAGS.name + ".json"), "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
+
+
+def _plot(first, target, tag, path):
+    """Validation MAP vs step and vs training time of seed 0, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method, curve in first.items():
@@ -166,7 +147,44 @@ def main(argv):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{tag} bits: Ours vs Ours+GA")
     fig.tight_layout()
-    fig.savefig(os.path.join(FLAGS.out_dir, FLAGS.name + ".png"), dpi=100)
+    with io_utils.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    from uhga_tf.data import retrieval_sets
+
+    base = flags_util.config_values()
+    base.update(eval_every_epochs=1, progress=False)
+    experiment = config.experiment_from_flat(base)
+    sets = retrieval_sets.load_retrieval_sets(
+        experiment.data, experiment.model, experiment.train.seed)
+    tag = f"{experiment.data.dataset}_{experiment.model.code_length}"
+    curves, per_seed = {}, []
+    for seed in range(FLAGS.seeds):
+        seed_curves = _train_both(base, sets, tag, seed)
+        per_seed.append(_seed_summary(seed_curves))
+        curves[f"s{seed}"] = seed_curves
+    summary = _summary(curves, per_seed)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    payload = {
+        "summary": summary, "curves": curves,
+        "config": experiment.to_dict(), "data": sets.description,
+        "git_sha": sha, "tensorflow": tf.__version__,
+        "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "load_average_at_end": os.getloadavg(),
+        "command": "python benchmarks/convergence.py " + " ".join(
+            sys.argv[1:]),
+    }
+    out = os.path.join(FLAGS.out_dir, FLAGS.name)
+    io_utils.write_json_atomic(out + ".json", payload, indent=1)
+    _plot(curves["s0"], summary["ours_final_validation_map"], tag,
+          out + ".png")
 
     print("| quantity | value |\n|---|---|")
     for key, value in summary.items():

@@ -16,7 +16,6 @@ beside images/s; the 1-minute load average before each row is recorded.
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from uhga_tf import io_utils
 from uhga_tf.data import feature_cache
 from uhga_tf.models import backbone as backbone_lib
 from bench_env import cpu_model, git_sha
@@ -114,7 +114,7 @@ def cache_reload(num_rows, feature_dim):
     return write_s, load_s, size
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -126,15 +126,16 @@ def main():
     parser.add_argument(
         "--output", default=os.path.join(HERE, "results", "features.json")
     )
-    args = parser.parse_args()
-    wall_start = time.perf_counter()
-    images, image_note = load_images(args.num_images)
+    return parser.parse_args()
 
+
+def measure_throughput(images, batch_size):
+    """One row per IMAGE_SIZES entry: images/s and CPU use of extraction."""
     rows = []
     for image_size in IMAGE_SIZES:
         load_before = os.getloadavg()[0]
         images_per_s, seconds, cpu_seconds = throughput(
-            images, image_size, args.batch_size
+            images, image_size, batch_size
         )
         rows.append({
             "image_size": image_size,
@@ -147,11 +148,16 @@ def main():
             "images_per_cpu_s": round(len(images) / cpu_seconds, 1),
             "load_average_1min_before": round(load_before, 2),
             "num_images": len(images),
-            "batch_size": args.batch_size,
+            "batch_size": batch_size,
         })
-    write_s, load_s, size = cache_reload(args.cache_rows, 1280)
-    cache = {
-        "rows": args.cache_rows,
+    return rows
+
+
+def measure_cache(cache_rows):
+    """Write and reload time of a cache_rows x 1280 float32 feature cache."""
+    write_s, load_s, size = cache_reload(cache_rows, 1280)
+    return {
+        "rows": cache_rows,
         "feature_dim": 1280,
         "dtype": "float32",
         "file_bytes": size,
@@ -159,6 +165,8 @@ def main():
         "load_s": round(load_s, 2),
     }
 
+
+def print_tables(rows, cache):
     print(
         "| backbone | image_size | images/s | ms/image | images/CPU-s |"
         " load avg |"
@@ -176,9 +184,18 @@ def main():
     print("|---|---|---:|---:|---:|")
     print(
         f"| load_or_compute | {cache['rows']} x 1280 float32 | "
-        f"{size / 1e6:.0f} | {cache['write_s']:.2f} | {cache['load_s']:.2f} |"
+        f"{cache['file_bytes'] / 1e6:.0f} | {cache['write_s']:.2f} | "
+        f"{cache['load_s']:.2f} |"
     )
 
+
+def main():
+    args = parse_args()
+    wall_start = time.perf_counter()
+    images, image_note = load_images(args.num_images)
+    rows = measure_throughput(images, args.batch_size)
+    cache = measure_cache(args.cache_rows)
+    print_tables(rows, cache)
     result = {
         "benchmark": "features",
         "git_sha": git_sha(),
@@ -193,10 +210,7 @@ def main():
         "cache": cache,
         "wall_time_s": round(time.perf_counter() - wall_start, 1),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    io_utils.write_json_atomic(args.output, result, sort_keys=False)
 
 
 if __name__ == "__main__":

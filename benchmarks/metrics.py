@@ -15,7 +15,6 @@ benchmarks/results/metrics.json and prints a Markdown table. Never run under
 pytest.
 """
 
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from uhga_tf import io_utils
 from uhga_tf.evaluation import metrics
 from bench_env import git_sha
 
@@ -81,8 +81,8 @@ def _peak_mb(fn, *args, **kwargs):
     return peak / 2**20
 
 
-def main(argv):
-    del argv
+def random_data():
+    """Seeded random +-1 codes and balanced shuffled labels."""
     rng = np.random.default_rng(FLAGS.seed)
     shape_q = (FLAGS.num_query, FLAGS.code_length)
     shape_d = (FLAGS.num_database, FLAGS.code_length)
@@ -93,18 +93,29 @@ def main(argv):
     database_labels = np.arange(FLAGS.num_database) % FLAGS.num_classes
     rng.shuffle(query_labels)
     rng.shuffle(database_labels)
-    data = (query_codes, database_codes, query_labels, database_labels)
+    return query_codes, database_codes, query_labels, database_labels
 
+
+def measure(data):
+    """Time, CPU time and peak memory of the three MAP implementations."""
     wall_start = time.perf_counter()
-    map_exact, seconds_exact, cpu_exact = _timed(
-        metrics.mean_average_precision, *data)
-    map_tie_aware, seconds_tie_aware, cpu_tie_aware = _timed(
-        metrics.tie_aware_map, *data)
-    map_reference, seconds_reference, cpu_reference = _timed(
-        reference_map, *data)
-    peak_exact = _peak_mb(metrics.mean_average_precision, *data)
-    peak_tie_aware = _peak_mb(metrics.tie_aware_map, *data)
-    result = {
+    measured = {}
+    for name, fn in (("exact", metrics.mean_average_precision),
+                     ("tie_aware", metrics.tie_aware_map),
+                     ("reference", reference_map)):
+        measured[name] = _timed(fn, *data)
+    measured["peak_exact"] = _peak_mb(metrics.mean_average_precision, *data)
+    measured["peak_tie_aware"] = _peak_mb(metrics.tie_aware_map, *data)
+    measured["wall_seconds"] = time.perf_counter() - wall_start
+    return measured
+
+
+def summarise(measured):
+    """The result JSON: MAPs, times, speedups over the reference, memory."""
+    map_exact, seconds_exact, cpu_exact = measured["exact"]
+    map_tie_aware, seconds_tie_aware, cpu_tie_aware = measured["tie_aware"]
+    map_reference, seconds_reference, cpu_reference = measured["reference"]
+    return {
         "map": map_exact,
         "map_reference": map_reference,
         "map_equal": map_exact == map_reference,
@@ -122,8 +133,8 @@ def main(argv):
         "cpu_speedup_tie_aware": cpu_reference / cpu_tie_aware,
         "load_average": os.getloadavg(),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "peak_memory_mb_exact": peak_exact,
-        "peak_memory_mb_tie_aware": peak_tie_aware,
+        "peak_memory_mb_exact": measured["peak_exact"],
+        "peak_memory_mb_tie_aware": measured["peak_tie_aware"],
         "config": {
             "num_query": FLAGS.num_query,
             "num_database": FLAGS.num_database,
@@ -136,31 +147,40 @@ def main(argv):
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
         "device": platform.processor() or platform.machine(),
-        "wall_seconds": time.perf_counter() - wall_start,
+        "wall_seconds": measured["wall_seconds"],
         "note": "shared machine: other jobs ran concurrently on its cores",
     }
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, sort_keys=True)
-    os.replace(tmp, FLAGS.out)
+
+
+def print_table(result):
     print(f"MAP@ALL, {FLAGS.num_query} queries x {FLAGS.num_database} "
           f"database, {FLAGS.code_length} bits, {FLAGS.num_classes} classes\n")
     print("| method | MAP | wall s | speedup | CPU s | CPU speedup | "
           "peak MiB |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| exact (stable counting sort) | {map_exact:.10f} | "
-          f"{seconds_exact:.2f} | {result['speedup']:.1f}x | "
-          f"{cpu_exact:.2f} | {result['cpu_speedup']:.1f}x | "
-          f"{peak_exact:.0f} |")
-    print(f"| tie-aware (histograms) | {map_tie_aware:.10f} | "
-          f"{seconds_tie_aware:.2f} | {result['speedup_tie_aware']:.1f}x | "
-          f"{cpu_tie_aware:.2f} | {result['cpu_speedup_tie_aware']:.1f}x | "
-          f"{peak_tie_aware:.0f} |")
-    print(f"| reference (per-query argsort) | {map_reference:.10f} | "
-          f"{seconds_reference:.2f} | 1.0x | {cpu_reference:.2f} | 1.0x | "
-          "- |")
+    print(f"| exact (stable counting sort) | {result['map']:.10f} | "
+          f"{result['seconds_exact']:.2f} | {result['speedup']:.1f}x | "
+          f"{result['cpu_seconds_exact']:.2f} | "
+          f"{result['cpu_speedup']:.1f}x | "
+          f"{result['peak_memory_mb_exact']:.0f} |")
+    print(f"| tie-aware (histograms) | {result['map_tie_aware']:.10f} | "
+          f"{result['seconds_tie_aware']:.2f} | "
+          f"{result['speedup_tie_aware']:.1f}x | "
+          f"{result['cpu_seconds_tie_aware']:.2f} | "
+          f"{result['cpu_speedup_tie_aware']:.1f}x | "
+          f"{result['peak_memory_mb_tie_aware']:.0f} |")
+    print(f"| reference (per-query argsort) | "
+          f"{result['map_reference']:.10f} | "
+          f"{result['seconds_reference']:.2f} | 1.0x | "
+          f"{result['cpu_seconds_reference']:.2f} | 1.0x | - |")
     print(f"\nexact == reference: {result['map_equal']}")
+
+
+def main(argv):
+    del argv
+    result = summarise(measure(random_data()))
+    io_utils.write_json_atomic(FLAGS.out, result, indent=1)
+    print_table(result)
     return 0
 
 

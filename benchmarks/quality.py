@@ -35,6 +35,7 @@ import bench_env  # noqa: E402
 
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
+from uhga_tf import io_utils  # noqa: E402
 
 flags_util.define_config_flags()
 flags.DEFINE_integer("seeds", 3, "Training seeds per cell (0 .. seeds-1).")
@@ -57,27 +58,8 @@ def _stats(values):
             "values": values.tolist()}
 
 
-def main(argv):
-    del argv
-    from tqdm import tqdm
-
-    from uhga_tf import tables
-    from uhga_tf.data import retrieval_sets
-    from uhga_tf.evaluation import cosine
-
-    code_lengths = [int(k) for k in FLAGS.code_lengths]
-    base = flags_util.exit_on_user_error(
-        "quality", config.experiment_from_flat, flags_util.config_values())
-    dataset = base.data.dataset
-    sets = retrieval_sets.load_retrieval_sets(
-        base.data, base.model, base.train.seed, progress=True)
-    cells = tables.table_cells(3, code_lengths, FLAGS.seeds, FLAGS.methods)
-    cells_dir = os.path.join(FLAGS.results_dir, "cells", dataset)
-    start = time.time()
-    results = [
-        tables.run_cell(cell, base, sets, cells_dir)
-        for cell in tqdm(cells, desc="quality", unit="cell")
-    ]
+def _group(cells, results):
+    """MAP@ALL, MAP@1000 and training seconds per method and code length."""
     map_all, map_1000, seconds = {}, {}, {}
     for cell, result in zip(cells, results):
         k = str(cell.code_length)
@@ -94,34 +76,37 @@ def main(argv):
                for m, d in map_all.items()}
     map_1000 = {m: {k: _stats(v) for k, v in d.items()}
                 for m, d in map_1000.items()}
+    return map_all, map_1000, seconds
+
+
+def _cosine(sets):
+    """Cosine ranking of the float features: (MAP@ALL, MAP@1000)."""
+    from uhga_tf.evaluation import cosine
+
     queries, database = sets.features["query"], sets.features["database"]
-    cosine_all = cosine.cosine_map(
-        queries, database, sets.labels["query"], sets.labels["database"])
-    cosine_1000 = cosine.cosine_map(
-        queries, database, sets.labels["query"], sets.labels["database"],
-        top_k=1000)
-    entry = {
-        "map_all": map_all,
-        "map_1000": map_1000,
-        "itq": map_all.get("ITQ"),
-        "cosine": {"map_all": cosine_all, "map_1000": cosine_1000},
-        "train_seconds": seconds,
-        "seeds": FLAGS.seeds,
-        "data": sets.description,
-        "recipe": config.PRODUCT_RECIPE,
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
-        "wall_time_s": time.time() - start,
-        **bench_env.provenance(),
+    labels = (sets.labels["query"], sets.labels["database"])
+    return (cosine.cosine_map(queries, database, *labels),
+            cosine.cosine_map(queries, database, *labels, top_k=1000))
+
+
+def _add_margins(entry, map_all, cosine_all):
+    """Margin of the product recipe over ITQ, and over cosine ranking."""
+    if PRODUCT not in map_all or "ITQ" not in map_all:
+        return
+    margins = {
+        k: map_all[PRODUCT][k]["mean"] - map_all["ITQ"][k]["mean"]
+        for k in map_all[PRODUCT] if k in map_all["ITQ"]
     }
-    if PRODUCT in map_all and "ITQ" in map_all:
-        margins = {
-            k: map_all[PRODUCT][k]["mean"] - map_all["ITQ"][k]["mean"]
-            for k in map_all[PRODUCT] if k in map_all["ITQ"]
-        }
-        entry["margin_over_itq"] = margins
-        entry["margin_over_itq_min"] = min(margins.values())
-        entry["above_cosine_every_length"] = all(
-            map_all[PRODUCT][k]["mean"] > cosine_all for k in margins)
+    entry["margin_over_itq"] = margins
+    entry["margin_over_itq_min"] = min(margins.values())
+    entry["above_cosine_every_length"] = all(
+        map_all[PRODUCT][k]["mean"] > cosine_all for k in margins)
+
+
+def _print_table(dataset, entry):
+    map_all, map_1000 = entry["map_all"], entry["map_1000"]
+    cosine_all = entry["cosine"]["map_all"]
+    cosine_1000 = entry["cosine"]["map_1000"]
     print(f"\n{dataset}: MAP@ALL (MAP@1000), mean ± std over "
           f"{FLAGS.seeds} seeds; cosine ranking {cosine_all:.4f} "
           f"({cosine_1000:.4f})")
@@ -140,15 +125,56 @@ def main(argv):
     if "margin_over_itq_min" in entry:
         print(f"margin over ITQ (min over lengths): "
               f"{entry['margin_over_itq_min']:+.4f}")
+
+
+def _merge_into_out(dataset, entry):
+    """Replace `dataset`'s entry in --out, keeping the other datasets."""
     payload = {}
     if os.path.exists(FLAGS.out):
         with open(FLAGS.out) as f:
             payload = json.load(f)
     payload[dataset] = entry
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-    os.replace(FLAGS.out + ".tmp", FLAGS.out)
+    io_utils.write_json_atomic(FLAGS.out, payload, indent=1)
+
+
+def main(argv):
+    del argv
+    from tqdm import tqdm
+
+    from uhga_tf import tables
+    from uhga_tf.data import retrieval_sets
+
+    code_lengths = [int(k) for k in FLAGS.code_lengths]
+    base = flags_util.exit_on_user_error(
+        "quality", config.experiment_from_flat, flags_util.config_values())
+    dataset = base.data.dataset
+    sets = retrieval_sets.load_retrieval_sets(
+        base.data, base.model, base.train.seed, progress=True)
+    cells = tables.table_cells(3, code_lengths, FLAGS.seeds, FLAGS.methods)
+    cells_dir = os.path.join(FLAGS.results_dir, "cells", dataset)
+    start = time.time()
+    results = [
+        tables.run_cell(cell, base, sets, cells_dir)
+        for cell in tqdm(cells, desc="quality", unit="cell")
+    ]
+    map_all, map_1000, seconds = _group(cells, results)
+    cosine_all, cosine_1000 = _cosine(sets)
+    entry = {
+        "map_all": map_all,
+        "map_1000": map_1000,
+        "itq": map_all.get("ITQ"),
+        "cosine": {"map_all": cosine_all, "map_1000": cosine_1000},
+        "train_seconds": seconds,
+        "seeds": FLAGS.seeds,
+        "data": sets.description,
+        "recipe": config.PRODUCT_RECIPE,
+        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "wall_time_s": time.time() - start,
+        **bench_env.provenance(),
+    }
+    _add_margins(entry, map_all, cosine_all)
+    _print_table(dataset, entry)
+    _merge_into_out(dataset, entry)
     print(f"wrote {FLAGS.out}")
 
 

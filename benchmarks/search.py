@@ -10,7 +10,6 @@ scan could go if it did nothing but XOR and POPCNT.
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -21,6 +20,7 @@ import time
 import faiss
 import numpy as np
 
+from uhga_tf import io_utils
 from uhga_tf.retrieval import HammingIndex
 from bench_env import cpu_model, git_sha
 
@@ -114,7 +114,7 @@ def interleaved_qps(fns, queries, repeats, n_batches=10):
     return [len(queries) / t for t in best.sum(axis=1)]
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n_database", type=int, default=1_000_000)
     parser.add_argument("--n_queries", type=int, default=1000)
@@ -124,94 +124,114 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(HERE, "results",
                                                       "search.json"))
-    args = parser.parse_args()
-    wall_start = time.perf_counter()
-    cores = os.cpu_count()
-    all_threads = faiss.omp_get_max_threads()
-    rng = np.random.default_rng(0)
+    return parser.parse_args()
+
+
+def numpy_baseline(args, code_length, database, queries):
+    """NumPy brute force on a subset, scaled linearly to n_database.
+
+    Returns:
+        (scaled q/s, measured q/s on the subset, whether its ids equal the
+        faiss backend's on the same subset).
+    """
+    subset = HammingIndex(code_length, backend="numpy")
+    subset.add(database[:args.numpy_database],
+               np.arange(args.numpy_database))
+    numpy_queries = queries[:args.numpy_queries]
+    qps_numpy_subset = best_qps(
+        lambda: subset.search(numpy_queries, TOP_K),
+        len(numpy_queries), 1)
+    qps_numpy = qps_numpy_subset * args.numpy_database / args.n_database
+    exact_vs_numpy = bool(np.array_equal(
+        subset.search(numpy_queries, TOP_K)[0],
+        _subset_faiss(code_length, database[:args.numpy_database],
+                      numpy_queries),
+    ))
+    return qps_numpy, qps_numpy_subset, exact_vs_numpy
+
+
+def popcount_rates(n_words):
+    """XOR+POPCNT words/s per core: scalar C, SIMD C, NumPy."""
+    return {
+        "scalar_gcc_O3_mpopcnt": popcount_rate(
+            n_words, ["-O3", "-mpopcnt", "-fno-tree-vectorize"]),
+        "simd_gcc_O3_march_native": popcount_rate(
+            n_words, ["-O3", "-march=native"]),
+        "numpy_bitwise_count": numpy_popcount_rate(n_words),
+    }
+
+
+def measure_code_length(args, rng, code_length, all_threads):
+    """Rows (1 thread, all threads) for one code length on random codes."""
+    words = code_length // 64
+    code_size = code_length // 8
+    database = rng.integers(0, 256, (args.n_database, code_size),
+                            dtype=np.uint8)
+    queries = rng.integers(0, 256, (args.n_queries, code_size),
+                           dtype=np.uint8)
+    index = HammingIndex(code_length)
+    index.add(database, np.arange(args.n_database))
+    raw = faiss.IndexBinaryFlat(code_length)  # default: heap search
+    raw.add(database)
+    ours = index.search(queries, TOP_K)
+    theirs = raw.search(queries, TOP_K)
+    distances_equal = bool(np.array_equal(ours[1], theirs[0]))
+    qps_numpy, qps_numpy_subset, exact_vs_numpy = numpy_baseline(
+        args, code_length, database, queries)
+    popcnt = popcount_rates(args.n_database * words)
+    per_core = (popcnt["scalar_gcc_O3_mpopcnt"]
+                or popcnt["numpy_bitwise_count"])
+    popcnt_simd = popcnt["simd_gcc_O3_march_native"]
     rows = []
-    for code_length in (64, 128):
-        words = code_length // 64
-        code_size = code_length // 8
-        database = rng.integers(0, 256, (args.n_database, code_size),
-                                dtype=np.uint8)
-        queries = rng.integers(0, 256, (args.n_queries, code_size),
-                               dtype=np.uint8)
-        index = HammingIndex(code_length)
-        index.add(database, np.arange(args.n_database))
-        raw = faiss.IndexBinaryFlat(code_length)  # default: heap search
-        raw.add(database)
-        ours = index.search(queries, TOP_K)
-        theirs = raw.search(queries, TOP_K)
-        distances_equal = bool(np.array_equal(ours[1], theirs[0]))
-        # NumPy brute force on a subset, scaled linearly to n_database.
-        subset = HammingIndex(code_length, backend="numpy")
-        subset.add(database[:args.numpy_database],
-                   np.arange(args.numpy_database))
-        numpy_queries = queries[:args.numpy_queries]
-        qps_numpy_subset = best_qps(
-            lambda: subset.search(numpy_queries, TOP_K),
-            len(numpy_queries), 1)
-        qps_numpy = qps_numpy_subset * args.numpy_database / args.n_database
-        exact_vs_numpy = bool(np.array_equal(
-            subset.search(numpy_queries, TOP_K)[0],
-            _subset_faiss(code_length, database[:args.numpy_database],
-                          numpy_queries),
-        ))
-        popcnt_scalar = popcount_rate(
-            args.n_database * words,
-            ["-O3", "-mpopcnt", "-fno-tree-vectorize"])
-        popcnt_simd = popcount_rate(args.n_database * words,
-                                    ["-O3", "-march=native"])
-        popcnt_numpy = numpy_popcount_rate(args.n_database * words)
-        per_core = popcnt_scalar or popcnt_numpy
-        for threads in (1, all_threads):
-            faiss.omp_set_num_threads(threads)
-            qps_index, qps_faiss = interleaved_qps(
-                [lambda q: index.search(q, TOP_K),
-                 lambda q: raw.search(q, TOP_K)],
-                queries, args.repeats)
-            n_cores = min(threads, cores)
-            limit = n_cores * per_core / (args.n_database * words)
-            rows.append({
-                "code_length": code_length,
-                "threads": threads,
-                "qps_index": round(qps_index, 1),
-                "qps_faiss": round(qps_faiss, 1),
-                "ratio_vs_faiss": round(qps_index / qps_faiss, 3),
-                "qps_numpy": round(qps_numpy, 2),
-                "qps_numpy_note": (
-                    f"measured {qps_numpy_subset:.1f} q/s on "
-                    f"{args.numpy_database} codes x {len(numpy_queries)} "
-                    f"queries, single thread, scaled x "
-                    f"{args.numpy_database}/{args.n_database}"
-                ),
-                "limit_qps": round(limit, 1),
-                "limit_arithmetic": (
-                    f"{n_cores} cores x {per_core:.4g} XOR+POPCNT words/s "
-                    f"per core / ({args.n_database} codes x {words} "
-                    f"words) = {limit:.1f} q/s"
-                ),
-                "limit_qps_simd": None if popcnt_simd is None else round(
-                    n_cores * popcnt_simd / (args.n_database * words), 1),
-                "timing": (
-                    f"{args.n_queries} queries in 10 batches, each timed "
-                    f"{args.repeats}x interleaved with faiss; fastest per "
-                    "batch summed"
-                ),
-                "fraction_of_limit": round(qps_index / limit, 3),
-                "popcnt_words_per_s_per_core": {
-                    "scalar_gcc_O3_mpopcnt": popcnt_scalar,
-                    "simd_gcc_O3_march_native": popcnt_simd,
-                    "numpy_bitwise_count": popcnt_numpy,
-                },
-                "distances_equal_faiss": distances_equal,
-                "ids_equal_numpy_subset": exact_vs_numpy,
-            })
-        faiss.omp_set_num_threads(all_threads)
+    for threads in (1, all_threads):
+        faiss.omp_set_num_threads(threads)
+        qps_index, qps_faiss = interleaved_qps(
+            [lambda q: index.search(q, TOP_K),
+             lambda q: raw.search(q, TOP_K)],
+            queries, args.repeats)
+        n_cores = min(threads, os.cpu_count())
+        limit = n_cores * per_core / (args.n_database * words)
+        rows.append({
+            "code_length": code_length,
+            "threads": threads,
+            "qps_index": round(qps_index, 1),
+            "qps_faiss": round(qps_faiss, 1),
+            "ratio_vs_faiss": round(qps_index / qps_faiss, 3),
+            "qps_numpy": round(qps_numpy, 2),
+            "qps_numpy_note": (
+                f"measured {qps_numpy_subset:.1f} q/s on "
+                f"{args.numpy_database} codes x "
+                f"{len(queries[:args.numpy_queries])} "
+                f"queries, single thread, scaled x "
+                f"{args.numpy_database}/{args.n_database}"
+            ),
+            "limit_qps": round(limit, 1),
+            "limit_arithmetic": (
+                f"{n_cores} cores x {per_core:.4g} XOR+POPCNT words/s "
+                f"per core / ({args.n_database} codes x {words} "
+                f"words) = {limit:.1f} q/s"
+            ),
+            "limit_qps_simd": None if popcnt_simd is None else round(
+                n_cores * popcnt_simd / (args.n_database * words), 1),
+            "timing": (
+                f"{args.n_queries} queries in 10 batches, each timed "
+                f"{args.repeats}x interleaved with faiss; fastest per "
+                "batch summed"
+            ),
+            "fraction_of_limit": round(qps_index / limit, 3),
+            "popcnt_words_per_s_per_core": popcnt,
+            "distances_equal_faiss": distances_equal,
+            "ids_equal_numpy_subset": exact_vs_numpy,
+        })
+    faiss.omp_set_num_threads(all_threads)
+    return rows
+
+
+def summarise(args, rows, all_threads, wall_start):
+    """The result JSON; its top-level numbers are 64 bits, all threads."""
     summary = next(r for r in rows
                    if r["code_length"] == 64 and r["threads"] == all_threads)
-    result = {
+    return {
         "benchmark": "search",
         "qps_index": summary["qps_index"],
         "qps_faiss": summary["qps_faiss"],
@@ -231,12 +251,12 @@ def main():
         "git_sha": git_sha(),
         "versions": {"python": platform.python_version(),
                      "numpy": np.__version__, "faiss": faiss.__version__},
-        "device": f"{cpu_model()}, {cores} cores (shared machine)",
+        "device": f"{cpu_model()}, {os.cpu_count()} cores (shared machine)",
         "wall_time_s": round(time.perf_counter() - wall_start, 1),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+
+
+def print_table(rows):
     print("| bits | threads | HammingIndex q/s | faiss q/s | ratio | "
           "NumPy q/s (scaled) | limit q/s | of limit |")
     print("|---|---|---|---|---|---|---|---|")
@@ -244,6 +264,19 @@ def main():
         print(f"| {r['code_length']} | {r['threads']} | {r['qps_index']} | "
               f"{r['qps_faiss']} | {r['ratio_vs_faiss']} | {r['qps_numpy']} "
               f"| {r['limit_qps']} | {r['fraction_of_limit']} |")
+
+
+def main():
+    args = parse_args()
+    wall_start = time.perf_counter()
+    all_threads = faiss.omp_get_max_threads()
+    rng = np.random.default_rng(0)
+    rows = []
+    for code_length in (64, 128):
+        rows += measure_code_length(args, rng, code_length, all_threads)
+    result = summarise(args, rows, all_threads, wall_start)
+    io_utils.write_json_atomic(args.out, result, sort_keys=False)
+    print_table(rows)
     print(f"\nwrote {args.out}", file=sys.stderr)
 
 

@@ -59,8 +59,13 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from uhga_tf import io_utils
 from uhga_tf import saved_model
 from uhga_tf.serving import grpc_client
+
+SIGNATURE = saved_model.SIGNATURE_IMAGE_BYTES
+INPUT = saved_model.INPUT_IMAGE_BYTES
+CODES = saved_model.OUTPUT_CODES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -138,13 +143,23 @@ def jpeg_images(n, seed=0):
     return encoded
 
 
+def load_signature(path):
+    """The `serving_default` signature of the SavedModel at `path`."""
+    return tf.saved_model.load(path).signatures[SIGNATURE]
+
+
+def reference_codes(fn, requests):
+    """In-process codes of each request (a list of encoded images)."""
+    return [fn(**{INPUT: tf.constant(r)})[CODES].numpy() for r in requests]
+
+
 def in_process_images_per_s(path, images, batch_size, max_seconds):
-    fn = tf.saved_model.load(path).signatures["serving_default"]
+    fn = load_signature(path)
     batch = tf.constant(images[:batch_size])
-    fn(image_bytes=batch)  # warm-up
+    fn(**{INPUT: batch})  # warm-up
     count, start = 0, time.perf_counter()
     while count < 20 and time.perf_counter() - start < max_seconds / 3:
-        fn(image_bytes=batch)
+        fn(**{INPUT: batch})
         count += 1
     elapsed = time.perf_counter() - start
     return count * batch_size / elapsed, fn
@@ -187,6 +202,39 @@ def start_server(base, log_dir, enable_batching=None, rest=False):
     raise RuntimeError("server did not start; see " + log.name)
 
 
+def stop_server(proc):
+    """SIGTERM the server; kill it if it has not exited after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_clients(worker):
+    """Run worker(i) on FLAGS.clients threads; return the wall seconds."""
+    threads = [
+        threading.Thread(target=worker, args=(i,))
+        for i in range(FLAGS.clients)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
+def percentiles_ms(latencies, suffix="_ms"):
+    """p50 and p99 of `latencies` (seconds) in ms; 0 when there are none."""
+    ms = np.array(latencies) * 1000 if len(latencies) else np.zeros(1)
+    return {
+        f"p{q}{suffix}": round(float(np.percentile(ms, q)), 3)
+        for q in (50, 99)
+    }
+
+
 def run_phase(address, channel, requests, per_client, expected, max_seconds):
     """Each client sends its requests in turn; returns latency stats."""
     latencies, errors = [], []
@@ -215,27 +263,16 @@ def run_phase(address, channel, requests, per_client, expected, max_seconds):
         with lock:
             latencies.extend(mine)
 
-    threads = [
-        threading.Thread(target=worker, args=(i,))
-        for i in range(FLAGS.clients)
-    ]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_clients(worker)
     n = len(latencies)
     images = n * len(requests[0])
-    ms = np.array(latencies) * 1000 if n else np.zeros(1)
     return {
         "requests": n,
         "images_per_request": len(requests[0]),
         "seconds": round(elapsed, 3),
         "requests_per_s": round(n / elapsed, 2),
         "images_per_s": round(images / elapsed, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        **percentiles_ms(latencies),
         "errors": len(errors),
         "first_errors": errors[:3],
     }
@@ -259,10 +296,10 @@ def png_bomb(width=10000, height=10000):
 
 def _request(array, dtype=None):
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = "uhga"
-    request.model_spec.signature_name = "serving_default"
-    request.output_filter.append("codes")
-    request.inputs["image_bytes"].CopyFrom(
+    request.model_spec.name = saved_model.DEFAULT_MODEL_NAME
+    request.model_spec.signature_name = SIGNATURE
+    request.output_filter.append(CODES)
+    request.inputs[INPUT].CopyFrom(
         tf.make_tensor_proto(array, dtype=dtype)
     )
     return request
@@ -318,7 +355,7 @@ def mixed_phase(stub, goods, expected, bads, bomb, per_client, max_seconds):
                 if kind != "good":
                     wrong_bad.append(f"{kind} answered OK")
                     continue
-            codes = tf.make_ndarray(response.outputs["codes"])
+            codes = tf.make_ndarray(response.outputs[CODES])
             if not np.array_equal(codes, expected[k]):
                 with lock:
                     failed_good.append(f"request {k}: codes differ")
@@ -327,22 +364,11 @@ def mixed_phase(stub, goods, expected, bads, bomb, per_client, max_seconds):
         with lock:
             latencies.extend(mine)
 
-    threads = [
-        threading.Thread(target=worker, args=(i,))
-        for i in range(FLAGS.clients)
-    ]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    elapsed = run_clients(worker)
     return {
         "requests": counts,
         "seconds": round(elapsed, 3),
-        "p50_good_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_good_ms": round(float(np.percentile(ms, 99)), 3),
+        **percentiles_ms(latencies, suffix="_good_ms"),
         "failed_good_requests": len(failed_good),
         "bad_not_invalid_argument": len(wrong_bad),
         "first_errors": (failed_good + wrong_bad)[:3],
@@ -352,9 +378,7 @@ def mixed_phase(stub, goods, expected, bads, bomb, per_client, max_seconds):
 def mixed_run(base, tmp, images, fn):
     """All-good phase, then the mixed phase, on one batching server."""
     goods = [_request(np.array([b], dtype=object)) for b in images]
-    expected = [
-        fn(image_bytes=tf.constant([b]))["codes"].numpy() for b in images
-    ]
+    expected = reference_codes(fn, [[b] for b in images])
     max_batch_size = max(64, FLAGS.batch_size)
     bads = [
         _request(np.array([b"\xff\xd8\xff garbage, not a JPEG"],
@@ -380,12 +404,7 @@ def mixed_run(base, tmp, images, fn):
         rss = peak_rss_mb(proc.pid)
     finally:
         channel.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     return {
         "failed_good_requests": mixed["failed_good_requests"],
         "p99_good_ms": mixed["p99_good_ms"],
@@ -404,8 +423,8 @@ def mixed_run(base, tmp, images, fn):
             "bad": "1 in 10: corrupt bytes, batch of "
             f"{max_batch_size + 1} > max_batch_size, float32 image_bytes",
             "bomb": "1 in 100: 10000x10000 PNG "
-            f"({len(bomb.inputs['image_bytes'].string_val[0])} bytes)",
-            "good": "one 256x192 JPEG via serving_default",
+            f"({len(bomb.inputs[INPUT].string_val[0])} bytes)",
+            "good": f"one 256x192 JPEG via {SIGNATURE}",
         },
     }
 
@@ -428,12 +447,12 @@ class RestClient:
                     {"b64": base64.b64encode(b).decode("ascii")}
                     for b in encoded
                 ],
-                "output_filter": ["codes"],
+                "output_filter": [CODES],
             }
         )
         self._connection.request(
             "POST",
-            "/v1/models/uhga:predict",
+            f"/v1/models/{saved_model.DEFAULT_MODEL_NAME}:predict",
             body=body,
             headers={"Content-Type": "application/json"},
         )
@@ -479,16 +498,7 @@ def timed_phase(make_call, requests, expected, max_seconds):
             with lock:
                 latencies.extend(mine)
 
-    threads = [
-        threading.Thread(target=worker, args=(i,))
-        for i in range(FLAGS.clients)
-    ]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_clients(worker)
     return latencies, len(requests[0]), elapsed, errors
 
 
@@ -496,14 +506,12 @@ def _summary(parts):
     latencies = [x for part in parts for x in part[0]]
     seconds = sum(part[2] for part in parts)
     n = len(latencies)
-    ms = np.array(latencies) * 1000 if n else np.zeros(1)
     return {
         "requests": n,
         "images_per_request": parts[0][1],
         "seconds": round(seconds, 3),
         "images_per_s": round(n * parts[0][1] / seconds, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        **percentiles_ms(latencies),
         "errors": sum(len(part[3]) for part in parts),
         "first_errors": [e for part in parts for e in part[3]][:3],
         "images_per_s_per_leg": [
@@ -552,75 +560,110 @@ def rest_vs_grpc(address, rest_port, singles, batches, expected_single,
     return result
 
 
-def main(argv):
-    del argv
-    wall = time.perf_counter()
-    image_size = FLAGS.image_size or (
-        32 if FLAGS.backbone == "tiny" else 224
-    )
+def export_model(tmp, image_size, images):
+    """Export the benchmark model under `<tmp>/uhga`; return (base, path)."""
     backbone, hasher = build_models(
         FLAGS.backbone, image_size, FLAGS.code_length
     )
-    images = jpeg_images(max(64, FLAGS.batch_size))
-    with tempfile.TemporaryDirectory(prefix="uhga_bench_") as tmp:
-        base = os.path.join(tmp, "uhga")
-        path = saved_model.export_saved_model(
-            backbone, hasher, base, image_size=image_size,
-            metadata={"backbone": FLAGS.backbone},
-            warmup_images=images[:2],
+    base = os.path.join(tmp, "uhga")
+    path = saved_model.export_saved_model(
+        backbone, hasher, base, image_size=image_size,
+        metadata={"backbone": FLAGS.backbone},
+        warmup_images=images[:2],
+    )  # fmt: skip
+    return base, path
+
+
+def request_sets(images):
+    """Single-image requests (one per image) and 8 batches of batch_size."""
+    singles = [[b] for b in images]
+    batches = [
+        [images[(i + j) % len(images)] for j in range(FLAGS.batch_size)]
+        for i in range(8)
+    ]
+    return singles, batches
+
+
+def measure_served(base, tmp, singles, batches, expected):
+    """gRPC single and batched phases, then REST vs gRPC, on one server.
+
+    Returns:
+        (single phase, batched phase, REST-vs-gRPC comparison or None).
+    """
+    expected_single, expected_batched = expected
+    proc, address, rest_port = start_server(base, tmp, rest=FLAGS.rest)
+    channel = grpc.insecure_channel(address)
+    comparison = None
+    try:
+        grpc_client.encode_images(address, singles[0], channel=channel)
+        single = run_phase(
+            address, channel, singles, FLAGS.requests_per_client,
+            expected_single, FLAGS.max_seconds,
         )  # fmt: skip
-        if FLAGS.mixed_only:
-            fn = tf.saved_model.load(path).signatures["serving_default"]
-            return write_mixed_only(
-                mixed_run(base, tmp, images, fn), image_size, wall
-            )
-        inproc_batched, fn = in_process_images_per_s(
-            path, images, FLAGS.batch_size, FLAGS.max_seconds
-        )
-        inproc_single, _ = in_process_images_per_s(
-            path, images, 1, FLAGS.max_seconds
-        )
-        singles = [[b] for b in images]
-        batches = [
-            [images[(i + j) % len(images)] for j in range(FLAGS.batch_size)]
-            for i in range(8)
-        ]
-        expected_single = [
-            fn(image_bytes=tf.constant(r))["codes"].numpy() for r in singles
-        ]
-        expected_batched = [
-            fn(image_bytes=tf.constant(r))["codes"].numpy() for r in batches
-        ]
-        proc, address, rest_port = start_server(base, tmp, rest=FLAGS.rest)
-        channel = grpc.insecure_channel(address)
-        comparison = None
-        try:
-            grpc_client.encode_images(address, images[:1], channel=channel)
-            single = run_phase(
-                address, channel, singles, FLAGS.requests_per_client,
-                expected_single, FLAGS.max_seconds,
+        batched = run_phase(
+            address, channel, batches, FLAGS.batched_requests_per_client,
+            expected_batched, FLAGS.max_seconds,
+        )  # fmt: skip
+        if FLAGS.rest:
+            comparison = rest_vs_grpc(
+                address, rest_port, singles, batches, expected_single,
+                expected_batched,
             )  # fmt: skip
-            batched = run_phase(
-                address, channel, batches, FLAGS.batched_requests_per_client,
-                expected_batched, FLAGS.max_seconds,
-            )  # fmt: skip
-            if FLAGS.rest:
-                comparison = rest_vs_grpc(
-                    address, rest_port, singles, batches, expected_single,
-                    expected_batched,
-                )  # fmt: skip
-        finally:
-            channel.close()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        mixed = None
-        if FLAGS.mixed_requests_per_client:
-            mixed = mixed_run(base, tmp, images, fn)
-    sha = saved_model.git_sha()
+    finally:
+        channel.close()
+        stop_server(proc)
+    return single, batched, comparison
+
+
+def measure(base, path, tmp, images):
+    """Every phase of a full run; returns the raw measurements."""
+    inproc_batched, fn = in_process_images_per_s(
+        path, images, FLAGS.batch_size, FLAGS.max_seconds
+    )
+    inproc_single, _ = in_process_images_per_s(
+        path, images, 1, FLAGS.max_seconds
+    )
+    singles, batches = request_sets(images)
+    expected = (reference_codes(fn, singles), reference_codes(fn, batches))
+    single, batched, comparison = measure_served(
+        base, tmp, singles, batches, expected
+    )
+    mixed = None
+    if FLAGS.mixed_requests_per_client:
+        mixed = mixed_run(base, tmp, images, fn)
+    return {
+        "single": single,
+        "batched": batched,
+        "comparison": comparison,
+        "mixed": mixed,
+        "inproc_single": inproc_single,
+        "inproc_batched": inproc_batched,
+    }
+
+
+def run_config(image_size):
+    """The `config` section of the result JSON."""
+    return {
+        "backbone": FLAGS.backbone,
+        "hash_head": "untrained, seeded" if FLAGS.backbone != "tiny"
+        else "Dense, seeded",
+        "image_size": image_size,
+        "code_length": FLAGS.code_length,
+        "clients": FLAGS.clients,
+        "requests_per_client": FLAGS.requests_per_client,
+        "batch_size": FLAGS.batch_size,
+        "batched_requests_per_client": FLAGS.batched_requests_per_client,
+        "max_seconds": FLAGS.max_seconds,
+        "enable_batching": FLAGS.enable_batching,
+        "input": f"256x192 JPEG bytes via {SIGNATURE}",
+    }
+
+
+def summarise(measured, image_size, wall):
+    """The result JSON of a full run (see the module docstring)."""
+    single, batched = measured["single"], measured["batched"]
+    inproc_single = measured["inproc_single"]
+    inproc_batched = measured["inproc_batched"]
     result = {
         "errors": single["errors"] + batched["errors"],
         "p50_ms": single["p50_ms"],
@@ -638,27 +681,15 @@ def main(argv):
         "single_served_over_inprocess_batch_1": round(
             single["images_per_s"] / inproc_single, 3
         ),
-        "config": {
-            "backbone": FLAGS.backbone,
-            "hash_head": "untrained, seeded" if FLAGS.backbone != "tiny"
-            else "Dense, seeded",
-            "image_size": image_size,
-            "code_length": FLAGS.code_length,
-            "clients": FLAGS.clients,
-            "requests_per_client": FLAGS.requests_per_client,
-            "batch_size": FLAGS.batch_size,
-            "batched_requests_per_client": FLAGS.batched_requests_per_client,
-            "max_seconds": FLAGS.max_seconds,
-            "enable_batching": FLAGS.enable_batching,
-            "input": "256x192 JPEG bytes via serving_default",
-        },
-        "mixed": mixed,
-        "git_sha": sha,
+        "config": run_config(image_size),
+        "mixed": measured["mixed"],
+        "git_sha": saved_model.git_sha(),
         "tensorflow_version": tf.__version__,
         "device": f"CPU ({os.cpu_count()} cores, shared), "
         f"{platform.processor() or platform.machine()}",
         "wall_s": round(time.perf_counter() - wall, 1),
     }
+    comparison = measured["comparison"]
     if comparison is not None:
         result["errors"] += sum(
             comparison[kind][api]["errors"]
@@ -670,17 +701,40 @@ def main(argv):
         result["rest_vs_grpc"] = comparison
         result["config"]["rest_leg_seconds"] = FLAGS.rest_leg_seconds
         result["config"]["rest_rounds"] = FLAGS.rest_rounds
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=2)
+    return result
+
+
+def print_comparison(comparison):
+    print("\n| REST vs gRPC | API | requests | images/s | p50 ms | "
+          "p99 ms | errors |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for kind in ("single", "batch"):
+        for api in ("grpc", "rest"):
+            phase = comparison[kind][api]
+            print(
+                f"| {kind} | {api} | {phase['requests']} | "
+                f"{phase['images_per_s']} | {phase['p50_ms']} | "
+                f"{phase['p99_ms']} | {phase['errors']} |"
+            )
+    print(
+        f"\nrest_over_grpc_batch = {comparison['rest_over_grpc_batch']}, "
+        f"rest_over_grpc_single = {comparison['rest_over_grpc_single']}"
+    )
+
+
+def print_tables(result, image_size):
+    """The Markdown tables of a full run."""
+    inproc_batched = result["inprocess_images_per_s"][
+        f"batch_{FLAGS.batch_size}"
+    ]
     print(
         f"\n{FLAGS.backbone} @ {image_size}px, {FLAGS.code_length} bits, "
         f"{FLAGS.clients} clients\n"
     )
     print("| phase | requests | req/s | images/s | p50 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, phase in (("single image", single), (
-        f"{FLAGS.batch_size}-image batch", batched
+    for name, phase in (("single image", result["single"]), (
+        f"{FLAGS.batch_size}-image batch", result["batched"]
     )):
         print(
             f"| {name} | {phase['requests']} | {phase['requests_per_s']} | "
@@ -691,29 +745,32 @@ def main(argv):
         f"| in-process SavedModel, batch {FLAGS.batch_size} | | | "
         f"{inproc_batched:.2f} | | | |"
     )
-    if comparison is not None:
-        print("\n| REST vs gRPC | API | requests | images/s | p50 ms | "
-              "p99 ms | errors |")  # fmt: skip
-        print("|---|---|---:|---:|---:|---:|---:|")
-        for kind in ("single", "batch"):
-            for api in ("grpc", "rest"):
-                phase = comparison[kind][api]
-                print(
-                    f"| {kind} | {api} | {phase['requests']} | "
-                    f"{phase['images_per_s']} | {phase['p50_ms']} | "
-                    f"{phase['p99_ms']} | {phase['errors']} |"
-                )
-        print(
-            f"\nrest_over_grpc_batch = {comparison['rest_over_grpc_batch']}, "
-            f"rest_over_grpc_single = {comparison['rest_over_grpc_single']}"
-        )
+    if "rest_vs_grpc" in result:
+        print_comparison(result["rest_vs_grpc"])
     print(
         f"\nserved_over_inprocess = {result['served_over_inprocess']} "
         f"(wall {result['wall_s']} s) -> {FLAGS.out}"
     )
+    if result["mixed"] is not None:
+        print_mixed(result["mixed"])
 
-    if mixed is not None:
-        print_mixed(mixed)
+
+def main(argv):
+    del argv
+    wall = time.perf_counter()
+    image_size = FLAGS.image_size or (
+        32 if FLAGS.backbone == "tiny" else 224
+    )
+    images = jpeg_images(max(64, FLAGS.batch_size))
+    with tempfile.TemporaryDirectory(prefix="uhga_bench_") as tmp:
+        base, path = export_model(tmp, image_size, images)
+        if FLAGS.mixed_only:
+            mixed = mixed_run(base, tmp, images, load_signature(path))
+            return write_mixed_only(mixed, image_size, wall)
+        measured = measure(base, path, tmp, images)
+    result = summarise(measured, image_size, wall)
+    write_result(result)
+    print_tables(result, image_size)
 
 
 def print_mixed(mixed):
@@ -729,6 +786,11 @@ def print_mixed(mixed):
           f"{mixed['peak_rss_mb']} |")
 
 
+def write_result(result):
+    """Write `result` to --out atomically (keys in insertion order)."""
+    io_utils.write_json_atomic(FLAGS.out, result, sort_keys=False)
+
+
 def write_mixed_only(mixed, image_size, wall):
     result = {}
     if os.path.exists(FLAGS.out):
@@ -738,9 +800,7 @@ def write_mixed_only(mixed, image_size, wall):
     mixed["git_sha"] = saved_model.git_sha()
     mixed["wall_s"] = round(time.perf_counter() - wall, 1)
     result["mixed"] = mixed
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result)
     print_mixed(mixed)
     print(f"\n-> {FLAGS.out}")
 

@@ -77,6 +77,8 @@ def main():
         os.environ.get("UHGA_DATA_DIR", ""))
     import numpy as np
 
+    from uhga_tf import io_utils
+
     features = _train_part_features(data_dir)
     path = "/tmp/uhga_similarity_build_features.npy"
     np.save(path, features)
@@ -98,9 +100,7 @@ def main():
                "targets": {"seconds": 300, "peak_rss_mb": 2048},
                **bench_env.provenance()}
     out_path = os.path.join(HERE, "results", "similarity_build.json")
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-    os.replace(out_path + ".tmp", out_path)
+    io_utils.write_json_atomic(out_path, payload, indent=1)
     print(f"wrote {out_path}")
 
 

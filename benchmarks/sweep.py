@@ -33,6 +33,7 @@ import bench_env  # noqa: E402
 
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
+from uhga_tf import io_utils  # noqa: E402
 
 flags_util.define_config_flags()
 flags.DEFINE_string("grid", "", "field=v1,v2;field=v1,... (config fields).")
@@ -78,66 +79,59 @@ def cell_id(values):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def main(argv):
-    del argv
-    from tqdm import tqdm
-
-    grid = flags_util.exit_on_user_error("sweep", parse_grid, FLAGS.grid)
-    base = flags_util.config_values()
-    sweep_dir = os.path.join(FLAGS.out_dir, "sweeps", FLAGS.name)
-    cells_dir = os.path.join(sweep_dir, "cells")
-    os.makedirs(cells_dir, exist_ok=True)
-    todo = list(cells(base, grid))
-    experiments = [
-        (overrides, flags_util.exit_on_user_error(
-            "sweep", config.experiment_from_flat, values))
-        for overrides, values in todo
-    ]
-
-    from uhga_tf.data import retrieval_sets
+def run_cell(overrides, experiment, sets, sweep_dir):
+    """Train one cell; its row (validation and query MAP) or its error."""
     from uhga_tf.training import run as run_lib
 
+    key = cell_id(experiment.to_dict())
+    experiment = dataclasses.replace(
+        experiment, workdir=os.path.join(sweep_dir, "runs", key),
+        progress=False,
+    )
+    start = time.time()
+    try:
+        result = run_lib.run_experiment(experiment, sets=sets)
+    except ValueError as e:  # a cell the grid makes invalid
+        return {"overrides": overrides, "error": str(e)}
+    return {
+        "overrides": overrides,
+        "validation_map": result["validation_map"],
+        "map": result["map"],
+        "similarity_fractions": result["similarity_fractions"],
+        "similarity_diagnostics": result["similarity_diagnostics"],
+        "wall_time_s": time.time() - start,
+    }
+
+
+def run_cells(experiments, sweep_dir):
+    """Rows of every cell: read back when stored, else trained and stored."""
+    from tqdm import tqdm
+
+    from uhga_tf.data import retrieval_sets
+
+    cells_dir = os.path.join(sweep_dir, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
     first = experiments[0][1]
     sets = retrieval_sets.load_retrieval_sets(
         first.data, first.model, first.train.seed, progress=True
     )
     rows = []
     for overrides, experiment in tqdm(experiments, desc="sweep", unit="cell"):
-        key = cell_id(experiment.to_dict())
-        path = os.path.join(cells_dir, key + ".json")
+        path = os.path.join(cells_dir, cell_id(experiment.to_dict()) + ".json")
         if os.path.exists(path):
             with open(path) as f:
                 rows.append(json.load(f))
             continue
-        experiment = dataclasses.replace(
-            experiment, workdir=os.path.join(sweep_dir, "runs", key),
-            progress=False,
-        )
-        start = time.time()
-        try:
-            result = run_lib.run_experiment(experiment, sets=sets)
-            row = {
-                "overrides": overrides,
-                "validation_map": result["validation_map"],
-                "map": result["map"],
-                "similarity_fractions": result["similarity_fractions"],
-                "similarity_diagnostics": result["similarity_diagnostics"],
-                "wall_time_s": time.time() - start,
-            }
-        except ValueError as e:  # a cell the grid makes invalid
-            row = {"overrides": overrides, "error": str(e)}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(row, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        row = run_cell(overrides, experiment, sets, sweep_dir)
+        io_utils.write_json_atomic(path, row)
         rows.append(row)
-    ok = sorted(
-        (r for r in rows if "error" not in r),
-        key=lambda r: -r["validation_map"],
-    )
+    return rows
+
+
+def print_table(ranked, failed):
     print(f"\n{'validation MAP':>14} {'query MAP':>10} {'P(same|S+)':>10}"
           f" {'P(diff|S-)':>10}  cell")
-    for r in ok:
+    for r in ranked:
         diag = r.get("similarity_diagnostics") or {}
         print(
             f"{r['validation_map']:14.4f} {r['map']:10.4f} "
@@ -145,21 +139,39 @@ def main(argv):
             f"{diag.get('p_different_given_dissimilar', float('nan')):10.3f}"
             f"  {r['overrides']}"
         )
-    for r in rows:
-        if "error" in r:
-            print(f"{'error':>14}  {r['overrides']}: {r['error']}")
+    for r in failed:
+        print(f"{'error':>14}  {r['overrides']}: {r['error']}")
+
+
+def main(argv):
+    del argv
+    grid = flags_util.exit_on_user_error("sweep", parse_grid, FLAGS.grid)
+    base = flags_util.config_values()
+    sweep_dir = os.path.join(FLAGS.out_dir, "sweeps", FLAGS.name)
+    experiments = [
+        (overrides, flags_util.exit_on_user_error(
+            "sweep", config.experiment_from_flat, values))
+        for overrides, values in cells(base, grid)
+    ]
+    rows = run_cells(experiments, sweep_dir)
+    ranked = sorted(
+        (r for r in rows if "error" not in r),
+        key=lambda r: -r["validation_map"],
+    )
+    failed = [r for r in rows if "error" in r]
+    print_table(ranked, failed)
     out = {
         "command": " ".join(sys.argv),
         "grid": FLAGS.grid,
         "base": base,
         "ranked_by": "validation_map",
-        "cells": ok + [r for r in rows if "error" in r],
+        "cells": ranked + failed,
         **bench_env.provenance(),
     }
     path = os.path.join(FLAGS.out_dir, "sweeps", FLAGS.name + ".json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    # default=str: the flat base config may hold values JSON cannot spell.
+    text = json.dumps(out, indent=2, sort_keys=True, default=str)
+    io_utils.write_bytes_atomic(path, (text + "\n").encode("utf-8"))
     print(f"wrote {path}")
 
 

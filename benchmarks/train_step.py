@@ -27,7 +27,6 @@ benchmarks/results/train_step.json.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from uhga_tf import io_utils
 from uhga_tf import similarity as similarity_lib
 from uhga_tf.models import attention_net
 from uhga_tf.models import hash_layer
@@ -199,16 +199,44 @@ def attention_path(model, batch, matrix, repeats, matmul, flops):
     }
 
 
-def main(argv=None):
+EFFICIENCY_METHOD = (
+    "median over --steps pairs (dense matmul run, then attention "
+    "path run) of attention GFLOP/s / matmul GFLOP/s. "
+    "attention_efficiency (headline) uses process CPU time for both "
+    "(FLOP per CPU-second: steady on this shared 2-core machine); "
+    "attention_efficiency_wall_paired uses wall time and swings "
+    "with the other jobs' load (the multi-threaded matmul loses "
+    "more to contention than the attention kernels)"
+)
+ATTENTION_BOUND = (
+    "forward: one XLA loop over the 2*B*B*K rows, the first layer "
+    "split (per-(i,k) part precomputed, per-pair part 2 FMAs), "
+    "~0.9x matmul rate per CPU-second; phi-backward: three masked "
+    "sums per (row, hidden unit) for the three inputs that vary "
+    "over j (1, P_log(e), P_sign(e)), accumulated in registers "
+    "(no [rows, hidden] mask in memory), but XLA:CPU has no "
+    "multi-output fusion, so each sum re-evaluates the "
+    "pre-activation: the backward is ~3x the forward and bounds "
+    "the path at ~0.4"
+)
+PEAK_MEMORY_NOTE = (
+    "peak_rss_mb is the process VmHWM after a reset to the current "
+    "RSS before the configuration (TF runtime and allocator caches "
+    "of earlier configurations included); peak_rss_increase_mb is "
+    "that peak minus the RSS at the reset"
+)
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--codes", default="16,32,64,128")
     parser.add_argument("--output", default=RESULTS)
-    args = parser.parse_args(argv)
-    codes = [int(c) for c in args.codes.split(",")]
-    load_start = os.getloadavg()
-    rng = np.random.default_rng(0)
-    features = rng.random((N, D)).astype(np.float32) ** 4  # >= 0, spread
+    return parser.parse_args(argv)
+
+
+def similarity_setup(features):
+    """S from `build_similarity_matrix`: (matrix, fractions, seconds)."""
     start = time.perf_counter()
     sim = similarity_lib.build_similarity_matrix(features,
                                                  similarity_lambda=0.2)
@@ -219,39 +247,54 @@ def main(argv=None):
         "-1": float(np.mean(matrix == -1)),
         "0": float(np.mean(matrix == 0)),
     }
-    matmul = make_matmul()
-    matmul_start = matmul_gflops(matmul)
-    rows = []
-    for k in codes:
-        data = batches(features, args.steps + 2, seed=k)
-        row = {"K": k}
-        for attention in (False, True):
-            tag = "ga" if attention else "plain"
-            reset_peak_rss()
-            rss_before = rss_mb()
-            model = build(matrix, k, attention)
-            compile_s, ms, cpu_ms = time_steps(model, data)
-            row[f"{tag}_step_ms"] = ms
-            row[f"{tag}_step_cpu_ms"] = cpu_ms
-            row[f"{tag}_compile_s"] = compile_s
-            row[f"{tag}_peak_rss_mb"] = peak_rss_mb()
-            row[f"{tag}_peak_rss_increase_mb"] = peak_rss_mb() - rss_before
-            if attention:
-                flops = attention_net.attention_flops(B, B, k, HIDDEN)
-                row["attention_rows"] = 2 * B * B * k
-                row["attention_gflop"] = flops / 1e9
-                row.update(attention_path(
-                    model, data[0], tf.constant(matrix), args.steps,
-                    matmul, flops,
-                ))
-            del model
-            keras.backend.clear_session()
-        rows.append(row)
-        print(f"K={k}: {row}", file=sys.stderr, flush=True)
-    matmul_end = matmul_gflops(matmul)
+    return matrix, fractions, similarity_s
+
+
+def measure_code_length(features, matrix, k, steps, matmul):
+    """One row: step time, compile time and peak RSS, plain and GA, at K."""
+    data = batches(features, steps + 2, seed=k)
+    row = {"K": k}
+    for attention in (False, True):
+        tag = "ga" if attention else "plain"
+        reset_peak_rss()
+        rss_before = rss_mb()
+        model = build(matrix, k, attention)
+        compile_s, ms, cpu_ms = time_steps(model, data)
+        row[f"{tag}_step_ms"] = ms
+        row[f"{tag}_step_cpu_ms"] = cpu_ms
+        row[f"{tag}_compile_s"] = compile_s
+        row[f"{tag}_peak_rss_mb"] = peak_rss_mb()
+        row[f"{tag}_peak_rss_increase_mb"] = peak_rss_mb() - rss_before
+        if attention:
+            flops = attention_net.attention_flops(B, B, k, HIDDEN)
+            row["attention_rows"] = 2 * B * B * k
+            row["attention_gflop"] = flops / 1e9
+            row.update(attention_path(
+                model, data[0], tf.constant(matrix), steps, matmul, flops,
+            ))
+        del model
+        keras.backend.clear_session()
+    return row
+
+
+def per_k(rows, key):
+    """{str(K): row[key]} over the rows."""
+    return {str(r["K"]): r[key] for r in rows}
+
+
+def plain_and_ga(rows, suffix):
+    """{str(K): {"plain": row[plain_<suffix>], "ga": row[ga_<suffix>]}}."""
+    return {
+        str(r["K"]): {"plain": r[f"plain_{suffix}"], "ga": r[f"ga_{suffix}"]}
+        for r in rows
+    }
+
+
+def summarise(args, rows, env):
+    """The result JSON; `env` holds what was measured around the rows."""
     by_k = {row["K"]: row for row in rows}
-    ref_k = 64 if 64 in by_k else codes[-1]
-    result = {
+    ref_k = 64 if 64 in by_k else rows[-1]["K"]
+    return {
         "benchmark": "train_step",
         "git_sha": git_sha(),
         "git_dirty": git_dirty(),
@@ -260,7 +303,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "load_average_at_start": load_start,
+        "load_average_at_start": env["load_start"],
         "load_average_at_end": os.getloadavg(),
         "setup": {
             "N": N, "D": D, "batch_per_branch": B, "global_batch": 2 * B,
@@ -269,73 +312,40 @@ def main(argv=None):
             "devices": 1, "timed_steps": args.steps,
             "step_statistic": "median wall ms of train_on_batch",
             "similarity": "ssdh, lambda=0.2", "similarity_fractions":
-            fractions, "similarity_build_s": similarity_s,
+            env["fractions"], "similarity_build_s": env["similarity_s"],
         },
         "flops_formula": FLOPS_FORMULA,
         "matmul_gflops_per_s": {
-            "start": matmul_start, "end": matmul_end,
-            "paired_per_K": {str(r["K"]): r["paired_matmul_gflops_per_s"]
-                             for r in rows},
+            "start": env["matmul_start"], "end": env["matmul_end"],
+            "paired_per_K": per_k(rows, "paired_matmul_gflops_per_s"),
             "op": "tf.matmul fp32 2048x2048x2048",
         },
-        "efficiency_method": (
-            "median over --steps pairs (dense matmul run, then attention "
-            "path run) of attention GFLOP/s / matmul GFLOP/s. "
-            "attention_efficiency (headline) uses process CPU time for both "
-            "(FLOP per CPU-second: steady on this shared 2-core machine); "
-            "attention_efficiency_wall_paired uses wall time and swings "
-            "with the other jobs' load (the multi-threaded matmul loses "
-            "more to contention than the attention kernels)"
-        ),
-        "plain_step_ms": {str(r["K"]): r["plain_step_ms"] for r in rows},
-        "ga_step_ms": {str(r["K"]): r["ga_step_ms"] for r in rows},
+        "efficiency_method": EFFICIENCY_METHOD,
+        "plain_step_ms": per_k(rows, "plain_step_ms"),
+        "ga_step_ms": per_k(rows, "ga_step_ms"),
         "ratio": by_k[ref_k]["ga_step_ms"] / by_k[ref_k]["plain_step_ms"],
         "ratio_K": ref_k,
         "attention_efficiency": by_k[ref_k]["attention_efficiency_cpu_time"],
         "attention_efficiency_K": ref_k,
         "attention_efficiency_target": 0.5,
-        "attention_efficiency_per_K": {
-            str(r["K"]): r["attention_efficiency_cpu_time"] for r in rows
-        },
-        "attention_efficiency_wall_paired_per_K": {
-            str(r["K"]): r["attention_efficiency_wall_paired"] for r in rows
-        },
-        "attention_bound": (
-            "forward: one XLA loop over the 2*B*B*K rows, the first layer "
-            "split (per-(i,k) part precomputed, per-pair part 2 FMAs), "
-            "~0.9x matmul rate per CPU-second; phi-backward: three masked "
-            "sums per (row, hidden unit) for the three inputs that vary "
-            "over j (1, P_log(e), P_sign(e)), accumulated in registers "
-            "(no [rows, hidden] mask in memory), but XLA:CPU has no "
-            "multi-output fusion, so each sum re-evaluates the "
-            "pre-activation: the backward is ~3x the forward and bounds "
-            "the path at ~0.4"
-        ),
-        "compile_s": {
-            str(r["K"]): {"plain": r["plain_compile_s"],
-                          "ga": r["ga_compile_s"]} for r in rows
-        },
-        "peak_rss_mb": {
-            str(r["K"]): {"plain": r["plain_peak_rss_mb"],
-                          "ga": r["ga_peak_rss_mb"]} for r in rows
-        },
-        "peak_rss_increase_mb": {
-            str(r["K"]): {"plain": r["plain_peak_rss_increase_mb"],
-                          "ga": r["ga_peak_rss_increase_mb"]} for r in rows
-        },
-        "peak_memory_note": (
-            "peak_rss_mb is the process VmHWM after a reset to the current "
-            "RSS before the configuration (TF runtime and allocator caches "
-            "of earlier configurations included); peak_rss_increase_mb is "
-            "that peak minus the RSS at the reset"
-        ),
+        "attention_efficiency_per_K": per_k(
+            rows, "attention_efficiency_cpu_time"),
+        "attention_efficiency_wall_paired_per_K": per_k(
+            rows, "attention_efficiency_wall_paired"),
+        "attention_bound": ATTENTION_BOUND,
+        "compile_s": plain_and_ga(rows, "compile_s"),
+        "peak_rss_mb": plain_and_ga(rows, "peak_rss_mb"),
+        "peak_rss_increase_mb": plain_and_ga(rows, "peak_rss_increase_mb"),
+        "peak_memory_note": PEAK_MEMORY_NOTE,
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"load average at start {load_start}; dense matmul "
-          f"{matmul_start:.1f} (start) / {matmul_end:.1f} (end) GFLOP/s\n")
+
+
+def print_table(result, env):
+    rows, ref_k = result["rows"], result["ratio_K"]
+    print(f"load average at start {env['load_start']}; dense matmul "
+          f"{env['matmul_start']:.1f} (start) / {env['matmul_end']:.1f} "
+          "(end) GFLOP/s\n")
     print("| K | plain ms | GA ms | GA/plain | GA compile s | attention ms "
           "| attention GFLOP | GFLOP/s | paired matmul GFLOP/s | efficiency "
           "(wall / CPU) | peak RSS +MB plain/GA |")
@@ -356,6 +366,27 @@ def main(argv=None):
     print(f"\nratio (GA/plain at K={ref_k}) = {result['ratio']:.2f}; "
           f"attention_efficiency (K={ref_k}, CPU-time paired) = "
           f"{result['attention_efficiency']:.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    codes = [int(c) for c in args.codes.split(",")]
+    env = {"load_start": os.getloadavg()}
+    rng = np.random.default_rng(0)
+    features = rng.random((N, D)).astype(np.float32) ** 4  # >= 0, spread
+    matrix, env["fractions"], env["similarity_s"] = similarity_setup(
+        features)
+    matmul = make_matmul()
+    env["matmul_start"] = matmul_gflops(matmul)
+    rows = []
+    for k in codes:
+        rows.append(measure_code_length(features, matrix, k, args.steps,
+                                        matmul))
+        print(f"K={k}: {rows[-1]}", file=sys.stderr, flush=True)
+    env["matmul_end"] = matmul_gflops(matmul)
+    result = summarise(args, rows, env)
+    io_utils.write_json_atomic(args.output, result, sort_keys=False)
+    print_table(result, env)
     return result
 
 

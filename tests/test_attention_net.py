@@ -1,4 +1,5 @@
-"""Tests for uhga_tf.models.attention_net (T1, split first layer, grads)."""
+"""Tests for uhga_tf.models.attention_net: constant attention, split first
+layer, custom gradient."""
 
 import keras
 import numpy as np
@@ -42,7 +43,36 @@ def _brute_force_logits(net, u, v, g, p=10.0):
     return net(tf.constant(x1)), net(tf.constant(x2))
 
 
-def test_t1_attention_half_gives_plain_gradient():
+def _assert_gradients_match_brute_force(u, v, g, net, seed, **attend_args):
+    """Compare d(random projection of attend)/d(net weights) with autodiff.
+
+    The fast path is `attention_net.attend(..., **attend_args)` with its
+    custom gradient; the reference is autodiff through the brute-force
+    5-vector rows. The first three variables (kernel, bias, output kernel)
+    must agree and be non-zero. Returns the fast gradients.
+    """
+    rng = np.random.default_rng(seed)
+    ru, rv = rng.standard_normal(u.shape), rng.standard_normal(v.shape)
+    variables = net.trainable_variables
+    with tf.GradientTape() as tape:
+        au, av = attention_net.attend(u, v, g, net, **attend_args)
+        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
+    fast = tape.gradient(objective, variables)
+    with tf.GradientTape() as tape:
+        f1, f2 = _brute_force_logits(net, u, v, g)
+        w = tf.sigmoid(f1 - f2)
+        au = 2 * tf.einsum("ijk,ij,jk->ik", w, g, v)
+        av = 2 * tf.einsum("ijk,ij,ik->jk", 1 - w, g, u)
+        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
+    slow = tape.gradient(objective, variables)
+    for a, b in zip(fast[:3], slow[:3]):
+        assert np.abs(b.numpy()).max() > 0
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8,
+                                   atol=1e-14)
+    return fast
+
+
+def test_constant_attention_half_gives_plain_gradient():
     u, v, g = _inputs()
     net = _net()
     net.output_kernel.assign(np.zeros((7, 1)))  # f const -> a1 = a2 = 1/2
@@ -83,24 +113,9 @@ def test_split_first_layer_equals_brute_force(jit_compile, chunk_rows):
 def test_custom_gradient_equals_autodiff_of_brute_force():
     u, v, g = _inputs(seed=3)
     net = _net(seed=4)
-    rng = np.random.default_rng(5)
-    ru, rv = rng.standard_normal(u.shape), rng.standard_normal(v.shape)
-    variables = net.trainable_variables
-    with tf.GradientTape() as tape:
-        au, av = attention_net.attend(u, v, g, net, chunk_rows=2)
-        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
-    fast = tape.gradient(objective, variables)
-    with tf.GradientTape() as tape:
-        f1, f2 = _brute_force_logits(net, u, v, g)
-        w = tf.sigmoid(f1 - f2)
-        au = 2 * tf.einsum("ijk,ij,jk->ik", w, g, v)
-        av = 2 * tf.einsum("ijk,ij,ik->jk", 1 - w, g, u)
-        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
-    slow = tape.gradient(objective, variables)
-    for a, b in zip(fast[:3], slow[:3]):
-        assert np.abs(b.numpy()).max() > 0
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8,
-                                   atol=1e-14)
+    fast = _assert_gradients_match_brute_force(
+        u, v, g, net, seed=5, chunk_rows=2
+    )
     # c2 cancels in the softmax over the two members: gradient 0 (§9).
     assert abs(float(fast[3][0])) < 1e-12
 
@@ -158,24 +173,9 @@ def test_fused_backward_column_chunks_equal_autodiff(monkeypatch, columns):
     monkeypatch.setattr(attention_net, "BACKWARD_COLUMNS", columns)
     u, v, g = _inputs(b1=4, b2=4, seed=11)
     net = _net(seed=12)
-    rng = np.random.default_rng(13)
-    ru, rv = rng.standard_normal(u.shape), rng.standard_normal(v.shape)
-    variables = net.trainable_variables
-    with tf.GradientTape() as tape:
-        au, av = attention_net.attend(u, v, g, net, jit_compile=True)
-        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
-    fast = tape.gradient(objective, variables)
-    with tf.GradientTape() as tape:
-        f1, f2 = _brute_force_logits(net, u, v, g)
-        w = tf.sigmoid(f1 - f2)
-        au = 2 * tf.einsum("ijk,ij,jk->ik", w, g, v)
-        av = 2 * tf.einsum("ijk,ij,ik->jk", 1 - w, g, u)
-        objective = tf.reduce_sum(au * ru) + tf.reduce_sum(av * rv)
-    slow = tape.gradient(objective, variables)
-    for a, b in zip(fast[:3], slow[:3]):
-        assert np.abs(b.numpy()).max() > 0
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8,
-                                   atol=1e-14)
+    _assert_gradients_match_brute_force(
+        u, v, g, net, seed=13, jit_compile=True
+    )
 
 
 def test_attention_flops_formula():

@@ -6,6 +6,7 @@ code, the key words of the one-line message, and that nothing was left
 behind. The numbered defects of the issue are marked `defect N`.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -413,15 +414,34 @@ def _garbage_version(base, version):
         f.write(b"\x08\x96\x01 this is not a SavedModel \xff\xff")
 
 
+@contextlib.contextmanager
+def _serving_copy(export_base, base, before_start=None):
+    """Serve a copy of `export_base` at `base`; yield (server, channel).
+
+    `before_start(base)` may damage the copy before the server starts.
+    """
+    shutil.copytree(export_base, base)
+    if before_start is not None:
+        before_start(base)
+    server, channel, _ = start_server(base)
+    try:
+        yield server, channel
+    finally:
+        channel.close()
+        server.stop(1.0)
+
+
+def _predict_one_image(channel):
+    return predict(channel, "serving_default", "image_bytes",
+                   np.array(small_images(1), dtype=object))
+
+
 def test_bad_version_at_startup_serves_the_good_one(export_base, tmp_path):
     """defect 1: a garbage saved_model.pb at start-up."""
     base = tmp_path / "models"
-    shutil.copytree(export_base, base)
-    _garbage_version(base, 2)
-    server, channel, _ = start_server(base)
-    try:
-        response = predict(channel, "serving_default", "image_bytes",
-                           np.array(small_images(1), dtype=object))
+    with _serving_copy(export_base, base,
+                       lambda b: _garbage_version(b, 2)) as (_, channel):
+        response = _predict_one_image(channel)
         assert response.model_spec.version.value == 1
         status = {s.version: s for s in model_status(channel)
                   .model_version_status}
@@ -429,28 +449,19 @@ def test_bad_version_at_startup_serves_the_good_one(export_base, tmp_path):
             get_model_status_pb2.ModelVersionStatus.AVAILABLE)
         assert status[2].state == get_model_status_pb2.ModelVersionStatus.END
         assert "DecodeError" in status[2].status.error_message
-    finally:
-        channel.close()
-        server.stop(1.0)
 
 
 def test_bad_version_does_not_stop_hot_swapping(export_base, tmp_path):
     """defect 1: a corrupt version, then a valid one, while serving."""
     base = tmp_path / "models"
-    shutil.copytree(export_base, base)
-    server, channel, _ = start_server(base)
-    try:
+    with _serving_copy(export_base, base) as (server, channel):
         _garbage_version(base, 2)
         assert wait_for(lambda: 2 in server.manager.failed())
         shutil.copytree(os.path.join(export_base, "1"), base / "3")
         assert wait_for(lambda: server.manager.versions() == [3])
-        response = predict(channel, "serving_default", "image_bytes",
-                           np.array(small_images(1), dtype=object))
+        response = _predict_one_image(channel)
         assert response.model_spec.version.value == 3
         assert server._poller.is_alive()
-    finally:
-        channel.close()
-        server.stop(1.0)
 
 
 def test_version_beyond_int64_is_not_served(export_base, tmp_path):

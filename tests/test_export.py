@@ -53,7 +53,7 @@ def exported(tmp_path_factory):
 
 
 def reference(backbone, hasher, pixels):
-    """In-process codes and relaxed outputs for one image or a batch."""
+    """In-process codes and logits (pre-activation z) of some images."""
     batch = np.asarray(pixels)
     if batch.ndim == 3:
         batch = batch[None]
@@ -78,10 +78,10 @@ def test_serving_default_matches_in_process(exported):
     assert codes.dtype == np.int8 and codes.shape == (4, CODE_LENGTH)
     assert packed.dtype == np.uint8 and packed.shape == (4, 3)
     for i, blob in enumerate(encoded):
-        expected, relaxed = reference(backbone, hasher, decoded_pixels(blob))
+        expected, logits = reference(backbone, hasher, decoded_pixels(blob))
         # The comparison is only meaningful if no output sits on the
         # threshold, where float round-off could flip a bit.
-        assert np.abs(relaxed).min() > 1e-4
+        assert np.abs(logits).min() > 1e-4
         np.testing.assert_array_equal(codes[i : i + 1], expected)
     np.testing.assert_array_equal(
         codes_lib.unpack_codes(packed, CODE_LENGTH), codes
@@ -101,8 +101,8 @@ def test_encode_images_and_features_match_in_process(exported):
     rng = np.random.default_rng(1)
     batch = rng.integers(0, 256, size=(5, 45, 70, 3), dtype=np.uint8)
     out = loaded.signatures["encode_images"](images=tf.constant(batch))
-    expected, relaxed = reference(backbone, hasher, batch)
-    assert np.abs(relaxed).min() > 1e-4
+    expected, logits = reference(backbone, hasher, batch)
+    assert np.abs(logits).min() > 1e-4
     np.testing.assert_array_equal(out["codes"].numpy(), expected)
     np.testing.assert_array_equal(
         out["packed_codes"].numpy(), codes_lib.pack_codes(expected)
@@ -118,21 +118,21 @@ def test_encode_images_and_features_match_in_process(exported):
 
     features = rng.normal(size=(7, FEATURE_DIM)).astype(np.float32)
     out = loaded.signatures["encode_features"](features=tf.constant(features))
-    relaxed = np.asarray(hasher(features))
-    assert np.abs(relaxed).min() > 1e-4
+    logits = np.asarray(hasher(features))
+    assert np.abs(logits).min() > 1e-4
     np.testing.assert_array_equal(
-        out["codes"].numpy(), codes_lib.binarize(relaxed)
+        out["codes"].numpy(), codes_lib.binarize(logits)
     )
     np.testing.assert_array_equal(
         out["packed_codes"].numpy(),
-        codes_lib.pack_codes(codes_lib.binarize(relaxed)),
+        codes_lib.pack_codes(codes_lib.binarize(logits)),
     )
 
 
 def test_binarize_tf_maps_zero_to_plus_one():
-    relaxed = tf.constant([[-1.0, -0.0, 0.0, 1e-9, -1e-9, 3.0, -2.0, 0.5, 7]])
-    codes = saved_model.binarize_tf(relaxed).numpy()
-    np.testing.assert_array_equal(codes, codes_lib.binarize(relaxed.numpy()))
+    logits = tf.constant([[-1.0, -0.0, 0.0, 1e-9, -1e-9, 3.0, -2.0, 0.5, 7]])
+    codes = saved_model.binarize_tf(logits).numpy()
+    np.testing.assert_array_equal(codes, codes_lib.binarize(logits.numpy()))
     np.testing.assert_array_equal(codes[0, :4], [-1, 1, 1, 1])
     np.testing.assert_array_equal(
         saved_model.pack_codes_tf(tf.constant(codes)).numpy(),
@@ -220,8 +220,8 @@ def test_layer_names_with_leading_underscore_are_exportable(tmp_path):
     out = tf.saved_model.load(path).signatures["encode_images"](
         images=tf.constant(images)
     )
-    expected, relaxed = reference(backbone, hasher, images)
-    assert np.abs(relaxed).min() > 1e-4
+    expected, logits = reference(backbone, hasher, images)
+    assert np.abs(logits).min() > 1e-4
     np.testing.assert_array_equal(out["codes"].numpy(), expected)
     assert [layer.name for layer in backbone.layers][0] == "_conv_stem"
 

@@ -1,4 +1,4 @@
-"""Tests for uhga_tf.models.hash_layer (T4, init, serialization)."""
+"""Tests for uhga_tf.models.hash_layer: scale schedule, init, serialization."""
 
 import math
 
@@ -10,7 +10,7 @@ import tensorflow as tf
 from uhga_tf.models import hash_layer
 
 
-def test_t4_scale_at_step():
+def test_scale_at_step_grows_as_sqrt_every_200_steps():
     assert hash_layer.scale_at_step(199) == 1.0
     assert hash_layer.scale_at_step(200) == pytest.approx(math.sqrt(2))
     assert hash_layer.scale_at_step(12040) == pytest.approx(math.sqrt(61))

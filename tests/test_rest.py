@@ -258,25 +258,14 @@ def _rest_body(inputs, kwargs):
     return path + ":predict", body
 
 
-@pytest.mark.parametrize(
-    "inputs,kwargs,code,words",
-    [case[1:] for case in grpc_tests._bad_cases()],
-    ids=[case[0] for case in grpc_tests._bad_cases()],
-)
+@grpc_tests.each_bad_case
 def test_grpc_bad_request_catalogue_over_rest(
     served, inputs, kwargs, code, words
 ):
     """Each case gets the gRPC status, as its HTTP code, and the message."""
     _, server = served
-    with pytest.raises(grpc.RpcError) as info:
-        grpc_client.predict(
-            server.address,
-            inputs,
-            timeout=TIMEOUT,
-            channel=server.channel,
-            **kwargs,
-        )
-    assert info.value.code() == code
+    error = grpc_tests.predict_error(server, inputs, kwargs)
+    assert error.code() == code
     path, body = _rest_body(inputs, kwargs)
     status, answer = server.call("POST", path, body)
     assert status == rest.http_status(code), answer
@@ -287,7 +276,7 @@ def test_grpc_bad_request_catalogue_over_rest(
         # JSON has no float32: the numbers must fit the signature's uint8.
         assert "uint8" in answer["error"], answer
     else:
-        assert answer["error"] == info.value.details()
+        assert answer["error"] == error.details()
         for word in words:
             assert word in answer["error"], answer
 

@@ -180,17 +180,8 @@ def _chromium():
 
 
 @pytest.mark.slow
-def test_page_in_headless_chromium(workspace, tmp_path):
-    """Upload an image in the browser, check tiles, click a result."""
-    browser, driver_path = _chromium()
-    if browser is None or driver_path is None:
-        pytest.skip("chromium and chromedriver are not installed "
-                    "(Debian: chromium chromium-driver)")  # fmt: skip
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    root, model_dir, index_dir = workspace
+def _start_search_page(index_dir, model_dir, tmp_path):
+    """Run `uhga_tf.search serve` on a free port; return (process, url)."""
     out_path = tmp_path / "page.out"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     with open(out_path, "wb") as out, open(tmp_path / "page.log", "wb") as log:
@@ -200,71 +191,107 @@ def test_page_in_headless_chromium(workspace, tmp_path):
              f"--top_k={TOP_K}"],
             cwd=REPO, env=env, stdout=out, stderr=log,
         )  # fmt: skip
-    driver = None
+    deadline = time.monotonic() + 90
+    url = None
     try:
-        deadline = time.monotonic() + 90
-        url = None
         while url is None and time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "page.log").read_text()
             line = out_path.read_text()
             if line.endswith("\n"):
                 url = line.split()[-1]
             time.sleep(0.1)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, url
+
+
+def _stop(proc):
+    """SIGTERM the search page; kill it if it has not exited after 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _headless_chrome(webdriver, browser, driver_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--window-size=1000,760"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(
+        service=webdriver.ChromeService(executable_path=driver_path),
+        options=options,
+    )
+    driver.set_page_load_timeout(TIMEOUT)
+    return driver
+
+
+def _check_upload_and_click(driver, url, workspace, tmp_path):
+    """Upload an image, check the first tile and click the third."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, model_dir, index_dir = workspace
+    driver.get(url)
+    query_path = root / "images" / "blue" / "blue_1.png"
+    driver.find_element(By.ID, "file").send_keys(str(query_path))
+    wait = WebDriverWait(driver, TIMEOUT)
+    wait.until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".tile")) == TOP_K
+        and all(
+            img.get_property("naturalWidth") > 0
+            for img in d.find_elements(By.CSS_SELECTOR, ".tile img")
+        )
+    )
+    _, distances, labels = expected_ranking(
+        model_dir, index_dir, query_path.read_bytes(), TOP_K
+    )
+    tiles = driver.find_elements(By.CSS_SELECTOR, ".tile")
+    assert len(tiles) == TOP_K
+    first = tiles[0]
+    assert first.find_element(By.CLASS_NAME, "label").text == labels[0]
+    assert first.find_element(By.CLASS_NAME, "distance").text == (
+        f"#1 · d = {distances[0]}"
+    )
+    assert labels[0] == "blue" and distances[0] == 0
+    screenshot = tmp_path / "example_search_page.png"
+    driver.save_screenshot(str(screenshot))
+    assert Image.open(screenshot).size[0] > 0
+    if os.environ.get("UHGA_UPDATE_SCREENSHOT"):
+        shutil.copy(screenshot, os.path.join(
+            REPO, "docs", "example_search_page.png"))  # fmt: skip
+    # Clicking a result searches from that item.
+    item_id = tiles[2].get_attribute("data-id")
+    tiles[2].click()
+    wait.until(
+        lambda d: d.find_element(By.ID, "query-text").text.startswith(
+            f"item {item_id} "
+        )
+    )
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".tile")) == TOP_K
+
+
+def test_page_in_headless_chromium(workspace, tmp_path):
+    """Upload an image in the browser, check tiles, click a result."""
+    browser, driver_path = _chromium()
+    if browser is None or driver_path is None:
+        pytest.skip("chromium and chromedriver are not installed "
+                    "(Debian: chromium chromium-driver)")  # fmt: skip
+    webdriver = pytest.importorskip("selenium.webdriver")
+
+    _, model_dir, index_dir = workspace
+    proc, url = _start_search_page(index_dir, model_dir, tmp_path)
+    driver = None
+    try:
         assert url and url.startswith("http://127.0.0.1:"), url
-        options = webdriver.ChromeOptions()
-        options.binary_location = browser
-        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--window-size=1000,760"):  # fmt: skip
-            options.add_argument(argument)
-        driver = webdriver.Chrome(
-            service=webdriver.ChromeService(executable_path=driver_path),
-            options=options,
-        )
-        driver.set_page_load_timeout(TIMEOUT)
-        driver.get(url)
-        query_path = root / "images" / "blue" / "blue_1.png"
-        driver.find_element(By.ID, "file").send_keys(str(query_path))
-        wait = WebDriverWait(driver, TIMEOUT)
-        wait.until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".tile")) == TOP_K
-            and all(
-                img.get_property("naturalWidth") > 0
-                for img in d.find_elements(By.CSS_SELECTOR, ".tile img")
-            )
-        )
-        _, distances, labels = expected_ranking(
-            model_dir, index_dir, query_path.read_bytes(), TOP_K
-        )
-        tiles = driver.find_elements(By.CSS_SELECTOR, ".tile")
-        assert len(tiles) == TOP_K
-        first = tiles[0]
-        assert first.find_element(By.CLASS_NAME, "label").text == labels[0]
-        assert first.find_element(By.CLASS_NAME, "distance").text == (
-            f"#1 · d = {distances[0]}"
-        )
-        assert labels[0] == "blue" and distances[0] == 0
-        screenshot = tmp_path / "example_search_page.png"
-        driver.save_screenshot(str(screenshot))
-        assert Image.open(screenshot).size[0] > 0
-        if os.environ.get("UHGA_UPDATE_SCREENSHOT"):
-            shutil.copy(screenshot, os.path.join(
-                REPO, "docs", "example_search_page.png"))  # fmt: skip
-        # Clicking a result searches from that item.
-        item_id = tiles[2].get_attribute("data-id")
-        tiles[2].click()
-        wait.until(
-            lambda d: d.find_element(By.ID, "query-text").text.startswith(
-                f"item {item_id} "
-            )
-        )
-        assert len(driver.find_elements(By.CSS_SELECTOR, ".tile")) == TOP_K
+        driver = _headless_chrome(webdriver, browser, driver_path)
+        _check_upload_and_click(driver, url, workspace, tmp_path)
     finally:
         if driver is not None:
             driver.quit()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     assert proc.returncode == 0, (tmp_path / "page.log").read_text()[-2000:]

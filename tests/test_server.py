@@ -53,10 +53,10 @@ def expected_codes(models, encoded):
     rows = []
     for blob in encoded:
         image = tf.io.decode_image(blob, channels=3, expand_animations=False)
-        codes, relaxed = saved_model.encode_in_process(
+        codes, logits = saved_model.encode_in_process(
             backbone, hasher, image[None], IMAGE_SIZE
         )
-        assert np.abs(relaxed).min() > 1e-4, "a code bit sits on 0"
+        assert np.abs(logits).min() > 1e-4, "a code bit sits on 0"
         rows.append(codes)
     return np.concatenate(rows)
 
@@ -168,10 +168,10 @@ def test_predict_uint8_and_features_match_in_process(served):
     codes, packed = grpc_client.encode_uint8_images(
         server.address, images, timeout=TIMEOUT, channel=server.channel
     )
-    expected, relaxed = saved_model.encode_in_process(
+    expected, logits = saved_model.encode_in_process(
         backbone, hasher, images, IMAGE_SIZE
     )
-    assert np.abs(relaxed).min() > 1e-4
+    assert np.abs(logits).min() > 1e-4
     np.testing.assert_array_equal(codes, expected)
     np.testing.assert_array_equal(packed, codes_lib.pack_codes(expected))
 
@@ -278,15 +278,16 @@ def _bad_cases():
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
+# Runs a test once per bad request of `_bad_cases` (test_rest reuses it).
+each_bad_case = pytest.mark.parametrize(
     "inputs,kwargs,code,words",
     [case[1:] for case in _bad_cases()],
     ids=[case[0] for case in _bad_cases()],
 )
-def test_bad_request_status_then_good_request(
-    served, inputs, kwargs, code, words
-):
-    models, server = served
+
+
+def predict_error(server, inputs, kwargs):
+    """The grpc.RpcError that a Predict call of `inputs` must raise."""
     with pytest.raises(grpc.RpcError) as info:
         grpc_client.predict(
             server.address,
@@ -295,9 +296,18 @@ def test_bad_request_status_then_good_request(
             channel=server.channel,
             **kwargs,
         )
-    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+@each_bad_case
+def test_bad_request_status_then_good_request(
+    served, inputs, kwargs, code, words
+):
+    models, server = served
+    error = predict_error(server, inputs, kwargs)
+    assert error.code() == code, error.details()
     for word in words:
-        assert word in info.value.details(), info.value.details()
+        assert word in error.details(), error.details()
     # The server keeps serving.
     _, encoded = sample_images(1)
     codes, _ = grpc_client.encode_images(

@@ -18,13 +18,18 @@ import grpc
 import numpy as np
 
 from uhga_tf import cli_errors
+from uhga_tf import saved_model
 from uhga_tf.serving import grpc_client
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("server", "localhost:8500", "gRPC address host:port.")
-flags.DEFINE_string("model_name", "uhga", "Model name on the server.")
 flags.DEFINE_string(
-    "signature_name", "serving_default", "Signature taking image_bytes."
+    "model_name", grpc_client.DEFAULT_MODEL_NAME, "Model name on the server."
+)
+flags.DEFINE_string(
+    "signature_name",
+    saved_model.SIGNATURE_IMAGE_BYTES,
+    "Signature taking image_bytes.",
 )
 flags.DEFINE_float("timeout", 10.0, "Deadline per call in seconds.")
 flags.DEFINE_string("out", None, "Write the int8 codes to this .npy file.")

@@ -30,7 +30,9 @@ flags.DEFINE_list(
     "Encoded images for the warm-up records; default seeded synthetic ones.",
 )
 flags.DEFINE_string(
-    "model_name", "uhga", "Model name written into the warm-up requests."
+    "model_name",
+    saved_model.DEFAULT_MODEL_NAME,
+    "Model name written into the warm-up requests.",
 )
 flags.mark_flags_as_required(["checkpoint", "export_dir"])
 

@@ -40,15 +40,28 @@ import tensorflow as tf
 from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
 
+# Wire names of the exported signatures, their inputs and outputs: the one
+# place they are spelled; the server, clients, retrieval and benchmarks
+# import them from here.
 SIGNATURE_IMAGE_BYTES = "serving_default"
 SIGNATURE_IMAGES = "encode_images"
 SIGNATURE_FEATURES = "encode_features"
+INPUT_IMAGE_BYTES = "image_bytes"
+INPUT_IMAGES = "images"
+INPUT_FEATURES = "features"
 SIGNATURE_INPUTS = {
-    SIGNATURE_IMAGE_BYTES: "image_bytes",
-    SIGNATURE_IMAGES: "images",
-    SIGNATURE_FEATURES: "features",
+    SIGNATURE_IMAGE_BYTES: INPUT_IMAGE_BYTES,
+    SIGNATURE_IMAGES: INPUT_IMAGES,
+    SIGNATURE_FEATURES: INPUT_FEATURES,
 }
-OUTPUT_KEYS = ("codes", "packed_codes")
+OUTPUT_CODES = "codes"
+OUTPUT_PACKED_CODES = "packed_codes"
+OUTPUT_KEYS = (OUTPUT_CODES, OUTPUT_PACKED_CODES)
+DEFAULT_MODEL_NAME = "uhga"
+# A code bit whose |logit| is below this is not compared between the
+# SavedModel and the in-process reference: graph and eager float round-off
+# may legitimately flip it.
+FIRM_LOGIT = 1e-4
 METADATA_FILENAME = "uhga_tf.json"
 WARMUP_FILENAME = "tf_serving_warmup_requests"
 ASSETS_EXTRA = "assets.extra"
@@ -133,10 +146,14 @@ def decode_image_bytes(image_bytes, image_size):
     )
 
 
-def binarize_tf(relaxed_codes):
-    """In-graph twin of `codes.binarize`: int8, `>= 0 -> +1`, else -1."""
+def binarize_tf(logits):
+    """In-graph twin of `codes.binarize`: int8, `>= 0 -> +1`, else -1.
+
+    `logits` is the hasher's pre-activation z; sign(z) equals
+    sign(tanh(s * z)), so the relaxed codes give the same bits.
+    """
     return tf.where(
-        relaxed_codes >= 0, tf.constant(1, tf.int8), tf.constant(-1, tf.int8)
+        logits >= 0, tf.constant(1, tf.int8), tf.constant(-1, tf.int8)
     )
 
 
@@ -169,13 +186,14 @@ def encode_in_process(backbone, hasher, images, image_size):
     against: preprocessing, backbone, hasher, then `codes.binarize`.
 
     Returns:
-        (codes int8 [n, code_length], relaxed float32 [n, code_length]) where
-        `relaxed` is the hasher's pre-activation output.
+        (codes int8 [n, code_length] in {-1, +1}, logits float32
+        [n, code_length]) where `logits` is the hasher's pre-activation z
+        (not the relaxed codes tanh(s * z)); codes = binarize(logits).
     """
     pixels = preprocess_images(images, image_size)
     features = backbone(pixels, training=False)
-    relaxed = np.asarray(hasher(features, training=False), np.float32)
-    return codes_lib.binarize(relaxed), relaxed
+    logits = np.asarray(hasher(features, training=False), np.float32)
+    return codes_lib.binarize(logits), logits
 
 
 def _probe_dims(backbone, hasher, image_size):
@@ -188,13 +206,13 @@ def _probe_dims(backbone, hasher, image_size):
             "backbone must map [n, image_size, image_size, 3] to features "
             f"[n, feature_dim]; received output shape {features.shape}"
         )
-    relaxed = hasher(features, training=False)
-    if len(relaxed.shape) != 2:
+    logits = hasher(features, training=False)
+    if len(logits.shape) != 2:
         raise ValueError(
             "hasher must map features [n, feature_dim] to [n, code_length]; "
-            f"received output shape {relaxed.shape}"
+            f"received output shape {logits.shape}"
         )
-    return int(features.shape[-1]), int(relaxed.shape[-1])
+    return int(features.shape[-1]), int(logits.shape[-1])
 
 
 # TF's rule for the root scope names the SavedModel writer gives variables.
@@ -241,9 +259,11 @@ def _build_archive(backbone, hasher, image_size, feature_dim):
     archive.track(hasher)
 
     def from_features(features):
-        relaxed = hasher(features, training=False)
-        codes = binarize_tf(relaxed)
-        return {"codes": codes, "packed_codes": pack_codes_tf(codes)}
+        codes = binarize_tf(hasher(features, training=False))
+        return {
+            OUTPUT_CODES: codes,
+            OUTPUT_PACKED_CODES: pack_codes_tf(codes),
+        }
 
     def from_pixels(pixels):
         return from_features(backbone(pixels, training=False))
@@ -261,21 +281,25 @@ def _build_archive(backbone, hasher, image_size, feature_dim):
         SIGNATURE_IMAGE_BYTES,
         serving_default,
         input_signature=[
-            tf.TensorSpec([None], tf.string, name="image_bytes")
+            tf.TensorSpec([None], tf.string, name=INPUT_IMAGE_BYTES)
         ],
     )
     archive.add_endpoint(
         SIGNATURE_IMAGES,
         encode_images,
         input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+            tf.TensorSpec(
+                [None, None, None, 3], tf.uint8, name=INPUT_IMAGES
+            )
         ],
     )
     archive.add_endpoint(
         SIGNATURE_FEATURES,
         encode_features,
         input_signature=[
-            tf.TensorSpec([None, feature_dim], tf.float32, name="features")
+            tf.TensorSpec(
+                [None, feature_dim], tf.float32, name=INPUT_FEATURES
+            )
         ],
     )
     return archive
@@ -298,7 +322,9 @@ def synthetic_warmup_images(num_images=3, seed=0):
     return encoded
 
 
-def write_warmup_requests(path, image_bytes_list, model_name="uhga"):
+def write_warmup_requests(
+    path, image_bytes_list, model_name=DEFAULT_MODEL_NAME
+):
     """Write TF-Serving warm-up records: one PredictionLog per image.
 
     Each record is a `PredictionLog` whose `predict_log.request` is a
@@ -316,7 +342,7 @@ def write_warmup_requests(path, image_bytes_list, model_name="uhga"):
                     name=model_name, signature_name=SIGNATURE_IMAGE_BYTES
                 )
             )
-            request.inputs["image_bytes"].CopyFrom(
+            request.inputs[INPUT_IMAGE_BYTES].CopyFrom(
                 tf.make_tensor_proto([encoded], dtype=tf.string)
             )
             log = prediction_log_pb2.PredictionLog(
@@ -401,9 +427,9 @@ def _check_reloaded(path, checks):
     """Reload the SavedModel at `path` and compare every signature.
 
     Args:
-        checks: {signature_name: (input_array, expected_codes, relaxed)};
-            a code bit whose |relaxed| < 1e-4 is not compared (graph and
-            eager float round-off may legitimately flip it).
+        checks: {signature_name: (input_array, expected_codes, logits)};
+            a code bit whose |logit| < FIRM_LOGIT is not compared (graph
+            and eager float round-off may legitimately flip it).
 
     Raises:
         RuntimeError: when a signature is missing or its codes differ.
@@ -414,11 +440,11 @@ def _check_reloaded(path, checks):
         raise RuntimeError(
             f"exported SavedModel lacks signatures {sorted(missing)}"
         )
-    for name, (inputs, expected, relaxed) in checks.items():
+    for name, (inputs, expected, logits) in checks.items():
         fn = loaded.signatures[name]
         outputs = fn(**{SIGNATURE_INPUTS[name]: tf.constant(inputs)})
-        got = outputs["codes"].numpy()
-        packed = outputs["packed_codes"].numpy()
+        got = outputs[OUTPUT_CODES].numpy()
+        packed = outputs[OUTPUT_PACKED_CODES].numpy()
         if got.dtype != np.int8 or packed.dtype != np.uint8:
             raise RuntimeError(
                 f"signature {name} returned dtypes {got.dtype}, "
@@ -430,7 +456,7 @@ def _check_reloaded(path, checks):
             raise RuntimeError(f"signature {name}: packed_codes != codes")
         if expected is None:
             continue
-        firm = np.abs(relaxed) >= 1e-4
+        firm = np.abs(logits) >= FIRM_LOGIT
         if got.shape != expected.shape or not np.array_equal(
             got[firm], expected[firm]
         ):
@@ -439,37 +465,8 @@ def _check_reloaded(path, checks):
             )
 
 
-def export_saved_model(
-    backbone,
-    hasher,
-    export_dir,
-    *,
-    image_size,
-    version=None,
-    metadata=None,
-    warmup_images=None,
-):
-    """Export backbone + hasher + sign as a versioned, verified SavedModel.
-
-    Args:
-        backbone: keras.Model, float32 [n, image_size, image_size, 3] RGB in
-            [0, 255] -> features float32 [n, feature_dim].
-        hasher: keras.Model, features -> pre-activation [n, code_length].
-        export_dir: base path; the model goes to `<export_dir>/<version>/`.
-        image_size: side of the square backbone input, in pixels.
-        version: positive integer; default one more than the newest version.
-        metadata: extra JSON-serialisable fields for `uhga_tf.json`
-            (backbone name, training data, config, ...).
-        warmup_images: encoded JPEG/PNG bytes for the warm-up records and the
-            reload check; default three seeded synthetic images.
-
-    Returns:
-        The path of the new version directory.
-
-    Raises:
-        ValueError: for a bad `image_size`/`version`, or when the version
-            directory already exists.
-    """
+def _checked_image_size(image_size):
+    """Return `image_size` as an int, or raise ValueError."""
     if (
         isinstance(image_size, bool)
         or not isinstance(image_size, (int, np.integer))
@@ -479,7 +476,15 @@ def export_saved_model(
             f"image_size must be a positive integer; received "
             f"image_size={image_size!r}"
         )
-    image_size = int(image_size)
+    return int(image_size)
+
+
+def _new_version_path(export_dir, version):
+    """Check `export_dir` and `version`; return (version, target path).
+
+    Creates `export_dir` if needed; refuses a file there or an existing
+    version directory (ValueError).
+    """
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise ValueError(
             f"export_dir ({export_dir}) is a file: expected a folder of "
@@ -489,52 +494,42 @@ def export_saved_model(
         version = _next_version(export_dir)
     check_version(version)
     version = int(version)
-    if warmup_images is not None:
-        check_warmup_images(warmup_images)
-    os.makedirs(export_dir, exist_ok=True)
-    target = os.path.join(export_dir, str(version))
-    if os.path.exists(target):
-        raise ValueError(
-            f"version {version} already exists at {target}; refusing to "
-            "overwrite it (omit --version to use the next one)"
-        )
-    if warmup_images is None:
-        warmup_images = synthetic_warmup_images()
-    warmup_images = [bytes(b) for b in warmup_images]
-    if not warmup_images:
-        raise ValueError("warmup_images must hold at least one image")
+    return version, os.path.join(export_dir, str(version))
 
-    feature_dim, code_length = _probe_dims(backbone, hasher, image_size)
 
-    # In-process reference codes for the reload check.
+def _reference_checks(backbone, hasher, warmup_images, image_size):
+    """In-process reference codes for the reload check, per signature.
+
+    Returns:
+        {signature_name: (input_array, expected_codes, logits)} as
+        `_check_reloaded` takes it; `encode_images` gets the first image's
+        pixels, the other two all warm-up images (as bytes or features).
+    """
     decoded = decode_image_bytes(tf.constant(warmup_images), image_size)
     features = backbone(decoded, training=False)
-    relaxed_bytes = np.asarray(hasher(features, training=False), np.float32)
+    logits = np.asarray(hasher(features, training=False), np.float32)
+    codes = codes_lib.binarize(logits)
     pixels = np.stack(
         [
             tf.io.decode_image(b, channels=3, expand_animations=False).numpy()
             for b in warmup_images[:1]
         ]
     )
-    codes_pixels, relaxed_pixels = encode_in_process(
+    codes_pixels, logits_pixels = encode_in_process(
         backbone, hasher, pixels, image_size
     )
-    features_np = np.asarray(features, np.float32)
-    checks = {
+    return {
         SIGNATURE_IMAGE_BYTES: (
-            np.array(warmup_images, dtype=object),
-            codes_lib.binarize(relaxed_bytes),
-            relaxed_bytes,
+            np.array(warmup_images, dtype=object), codes, logits
         ),
-        SIGNATURE_IMAGES: (pixels, codes_pixels, relaxed_pixels),
-        SIGNATURE_FEATURES: (
-            features_np,
-            codes_lib.binarize(relaxed_bytes),
-            relaxed_bytes,
-        ),
+        SIGNATURE_IMAGES: (pixels, codes_pixels, logits_pixels),
+        SIGNATURE_FEATURES: (np.asarray(features, np.float32), codes, logits),
     }
 
-    info = {
+
+def _export_info(backbone, code_length, feature_dim, image_size, version):
+    """The `uhga_tf.json` fields every export writes (before `metadata`)."""
+    return {
         "code_length": code_length,
         "feature_dim": feature_dim,
         "image_size": image_size,
@@ -555,28 +550,38 @@ def export_saved_model(
         .replace(microsecond=0)
         .isoformat(),
     }
-    info.update(metadata or {})
 
+
+def _write_extras(directory, info, warmup_images):
+    """Write `assets.extra/` (metadata JSON, warm-up records) in `directory`."""
+    extra = os.path.join(directory, ASSETS_EXTRA)
+    os.makedirs(extra, exist_ok=True)
+    with open(os.path.join(extra, METADATA_FILENAME), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True, default=str)
+    write_warmup_requests(
+        os.path.join(extra, WARMUP_FILENAME),
+        warmup_images,
+        model_name=str(info.get("model_name", DEFAULT_MODEL_NAME)),
+    )
+
+
+def _write_version(archive, target, info, warmup_images, checks):
+    """Write, check and move a version into place as one directory rename.
+
+    The SavedModel is a folder, so `io_utils.atomic_path` (one file) does
+    not fit: the archive goes to a `.tmp-<version>-<random>` folder beside
+    `target`, is reloaded and checked, then renamed; on any failure the
+    temporary folder is removed and `target` never appears.
+    """
+    export_dir = os.path.dirname(target)
+    version = os.path.basename(target)
     temp = os.path.join(
         export_dir, f"{TEMP_PREFIX}{version}-{secrets.token_hex(4)}"
     )
     renamed = False
     try:
-        # References above come from the given models, so the reload check
-        # also covers any renaming clone.
-        archive = _build_archive(
-            _exportable(backbone), _exportable(hasher), image_size, feature_dim
-        )
         archive.write_out(temp, verbose=False)
-        extra = os.path.join(temp, ASSETS_EXTRA)
-        os.makedirs(extra, exist_ok=True)
-        with open(os.path.join(extra, METADATA_FILENAME), "w") as f:
-            json.dump(info, f, indent=2, sort_keys=True, default=str)
-        write_warmup_requests(
-            os.path.join(extra, WARMUP_FILENAME),
-            warmup_images,
-            model_name=str(info.get("model_name", "uhga")),
-        )
+        _write_extras(temp, info, warmup_images)
         _check_reloaded(temp, checks)
         if os.path.exists(target):
             raise ValueError(
@@ -588,6 +593,68 @@ def export_saved_model(
     finally:
         if not renamed:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def export_saved_model(
+    backbone,
+    hasher,
+    export_dir,
+    *,
+    image_size,
+    version=None,
+    metadata=None,
+    warmup_images=None,
+):
+    """Export backbone + hasher + sign as a versioned, verified SavedModel.
+
+    Args:
+        backbone: keras.Model, float32 [n, image_size, image_size, 3] RGB in
+            [0, 255] -> features float32 [n, feature_dim].
+        hasher: keras.Model, features -> logits (pre-activation z)
+            [n, code_length].
+        export_dir: base path; the model goes to `<export_dir>/<version>/`.
+        image_size: side of the square backbone input, in pixels.
+        version: positive integer; default one more than the newest version.
+        metadata: extra JSON-serialisable fields for `uhga_tf.json`
+            (backbone name, training data, config, ...).
+        warmup_images: encoded JPEG/PNG bytes for the warm-up records and the
+            reload check; default three seeded synthetic images.
+
+    Returns:
+        The path of the new version directory.
+
+    Raises:
+        ValueError: for a bad `image_size`/`version`, or when the version
+            directory already exists.
+    """
+    image_size = _checked_image_size(image_size)
+    version, target = _new_version_path(export_dir, version)
+    if warmup_images is not None:
+        check_warmup_images(warmup_images)
+    os.makedirs(export_dir, exist_ok=True)
+    if os.path.exists(target):
+        raise ValueError(
+            f"version {version} already exists at {target}; refusing to "
+            "overwrite it (omit --version to use the next one)"
+        )
+    if warmup_images is None:
+        warmup_images = synthetic_warmup_images()
+    warmup_images = [bytes(b) for b in warmup_images]
+    if not warmup_images:
+        raise ValueError("warmup_images must hold at least one image")
+
+    feature_dim, code_length = _probe_dims(backbone, hasher, image_size)
+    # References come from the given models, so the reload check also
+    # covers any renaming clone `_exportable` makes.
+    checks = _reference_checks(backbone, hasher, warmup_images, image_size)
+    info = _export_info(
+        backbone, code_length, feature_dim, image_size, version
+    )
+    info.update(metadata or {})
+    archive = _build_archive(
+        _exportable(backbone), _exportable(hasher), image_size, feature_dim
+    )
+    _write_version(archive, target, info, warmup_images, checks)
     logging.info(
         "Exported code_length=%d image_size=%d to %s",
         code_length,
@@ -638,7 +705,7 @@ def export_from_checkpoint(
     *,
     version=None,
     warmup_images=None,
-    model_name="uhga",
+    model_name=DEFAULT_MODEL_NAME,
 ):
     """Export a training workdir (config.json + hasher.keras) as a version.
 

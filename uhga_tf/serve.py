@@ -12,6 +12,7 @@ TF-Serving's REST API and Prometheus metrics at
 command line (the production path, see serving/) and exits.
 """
 
+import dataclasses
 import os
 import signal
 
@@ -19,6 +20,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
+from uhga_tf import saved_model
 from uhga_tf.serving import rest as rest_lib
 from uhga_tf.serving import server as server_lib
 
@@ -26,7 +28,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "model_base_path", None, "Directory of integer version subdirectories."
 )
-flags.DEFINE_string("model_name", "uhga", "Model name clients must use.")
+flags.DEFINE_string(
+    "model_name", saved_model.DEFAULT_MODEL_NAME, "Model name clients must use."
+)
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (loopback).")
 flags.DEFINE_integer("port", 8500, "gRPC port; 0 picks a free one.")
 flags.DEFINE_integer(
@@ -74,10 +78,10 @@ flags.DEFINE_bool(
 flags.mark_flag_as_required("model_base_path")
 
 
-def config_from_flags():
-    """Turn the flags into a ServerConfig (ValueError on bad values)."""
+def parse_version_labels(pairs):
+    """Turn ["stable=3", ...] into {"stable": 3} (ValueError on bad pairs)."""
     labels = {}
-    for pair in FLAGS.version_labels:
+    for pair in pairs:
         label, sep, version = pair.partition("=")
         if not sep or not version.isdigit():
             raise ValueError(
@@ -85,21 +89,21 @@ def config_from_flags():
                 f"{pair!r}"
             )
         labels[label] = int(version)
-    return server_lib.ServerConfig(
-        model_base_path=FLAGS.model_base_path,
-        model_name=FLAGS.model_name,
-        host=FLAGS.host,
-        port=FLAGS.port,
-        poll_interval_s=FLAGS.poll_interval_s,
-        num_versions=FLAGS.num_versions,
-        version_labels=labels,
-        enable_batching=FLAGS.enable_batching,
-        max_batch_size=FLAGS.max_batch_size,
-        batch_timeout_ms=FLAGS.batch_timeout_ms,
-        num_threads=FLAGS.num_threads,
-        max_image_pixels=FLAGS.max_image_pixels,
-        max_request_pixels=FLAGS.max_request_pixels,
-    )
+    return labels
+
+
+def config_from_flags():
+    """Turn the flags into a ServerConfig (ValueError on bad values).
+
+    Every ServerConfig field has a flag of the same name; only
+    version_labels needs parsing.
+    """
+    values = {
+        field.name: FLAGS[field.name].value
+        for field in dataclasses.fields(server_lib.ServerConfig)
+    }
+    values["version_labels"] = parse_version_labels(FLAGS.version_labels)
+    return server_lib.ServerConfig(**values)
 
 
 def tf_serving_command(config):

@@ -1,8 +1,9 @@
 """Figures of protocol §3.2 / §7 with matplotlib (Agg), written atomically.
 
-Each function writes one image to `path` through a temporary file in the
-same folder followed by `os.replace`, so a reader never sees a half-written
-file. The format follows the extension of `path` (png, pdf, svg).
+Each function writes one image to `path` through `io_utils.atomic_path`
+(a temporary file in the same folder, renamed into place), so a reader never
+sees a half-written file. The format follows the extension of `path` (png,
+pdf, svg; png when there is none).
 """
 
 import os
@@ -12,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import logging  # noqa: E402
+
+from uhga_tf import io_utils  # noqa: E402
 
 
 def _check_mapping(name, value):
@@ -24,19 +27,23 @@ def _check_mapping(name, value):
 
 def _save(figure, path):
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    root, extension = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{extension or '.png'}"
+    extension = os.path.splitext(path)[1] or ".png"
     try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with io_utils.atomic_path(path, suffix=extension) as tmp:
+            figure.savefig(tmp, dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     logging.info("wrote %s", path)
     return path
+
+
+def _finish_unit_axes(axes, xlabel, ylabel):
+    """Labels, y in [0, 1], grid and legend shared by the precision plots."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend()
 
 
 def plot_pr_curves(pr_curves, path):
@@ -62,13 +69,9 @@ def plot_pr_curves(pr_curves, path):
         if points:
             recall, precision = zip(*points)
             axes.plot(recall, precision, marker=".", label=str(method))
-    axes.set_xlabel("recall")
-    axes.set_ylabel("precision")
     axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
     axes.set_title("precision-recall over Hamming radius")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    _finish_unit_axes(axes, "recall", "precision")
     return _save(figure, path)
 
 
@@ -87,11 +90,7 @@ def plot_precision_at_n(precision_at_n, path):
         if pairs:
             n_values, precision = zip(*pairs)
             axes.plot(n_values, precision, marker=".", label=str(method))
-    axes.set_xlabel("number of retrieved items n")
-    axes.set_ylabel("precision@n")
-    axes.set_ylim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.legend()
+    _finish_unit_axes(axes, "number of retrieved items n", "precision@n")
     return _save(figure, path)
 
 

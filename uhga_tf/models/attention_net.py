@@ -162,6 +162,21 @@ def _forward_kernel(own, total_log, total_sign, pair_log, pair_sign, kernel,
     return logits
 
 
+def _row_preactivation(own, total_log, total_sign, kernel, bias):
+    """The per-(row, code bit) part of the first layer, [R, K, hidden].
+
+    Own code and P(total) are constant over the pair axis, so their share of
+    the first-layer pre-activation is computed once per row; the pair terms
+    are added per column by the callers.
+    """
+    return (
+        own[:, :, None] * kernel[_CODE]
+        + total_log[:, :, None] * kernel[_TOTAL_LOG]
+        + total_sign[:, :, None] * kernel[_TOTAL_SIGN]
+        + bias
+    )
+
+
 def _backward_sums(own, total_log, total_sign, pair_log, pair_sign, kernel,
                    bias, upstream):
     """S [6, hidden]: S[q, h] = sum_rows R[row, q] * 1[pre_row,h > 0].
@@ -180,12 +195,7 @@ def _backward_sums(own, total_log, total_sign, pair_log, pair_sign, kernel,
         ],
         axis=-1,
     ) * upstream[..., None]
-    base = (
-        own[:, :, None] * kernel[_CODE]
-        + total_log[:, :, None] * kernel[_TOTAL_LOG]
-        + total_sign[:, :, None] * kernel[_TOTAL_SIGN]
-        + bias
-    )  # [R, K, H]
+    base = _row_preactivation(own, total_log, total_sign, kernel, bias)
     pre = (
         base[:, None]
         + pair_log[..., None] * kernel[_PAIR_LOG]
@@ -213,12 +223,7 @@ def _backward_sums_fused(own, total_log, total_sign, pair_log, pair_sign,
     inputs (own code, P(total), 1) are then contracted with T_1 in one small
     einsum (they are constant over j).
     """
-    base = (
-        own[:, :, None] * kernel[_CODE]
-        + total_log[:, :, None] * kernel[_TOTAL_LOG]
-        + total_sign[:, :, None] * kernel[_TOTAL_SIGN]
-        + bias
-    )  # [R, K, H]
+    base = _row_preactivation(own, total_log, total_sign, kernel, bias)
     w_log, w_sign = kernel[_PAIR_LOG], kernel[_PAIR_SIGN]
     up_log = upstream * pair_log
     up_sign = upstream * pair_sign

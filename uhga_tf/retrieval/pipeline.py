@@ -36,19 +36,29 @@ class SavedModelEncoder:
     def __init__(self, model_dir):
         import tensorflow as tf
 
+        from uhga_tf import saved_model as saved_model_lib
+
         self.model_dir = os.path.abspath(os.fspath(model_dir))
         if not os.path.isfile(os.path.join(self.model_dir, "saved_model.pb")):
             raise FileNotFoundError(f"no SavedModel at {self.model_dir}")
         loaded = tf.saved_model.load(self.model_dir)
-        missing = {"serving_default", "encode_images"} - set(loaded.signatures)
+        wanted = {
+            saved_model_lib.SIGNATURE_IMAGE_BYTES,
+            saved_model_lib.SIGNATURE_IMAGES,
+        }
+        missing = wanted - set(loaded.signatures)
         if missing:
             raise ValueError(
                 f"SavedModel {self.model_dir} lacks signatures "
                 f"{sorted(missing)}; has {sorted(loaded.signatures)}"
             )
         self._loaded = loaded  # keeps the signatures' variables alive
-        self._serving_default = loaded.signatures["serving_default"]
-        self._encode_images = loaded.signatures["encode_images"]
+        self._serving_default = loaded.signatures[
+            saved_model_lib.SIGNATURE_IMAGE_BYTES
+        ]
+        self._encode_images = loaded.signatures[
+            saved_model_lib.SIGNATURE_IMAGES
+        ]
         self.metadata = {}
         path = os.path.join(self.model_dir, METADATA_FILE)
         if os.path.isfile(path):
@@ -64,8 +74,11 @@ class SavedModelEncoder:
         """
         import tensorflow as tf
 
+        from uhga_tf import saved_model as saved_model_lib
+
+        batch = tf.constant(list(image_bytes), dtype=tf.string)
         outputs = self._serving_default(
-            image_bytes=tf.constant(list(image_bytes), dtype=tf.string)
+            **{saved_model_lib.INPUT_IMAGE_BYTES: batch}
         )
         return self._check(outputs)
 
@@ -73,14 +86,17 @@ class SavedModelEncoder:
         """Encode uint8 images [n, H, W, 3]."""
         import tensorflow as tf
 
-        outputs = self._encode_images(
-            images=tf.constant(np.asarray(images, dtype=np.uint8))
-        )
+        from uhga_tf import saved_model as saved_model_lib
+
+        batch = tf.constant(np.asarray(images, dtype=np.uint8))
+        outputs = self._encode_images(**{saved_model_lib.INPUT_IMAGES: batch})
         return self._check(outputs)
 
     def _check(self, outputs):
-        codes = outputs["codes"].numpy()
-        packed_codes = outputs["packed_codes"].numpy()
+        from uhga_tf import saved_model as saved_model_lib
+
+        codes = outputs[saved_model_lib.OUTPUT_CODES].numpy()
+        packed_codes = outputs[saved_model_lib.OUTPUT_PACKED_CODES].numpy()
         if self.code_length is None:
             self.code_length = codes.shape[1]
         if codes.shape[1] != self.code_length:
@@ -257,6 +273,7 @@ def search_images(
     image_bytes = [_read_query(path) for path in query_paths]
     if server is not None:
         try:
+            from uhga_tf import saved_model as saved_model_lib
             from uhga_tf.serving import grpc_client
         except ImportError as e:
             raise ValueError(
@@ -266,7 +283,7 @@ def search_images(
             server,
             image_bytes,
             model_name=model_name,
-            signature_name="serving_default",
+            signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
             timeout=10.0,
         )
         packed_codes = np.asarray(packed_codes, dtype=np.uint8)

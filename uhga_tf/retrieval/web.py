@@ -354,23 +354,10 @@ class SearchWebServer:
     def start(self):
         """Bind and serve; return the bound port."""
         config = self.service.config
-        try:
-            httpd = rest.BoundedHTTPServer(
-                (config.host, config.port), self._handler
-            )
-        except OSError as e:
-            raise ValueError(
-                f"cannot bind {config.host}:{config.port}: {e}"
-            ) from e
-        self._httpd = httpd
-        self.port = httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="uhga-search-page",
-            daemon=True,
+        self._httpd, self._thread = rest.serve_in_background(
+            config.host, config.port, self._handler, "uhga-search-page"
         )
-        self._thread.start()
+        self.port = self._httpd.server_address[1]
         logging.info(
             "Search page for %d items on http://%s:%d/",
             len(self.service.index),
@@ -381,7 +368,5 @@ class SearchWebServer:
 
     def stop(self):
         if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
+            rest.stop_background(self._httpd, self._thread)
             self._httpd = None

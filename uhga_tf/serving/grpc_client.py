@@ -21,8 +21,10 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import saved_model as saved_model_lib
 
-OUTPUT_KEYS = ("codes", "packed_codes")
+OUTPUT_KEYS = saved_model_lib.OUTPUT_KEYS
+DEFAULT_MODEL_NAME = saved_model_lib.DEFAULT_MODEL_NAME
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _channels = {}
@@ -62,19 +64,24 @@ def _check_timeout(timeout):
         raise ValueError(f"timeout must be > 0 s; received timeout={timeout}")
 
 
+def _for_model(request, model_name, version):
+    """Set `request.model_spec` to `model_name` (and `version` if given)."""
+    request.model_spec.name = model_name
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    return request
+
+
 def make_predict_request(
     inputs,
-    model_name="uhga",
-    signature_name="serving_default",
+    model_name=DEFAULT_MODEL_NAME,
+    signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
     version=None,
     output_filter=OUTPUT_KEYS,
 ):
     """Build a PredictRequest from {input_name: np.ndarray}."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
+    request = _for_model(predict_pb2.PredictRequest(), model_name, version)
     request.model_spec.signature_name = signature_name
-    if version is not None:
-        request.model_spec.version.value = int(version)
     for name, value in inputs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     request.output_filter.extend(output_filter)
@@ -84,8 +91,8 @@ def make_predict_request(
 def predict(
     server,
     inputs,
-    model_name="uhga",
-    signature_name="serving_default",
+    model_name=DEFAULT_MODEL_NAME,
+    signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
     timeout=10.0,
     channel=None,
     version=None,
@@ -107,9 +114,24 @@ def predict(
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
 
+def _encode(server, inputs, model_name, signature_name, timeout, channel):
+    """One Predict call for codes; return (codes, packed_codes), checked."""
+    outputs = predict(
+        server,
+        inputs,
+        model_name=model_name,
+        signature_name=signature_name,
+        timeout=timeout,
+        channel=channel,
+    )
+    return _codes_from(outputs)
+
+
 def _codes_from(outputs):
-    codes = outputs["codes"].astype(np.int8, copy=False)
-    packed_codes = outputs["packed_codes"].astype(np.uint8, copy=False)
+    codes = outputs[saved_model_lib.OUTPUT_CODES].astype(np.int8, copy=False)
+    packed_codes = outputs[saved_model_lib.OUTPUT_PACKED_CODES].astype(
+        np.uint8, copy=False
+    )
     if not np.array_equal(
         codes_lib.unpack_codes(packed_codes, codes.shape[1]), codes
     ):
@@ -120,8 +142,8 @@ def _codes_from(outputs):
 def encode_images(
     server,
     image_bytes_list,
-    model_name="uhga",
-    signature_name="serving_default",
+    model_name=DEFAULT_MODEL_NAME,
+    signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
     timeout=10.0,
     channel=None,
 ):
@@ -141,22 +163,22 @@ def encode_images(
     image_bytes_list = [bytes(b) for b in image_bytes_list]
     if not image_bytes_list:
         raise ValueError("image_bytes_list must hold at least one image")
-    outputs = predict(
+    batch = np.array(image_bytes_list, dtype=object)
+    return _encode(
         server,
-        {"image_bytes": np.array(image_bytes_list, dtype=object)},
-        model_name=model_name,
-        signature_name=signature_name,
-        timeout=timeout,
-        channel=channel,
+        {saved_model_lib.INPUT_IMAGE_BYTES: batch},
+        model_name,
+        signature_name,
+        timeout,
+        channel,
     )
-    return _codes_from(outputs)
 
 
 def encode_uint8_images(
     server,
     images,
-    model_name="uhga",
-    signature_name="encode_images",
+    model_name=DEFAULT_MODEL_NAME,
+    signature_name=saved_model_lib.SIGNATURE_IMAGES,
     timeout=10.0,
     channel=None,
 ):
@@ -171,40 +193,42 @@ def encode_uint8_images(
             "images must be uint8 [n, h, w, 3]; received "
             f"{images.dtype} {images.shape}"
         )
-    outputs = predict(
+    return _encode(
         server,
-        {"images": images},
-        model_name=model_name,
-        signature_name=signature_name,
-        timeout=timeout,
-        channel=channel,
+        {saved_model_lib.INPUT_IMAGES: images},
+        model_name,
+        signature_name,
+        timeout,
+        channel,
     )
-    return _codes_from(outputs)
 
 
 def encode_features(
     server,
     features,
-    model_name="uhga",
-    signature_name="encode_features",
+    model_name=DEFAULT_MODEL_NAME,
+    signature_name=saved_model_lib.SIGNATURE_FEATURES,
     timeout=10.0,
     channel=None,
 ):
     """Encode float32 backbone features [n, feature_dim] on the server."""
     features = np.asarray(features, dtype=np.float32)
-    outputs = predict(
+    return _encode(
         server,
-        {"features": features},
-        model_name=model_name,
-        signature_name=signature_name,
-        timeout=timeout,
-        channel=channel,
+        {saved_model_lib.INPUT_FEATURES: features},
+        model_name,
+        signature_name,
+        timeout,
+        channel,
     )
-    return _codes_from(outputs)
 
 
 def get_model_metadata(
-    server, model_name="uhga", timeout=10.0, channel=None, version=None
+    server,
+    model_name=DEFAULT_MODEL_NAME,
+    timeout=10.0,
+    channel=None,
+    version=None,
 ):
     """Return (version, {signature: {"inputs": .., "outputs": ..}}).
 
@@ -215,10 +239,9 @@ def get_model_metadata(
     stub = prediction_service_pb2_grpc.PredictionServiceStub(
         channel or get_channel(server)
     )
-    request = get_model_metadata_pb2.GetModelMetadataRequest()
-    request.model_spec.name = model_name
-    if version is not None:
-        request.model_spec.version.value = int(version)
+    request = _for_model(
+        get_model_metadata_pb2.GetModelMetadataRequest(), model_name, version
+    )
     request.metadata_field.append("signature_def")
     response = stub.GetModelMetadata(request, timeout=timeout)
     signature_map = get_model_metadata_pb2.SignatureDefMap()
@@ -245,17 +268,20 @@ def get_model_metadata(
 
 
 def get_model_status(
-    server, model_name="uhga", timeout=10.0, channel=None, version=None
+    server,
+    model_name=DEFAULT_MODEL_NAME,
+    timeout=10.0,
+    channel=None,
+    version=None,
 ):
     """Return {version: state name} (e.g. {3: "AVAILABLE"})."""
     _check_timeout(timeout)
     stub = model_service_pb2_grpc.ModelServiceStub(
         channel or get_channel(server)
     )
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = model_name
-    if version is not None:
-        request.model_spec.version.value = int(version)
+    request = _for_model(
+        get_model_status_pb2.GetModelStatusRequest(), model_name, version
+    )
     response = stub.GetModelStatus(request, timeout=timeout)
     state_name = get_model_status_pb2.ModelVersionStatus.State.Name
     return {

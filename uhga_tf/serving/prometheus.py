@@ -24,6 +24,8 @@ import threading
 import prometheus_client
 from prometheus_client import core as prometheus_core
 
+from uhga_tf import saved_model as saved_model_lib
+
 # Seconds; single images take ~ms, 64-image batches on 2 CPUs ~seconds.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -110,7 +112,7 @@ class ServingMetrics:
                 version = f"label:{model_spec.version_label}"
         signature = model_spec.signature_name
         if method == "Predict" and not signature:
-            signature = "serving_default"
+            signature = saved_model_lib.SIGNATURE_IMAGE_BYTES
         model = model_spec.name
         if model != self._model_name:
             model = OTHER

@@ -575,30 +575,45 @@ class RestServer:
 
     def start(self):
         """Bind and serve in a background thread; return the bound port."""
-        try:
-            httpd = BoundedHTTPServer((self.host, self.port), self._handler)
-        except OSError as e:
-            raise ValueError(
-                f"cannot bind {self.host}:{self.port}: {e}"
-            ) from e
-        self._httpd = httpd
-        self.port = httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="uhga-rest",
-            daemon=True,
+        self._httpd, self._thread = serve_in_background(
+            self.host, self.port, self._handler, "uhga-rest"
         )
-        self._thread.start()
+        self.port = self._httpd.server_address[1]
         logging.info("REST API on %s:%d", self.host, self.port)
         return self.port
 
     def stop(self):
         """Stop accepting connections and close the socket."""
         if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
+            stop_background(self._httpd, self._thread)
             self._httpd = None
 
 
+def serve_in_background(host, port, handler, thread_name):
+    """Bind a `BoundedHTTPServer` and serve it on a daemon thread.
+
+    Returns:
+        (httpd, thread); `httpd.server_address[1]` is the bound port.
+
+    Raises:
+        ValueError: when (host, port) cannot be bound.
+    """
+    try:
+        httpd = BoundedHTTPServer((host, port), handler)
+    except OSError as e:
+        raise ValueError(f"cannot bind {host}:{port}: {e}") from e
+    thread = threading.Thread(
+        target=httpd.serve_forever,
+        kwargs={"poll_interval": 0.2},
+        name=thread_name,
+        daemon=True,
+    )
+    thread.start()
+    return httpd, thread
+
+
+def stop_background(httpd, thread):
+    """Undo `serve_in_background`: stop serving, close, join the thread."""
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
