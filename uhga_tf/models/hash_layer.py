@@ -145,8 +145,9 @@ def centring_statistics(features):
 
     features = np.asarray(features, dtype=np.float64)
     mean = features.mean(axis=0)
-    # Root-mean-square per dimension, so each centred input is O(1) and the
-    # fan-in init gives pre-activations of O(1) spread, above the bias.
+    # One scalar: the RMS of the centred features over all dimensions, so
+    # each input is O(1) on average and the fan-in init gives
+    # pre-activations of O(1) spread, above the bias.
     scale = float(np.sqrt(np.mean(np.square(features - mean))))
     return mean.astype("float32"), max(scale, 1e-12)
 
