@@ -1,4 +1,4 @@
-"""Tests for uhga_tf.similarity (method.md §5, T3)."""
+"""Tests for uhga_tf.similarity (method.md §5)."""
 
 import numpy as np
 import pytest
