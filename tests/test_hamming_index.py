@@ -80,9 +80,9 @@ def test_search_beyond_faiss_block_and_threads():
     ids = np.arange(70_000)
     want_ids, want_dist = brute_force_top_k(queries, database, ids, 500)
     # Hardest case: the boundary tie group straddles the block edge.
+    dist = hamming_oracle.hamming_distance(queries, database)
     assert np.any(want_ids[:, -1] >= 65_536) or np.any(
-        np.sum(hamming_oracle.hamming_distance(queries, database) <= want_dist[:, -1:], axis=1)
-        > 500
+        np.sum(dist <= want_dist[:, -1:], axis=1) > 500
     )
     index = HammingIndex(16)
     index.add(database, ids)

@@ -46,16 +46,9 @@ def _check_choice(name, value, allowed):
 
 
 def _check_hamming_radius(hamming_radius, code_length):
-    if (
-        isinstance(hamming_radius, bool)
-        or not isinstance(hamming_radius, (int, np.integer))
-        or not 0 <= hamming_radius <= code_length
-    ):
-        raise ValueError(
-            f"hamming_radius must be an int in [0, {code_length}] (the "
-            f"code_length); received hamming_radius={hamming_radius!r}"
-        )
-    return int(hamming_radius)
+    return ranking.check_int_in_range(
+        "hamming_radius", hamming_radius, 0, code_length, "the code_length"
+    )
 
 
 def _check_n_values(n_values, num_database):

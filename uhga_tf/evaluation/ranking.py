@@ -73,16 +73,25 @@ def validate_top_k(top_k, num_database):
     """
     if top_k is None:
         return int(num_database)
+    return check_int_in_range("top_k", top_k, 1, num_database,
+                              "the database size", kind="None or an int")
+
+
+def check_int_in_range(name, value, low, high, bound, kind="an int"):
+    """Return `value` as an int; raise ValueError unless in [low, high].
+
+    The message names `bound`, what `high` is (e.g. "the code_length").
+    """
     if (
-        isinstance(top_k, bool)
-        or not isinstance(top_k, (int, np.integer))
-        or not 1 <= top_k <= num_database
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not low <= value <= high
     ):
         raise ValueError(
-            f"top_k must be None or an int in [1, {num_database}] (the "
-            f"database size); received top_k={top_k!r}"
+            f"{name} must be {kind} in [{low}, {high}] ({bound}); received "
+            f"{name}={value!r}"
         )
-    return int(top_k)
+    return int(value)
 
 
 def stable_order(distances):
