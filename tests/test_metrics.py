@@ -18,6 +18,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import hamming_oracle
 import protocol_example
 from uhga_tf.evaluation import metrics
 from uhga_tf.evaluation import plots
@@ -130,7 +131,7 @@ def _reference_ap(dist_row, rel_row, top_k, ap_denominator):
 
 def _reference_map(query, database, query_labels, database_labels, top_k,
                    ap_denominator, empty_query):
-    dist = (query.shape[1] - query.astype(int) @ database.T.astype(int)) // 2
+    dist = hamming_oracle.hamming_distance(query, database)
     rel = _reference_relevance(query_labels, database_labels)
     aps = []
     for q in range(query.shape[0]):
@@ -174,10 +175,8 @@ def _enumerated_tie_aware_ap(dist_row, rel_row):
 
 def _random_case(seed, num_query, num_database, code_length, multi_label):
     rng = np.random.default_rng(seed)
-    query = np.where(rng.random((num_query, code_length)) < 0.5, -1,
-                     1).astype(np.int8)
-    database = np.where(rng.random((num_database, code_length)) < 0.5, -1,
-                        1).astype(np.int8)
+    query = hamming_oracle.random_codes(rng, num_query, code_length)
+    database = hamming_oracle.random_codes(rng, num_database, code_length)
     if multi_label:
         query_labels = (rng.random((num_query, 4)) < 0.25).astype(np.int64)
         database_labels = (rng.random((num_database, 4)) < 0.25).astype(

@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 
+import hamming_oracle
 import protocol_example
-from uhga_tf import codes as codes_lib
 from uhga_tf.evaluation import ranking
 
 EXAMPLE_DATABASE = protocol_example.DATABASE
 EXAMPLE_QUERY = protocol_example.QUERY
-
-
-def _random_codes(rng, n, code_length):
-    return np.where(rng.random((n, code_length)) < 0.5, -1, 1).astype(np.int8)
 
 
 def test_worked_example_order():
@@ -31,10 +27,10 @@ def test_matches_stable_argsort_with_ties(code_length, monkeypatch):
     # Small batches force several query batches; 300 bits uses uint16.
     monkeypatch.setattr(ranking, "BATCH_BYTES", 40 * 150 * 3)
     rng = np.random.default_rng(0)
-    query = _random_codes(rng, 11, code_length)
-    database = _random_codes(rng, 150, code_length)
+    query = hamming_oracle.random_codes(rng, 11, code_length)
+    database = hamming_oracle.random_codes(rng, 150, code_length)
     database[50:60] = database[0]  # exact duplicates: ties at every query
-    dist = codes_lib.hamming_distance(query, database)
+    dist = hamming_oracle.hamming_distance(query, database)
     expected = np.argsort(dist, axis=1, kind="stable")
     for top_k in (None, 1, 17, 150):
         indices, distances = ranking.hamming_ranking(query, database, top_k)
@@ -48,18 +44,18 @@ def test_matches_stable_argsort_with_ties(code_length, monkeypatch):
 
 @pytest.mark.parametrize("code_length", [4, 64, 65, 128, 256, 300])
 @pytest.mark.parametrize("use_popcount", [True, False])
-def test_distance_kernel_equals_codes_hamming_distance(code_length,
-                                                       use_popcount):
+def test_distance_kernel_equals_brute_force_distance(code_length,
+                                                     use_popcount):
     # Popcount on 64-bit words (1, 2, 4, 5 words) and the float32 matmul
-    # fallback both equal codes.hamming_distance; 256 bits needs uint16.
+    # fallback both equal the bit-by-bit count; 256 bits needs uint16.
     rng = np.random.default_rng(1)
-    query = _random_codes(rng, 7, code_length)
-    database = _random_codes(rng, 40, code_length)
+    query = hamming_oracle.random_codes(rng, 7, code_length)
+    database = hamming_oracle.random_codes(rng, 40, code_length)
     database[0] = -query[0]  # distance = code_length
     kernel = ranking.DistanceKernel(database, use_popcount=use_popcount)
     distances = kernel(query)
     np.testing.assert_array_equal(
-        distances, codes_lib.hamming_distance(query, database))
+        distances, hamming_oracle.hamming_distance(query, database))
     assert distances[0, 0] == code_length
     assert distances.dtype == (np.uint8 if code_length <= 255 else np.uint16)
 

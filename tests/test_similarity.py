@@ -1,4 +1,4 @@
-"""Tests for uhga_tf.similarity (method.md §5, T3)."""
+"""Tests for uhga_tf.similarity (method.md §5)."""
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ def _brute_force_ssdh(features, alpha, beta):
     return m - alpha * sigma_l, m + beta * sigma_r, m
 
 
-def test_t3_ssdh_thresholds_equal_brute_force_fit():
+def test_ssdh_thresholds_equal_brute_force_fit():
     features = _features()
     for alpha, beta in [(0.2, 0.2), (2.0, 2.0), (0.5, 1.5)]:
         result = similarity.build_similarity_matrix(

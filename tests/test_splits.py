@@ -49,26 +49,57 @@ def _check_common(split, labels):
     assert np.isin(split.validation, split.database).all()
 
 
-def test_uhga(cifar_labels):
+# Single-label protocols on CIFAR-10 (seed 0): split sizes and the sets
+# whose per-class counts are fixed.
+CIFAR_PROTOCOLS = {
+    "uhga": (
+        {"query": 1000, "train": 5000, "database": 59000, "validation": 1000},
+        {"query": 100, "train": 500, "validation": 100},
+    ),
+    "disjoint54k": (
+        {"query": 1000, "train": 5000, "database": 54000, "validation": 1000},
+        {"query": 100, "train": 500, "database": 5400},
+    ),
+    "ssdh_lists": (
+        {"query": 10000, "train": 5000, "database": 50000,
+         "validation": 1000},
+        {},
+    ),
+    "demo": (
+        {"query": 500, "train": 2000, "database": 10000, "validation": 200},
+        {"query": 50, "train": 200, "database": 1000, "validation": 20},
+    ),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(CIFAR_PROTOCOLS))
+def test_sizes_and_class_balance(cifar_labels, protocol):
     labels, partition = cifar_labels
-    split = splits.make_split("uhga", labels, partition, seed=0)
-    assert split.sizes() == {
-        "query": 1000,
-        "train": 5000,
-        "database": 59000,
-        "validation": 1000,
-    }
+    split = splits.make_split(protocol, labels, partition, seed=0)
+    sizes, per_class = CIFAR_PROTOCOLS[protocol]
+    assert split.sizes() == sizes
     _check_common(split, labels)
-    assert _per_class(labels, split.query) == [100] * 10
-    assert _per_class(labels, split.train) == [500] * 10
-    assert _per_class(labels, split.validation) == [100] * 10
+    for name, count in per_class.items():
+        assert _per_class(labels, getattr(split, name)) == [count] * 10, name
+    assert split.protocol == protocol and split.seed == 0
+
+
+@pytest.mark.parametrize("protocol", ["uhga", "demo"])
+def test_test_part_queries_outside_a_database_holding_train(cifar_labels,
+                                                           protocol):
+    labels, partition = cifar_labels
+    split = splits.make_split(protocol, labels, partition, seed=0)
     assert (partition[split.query] == "test").all()
     assert not np.intersect1d(split.query, split.database).size
     assert np.isin(split.train, split.database).all()
+
+
+def test_uhga_database_is_every_non_query_image(cifar_labels):
+    labels, partition = cifar_labels
+    split = splits.make_split("uhga", labels, partition, seed=0)
     np.testing.assert_array_equal(
         np.union1d(split.query, split.database), np.arange(60000)
     )
-    assert split.protocol == "uhga" and split.seed == 0
 
 
 def test_uhga_query_pool_all(cifar_labels):
@@ -97,60 +128,24 @@ def test_uhga_on_fashion_mnist_sizes():
     assert np.isin(split.train, split.database).all()
 
 
-def test_disjoint54k(cifar_labels):
+def test_disjoint54k_sets_partition_all_images(cifar_labels):
     labels, partition = cifar_labels
     split = splits.make_split("disjoint54k", labels, partition, seed=0)
-    assert split.sizes() == {
-        "query": 1000,
-        "train": 5000,
-        "database": 54000,
-        "validation": 1000,
-    }
-    _check_common(split, labels)
-    assert _per_class(labels, split.query) == [100] * 10
-    assert _per_class(labels, split.train) == [500] * 10
-    assert _per_class(labels, split.database) == [5400] * 10
     every = np.concatenate([split.query, split.train, split.database])
     np.testing.assert_array_equal(np.sort(every), np.arange(60000))
     # Drawn from all 60k: queries come from both parts.
     assert 0 < (partition[split.query] == "test").sum() < 1000
 
 
-def test_ssdh_lists(cifar_labels):
+def test_ssdh_lists_follow_the_official_parts(cifar_labels):
     labels, partition = cifar_labels
     split = splits.make_split("ssdh_lists", labels, partition, seed=0)
-    assert split.sizes() == {
-        "query": 10000,
-        "train": 5000,
-        "database": 50000,
-        "validation": 1000,
-    }
-    _check_common(split, labels)
     np.testing.assert_array_equal(split.query, np.arange(50000, 60000))
     np.testing.assert_array_equal(split.database, np.arange(50000))
     assert np.isin(split.train, split.database).all()
     counts = _per_class(labels, split.train)
     # Not class-balanced: binomial(5000, 0.1) spread, std about 21.
     assert len(set(counts)) > 1 and min(counts) > 420 and max(counts) < 580
-
-
-def test_demo(cifar_labels):
-    labels, partition = cifar_labels
-    split = splits.make_split("demo", labels, partition, seed=0)
-    assert split.sizes() == {
-        "query": 500,
-        "train": 2000,
-        "database": 10000,
-        "validation": 200,
-    }
-    _check_common(split, labels)
-    assert _per_class(labels, split.query) == [50] * 10
-    assert _per_class(labels, split.train) == [200] * 10
-    assert _per_class(labels, split.database) == [1000] * 10
-    assert _per_class(labels, split.validation) == [20] * 10
-    assert (partition[split.query] == "test").all()
-    assert not np.intersect1d(split.query, split.database).size
-    assert np.isin(split.train, split.database).all()
 
 
 def test_same_seed_identical_other_seed_different(cifar_labels):

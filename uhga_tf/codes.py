@@ -13,10 +13,6 @@ import numpy as np
 MIN_CODE_LENGTH = 8
 MAX_CODE_LENGTH = 1024
 
-# Popcount of every byte value; the table makes Hamming distances on packed
-# codes one gather plus one sum, with no unpacking.
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
 
 def binarize(relaxed_codes):
     """Map real outputs to codes with the rule `>= 0 -> +1`, else -1.
@@ -87,10 +83,123 @@ def unpack_codes(packed_codes, code_length):
     return (bits.astype(np.int8) * 2 - 1).astype(np.int8)
 
 
+def distance_dtype(code_length):
+    """Smallest unsigned dtype holding a distance in [0, code_length]."""
+    return np.uint8 if code_length <= np.iinfo(np.uint8).max else np.uint16
+
+
+def _packed_words(packed_codes):
+    """Packed codes as 64-bit words, [num_words, n] uint64 (zero pad bits)."""
+    num_words = -(-packed_codes.shape[1] // 8)
+    padded = np.zeros((packed_codes.shape[0], 8 * num_words), dtype=np.uint8)
+    padded[:, : packed_codes.shape[1]] = packed_codes
+    return np.ascontiguousarray(padded.view(np.uint64).T)
+
+
+def _augmented(codes, scale, constant):
+    """float32 [n, K + 1]: codes * scale with a constant last column."""
+    augmented = np.empty((codes.shape[0], codes.shape[1] + 1), np.float32)
+    augmented[:, :-1] = codes
+    augmented[:, :-1] *= scale
+    augmented[:, -1] = constant
+    return augmented
+
+
+def _database_matrix(database_codes):
+    """float32 [K + 1, n]: database codes as columns over a row of ones."""
+    return np.ascontiguousarray(_augmented(database_codes, 1.0, 1.0).T)
+
+
+class DistanceKernel:
+    """Hamming distances of query batches against one fixed database.
+
+    The one Hamming distance of uhga_tf: d = popcount(q xor n) = (code_length
+    - q . n) / 2, computed on the packed bits (`pack_codes`) as 64-bit words
+    with `np.bitwise_count`; the database is packed once. With NumPy < 2.0
+    (no `bitwise_count`) it falls back to one float32 matrix product with an
+    appended constant column, so the product is the distance itself (exact:
+    every value is an integer below 2**24).
+
+    Args:
+        database_codes: int8 [n_database, code_length] in {-1, +1}.
+        use_popcount: None picks popcount when NumPy has `bitwise_count`.
+    """
+
+    def __init__(self, database_codes, use_popcount=None):
+        database_codes = np.asarray(database_codes, dtype=np.int8)
+        self._configure(*database_codes.shape[::-1], use_popcount)
+        if self.use_popcount:
+            self._database_words = _packed_words(pack_codes(database_codes))
+        else:
+            self._database_t = _database_matrix(database_codes)
+
+    @classmethod
+    def from_packed(cls, database_packed, code_length, use_popcount=None):
+        """A kernel over packed_codes uint8 [n_database, ceil(K / 8)]."""
+        database_packed = np.asarray(database_packed, dtype=np.uint8)
+        kernel = cls.__new__(cls)
+        kernel._configure(code_length, database_packed.shape[0], use_popcount)
+        if kernel.use_popcount:
+            kernel._database_words = _packed_words(database_packed)
+        else:
+            database_codes = unpack_codes(database_packed, code_length)
+            kernel._database_t = _database_matrix(database_codes)
+        return kernel
+
+    def _configure(self, code_length, num_database, use_popcount):
+        self.code_length = int(code_length)
+        self.num_database = int(num_database)
+        self.dtype = distance_dtype(self.code_length)
+        if use_popcount is None:
+            use_popcount = hasattr(np, "bitwise_count")
+        self.use_popcount = use_popcount
+
+    def __call__(self, query_codes):
+        """Distances, [n_query, num_database] uint8/uint16 in [0, K]."""
+        query_codes = np.asarray(query_codes)
+        if self.use_popcount:
+            return self._popcount(_packed_words(pack_codes(query_codes)))
+        return self._matmul(query_codes)
+
+    def packed(self, query_packed):
+        """`__call__` for packed query codes uint8 [n_query, ceil(K / 8)]."""
+        query_packed = np.asarray(query_packed, dtype=np.uint8)
+        if self.use_popcount:
+            return self._popcount(_packed_words(query_packed))
+        return self._matmul(unpack_codes(query_packed, self.code_length))
+
+    def _matmul(self, query_codes):
+        augmented = _augmented(query_codes, -0.5, self.code_length / 2)
+        return (augmented @ self._database_t).astype(self.dtype)
+
+    def _popcount(self, query_words):
+        shape = (query_words.shape[1], self.num_database)
+        if not len(query_words):  # code_length 0
+            return np.zeros(shape, dtype=self.dtype)
+        xor = np.empty(shape, dtype=np.uint64)
+        counts = np.empty(shape, dtype=np.uint8)
+        if len(query_words) == 1 and self.dtype == np.uint8:
+            np.bitwise_xor(query_words[0][:, None],
+                           self._database_words[0][None, :], out=xor)
+            return np.bitwise_count(xor, out=counts)
+        distances = None
+        for query_word, database_word in zip(
+            query_words, self._database_words
+        ):
+            np.bitwise_xor(query_word[:, None], database_word[None, :],
+                           out=xor)
+            np.bitwise_count(xor, out=counts)
+            if distances is None:
+                distances = counts.astype(self.dtype)
+            else:
+                distances += counts
+        return distances
+
+
 def hamming_distance(query_codes, database_codes):
     """Hamming distances between every query and every database code.
 
-    d(q, n) = (code_length - q . n) / 2, computed as an integer matrix product.
+    d(q, n) = (code_length - q . n) / 2, computed by `DistanceKernel`.
 
     Args:
         query_codes: int8 [n_query, code_length] in {-1, +1}.
@@ -106,24 +215,20 @@ def hamming_distance(query_codes, database_codes):
             "query_codes and database_codes must have the same code_length; "
             f"received {query_codes.shape[1]} and {database_codes.shape[1]}"
         )
-    code_length = query_codes.shape[1]
-    # float32 matmul is exact for |q . n| <= 1024 and uses BLAS.
-    inner = query_codes.astype(np.float32) @ database_codes.T.astype(
-        np.float32
-    )
-    return ((code_length - inner) / 2).astype(np.int32)
+    return DistanceKernel(database_codes)(query_codes).astype(np.int32)
 
 
 def packed_hamming_distance(query_packed, database_packed):
-    """Hamming distances between packed codes via a byte popcount table.
+    """Hamming distances between packed codes (`DistanceKernel.packed`).
 
     Returns:
         int32 [n_query, n_database].
     """
-    query_packed = np.asarray(query_packed, dtype=np.uint8)
     database_packed = np.asarray(database_packed, dtype=np.uint8)
-    xor = np.bitwise_xor(query_packed[:, None, :], database_packed[None, :, :])
-    return _POPCOUNT[xor].sum(axis=-1, dtype=np.int32)
+    kernel = DistanceKernel.from_packed(
+        database_packed, 8 * database_packed.shape[1]
+    )
+    return kernel.packed(query_packed).astype(np.int32)
 
 
 def check_code_length(code_length):

@@ -237,53 +237,25 @@ def build_similarity_matrix(
     _check_block_size(block_size)
     distance_mode = float("nan")
     if similarity == "ssdh":
-        alpha = similarity_lambda if ssdh_alpha is None else ssdh_alpha
-        beta = similarity_lambda if ssdh_beta is None else ssdh_beta
-        histogram = cosine_distance_histogram(features, block_size)
-        distance_mode = histogram.mode
-        sigma_l, sigma_r = histogram.mirrored_sigmas()
-        tau_sim = distance_mode - alpha * sigma_l
-        tau_dis = distance_mode + beta * sigma_r
-    else:
-        if similarity_threshold is None or not 0 <= similarity_threshold <= 2:
-            raise ValueError(
-                "similarity_threshold must be set in [0, 2] when "
-                "similarity='threshold'; received "
-                f"similarity_threshold={similarity_threshold!r}"
-            )
-        tau_sim = float(similarity_threshold)
-        tau_dis = (
-            tau_sim
-            if dissimilarity_threshold is None
-            else float(dissimilarity_threshold)
+        tau_sim, tau_dis, distance_mode = _ssdh_thresholds(
+            features,
+            similarity_lambda if ssdh_alpha is None else ssdh_alpha,
+            similarity_lambda if ssdh_beta is None else ssdh_beta,
+            block_size,
         )
-        if not tau_sim <= tau_dis <= 2:
-            raise ValueError(
-                "dissimilarity_threshold must be in [similarity_threshold, 2]"
-                f" = [{tau_sim}, 2]; received dissimilarity_threshold="
-                f"{dissimilarity_threshold!r}"
-            )
-    n = features.shape[0]
-    matrix = np.zeros((n, n), dtype=np.int8)
-    for start, d in _distance_blocks(features, block_size):
-        block = matrix[start : start + d.shape[0]]
-        block[d < tau_sim] = 1
-        block[d > tau_dis] = -1
-    total = float(n) * n
-    positive = float(np.count_nonzero(matrix == 1)) / total
-    negative = float(np.count_nonzero(matrix == -1)) / total
-    fractions = {
-        "positive": positive,
-        "negative": negative,
-        "unlabeled": 1.0 - positive - negative,
-    }
+    else:
+        tau_sim, tau_dis = _plain_thresholds(
+            similarity_threshold, dissimilarity_threshold
+        )
+    matrix = _threshold_matrix(features, tau_sim, tau_dis, block_size)
+    fractions = entry_fractions(matrix)
     logging.info(
         "similarity_matrix: mode=%s tau_sim=%.6f tau_dis=%.6f N=%d "
         "fractions=%s",
         similarity,
         tau_sim,
         tau_dis,
-        n,
+        matrix.shape[0],
         fractions,
     )
     return SimilarityMatrix(
@@ -294,6 +266,64 @@ def build_similarity_matrix(
         fractions=fractions,
         distance_mode=distance_mode,
     )
+
+
+def _ssdh_thresholds(features, alpha, beta, block_size):
+    """(tau_sim, tau_dis, mode): m -/+ alpha/beta * sigma_L/R (§5)."""
+    histogram = cosine_distance_histogram(features, block_size)
+    distance_mode = histogram.mode
+    sigma_l, sigma_r = histogram.mirrored_sigmas()
+    return (
+        distance_mode - alpha * sigma_l,
+        distance_mode + beta * sigma_r,
+        distance_mode,
+    )
+
+
+def _plain_thresholds(similarity_threshold, dissimilarity_threshold):
+    """(tau_sim, tau_dis) of "threshold" mode, checked."""
+    if similarity_threshold is None or not 0 <= similarity_threshold <= 2:
+        raise ValueError(
+            "similarity_threshold must be set in [0, 2] when "
+            "similarity='threshold'; received "
+            f"similarity_threshold={similarity_threshold!r}"
+        )
+    tau_sim = float(similarity_threshold)
+    tau_dis = (
+        tau_sim
+        if dissimilarity_threshold is None
+        else float(dissimilarity_threshold)
+    )
+    if not tau_sim <= tau_dis <= 2:
+        raise ValueError(
+            "dissimilarity_threshold must be in [similarity_threshold, 2]"
+            f" = [{tau_sim}, 2]; received dissimilarity_threshold="
+            f"{dissimilarity_threshold!r}"
+        )
+    return tau_sim, tau_dis
+
+
+def _threshold_matrix(features, tau_sim, tau_dis, block_size):
+    """int8 [N, N]: +1 where d < tau_sim, -1 where d > tau_dis, else 0."""
+    n = features.shape[0]
+    matrix = np.zeros((n, n), dtype=np.int8)
+    for start, d in _distance_blocks(features, block_size):
+        block = matrix[start : start + d.shape[0]]
+        block[d < tau_sim] = 1
+        block[d > tau_dis] = -1
+    return matrix
+
+
+def entry_fractions(matrix):
+    """Shares of +1, -1 and 0 entries of an S matrix or block."""
+    total = float(matrix.size)
+    positive = float(np.count_nonzero(matrix == 1)) / total
+    negative = float(np.count_nonzero(matrix == -1)) / total
+    return {
+        "positive": positive,
+        "negative": negative,
+        "unlabeled": 1.0 - positive - negative,
+    }
 
 
 def resolve_positive_weight(positive_weight, similarity_matrix):

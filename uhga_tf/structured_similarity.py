@@ -52,6 +52,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from uhga_tf import similarity as similarity_lib
+
 STRUCTURED_MODES = ("knn", "cluster", "manifold")
 RADIUS_SAMPLE = 4096
 FRACTION_SAMPLE = 2048
@@ -304,54 +306,15 @@ def build_structured_similarity(
         ValueError: bad parameters, bad feature rows, or an S with no
             similar or no dissimilar pair.
     """
-    if similarity not in STRUCTURED_MODES:
-        raise ValueError(
-            f"similarity must be one of {STRUCTURED_MODES}; received "
-            f"similarity={similarity!r}"
-        )
-    features = check_features(features)
-    n = len(features)
-    if similarity in ("knn", "manifold") and not 1 <= similarity_knn < n:
-        raise ValueError(
-            f"similarity_knn must be in [1, N) = [1, {n}) for {n} train "
-            f"items; received similarity_knn={similarity_knn}"
-        )
-    if similarity in ("cluster", "manifold"):
-        if not 2 <= similarity_clusters <= n:
-            raise ValueError(
-                f"similarity_clusters must be in [2, N] = [2, {n}]; "
-                f"received similarity_clusters={similarity_clusters}"
-            )
-        if similarity_runs < 1:
-            raise ValueError(
-                "similarity_runs must be >= 1; received "
-                f"similarity_runs={similarity_runs}"
-            )
-    if not 0 < similarity_dissimilar_quantile < 1:
-        raise ValueError(
-            "similarity_dissimilar_quantile must be in (0, 1); received "
-            f"similarity_dissimilar_quantile={similarity_dissimilar_quantile}"
-        )
-    unit = unit_rows(features)
-    if similarity in ("cluster", "manifold"):
-        space = unit
-        if similarity == "manifold":
-            ids, _ = nearest_neighbours(unit, similarity_knn)
-            space = spectral_embedding(ids, similarity_clusters, seed)
-        structure = StructuredSimilarity(
-            mode=similarity,
-            assignments=cluster_assignments(
-                space, similarity_clusters, similarity_runs, seed
-            ),
-        )
-    else:
-        ids, _ = nearest_neighbours(unit, similarity_knn)
-        structure = StructuredSimilarity(
-            mode=similarity,
-            neighbours=mutual_partners(ids),
-            radius=row_radius(unit, similarity_dissimilar_quantile, seed),
-            unit_features=unit,
-        )
+    features = _check_structured_arguments(
+        features, similarity, similarity_knn, similarity_clusters,
+        similarity_runs, similarity_dissimilar_quantile,
+    )
+    structure = _build_structure(
+        unit_rows(features), similarity, similarity_knn,
+        similarity_clusters, similarity_runs,
+        similarity_dissimilar_quantile, seed,
+    )
     fractions = estimate_fractions(structure, seed)
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
         missing = (
@@ -373,6 +336,60 @@ def build_structured_similarity(
     return structure
 
 
+def _check_structured_arguments(features, similarity, knn, clusters, runs,
+                                quantile):
+    """Return checked features; raise ValueError naming a bad flag."""
+    if similarity not in STRUCTURED_MODES:
+        raise ValueError(
+            f"similarity must be one of {STRUCTURED_MODES}; received "
+            f"similarity={similarity!r}"
+        )
+    features = check_features(features)
+    n = len(features)
+    if similarity in ("knn", "manifold") and not 1 <= knn < n:
+        raise ValueError(
+            f"similarity_knn must be in [1, N) = [1, {n}) for {n} train "
+            f"items; received similarity_knn={knn}"
+        )
+    if similarity in ("cluster", "manifold"):
+        if not 2 <= clusters <= n:
+            raise ValueError(
+                f"similarity_clusters must be in [2, N] = [2, {n}]; "
+                f"received similarity_clusters={clusters}"
+            )
+        if runs < 1:
+            raise ValueError(
+                f"similarity_runs must be >= 1; received similarity_runs="
+                f"{runs}"
+            )
+    if not 0 < quantile < 1:
+        raise ValueError(
+            "similarity_dissimilar_quantile must be in (0, 1); received "
+            f"similarity_dissimilar_quantile={quantile}"
+        )
+    return features
+
+
+def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed):
+    """The StructuredSimilarity of a mode, without fractions."""
+    if similarity == "knn":
+        ids, _ = nearest_neighbours(unit, knn)
+        return StructuredSimilarity(
+            mode=similarity,
+            neighbours=mutual_partners(ids),
+            radius=row_radius(unit, quantile, seed),
+            unit_features=unit,
+        )
+    space = unit
+    if similarity == "manifold":
+        ids, _ = nearest_neighbours(unit, knn)
+        space = spectral_embedding(ids, clusters, seed)
+    return StructuredSimilarity(
+        mode=similarity,
+        assignments=cluster_assignments(space, clusters, runs, seed),
+    )
+
+
 def sample_pairs(num_items, seed, size=FRACTION_SAMPLE):
     """Two fixed random row samples (for fractions and diagnostics)."""
     rng = np.random.default_rng([seed, 7])
@@ -388,16 +405,11 @@ def estimate_fractions(structure, seed):
     rows, cols = sample_pairs(structure.num_items, seed)
     block = structure.block(rows, cols).numpy()
     off_diagonal = rows[:, None] != cols[None, :]
-    total = float(block.size)
-    positive = float(np.count_nonzero(block == 1)) / total
-    negative = float(np.count_nonzero(block == -1)) / total
     return {
-        "positive": positive,
-        "negative": negative,
-        "unlabeled": 1.0 - positive - negative,
+        **similarity_lib.entry_fractions(block),
         "positive_offdiagonal": float(
             np.count_nonzero((block == 1) & off_diagonal)
-        ) / total,
+        ) / float(block.size),
     }
 
 

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import io_utils
 
 HASHERS = {}
 
@@ -172,18 +173,16 @@ class Hasher:
             raise ValueError(f"{self.name} hasher must be fitted before save")
         path = os.fspath(path)
         arrays = {f"array_{k}": getattr(self, k) for k in self.ARRAYS}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(
-            tmp,
-            name=np.array(self.name),
-            code_length=np.array(self.code_length),
-            options=np.array(json.dumps(self.options, sort_keys=True)),
-            mean=self.mean,
-            **arrays,
-        )
-        os.replace(tmp, path)
+        # The ".npz" suffix stops np.savez from renaming the temporary file.
+        with io_utils.atomic_path(path, suffix=".npz") as tmp:
+            np.savez(
+                tmp,
+                name=np.array(self.name),
+                code_length=np.array(self.code_length),
+                options=np.array(json.dumps(self.options, sort_keys=True)),
+                mean=self.mean,
+                **arrays,
+            )
         return path
 
     @classmethod

@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 import time
 import weakref
 import zipfile
@@ -30,6 +29,7 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
+from uhga_tf import io_utils
 from uhga_tf.models import backbone as backbone_lib
 
 _ARRAY_NAME = "features"
@@ -79,24 +79,12 @@ def _array_sha256(array):
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
-def _atomic_write(path, write_fn):
-    """Write via `write_fn(file)` to a temp file next to `path`, then rename."""
-    directory = os.path.dirname(path)
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
+def _write_durably(path, write_fn):
+    """`io_utils.atomic_path` plus an fsync of the folder (durable rename)."""
+    with io_utils.atomic_path(path) as tmp_path:
+        with open(tmp_path, "wb") as f:
             write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -188,10 +176,10 @@ def load_or_compute(cache_dir, key, compute_fn):
         "format_version": _FORMAT_VERSION,
         "created_unix_s": time.time(),
     }
-    _atomic_write(
+    _write_durably(
         array_path, lambda f: np.savez(f, **{_ARRAY_NAME: array})
     )
-    _atomic_write(
+    _write_durably(
         sidecar_path,
         lambda f: f.write(
             json.dumps(sidecar, sort_keys=True, indent=1).encode("utf-8")

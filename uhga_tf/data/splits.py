@@ -176,6 +176,47 @@ def make_split(
         per_class: optional overrides of the per-class counts, e.g.
             {"query": 10, "train": 50, "validation": 10}.
     """
+    _check_split_options(protocol, query_pool, seed)
+    labels, partition = _check_split_labels(protocol, labels, partition)
+    n = len(labels)
+    draw = _Draw(
+        rng=np.random.default_rng(int(seed)),
+        labels=labels,
+        partition=partition,
+        counts=_resolve_counts(protocol, per_class),
+        everything=np.arange(n, dtype=np.int64),
+        num_classes=(
+            int(labels.max()) + 1
+            if (protocol not in MULTI_LABEL_PROTOCOLS and n) else 0
+        ),
+    )
+    if protocol in ("uhga", "demo"):
+        query, train, database = _draw_uhga(draw, protocol, query_pool)
+    elif protocol == "disjoint54k":
+        query, train, database = _draw_disjoint54k(draw)
+    elif protocol == "ssdh_lists":
+        query, train, database = _draw_ssdh_lists(draw)
+    elif protocol == "ga_lists":
+        query, train, database = _read_ga_lists(list_dir, labels, partition)
+    else:  # nus_wide21
+        query, train, database = _draw_nus_wide21(draw)
+    validation = _draw_validation(
+        draw, protocol in MULTI_LABEL_PROTOCOLS, query, train, database
+    )
+    split = Split(
+        query=_sorted(query),
+        train=_sorted(train),
+        database=_sorted(database),
+        validation=_sorted(validation),
+        protocol=protocol,
+        seed=int(seed),
+    )
+    logging.info("Split %s seed=%d: %s", protocol, seed, split.sizes())
+    return split
+
+
+def _check_split_options(protocol, query_pool, seed):
+    """Raise ValueError for an unknown protocol, query_pool or a bad seed."""
     if protocol not in SPLIT_PROTOCOLS:
         raise ValueError(
             f"unknown split protocol; received protocol={protocol!r}, "
@@ -195,6 +236,10 @@ def make_split(
         raise ValueError(
             f"seed must be a non-negative int; received seed={seed!r}"
         )
+
+
+def _check_split_labels(protocol, labels, partition):
+    """Return labels and partition as arrays of one length and right rank."""
     labels = np.asarray(labels)
     partition = np.asarray(partition)
     n = len(labels)
@@ -214,123 +259,119 @@ def make_split(
             f"protocol {protocol!r} needs single-label class ids [N]; "
             f"received shape={labels.shape}"
         )
-    counts = _resolve_counts(protocol, per_class)
-    rng = np.random.default_rng(int(seed))
-    everything = np.arange(n, dtype=np.int64)
-    num_classes = int(labels.max()) + 1 if (not multi and n) else 0
+    return labels, partition
 
-    if protocol in ("uhga", "demo"):
-        pool = (
-            everything
-            if query_pool == "all"
-            else (everything[partition == "test"])
-        )
-        if query_pool == "test" and n and not len(pool):
-            raise ValueError(
-                "no images in a test/ part (query_pool=test): the data is "
-                "one flat class-per-folder set; expected train/ and test/ "
-                "parts, or pass --query_pool=all to draw the queries from "
-                "all images"
-            )
-        query = _sorted(
-            _balanced(rng, labels, pool, counts["query"], num_classes, "query")
-        )
-        rest = np.setdiff1d(everything, query)
-        if protocol == "demo":
-            database = _sorted(
-                _balanced(
-                    rng,
-                    labels,
-                    rest,
-                    counts["database"],
-                    num_classes,
-                    "database",
-                )
-            )
-        else:
-            database = rest
-        train = _sorted(
-            _balanced(
-                rng, labels, database, counts["train"], num_classes, "train"
-            )
-        )
-    elif protocol == "disjoint54k":
-        query, train, database = [], [], []
-        for c in range(num_classes):
-            members = rng.permutation(everything[labels == c])
-            need = counts["query"] + counts["train"] + counts["validation"]
-            if len(members) < need:
-                raise ValueError(
-                    f"too few images for class {c}: need at least {need} "
-                    f"(query + train + validation per class), received "
-                    f"{len(members)}"
-                )
-            query.append(members[: counts["query"]])
-            train.append(
-                members[counts["query"] : counts["query"] + counts["train"]]
-            )
-            database.append(members[counts["query"] + counts["train"] :])
-        query, train, database = (
-            _sorted(np.concatenate(x)) for x in (query, train, database)
-        )
-    elif protocol == "ssdh_lists":
-        query = everything[partition == "test"]
-        database = everything[partition == "train"]
-        if not len(query) or not len(database):
-            raise ValueError(
-                "ssdh_lists needs an official train and test partition; "
-                f"received {len(database)} train and {len(query)} test images"
-            )
-        train = _sorted(
-            _choose(rng, database, counts["train"], "train (ssdh_lists)")
-        )
-    elif protocol == "ga_lists":
-        query, train, database = _read_ga_lists(list_dir, labels, partition)
-    else:  # nus_wide21
-        frequency = labels.sum(axis=0, dtype=np.int64)
-        chosen = np.zeros(n, bool)
-        query, train = [], []
-        per_concept = counts["query"] + counts["train"]
-        for c in np.argsort(-frequency, kind="stable"):
-            pool = everything[(labels[:, c] > 0) & ~chosen]
-            pick = _choose(
-                rng,
-                pool,
-                per_concept,
-                f"query + train of concept {c} (images carrying it, not "
-                "yet chosen)",
-            )
-            chosen[pick] = True
-            query.append(pick[: counts["query"]])
-            train.append(pick[counts["query"] :])
-        query = _sorted(np.concatenate(query))
-        train = _sorted(np.concatenate(train))
-        database = np.setdiff1d(everything, query)
 
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """What every protocol's draw reads: the generator, labels and counts."""
+
+    rng: np.random.Generator
+    labels: np.ndarray
+    partition: np.ndarray
+    counts: dict
+    everything: np.ndarray
+    num_classes: int
+
+    def balanced(self, candidates, key, what):
+        """`counts[key]` per class from `candidates` (class order)."""
+        return _balanced(self.rng, self.labels, candidates, self.counts[key],
+                         self.num_classes, what)
+
+
+def _draw_uhga(draw, protocol, query_pool):
+    """uhga / demo: balanced query, database the rest (demo: balanced)."""
+    everything, partition = draw.everything, draw.partition
+    pool = (
+        everything if query_pool == "all" else everything[partition == "test"]
+    )
+    if query_pool == "test" and len(everything) and not len(pool):
+        raise ValueError(
+            "no images in a test/ part (query_pool=test): the data is "
+            "one flat class-per-folder set; expected train/ and test/ "
+            "parts, or pass --query_pool=all to draw the queries from "
+            "all images"
+        )
+    query = _sorted(draw.balanced(pool, "query", "query"))
+    rest = np.setdiff1d(everything, query)
+    if protocol == "demo":
+        database = _sorted(draw.balanced(rest, "database", "database"))
+    else:
+        database = rest
+    train = _sorted(draw.balanced(database, "train", "train"))
+    return query, train, database
+
+
+def _draw_disjoint54k(draw):
+    """Per class: query, train and database cut from one permutation."""
+    counts = draw.counts
+    num_query, num_train = counts["query"], counts["train"]
+    need = num_query + num_train + counts["validation"]
+    query, train, database = [], [], []
+    for c in range(draw.num_classes):
+        members = draw.rng.permutation(draw.everything[draw.labels == c])
+        if len(members) < need:
+            raise ValueError(
+                f"too few images for class {c}: need at least {need} "
+                f"(query + train + validation per class), received "
+                f"{len(members)}"
+            )
+        query.append(members[:num_query])
+        train.append(members[num_query:num_query + num_train])
+        database.append(members[num_query + num_train:])
+    return tuple(_sorted(np.concatenate(x)) for x in (query, train, database))
+
+
+def _draw_ssdh_lists(draw):
+    """Query the official test part, database the train part."""
+    query = draw.everything[draw.partition == "test"]
+    database = draw.everything[draw.partition == "train"]
+    if not len(query) or not len(database):
+        raise ValueError(
+            "ssdh_lists needs an official train and test partition; "
+            f"received {len(database)} train and {len(query)} test images"
+        )
+    train = _sorted(
+        _choose(draw.rng, database, draw.counts["train"],
+                "train (ssdh_lists)")
+    )
+    return query, train, database
+
+
+def _draw_nus_wide21(draw):
+    """Per concept by descending frequency: query + train not yet chosen."""
+    labels, counts = draw.labels, draw.counts
+    frequency = labels.sum(axis=0, dtype=np.int64)
+    chosen = np.zeros(len(labels), bool)
+    query, train = [], []
+    per_concept = counts["query"] + counts["train"]
+    for c in np.argsort(-frequency, kind="stable"):
+        pool = draw.everything[(labels[:, c] > 0) & ~chosen]
+        pick = _choose(
+            draw.rng,
+            pool,
+            per_concept,
+            f"query + train of concept {c} (images carrying it, not "
+            "yet chosen)",
+        )
+        chosen[pick] = True
+        query.append(pick[: counts["query"]])
+        train.append(pick[counts["query"] :])
+    query = _sorted(np.concatenate(query))
+    train = _sorted(np.concatenate(train))
+    return query, train, np.setdiff1d(draw.everything, query)
+
+
+def _draw_validation(draw, multi, query, train, database):
+    """Validation from database \\ train \\ query (protocol.md §1.3)."""
     candidates = np.setdiff1d(np.setdiff1d(database, train), query)
     if multi:
-        validation = _choose(
-            rng, candidates, counts["validation"], "validation"
+        return _choose(
+            draw.rng, candidates, draw.counts["validation"], "validation"
         )
-    else:
-        validation = _balanced(
-            rng,
-            labels,
-            candidates,
-            counts["validation"],
-            num_classes,
-            "validation (database minus train and query)",
-        )
-    split = Split(
-        query=_sorted(query),
-        train=_sorted(train),
-        database=_sorted(database),
-        validation=_sorted(validation),
-        protocol=protocol,
-        seed=int(seed),
+    return draw.balanced(
+        candidates, "validation", "validation (database minus train and query)"
     )
-    logging.info("Split %s seed=%d: %s", protocol, seed, split.sizes())
-    return split
 
 
 # ---------------------------------------------------------------- GA lists

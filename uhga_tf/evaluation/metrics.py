@@ -46,16 +46,9 @@ def _check_choice(name, value, allowed):
 
 
 def _check_hamming_radius(hamming_radius, code_length):
-    if (
-        isinstance(hamming_radius, bool)
-        or not isinstance(hamming_radius, (int, np.integer))
-        or not 0 <= hamming_radius <= code_length
-    ):
-        raise ValueError(
-            f"hamming_radius must be an int in [0, {code_length}] (the "
-            f"code_length); received hamming_radius={hamming_radius!r}"
-        )
-    return int(hamming_radius)
+    return ranking.check_int_in_range(
+        "hamming_radius", hamming_radius, 0, code_length, "the code_length"
+    )
 
 
 def _check_n_values(n_values, num_database):
@@ -324,8 +317,13 @@ def tie_aware_map(query_codes, database_codes, query_labels, database_labels,
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     stats = _collect(inputs, histograms=True)
+    return _tie_aware_mean(stats, inputs.num_database, empty_query)
+
+
+def _tie_aware_mean(stats, num_database, empty_query):
+    """Mean tie-aware AP@ALL from `_collect` histograms."""
     ap, num_relevant = _tie_aware_ap(
-        stats["counts"], stats["relevant"], harmonic_table(inputs.num_database)
+        stats["counts"], stats["relevant"], harmonic_table(num_database)
     )
     keep = num_relevant > 0 if empty_query == "skip" else np.ones(
         ap.shape, dtype=bool)
@@ -441,8 +439,13 @@ def precision_at_n(query_codes, database_codes, query_labels,
                      database_labels)
     n_values = _check_n_values(n_values, inputs.num_database)
     stats = _collect(inputs, precision_at=n_values)
+    return _precision_at_means(stats, n_values)
+
+
+def _precision_at_means(stats, n_values):
+    """{n: mean P@n} from the `hits_at` counts of `_collect`."""
     means = (stats["hits_at"] / np.asarray(n_values, np.float64)).mean(0)
-    return {n: float(p) for n, p in zip(n_values, means)}
+    return {int(n): float(p) for n, p in zip(n_values, means)}
 
 
 def _json_float(value):
@@ -480,16 +483,7 @@ def evaluate_codes(query_codes, database_codes, query_labels,
     num_database = inputs.num_database
     top_k = ranking.validate_top_k(top_k, num_database)
     hamming_radius = _check_hamming_radius(hamming_radius, inputs.code_length)
-    precision_at = list(precision_at or ())
-    dropped = [n for n in precision_at if n > num_database]
-    if dropped:
-        logging.warning(
-            "precision_at values %s exceed the database size %d; dropped",
-            dropped, num_database,
-        )
-    precision_at = [n for n in precision_at if n <= num_database]
-    if precision_at:
-        precision_at = _check_n_values(precision_at, num_database)
+    precision_at = _precision_at_within(precision_at, num_database)
     stats = _collect(inputs, top_k=top_k, histograms=True,
                      precision_at=precision_at)
     ap, keep, num_empty = _average_precision(
@@ -498,20 +492,10 @@ def evaluate_codes(query_codes, database_codes, query_labels,
     map_value = _mean_over_queries(ap, keep)
     map_tie_aware = None
     if tie_aware and top_k == num_database:
-        ap_t, num_relevant = _tie_aware_ap(
-            stats["counts"], stats["relevant"], harmonic_table(num_database)
-        )
-        keep_t = num_relevant > 0 if empty_query == "skip" else np.ones(
-            ap_t.shape, dtype=bool)
-        map_tie_aware = _mean_over_queries(ap_t, keep_t)
+        map_tie_aware = _tie_aware_mean(stats, num_database, empty_query)
     precision, recall, empty_share = _radius_curves(
         stats["counts"], stats["relevant"], empty_radius, empty_query
     )
-    at_n = {}
-    if precision_at:
-        means = (stats["hits_at"] / np.asarray(precision_at, np.float64)).mean(
-            axis=0)
-        at_n = {int(n): float(p) for n, p in zip(precision_at, means)}
     logging.info(
         "MAP@%d %.4f (%d empty queries), tie-aware %s, P@H<=%d %.4f",
         top_k, map_value, num_empty, map_tie_aware, hamming_radius,
@@ -529,15 +513,14 @@ def evaluate_codes(query_codes, database_codes, query_labels,
             "precision": [_json_float(p) for p in precision],
             "recall": [_json_float(r) for r in recall],
         },
-        "precision_at_n": at_n,
-        "map_at": {
-            int(k): _json_float(mean_average_precision(
-                query_codes, database_codes, query_labels, database_labels,
-                top_k=k, ap_denominator=ap_denominator,
-                empty_query=empty_query,
-            ))
-            for k in (map_at or ()) if k < num_database
-        },
+        "precision_at_n": (
+            _precision_at_means(stats, precision_at) if precision_at else {}
+        ),
+        "map_at": _map_at(
+            map_at, num_database, query_codes, database_codes, query_labels,
+            database_labels, ap_denominator=ap_denominator,
+            empty_query=empty_query,
+        ),
         "top_k": top_k,
         "code_length": inputs.code_length,
         "num_query": inputs.num_query,
@@ -546,4 +529,29 @@ def evaluate_codes(query_codes, database_codes, query_labels,
         "ap_denominator": ap_denominator,
         "empty_query": empty_query,
         "empty_radius": empty_radius,
+    }
+
+
+def _precision_at_within(precision_at, num_database):
+    """The `precision_at` values <= the database size (others: warned)."""
+    precision_at = list(precision_at or ())
+    dropped = [n for n in precision_at if n > num_database]
+    if dropped:
+        logging.warning(
+            "precision_at values %s exceed the database size %d; dropped",
+            dropped, num_database,
+        )
+    precision_at = [n for n in precision_at if n <= num_database]
+    if precision_at:
+        precision_at = _check_n_values(precision_at, num_database)
+    return precision_at
+
+
+def _map_at(map_at, num_database, *data, **options):
+    """{k: MAP@k} for each k in `map_at` below the database size."""
+    return {
+        int(k): _json_float(
+            mean_average_precision(*data, top_k=k, **options)
+        )
+        for k in (map_at or ()) if k < num_database
     }

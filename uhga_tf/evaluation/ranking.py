@@ -16,6 +16,10 @@ import numpy as np
 
 from uhga_tf import codes as codes_lib
 
+# The one Hamming distance kernel lives in `codes` (the index uses it too).
+DistanceKernel = codes_lib.DistanceKernel
+distance_dtype = codes_lib.distance_dtype
+
 # Memory budget of one query batch (distance matrix, sort order, relevance);
 # small enough that the temporaries are recycled from the heap and stay
 # near the caches (measured faster than 256 MiB batches).
@@ -32,11 +36,6 @@ def query_batch_size(num_database, batch_bytes=None):
     if batch_bytes is None:
         batch_bytes = BATCH_BYTES
     return max(1, int(batch_bytes // (_BYTES_PER_PAIR * max(1, num_database))))
-
-
-def distance_dtype(code_length):
-    """Smallest unsigned dtype holding a distance in [0, code_length]."""
-    return np.uint8 if code_length <= np.iinfo(np.uint8).max else np.uint16
 
 
 def validate_code_pair(query_codes, database_codes):
@@ -74,90 +73,25 @@ def validate_top_k(top_k, num_database):
     """
     if top_k is None:
         return int(num_database)
+    return check_int_in_range("top_k", top_k, 1, num_database,
+                              "the database size", kind="None or an int")
+
+
+def check_int_in_range(name, value, low, high, bound, kind="an int"):
+    """Return `value` as an int; raise ValueError unless in [low, high].
+
+    The message names `bound`, what `high` is (e.g. "the code_length").
+    """
     if (
-        isinstance(top_k, bool)
-        or not isinstance(top_k, (int, np.integer))
-        or not 1 <= top_k <= num_database
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not low <= value <= high
     ):
         raise ValueError(
-            f"top_k must be None or an int in [1, {num_database}] (the "
-            f"database size); received top_k={top_k!r}"
+            f"{name} must be {kind} in [{low}, {high}] ({bound}); received "
+            f"{name}={value!r}"
         )
-    return int(top_k)
-
-
-def _packed_words(codes):
-    """Codes as 64-bit words, [num_words, n] uint64 (zero padding bits)."""
-    packed = codes_lib.pack_codes(codes)
-    num_words = -(-packed.shape[1] // 8)
-    padded = np.zeros((packed.shape[0], 8 * num_words), dtype=np.uint8)
-    padded[:, : packed.shape[1]] = packed
-    return np.ascontiguousarray(padded.view(np.uint64).T)
-
-
-class DistanceKernel:
-    """Hamming distances of query batches against one fixed database.
-
-    The same distance as `codes.hamming_distance`, d = (code_length - q . n)
-    / 2 = popcount(q xor n), computed on the packed bits (`codes.pack_codes`)
-    as 64-bit words with `np.bitwise_count`; the database is packed once.
-    With NumPy < 2.0 (no `bitwise_count`) it falls back to one float32
-    matrix product with an appended constant column, so the product is the
-    distance itself (exact: every value is an integer below 2**24).
-    """
-
-    def __init__(self, database_codes, use_popcount=None):
-        database_codes = np.asarray(database_codes, dtype=np.int8)
-        self.code_length = database_codes.shape[1]
-        self.num_database = database_codes.shape[0]
-        self.dtype = distance_dtype(self.code_length)
-        if use_popcount is None:
-            use_popcount = hasattr(np, "bitwise_count")
-        self.use_popcount = use_popcount
-        if use_popcount:
-            self._database_words = _packed_words(database_codes)
-        else:
-            augmented = np.empty(
-                (self.code_length + 1, self.num_database), dtype=np.float32
-            )
-            augmented[:-1] = database_codes.T
-            augmented[-1] = 1.0
-            self._database_t = augmented
-
-    def __call__(self, query_codes):
-        """Distances, [n_query, num_database] uint8/uint16 in [0, K]."""
-        query_codes = np.asarray(query_codes)
-        if self.use_popcount:
-            return self._popcount(query_codes)
-        augmented = np.empty(
-            (query_codes.shape[0], self.code_length + 1), dtype=np.float32
-        )
-        augmented[:, :-1] = query_codes
-        augmented[:, :-1] *= -0.5
-        augmented[:, -1] = self.code_length / 2
-        return (augmented @ self._database_t).astype(self.dtype)
-
-    def _popcount(self, query_codes):
-        query_words = _packed_words(query_codes)
-        shape = (query_codes.shape[0], self.num_database)
-        xor = np.empty(shape, dtype=np.uint64)
-        counts = np.empty(shape, dtype=np.uint8)
-        if len(query_words) == 1 and self.dtype == np.uint8:
-            np.bitwise_xor(query_words[0][:, None],
-                           self._database_words[0][None, :], out=xor)
-            return np.bitwise_count(xor, out=counts)
-        distances = None
-        for query_word, database_word in zip(
-            query_words, self._database_words
-        ):
-            np.bitwise_xor(query_word[:, None], database_word[None, :],
-                           out=xor)
-            np.bitwise_count(xor, out=counts)
-            if distances is None:
-                distances = counts.astype(self.dtype)
-            else:
-                distances += counts
-        return distances
+    return int(value)
 
 
 def stable_order(distances):
@@ -171,6 +105,43 @@ def stable_order(distances):
         (distance, database index).
     """
     return np.argsort(distances, axis=1, kind="stable")
+
+
+def stable_top_k(distances, top_k):
+    """The first top_k of each row under the (distance, index) tie rule.
+
+    Returns:
+        (indices int64 [n_query, top_k], distances int32 [n_query, top_k]).
+    """
+    order = stable_order(distances)[:, :top_k]
+    return order, np.take_along_axis(distances, order, axis=1).astype(
+        np.int32
+    )
+
+
+def rank_in_batches(distance_fn, queries, num_database, top_k):
+    """`stable_top_k` of `distance_fn(batch)` over query batches.
+
+    Args:
+        distance_fn: queries [b, ...] -> distances [b, num_database]
+            (a `DistanceKernel` or its `packed` method).
+        queries: [n_query, ...] in the form distance_fn takes.
+        num_database: database size (sets the batch size).
+        top_k: items kept per query, in [1, num_database].
+
+    Returns:
+        (indices int64 [n_query, top_k], distances int32 [n_query, top_k]).
+    """
+    num_query = len(queries)
+    indices = np.empty((num_query, top_k), dtype=np.int64)
+    distances = np.empty((num_query, top_k), dtype=np.int32)
+    batch = query_batch_size(num_database)
+    for start in range(0, num_query, batch):
+        stop = min(start + batch, num_query)
+        indices[start:stop], distances[start:stop] = stable_top_k(
+            distance_fn(queries[start:stop]), top_k
+        )
+    return indices, distances
 
 
 def hamming_ranking(query_codes, database_codes, top_k=None):
@@ -198,17 +169,7 @@ def hamming_ranking(query_codes, database_codes, top_k=None):
     )
     top_k = validate_top_k(top_k, database_codes.shape[0])
     kernel = DistanceKernel(database_codes)
-    num_query = query_codes.shape[0]
-    indices = np.empty((num_query, top_k), dtype=np.int64)
-    distances = np.empty((num_query, top_k), dtype=np.int32)
-    batch = query_batch_size(kernel.num_database)
-    for start in range(0, num_query, batch):
-        stop = min(start + batch, num_query)
-        dist = kernel(query_codes[start:stop])
-        order = stable_order(dist)[:, :top_k]
-        indices[start:stop] = order
-        distances[start:stop] = np.take_along_axis(dist, order, axis=1)
-    return indices, distances
+    return rank_in_batches(kernel, query_codes, kernel.num_database, top_k)
 
 
 def validate_label_pair(query_labels, database_labels, num_query=None,

@@ -7,7 +7,8 @@ with its counting path (`use_heap = False`): it scans the database in
 position order and keeps, for every distance value, the first items it meets,
 so it returns exactly the stable ranking. A cheap check on every result
 confirms the order among returned ties and re-ranks any offending query
-exactly through a radius search. `backend="numpy"` is a brute-force reference.
+exactly through a radius search. `backend="numpy"` is a brute-force reference:
+the distance kernel and stable ranking of `uhga_tf.evaluation.ranking`.
 
 Packed codes use `np.packbits` order (`uhga_tf.codes.pack_codes`), which is
 also the order the SavedModel emits and faiss reads.
@@ -24,6 +25,8 @@ import numpy as np
 from absl import logging
 
 from uhga_tf import codes as codes_lib
+from uhga_tf.evaluation import ranking
+from uhga_tf.io_utils import to_builtin
 
 BIT_ORDER = "packbits-msb-first"
 FILE_NAME = "hamming_index.bin"
@@ -32,7 +35,7 @@ _MAGIC = b"UHGAHIX\x00"
 _PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
 _BACKENDS = ("faiss", "numpy")
 # Bytes of faiss counting-path scratch (n_query * (code_length + 1) * top_k
-# int64 ids) and of numpy XOR temporaries allowed per query chunk.
+# int64 ids) allowed per query chunk.
 _CHUNK_BYTES = 1 << 27
 
 
@@ -71,6 +74,7 @@ class HammingIndex:
         self._ids = np.zeros((0,), np.int64)
         self._metadata = {}
         self._faiss_index = None
+        self._numpy_kernel = None
 
     def __len__(self):
         return len(self._ids)
@@ -137,6 +141,7 @@ class HammingIndex:
         self._ids = np.concatenate([self._ids, ids])
         if self._faiss_index is not None:
             self._faiss_index.add(packed)
+        self._numpy_kernel = None  # rebuilt lazily over every item
         logging.debug("HammingIndex: added %d items (%d total)", len(ids),
                       len(self))
 
@@ -160,6 +165,7 @@ class HammingIndex:
         for name, values in self._metadata.items():
             self._metadata[name] = [values[i] for i in positions]
         self._faiss_index = None  # rebuilt lazily, in the new order
+        self._numpy_kernel = None
 
     def get_metadata(self, ids):
         """Return one dict of metadata per id (same order as `ids`)."""
@@ -386,39 +392,27 @@ class HammingIndex:
             for i in range(len(queries))
         ]
 
-    def _numpy_distances(self, queries):
-        """Yield (start, int32 distances [chunk, n]) over query chunks."""
-        per_query = max(1, len(self) * self.code_size * 2)
-        chunk = max(1, _CHUNK_BYTES // per_query)
-        for start in range(0, len(queries), chunk):
-            block = queries[start:start + chunk]
-            if hasattr(np, "bitwise_count"):
-                xor = np.bitwise_xor(block[:, None, :],
-                                     self._packed_codes[None, :, :])
-                dist = np.bitwise_count(xor).sum(axis=-1, dtype=np.int32)
-            else:  # NumPy < 2.0
-                dist = codes_lib.packed_hamming_distance(block,
-                                                         self._packed_codes)
-            yield start, dist
+    def _kernel(self):
+        if self._numpy_kernel is None:
+            self._numpy_kernel = codes_lib.DistanceKernel.from_packed(
+                self._packed_codes, self.code_length
+            )
+        return self._numpy_kernel
 
     def _numpy_search(self, queries, k):
-        positions = np.zeros((len(queries), k), np.int64)
-        distances = np.zeros((len(queries), k), np.int32)
-        for start, dist in self._numpy_distances(queries):
-            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-            positions[start:start + len(dist)] = order
-            distances[start:start + len(dist)] = np.take_along_axis(
-                dist, order, axis=1
-            )
-        return positions, distances
+        return ranking.rank_in_batches(
+            self._kernel().packed, queries, len(self), k
+        )
 
     def _numpy_range(self, queries, hamming_radius):
+        kernel = self._kernel()
+        batch = ranking.query_batch_size(len(self))
         results = []
-        for _, dist in self._numpy_distances(queries):
-            for row in dist:
+        for start in range(0, len(queries), batch):
+            for row in kernel.packed(queries[start:start + batch]):
                 hits = np.flatnonzero(row <= hamming_radius)
-                order = np.argsort(row[hits], kind="stable")
-                results.append((hits[order], row[hits][order]))
+                order = hits[ranking.stable_order(row[None, hits])[0]]
+                results.append((order, row[order].astype(np.int32)))
         return results
 
     def _serialize(self):
@@ -534,10 +528,10 @@ def _metadata_columns(metadata, n):
 
 
 def _to_json(value):
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
+    """Metadata value as JSON-ready builtins (lists stay lists)."""
     if isinstance(value, (list, tuple)):
         return [_to_json(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
+    try:
+        return to_builtin(value)
+    except TypeError:
+        return value
