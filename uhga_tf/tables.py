@@ -126,12 +126,18 @@ def saved_model_codes(model_dir, sets):
     """Codes from an exported SavedModel's `encode_features` signature."""
     import tensorflow as tf
 
-    signature = tf.saved_model.load(model_dir).signatures["encode_features"]
+    from uhga_tf import saved_model
+
+    signature = tf.saved_model.load(model_dir).signatures[
+        saved_model.SIGNATURE_FEATURES
+    ]
     out = []
     for name in ("query", "database"):
         features = sets.features[name]
         parts = [
-            signature(features=tf.constant(features[i:i + 4096]))["codes"]
+            signature(
+                **{saved_model.INPUT_FEATURES: tf.constant(features[i:i + 4096])}
+            )[saved_model.OUTPUT_CODES]
             for i in range(0, len(features), 4096)
         ]
         out.append(np.concatenate([p.numpy() for p in parts]))
