@@ -1,4 +1,5 @@
-"""Tests for UHGAModel and HashOptimizer (T2, T5, look-ahead FD, §8, (18))."""
+"""Tests for UHGAModel and HashOptimizer: JVP vs second-order look-ahead,
+attention off = plain SGD, look-ahead finite differences, §8, (18)."""
 
 import keras
 import numpy as np
@@ -50,7 +51,7 @@ def _batch(features, start=0):
             (f[start + B:start + 2 * B], i[start + B:start + 2 * B]))
 
 
-def test_t2_jvp_equals_second_order():
+def test_jvp_lookahead_equals_second_order():
     model, features = _model()
     data = _batch(features)
     jvp = model.compute_step(data)["attention_grads"]
@@ -106,7 +107,7 @@ def test_train_step_changes_attention_and_hasher_weights():
 
 
 @pytest.mark.parametrize("pairing", ["cross", "within"])
-def test_t5_attention_off_is_plain_sgd_on_loss(pairing):
+def test_attention_off_is_plain_sgd_on_loss(pairing):
     model, features = _model(attention=False, pairing=pairing)
     data = _batch(features) if pairing == "cross" else (
         tf.constant(features[:6]), tf.range(6))

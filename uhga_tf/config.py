@@ -76,6 +76,13 @@ def _positive(name, value, allow_zero=False):
         raise ValueError(f"{name} must be {bound}; received {name}={value!r}")
 
 
+def _at_least(name, value, bound):
+    if value < bound:
+        raise ValueError(
+            f"{name} must be >= {bound}; received {name}={value}"
+        )
+
+
 def _unset_if_negative(name, value):
     """Optional float: None = unset. A negative value is the sentinel that
     meant "unset" before these fields were Optional (old config.json files,
@@ -258,11 +265,7 @@ class SimilarityConfig:
         _canonicalize(self)
         _choice("similarity", self.similarity, SIMILARITY_MODES)
         _positive("similarity_knn", self.similarity_knn)
-        if self.similarity_clusters < 2:
-            raise ValueError(
-                "similarity_clusters must be >= 2; received "
-                f"similarity_clusters={self.similarity_clusters}"
-            )
+        _at_least("similarity_clusters", self.similarity_clusters, 2)
         _positive("similarity_runs", self.similarity_runs)
         quantile = self.similarity_dissimilar_quantile
         if not 0.0 < quantile < 1.0:
@@ -393,11 +396,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive("epochs", self.epochs)
-        if self.global_batch_size < 2:
-            raise ValueError(
-                "global_batch_size must be >= 2; received "
-                f"global_batch_size={self.global_batch_size}"
-            )
+        _at_least("global_batch_size", self.global_batch_size, 2)
         _positive("learning_rate", self.learning_rate)
         _positive("hash_lr_multiplier", self.hash_lr_multiplier)
         _positive("lr_step_epochs", self.lr_step_epochs)

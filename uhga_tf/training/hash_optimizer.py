@@ -128,6 +128,20 @@ class HashOptimizer(tf.Module):
         self.lr_multipliers = []
         self.built = False
 
+    @classmethod
+    def from_config(cls, train_config, lr_step_steps):
+        """The optimizer of a `config.TrainConfig`; its lr decays every
+        `lr_step_steps` steps (lr_step_epochs x steps per epoch)."""
+        return cls(
+            learning_rate=train_config.learning_rate,
+            momentum=train_config.momentum,
+            nesterov=train_config.nesterov,
+            weight_decay=train_config.weight_decay,
+            hash_lr_multiplier=train_config.hash_lr_multiplier,
+            lr_decay=train_config.lr_decay,
+            lr_step_steps=lr_step_steps,
+        )
+
     def build(self, variables, lr_multipliers=None):
         """Create one momentum buffer per variable (call in strategy scope).
 

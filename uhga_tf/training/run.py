@@ -434,14 +434,8 @@ def build_model(experiment, inputs, matrix, strategy):
             branch_batch_size(experiment) // strategy.num_replicas_in_sync
         ),
     )
-    optimizer = hash_optimizer.HashOptimizer(
-        learning_rate=train_cfg.learning_rate,
-        momentum=train_cfg.momentum,
-        nesterov=train_cfg.nesterov,
-        weight_decay=train_cfg.weight_decay,
-        hash_lr_multiplier=train_cfg.hash_lr_multiplier,
-        lr_decay=train_cfg.lr_decay,
-        lr_step_steps=train_cfg.lr_step_epochs * inputs.steps_per_epoch,
+    optimizer = hash_optimizer.HashOptimizer.from_config(
+        train_cfg, train_cfg.lr_step_epochs * inputs.steps_per_epoch
     )
     attention_optimizer = None
     if att_cfg.attention:
