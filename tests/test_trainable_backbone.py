@@ -209,7 +209,8 @@ def _mask_model(lookahead):
         matrix = rng.choice([-1, 0, 1], size=(16, 16)).astype(np.int8)
         model = uhga_model.UHGAModel(
             hasher, matrix, config_lib.LossConfig(positive_weight=3.0),
-            config_lib.AttentionConfig(lookahead=lookahead, attention_hidden=8),
+            config_lib.AttentionConfig(lookahead=lookahead,
+                                       attention_hidden=8),
             attention_dtype="float64", seed=0,
         )
         model.compile(

@@ -237,7 +237,7 @@ def make_train_dataset(
 
 
 def encode(hasher, features, batch_size=4096):
-    """Binary codes of features via the hasher (rule z >= 0 -> +1)."""
+    """int8 ±1 codes of features via the hasher (rule logits >= 0 -> +1)."""
     logits = [
         np.asarray(hasher(features[i: i + batch_size], training=False))
         for i in range(0, len(features), batch_size)

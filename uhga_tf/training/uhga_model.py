@@ -523,7 +523,9 @@ class UHGAModel(keras.Model):
             similarity_block=self.similarity_block(index_1, index_2),
             scale=self.current_scale(step),
             learning_rate=self.hash_optimizer.learning_rate_at(step),
-            values=[tf.convert_to_tensor(v) for v in hasher.trainable_variables],
+            values=[
+                tf.convert_to_tensor(v) for v in hasher.trainable_variables
+            ],
             non_trainable=[
                 tf.convert_to_tensor(v) for v in hasher.non_trainable_variables
             ],
@@ -605,7 +607,7 @@ class UHGAModel(keras.Model):
         """dphi of (19'): the look-ahead gradient pushed through dW'/dĜ.
 
         dL(W')/dphi = <dL/dW', dW'/dĜ dĜ/dphi>; the first two factors are
-        a JVP of the codes at W along the optimizer's tangent, which then
+        a JVP of the relaxed codes at W along the optimizer's tangent, which
         weights the attention tape's Ĝ.
         """
         lookahead_grads = _all_reduce_sum(
