@@ -291,8 +291,8 @@ class LossConfig:
     Attributes:
         loss: `ga_logistic` (eq. 7) or `ssdh_l2` (eq. 22).
         sigmoid_param: gamma of eq. (7).
-        positive_weight: omega of eq. (6), a float > 0, or unset (None; the
-            flag and config.json spell it `auto`) = #(S=-1) / #(S=+1).
+        positive_weight: omega of eq. (6), a float > 0, or `auto` =
+            #(S=-1) / #(S=+1) (stored as None, null in config.json).
         pairing: `cross` (two shuffled branches) or `within`.
         quantization_weight: weight of mean((|u| - 1)^2); 0 = off.
         balance_weight: weight of the bit-balance term mean_k (batch mean
