@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from uhga_tf import config
 from uhga_tf.models import attention_net
 from uhga_tf.models.hash_layer import HashLayer
 from uhga_tf.training.hash_optimizer import HashOptimizer
@@ -18,9 +19,11 @@ def _build(matrix, lookahead="jvp"):
     hasher = keras.Sequential(
         [keras.Input((D,), dtype="float64"), HashLayer(K, dtype="float64")]
     )
-    model = UHGAModel(hasher, matrix, code_length=K, attention=True,
-                      attention_dtype="float64", attention_hidden=8,
-                      positive_weight=3.0, lookahead=lookahead)
+    model = UHGAModel(
+        hasher, matrix, config.LossConfig(positive_weight=3.0),
+        config.AttentionConfig(attention_hidden=8, lookahead=lookahead),
+        attention_dtype="float64",
+    )
     model.compile(
         hash_optimizer=HashOptimizer(0.2),
         attention_optimizer=keras.optimizers.Adam(0.01, epsilon=1e-8),
@@ -51,7 +54,7 @@ def _reference_step(model, halves, matrix):
             grads = half if grads is None else [a + b for a, b in
                                                 zip(grads, half)]
         grads = [g / 2 for g in grads]
-        w1, momenta = model.hash_optimizer._step(w0, grads, lr)
+        w1, momenta = model.hash_optimizer.update(w0, grads, lr)
         lookahead = 0.0
         for (f1, i1), (f2, i2) in halves:
             z, _ = model.hasher.stateless_call(w1, [], tf.concat([f1, f2], 0))

@@ -166,8 +166,10 @@ def test_image_hasher_multipliers_and_frozen_batch_norm():
         backbone_lib.build_backbone("tiny_cnn"), 16, dropout_rate=0.5
     )
     matrix = np.zeros((8, 8), np.int8)
-    model = uhga_model.UHGAModel(hasher, matrix, code_length=16,
-                                 attention=False, positive_weight=1.0)
+    model = uhga_model.UHGAModel(
+        hasher, matrix, config_lib.LossConfig(positive_weight=1.0),
+        config_lib.AttentionConfig(attention=False),
+    )
     optimizer = hash_optimizer.HashOptimizer(0.01, hash_lr_multiplier=10.0)
     model.compile(hash_optimizer=optimizer)
     by_path = {
@@ -206,8 +208,9 @@ def _mask_model(lookahead):
         rng = np.random.default_rng(1)
         matrix = rng.choice([-1, 0, 1], size=(16, 16)).astype(np.int8)
         model = uhga_model.UHGAModel(
-            hasher, matrix, code_length=8, lookahead=lookahead,
-            positive_weight=3.0, attention_hidden=8,
+            hasher, matrix, config_lib.LossConfig(positive_weight=3.0),
+            config_lib.AttentionConfig(lookahead=lookahead,
+                                       attention_hidden=8),
             attention_dtype="float64", seed=0,
         )
         model.compile(

@@ -1,10 +1,12 @@
-"""Tests for UHGAModel and HashOptimizer (T2, T5, look-ahead FD, §8, (18))."""
+"""Tests for UHGAModel and HashOptimizer: JVP vs second-order look-ahead,
+attention off = plain SGD, look-ahead finite differences, §8, (18)."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from uhga_tf import config
 from uhga_tf.models import attention_net
 from uhga_tf.models.hash_layer import HashLayer
 from uhga_tf.training.hash_optimizer import HashOptimizer
@@ -21,17 +23,20 @@ def _data(seed=0):
 
 
 def _model(attention=True, lookahead="jvp", pairing="cross", lr=0.05,
-           **kwargs):
+           **loss_fields):
     features, matrix = _data()
     keras.utils.set_random_seed(0)
     hasher = keras.Sequential(
         [keras.Input((D,), dtype="float64"), HashLayer(K, dtype="float64")]
     )
-    model = UHGAModel(hasher, matrix, code_length=K, attention=attention,
-                      lookahead=lookahead, pairing=pairing,
-                      attention_dtype="float64", positive_weight=3.0,
-                      attention_hidden=8,
-                      **kwargs)
+    model = UHGAModel(
+        hasher, matrix,
+        config.LossConfig(pairing=pairing, positive_weight=3.0,
+                          **loss_fields),
+        config.AttentionConfig(attention=attention, lookahead=lookahead,
+                               attention_hidden=8),
+        attention_dtype="float64",
+    )
     model.compile(
         hash_optimizer=HashOptimizer(lr),
         attention_optimizer=keras.optimizers.Adam(0.01, epsilon=1e-8),
@@ -46,7 +51,7 @@ def _batch(features, start=0):
             (f[start + B:start + 2 * B], i[start + B:start + 2 * B]))
 
 
-def test_t2_jvp_equals_second_order():
+def test_jvp_lookahead_equals_second_order():
     model, features = _model()
     data = _batch(features)
     jvp = model.compute_step(data)["attention_grads"]
@@ -102,7 +107,7 @@ def test_train_step_changes_attention_and_hasher_weights():
 
 
 @pytest.mark.parametrize("pairing", ["cross", "within"])
-def test_t5_attention_off_is_plain_sgd_on_loss(pairing):
+def test_attention_off_is_plain_sgd_on_loss(pairing):
     model, features = _model(attention=False, pairing=pairing)
     data = _batch(features) if pairing == "cross" else (
         tf.constant(features[:6]), tf.range(6))
@@ -196,7 +201,8 @@ def test_compile_refuses_generic_keywords_and_bad_args():
     with pytest.raises(ValueError, match="attention_optimizer"):
         model.compile(hash_optimizer=HashOptimizer())
     with pytest.raises(ValueError, match="lookahead"):
-        UHGAModel(model.hasher, _data()[1], code_length=K, lookahead="fd")
+        UHGAModel(model.hasher, _data()[1],
+                  attention_config=config.AttentionConfig(lookahead="fd"))
     with pytest.raises(ValueError, match="momentum"):
         HashOptimizer(momentum=1.0)
 
@@ -245,9 +251,11 @@ def test_structured_similarity_step_equals_its_dense_matrix(mode):
             [keras.Input((D,), dtype="float64"),
              HashLayer(K, dtype="float64")])
         model = UHGAModel(
-            hasher, similarity, code_length=K, attention_dtype="float64",
-            positive_weight=3.0, attention_hidden=8, balance_weight=0.5,
-            quantization_weight=0.5,
+            hasher, similarity,
+            config.LossConfig(positive_weight=3.0, balance_weight=0.5,
+                              quantization_weight=0.5),
+            config.AttentionConfig(attention_hidden=8),
+            attention_dtype="float64",
         )
         model.compile(
             hash_optimizer=HashOptimizer(0.05),

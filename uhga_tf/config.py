@@ -12,9 +12,12 @@ import dataclasses
 import json
 import math
 import os
+import typing
 
 from uhga_tf import codes
 
+# The allowed values of every string option, here only: the modules that
+# check them (uhga_tf.training.uhga_model, ...) import these tuples.
 DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide", "features")
 DATA_SOURCES = ("auto", "files", "tfds")
 SPLIT_PROTOCOLS = (
@@ -71,6 +74,67 @@ def _positive(name, value, allow_zero=False):
     if value is None or (value < 0 if allow_zero else value <= 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}; received {name}={value!r}")
+
+
+def _at_least(name, value, bound):
+    if value < bound:
+        raise ValueError(
+            f"{name} must be >= {bound}; received {name}={value}"
+        )
+
+
+def _unset_if_negative(name, value):
+    """Optional float: None = unset. A negative value is the sentinel that
+    meant "unset" before these fields were Optional (old config.json files,
+    old flag files), so it reads as None."""
+    if value is None or value < 0:
+        return None
+    return float(value)
+
+
+def _positive_weight(name, value):
+    """omega of eq. (6): None means `auto`; "auto" and numeric strings (the
+    flag's text, config.json files of older runs) are read as such."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError as e:
+            raise ValueError(
+                "positive_weight must be a positive number or 'auto'; "
+                f"received positive_weight={value!r}"
+            ) from e
+    _positive(name, value)
+    return float(value)
+
+
+# Fields whose stored or flag form differs from the config value: name ->
+# function(name, value) returning the config value.
+_CANONICAL = {
+    "ssdh_alpha": _unset_if_negative,
+    "ssdh_beta": _unset_if_negative,
+    "similarity_threshold": _unset_if_negative,
+    "dissimilarity_threshold": _unset_if_negative,
+    "positive_weight": _positive_weight,
+}
+
+
+def canonical_value(name, value):
+    """The config value of a field given as a flag or as config.json holds it.
+
+    Two spellings of the same setting (positive_weight "auto" and None,
+    ssdh_alpha -1.0 and None) compare equal after this.
+    """
+    convert = _CANONICAL.get(name)
+    return value if convert is None else convert(name, value)
+
+
+def _canonicalize(section):
+    for field in dataclasses.fields(section):
+        if field.name in _CANONICAL:
+            value = canonical_value(field.name, getattr(section, field.name))
+            object.__setattr__(section, field.name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +236,12 @@ class SimilarityConfig:
             the kNN graph).
         similarity_lambda: alpha = beta = lambda, the Table-1 parameter
             [inferred].
-        ssdh_alpha: overrides alpha when >= 0 (negative = use lambda).
-        ssdh_beta: overrides beta when >= 0 (negative = use lambda).
+        ssdh_alpha: overrides alpha when set (unset or negative = use
+            lambda).
+        ssdh_beta: overrides beta when set (unset or negative = use lambda).
         similarity_threshold: tau_sim for `threshold` mode.
-        dissimilarity_threshold: tau_dis for `threshold` mode (negative =
-            equal to similarity_threshold).
+        dissimilarity_threshold: tau_dis for `threshold` mode (unset or
+            negative = equal to similarity_threshold).
         similarity_knn: k of the kNN graph (`knn`, `manifold`).
         similarity_clusters: clusters per k-means run (`cluster`,
             `manifold`; also the spectral embedding's dimensions).
@@ -187,23 +252,20 @@ class SimilarityConfig:
 
     similarity: str = "ssdh"
     similarity_lambda: float = 0.2
-    ssdh_alpha: float = -1.0
-    ssdh_beta: float = -1.0
-    similarity_threshold: float = -1.0
-    dissimilarity_threshold: float = -1.0
+    ssdh_alpha: typing.Optional[float] = None
+    ssdh_beta: typing.Optional[float] = None
+    similarity_threshold: typing.Optional[float] = None
+    dissimilarity_threshold: typing.Optional[float] = None
     similarity_knn: int = 20
     similarity_clusters: int = 50
     similarity_runs: int = 5
     similarity_dissimilar_quantile: float = 0.3
 
     def __post_init__(self):
+        _canonicalize(self)
         _choice("similarity", self.similarity, SIMILARITY_MODES)
         _positive("similarity_knn", self.similarity_knn)
-        if self.similarity_clusters < 2:
-            raise ValueError(
-                "similarity_clusters must be >= 2; received "
-                f"similarity_clusters={self.similarity_clusters}"
-            )
+        _at_least("similarity_clusters", self.similarity_clusters, 2)
         _positive("similarity_runs", self.similarity_runs)
         quantile = self.similarity_dissimilar_quantile
         if not 0.0 < quantile < 1.0:
@@ -212,8 +274,9 @@ class SimilarityConfig:
                 f"similarity_dissimilar_quantile={quantile!r}"
             )
         _positive("similarity_lambda", self.similarity_lambda, True)
-        if self.similarity == "threshold" and not (
-            0.0 <= self.similarity_threshold <= 1.0
+        if self.similarity == "threshold" and (
+            self.similarity_threshold is None
+            or not 0.0 <= self.similarity_threshold <= 1.0
         ):
             raise ValueError(
                 "similarity=threshold needs similarity_threshold in [0, 1]; "
@@ -228,7 +291,8 @@ class LossConfig:
     Attributes:
         loss: `ga_logistic` (eq. 7) or `ssdh_l2` (eq. 22).
         sigmoid_param: gamma of eq. (7).
-        positive_weight: omega of eq. (6), a float or `auto`.
+        positive_weight: omega of eq. (6), a float > 0, or `auto` =
+            #(S=-1) / #(S=+1) (stored as None, null in config.json).
         pairing: `cross` (two shuffled branches) or `within`.
         quantization_weight: weight of mean((|u| - 1)^2); 0 = off.
         balance_weight: weight of the bit-balance term mean_k (batch mean
@@ -239,7 +303,9 @@ class LossConfig:
 
     loss: str = "ga_logistic"
     sigmoid_param: float = 0.2
-    positive_weight: str = "10"
+    positive_weight: typing.Optional[float] = dataclasses.field(
+        default=10.0, metadata={"flag": (str, "10")}
+    )
     pairing: str = "cross"
     quantization_weight: float = 0.0
     balance_weight: float = 0.0
@@ -251,15 +317,7 @@ class LossConfig:
     def __post_init__(self):
         _choice("loss", self.loss, LOSSES)
         _positive("sigmoid_param", self.sigmoid_param)
-        if self.positive_weight != "auto":
-            try:
-                weight = float(self.positive_weight)
-            except ValueError as e:
-                raise ValueError(
-                    "positive_weight must be a positive number or 'auto'; "
-                    f"received positive_weight={self.positive_weight!r}"
-                ) from e
-            _positive("positive_weight", weight)
+        _canonicalize(self)
         _choice("pairing", self.pairing, PAIRINGS)
         _positive("quantization_weight", self.quantization_weight, True)
         _positive("balance_weight", self.balance_weight, True)
@@ -338,11 +396,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive("epochs", self.epochs)
-        if self.global_batch_size < 2:
-            raise ValueError(
-                "global_batch_size must be >= 2; received "
-                f"global_batch_size={self.global_batch_size}"
-            )
+        _at_least("global_batch_size", self.global_batch_size, 2)
         _positive("learning_rate", self.learning_rate)
         _positive("hash_lr_multiplier", self.hash_lr_multiplier)
         _positive("lr_step_epochs", self.lr_step_epochs)
@@ -440,19 +494,31 @@ _TOP_LEVEL = ("workdir", "logdir", "progress")
 
 
 def flag_specs():
-    """Yield (name, default, type, doc) for every config field, flat."""
+    """Yield (name, default, type, doc) for every config field, flat.
+
+    An Optional[float] field is a float flag without a default; a field
+    with metadata `flag=(type, default)` is a flag of that type (the config
+    reads its text through `canonical_value`).
+    """
     for section, cls in _SECTIONS.items():
         docs = _attribute_docs(cls)
         for field in dataclasses.fields(cls):
-            yield field.name, field.default, field.type, docs.get(
-                field.name, section
+            kind, default = field.metadata.get(
+                "flag", (_flag_type(field.type), field.default)
             )
+            yield field.name, default, kind, docs.get(field.name, section)
     docs = _attribute_docs(ExperimentConfig)
     for field in dataclasses.fields(ExperimentConfig):
         if field.name in _TOP_LEVEL:
             yield field.name, field.default, field.type, docs.get(
                 field.name, ""
             )
+
+
+def _flag_type(annotation):
+    """float for Optional[float]; the annotation itself otherwise."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
 
 
 def experiment_from_flat(values):

@@ -16,6 +16,8 @@ from absl import logging
 
 from uhga_tf import codes as codes_lib
 from uhga_tf.data import retrieval_sets
+from uhga_tf.evaluation import metrics
+from uhga_tf.models import attention_net
 
 
 class CheckpointCallback(keras.callbacks.Callback):
@@ -58,7 +60,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
     without themselves, so the reported query set is never used for model
     selection (protocol.md §1.3).
 
-    `encode_fn(set_name, rows=None) -> z [n, K]` encodes rows of a set;
+    `encode_fn(set_name, rows=None) -> logits [n, K]` encodes rows of a set;
     the default runs `hasher` over `sets.features[set_name][rows]`. The
     end-to-end path passes an `image_inputs.ImageEncoder`, which encodes
     the images through the fine-tuned backbone instead.
@@ -93,35 +95,30 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
             ]
         )
 
-    def _relaxed(self, set_name, rows=None):
+    def _logits_and_relaxed_codes(self, set_name, rows=None):
         scale = float(self.uhga_model.current_scale().numpy())
-        z = self.encode_fn(set_name, rows)
-        return z, np.tanh(scale * z)
+        logits = self.encode_fn(set_name, rows)
+        return logits, np.tanh(scale * logits)
 
-    def _attention_weights(self, relaxed, sample=64):
+    def _attention_weights(self, relaxed_codes, sample=64):
         """a1 [sample, sample, K] on the first train rows (both branches).
 
         The train step keeps no Python-visible copy of its attention weights
         (it is traced once), so they are recomputed here on a fixed sample
         with the current attention net and the step's own loss gradient.
         """
-        from uhga_tf.models import attention_net
-        from uhga_tf.training import uhga_model
-
         model = self.uhga_model
         if not getattr(model, "attention", False):
             return None
-        rows = np.arange(min(2 * sample, len(relaxed)))
+        rows = np.arange(min(2 * sample, len(relaxed_codes)))
         half = len(rows) // 2
-        u = tf.constant(relaxed[rows[:half]], tf.float32)
-        v = tf.constant(relaxed[rows[half:2 * half]], tf.float32)
+        u = tf.constant(relaxed_codes[rows[:half]], tf.float32)
+        v = tf.constant(relaxed_codes[rows[half:2 * half]], tf.float32)
         block = self._similarity_rows(rows[:half], rows[half:2 * half])
-        _, grad = uhga_model.pair_loss_and_grad(
-            u, v, block, model.loss_name, model.sigmoid_param,
-            model.positive_weight,
-        )
+        _, grad = model.pair_loss_and_grad(u, v, block)
         return attention_net.attention_weights(
-            u, v, grad, model.attention_net, grad_p=model.attention_grad_p,
+            u, v, grad, model.attention_net,
+            grad_p=float(model.attention_config.attention_grad_p),
             jit_compile=False,
         )
 
@@ -133,13 +130,11 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         self.epoch_start = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        from uhga_tf.evaluation import metrics
-
         logs = dict(logs or {})
         epoch_number = epoch + 1
         step = int(self.uhga_model.step.numpy())
-        z, relaxed = self._relaxed("train")
-        train_codes = codes_lib.binarize(z)
+        logits, relaxed_codes = self._logits_and_relaxed_codes("train")
+        train_codes = codes_lib.binarize(logits)
         record = {
             "epoch": epoch_number,
             "step": step,
@@ -153,18 +148,20 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         record["bit_balance"] = float(np.mean(np.abs(train_codes.mean(0))))
         # How far the relaxed codes still are from the binary ones.
         record["quantization_gap"] = float(
-            np.mean(np.square(np.abs(relaxed) - 1.0)))
+            np.mean(np.square(np.abs(relaxed_codes) - 1.0)))
         if (
             epoch_number % self.eval_every_epochs == 0
             or epoch_number == self.last_epoch
         ):
             database_labels = self.sets.labels["database"][self.database_mask]
-            z_query, _ = self._relaxed("validation")
-            z_database, _ = self._relaxed("database", self.database_mask)
+            query_logits, _ = self._logits_and_relaxed_codes("validation")
+            database_logits, _ = self._logits_and_relaxed_codes(
+                "database", self.database_mask
+            )
             record["validation_map"] = float(
                 metrics.mean_average_precision(
-                    codes_lib.binarize(z_query),
-                    codes_lib.binarize(z_database),
+                    codes_lib.binarize(query_logits),
+                    codes_lib.binarize(database_logits),
                     self.sets.labels["validation"],
                     database_labels,
                 )
@@ -178,8 +175,8 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
                         "validation_map"):
                 if key in record:
                     tf.summary.scalar(key, record[key])
-            tf.summary.histogram("relaxed_codes", relaxed)
-            weights = self._attention_weights(relaxed)
+            tf.summary.histogram("relaxed_codes", relaxed_codes)
+            weights = self._attention_weights(relaxed_codes)
             if weights is not None:
                 tf.summary.histogram("attention_weights", weights)
         self.writer.flush()

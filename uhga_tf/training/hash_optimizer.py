@@ -128,12 +128,26 @@ class HashOptimizer(tf.Module):
         self.lr_multipliers = []
         self.built = False
 
+    @classmethod
+    def from_config(cls, train_config, lr_step_steps):
+        """The optimizer of a `config.TrainConfig`; its lr decays every
+        `lr_step_steps` steps (lr_step_epochs x steps per epoch)."""
+        return cls(
+            learning_rate=train_config.learning_rate,
+            momentum=train_config.momentum,
+            nesterov=train_config.nesterov,
+            weight_decay=train_config.weight_decay,
+            hash_lr_multiplier=train_config.hash_lr_multiplier,
+            lr_decay=train_config.lr_decay,
+            lr_step_steps=lr_step_steps,
+        )
+
     def build(self, variables, lr_multipliers=None):
         """Create one momentum buffer per variable (call in strategy scope).
 
         Args:
             variables: the hashing-network trainable variables, in the order
-                later passed to apply/update_values.
+                later passed to apply/update.
             lr_multipliers: one float per variable; default all 1.0.
         """
         variables = list(variables)
@@ -169,7 +183,13 @@ class HashOptimizer(tf.Module):
             tf.float32,
         )
 
-    def _step(self, values, grads, learning_rate):
+    def update(self, values, grads, learning_rate):
+        """Return (w', nu') of (18) as tensors, changing no variable.
+
+        Differentiable in grads and values; the momentum buffers are read
+        (old values) but not changed.
+        """
+        self._check_built(values)
         new_values, new_momenta = [], []
         for value, grad, momentum, multiplier in zip(
             values, grads, self.momenta, self.lr_multipliers
@@ -188,13 +208,17 @@ class HashOptimizer(tf.Module):
             new_momenta.append(velocity)
         return new_values, new_momenta
 
-    def update_values(self, values, grads, learning_rate):
-        """Return w' of (18) as tensors (differentiable in grads and values).
+    def gradient_tangents(self, values, grads, learning_rate):
+        """dw'/dg applied to `grads`: how w' of (18) moves along them.
 
-        The momentum buffers are read (old values) but not changed.
+        Used as the JVP tangent of the look-ahead (19'): -(1 + mu) lr_g g
+        with Nesterov, -lr_g g without.
         """
-        self._check_built(values)
-        return self._step(list(values), list(grads), learning_rate)[0]
+        factor = 1.0 + self.momentum if self.nesterov else 1.0
+        return [
+            -factor * tf.cast(learning_rate, w.dtype) * multiplier * g
+            for w, g, multiplier in zip(values, grads, self.lr_multipliers)
+        ]
 
     def apply(self, grads, variables, learning_rate=None):
         """Apply (18) to the variables and advance the momentum buffers.
@@ -213,8 +237,8 @@ class HashOptimizer(tf.Module):
         if learning_rate is None:
             learning_rate = self.learning_rate_at(self.iterations + 1)
         values = [tf.convert_to_tensor(v) for v in variables]
-        new_values, new_momenta = self._step(values, list(grads),
-                                             learning_rate)
+        new_values, new_momenta = self.update(values, list(grads),
+                                              learning_rate)
         assign_variables(variables, new_values)
         assign_variables(self.momenta, new_momenta)
         assign_variables([self.iterations], [self.iterations + 1])

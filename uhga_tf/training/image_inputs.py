@@ -115,8 +115,9 @@ def gather_images(images, index, image_size):
 class ImageEncoder:
     """Encode retrieval sets through an image hasher, batch by batch.
 
-    `encoder(set_name, rows=None)` returns z float32 [n, code_length] (the
-    pre-tanh output, `training=False`) for `sets.indices[set_name][rows]`,
+    `encoder(set_name, rows=None)` returns logits float32 [n, code_length]
+    (the pre-tanh output, `training=False`) for
+    `sets.indices[set_name][rows]`,
     read with `ImageDataset.to_tf_dataset` at the backbone's image size.
     One traced predict function serves every call, so it follows the
     hasher's current weights.

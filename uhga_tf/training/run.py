@@ -11,17 +11,38 @@ checkpoint (model, attention net, both optimizers with their slots, the
 in-graph step that drives the scale and lr schedules, and the seed
 generator) and continues the exact same data order, which is a pure function
 of (seed, branch, epoch).
+
+`run_experiment` reads as its steps, like a Model Garden task:
+`prepare` -> `load_inputs` -> `build_similarity` -> `build_model` ->
+`restore_or_start` -> `build_callbacks` -> `fit` -> `evaluate_final`.
+This module imports TensorFlow; entry points import it after flag parsing.
 """
 
+import dataclasses
 import json
 import os
 import time
 
+import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
+from uhga_tf import codes as codes_lib
 from uhga_tf import config
+from uhga_tf import io_utils
+from uhga_tf import similarity
+from uhga_tf import structured_similarity
+from uhga_tf import tables
 from uhga_tf.data import retrieval_sets
+from uhga_tf.evaluation import cosine
+from uhga_tf.evaluation import metrics
+from uhga_tf.models import hash_layer
+from uhga_tf.training import callbacks as callbacks_lib
+from uhga_tf.training import checkpoints
+from uhga_tf.training import hash_optimizer
+from uhga_tf.training import image_inputs
+from uhga_tf.training import uhga_model
 
 # Config fields that may change between a run and its resumption; every other
 # field defines the model, and a workdir holding another model is refused.
@@ -41,8 +62,6 @@ def method_name(experiment):
 
 def make_strategy(name):
     """Build the tf.distribute strategy named by `TrainConfig.strategy`."""
-    import tensorflow as tf
-
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -103,6 +122,10 @@ def check_workdir(experiment):
             old = stored.get(section, {}).get(
                 name, defaults.get(section, {}).get(name, "<missing>")
             )
+            # config.json of an older run may spell a value differently
+            # (positive_weight "auto", ssdh_alpha -1.0 for unset).
+            if old != "<missing>":
+                old = config.canonical_value(name, old)
             if old != value:
                 differing.append(f"{name}: stored {old!r}, requested {value!r}")
     if differing:
@@ -131,6 +154,44 @@ def branch_indices(seed, branch, epoch, num_train, steps_per_epoch, batch):
     return order.reshape(steps_per_epoch, batch)
 
 
+def _branch_rows(experiment, num_train, start_step, end_step):
+    """Per branch, the train rows of steps [start_step, end_step), [s, b]."""
+    batch = branch_batch_size(experiment)
+    steps_per_epoch = num_train // batch
+    seed = experiment.train.seed
+    branches = 2 if experiment.loss.pairing == "cross" else 1
+    first_epoch = start_step // steps_per_epoch
+    last_epoch = (end_step - 1) // steps_per_epoch
+    offset = first_epoch * steps_per_epoch
+    per_branch = []
+    for branch in range(branches):
+        rows = np.concatenate([
+            branch_indices(
+                seed + branch, branch, epoch, num_train, steps_per_epoch,
+                batch,
+            )
+            for epoch in range(first_epoch, last_epoch + 1)
+        ])
+        per_branch.append(rows[start_step - offset: end_step - offset])
+    return per_branch
+
+
+def _row_lookup(train_features, train_images, image_size):
+    """idx -> the branch input of those train rows: features or images."""
+    if train_images is None:
+        features_const = tf.constant(train_features, dtype=tf.float32)
+        return lambda idx: tf.gather(features_const, idx)
+    if len(train_images) != len(train_features):
+        raise ValueError(
+            f"train_images has {len(train_images)} rows, train_features "
+            f"{len(train_features)}; they must be the same train set"
+        )
+    images_const = tf.constant(train_images, dtype=tf.uint8)
+    return lambda idx: image_inputs.gather_images(
+        images_const, idx, image_size
+    )
+
+
 def make_train_dataset(
     strategy, experiment, train_features, start_step, end_step,
     train_images=None, image_size=None,
@@ -144,50 +205,16 @@ def make_train_dataset(
     3], the end-to-end path) the branches carry float32 images [b, S, S, 3]
     resized to `image_size` instead of features, in the same order.
     """
-    import tensorflow as tf
-
-    from uhga_tf.training import image_inputs
-
-    num_train = len(train_features)
-    batch = branch_batch_size(experiment)
-    steps_per_epoch = num_train // batch
     replicas = strategy.num_replicas_in_sync
-    per_replica = batch // replicas
-    seed = experiment.train.seed
-    branches = 2 if experiment.loss.pairing == "cross" else 1
-
-    first_epoch, last_epoch = (
-        start_step // steps_per_epoch,
-        (end_step - 1) // steps_per_epoch,
+    per_replica = branch_batch_size(experiment) // replicas
+    per_branch = _branch_rows(
+        experiment, len(train_features), start_step, end_step
     )
-    per_branch = []
-    for branch in range(branches):
-        rows = np.concatenate(
-            [
-                branch_indices(
-                    seed + branch, branch, epoch, num_train, steps_per_epoch,
-                    batch,
-                )
-                for epoch in range(first_epoch, last_epoch + 1)
-            ]
-        )
-        offset = first_epoch * steps_per_epoch
-        per_branch.append(rows[start_step - offset: end_step - offset])
-    if train_images is None:
-        features_const = tf.constant(train_features, dtype=tf.float32)
+    lookup = _row_lookup(train_features, train_images, image_size)
 
-        def lookup(idx):
-            return tf.gather(features_const, idx)
-    else:
-        if len(train_images) != num_train:
-            raise ValueError(
-                f"train_images has {len(train_images)} rows, train_features "
-                f"{num_train}; they must be the same train set"
-            )
-        images_const = tf.constant(train_images, dtype=tf.uint8)
-
-        def lookup(idx):
-            return image_inputs.gather_images(images_const, idx, image_size)
+    def gather(*index_batches):
+        out = tuple((lookup(idx), idx) for idx in index_batches)
+        return out if len(out) > 1 else out[0]
 
     def dataset_fn(input_context):
         pipeline = input_context.input_pipeline_id
@@ -197,11 +224,6 @@ def make_train_dataset(
             rows = rows.reshape(len(rows), replicas, per_replica)
             rows = rows[:, pipeline * local: (pipeline + 1) * local]
             sliced.append(rows.reshape(-1, per_replica))
-
-        def gather(*index_batches):
-            out = tuple((lookup(idx), idx) for idx in index_batches)
-            return out if len(out) > 1 else out[0]
-
         ds = tf.data.Dataset.from_tensor_slices(tuple(sliced))
         ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         options = tf.data.Options()
@@ -215,14 +237,35 @@ def make_train_dataset(
 
 
 def encode(hasher, features, batch_size=4096):
-    """Binary codes of features via the hasher (rule z >= 0 -> +1)."""
-    from uhga_tf import codes
-
-    outputs = [
+    """int8 ±1 codes of features via the hasher (rule logits >= 0 -> +1)."""
+    logits = [
         np.asarray(hasher(features[i: i + batch_size], training=False))
         for i in range(0, len(features), batch_size)
     ]
-    return codes.binarize(np.concatenate(outputs))
+    return codes_lib.binarize(np.concatenate(logits))
+
+
+@dataclasses.dataclass
+class TrainInputs:
+    """What `load_inputs` gathers for the rest of a run.
+
+    Attributes:
+        sets: the `RetrievalSets` (features, labels of every set).
+        train_features: float [n_train, D], the similarity matrix's rows.
+        steps_per_epoch: n_train // per-branch batch.
+        train_images: uint8 train images (end-to-end path) or None.
+        image_size: backbone input size (end-to-end path) or None.
+        encode_fn: `image_inputs.ImageEncoder` (end-to-end) or None; set
+            once the hasher exists.
+    """
+
+    sets: object
+    train_features: np.ndarray
+    steps_per_epoch: int
+    train_images: object = None
+    image_size: object = None
+    image_dataset: object = None
+    encode_fn: object = None
 
 
 def run_experiment(experiment, sets=None):
@@ -237,21 +280,56 @@ def run_experiment(experiment, sets=None):
         config), map_tie_aware, cosine_map (float-feature reference),
         validation_map, steps, wall_time_s, method, code_length.
     """
-    import keras
-    import tensorflow as tf
-
-    from uhga_tf import codes as codes_lib
-    from uhga_tf import similarity
-    from uhga_tf.evaluation import metrics
-    from uhga_tf.models import hash_layer
-    from uhga_tf.training import callbacks as callbacks_lib
-    from uhga_tf.training import checkpoints
-    from uhga_tf.training import hash_optimizer
-    from uhga_tf.training import image_inputs
-    from uhga_tf.training import uhga_model
-
     start_time = time.time()
-    # Everything that can fail on user input fails before anything is written.
+    strategy = prepare(experiment)
+    chief = is_chief(strategy)
+    inputs = load_inputs(experiment, sets, chief)
+    matrix = build_similarity(experiment, inputs.train_features)
+    diagnostics = similarity_diagnostics(
+        matrix, inputs.sets.labels["train"], experiment.train.seed
+    )
+    if diagnostics:
+        logging.info(
+            "similarity matrix vs labels (diagnostics only, never used to "
+            "train or select): %s",
+            {k: round(v, 4) for k, v in diagnostics.items()},
+        )
+    with strategy.scope():
+        model = build_model(experiment, inputs, matrix, strategy)
+        checkpoint = build_checkpoint(model)
+    manager = restore_or_start(experiment, strategy, checkpoint, model, chief)
+    if inputs.image_dataset is not None:
+        inputs.encode_fn = image_inputs.ImageEncoder(
+            model.hasher, inputs.sets, inputs.image_dataset, inputs.image_size
+        )
+    callbacks = build_callbacks(experiment, manager, model, inputs, chief)
+    fit(experiment, strategy, model, inputs, callbacks, chief)
+    manager.save(checkpoint_number=int(model.step.numpy()))
+    result = evaluate_final(experiment, model, inputs, matrix)
+    result.update(
+        similarity_diagnostics=diagnostics,
+        wall_time_s=time.time() - start_time,
+    )
+    if chief:
+        _save_hasher(
+            model.hasher, os.path.join(experiment.workdir, "hasher.keras")
+        )
+        io_utils.write_json_atomic(
+            os.path.join(experiment.workdir, "results.json"), result
+        )
+    logging.info(
+        "final MAP %.4f (tie-aware %.4f) after %d steps",
+        result["map"], result["map_tie_aware"], result["steps"],
+    )
+    return result
+
+
+def prepare(experiment):
+    """Check everything that can fail on user input; return the strategy.
+
+    Nothing is written before these checks pass. Seeds the run and turns on
+    op determinism when configured.
+    """
     image_inputs.check_experiment(experiment)
     check_workdir(experiment)
     strategy = make_strategy(experiment.train.strategy)
@@ -263,19 +341,21 @@ def run_experiment(experiment, sets=None):
             f"replicas; received global_batch_size="
             f"{experiment.train.global_batch_size}"
         )
-    chief = is_chief(strategy)
     keras.utils.set_random_seed(experiment.train.seed)
     if experiment.train.deterministic:
         tf.config.experimental.enable_op_determinism()
+    return strategy
 
+
+def load_inputs(experiment, sets, chief):
+    """Load (or take) the retrieval sets and check them; `TrainInputs`."""
     if sets is None:
         sets = retrieval_sets.load_retrieval_sets(
             experiment.data, experiment.model, experiment.train.seed,
             progress=experiment.progress and chief,
         )
-    end_to_end = experiment.model.trainable_backbone
-    image_dataset = image_size = None
-    if end_to_end:
+    image_dataset = image_size = train_images = None
+    if experiment.model.trainable_backbone:
         image_dataset = image_inputs.image_dataset_of(
             sets, experiment.data.dataset
         )
@@ -289,229 +369,229 @@ def run_experiment(experiment, sets=None):
                 "be finite (check the feature file or the images)"
             )
     train_features = sets.features["train"]
-    num_train = len(train_features)
-    if num_train < batch:
+    batch = branch_batch_size(experiment)
+    if len(train_features) < batch:
         raise ValueError(
-            f"train split has {num_train} images, fewer than the per-branch "
-            f"batch {batch}"
+            f"train split has {len(train_features)} images, fewer than the "
+            f"per-branch batch {batch}"
         )
-    steps_per_epoch = num_train // batch
-    total_steps = steps_per_epoch * experiment.train.epochs
-
-    matrix = build_similarity(experiment, train_features)
-    positive_weight = experiment.loss.positive_weight
-    positive_weight = similarity.resolve_positive_weight(
-        positive_weight if positive_weight == "auto" else float(
-            positive_weight),
-        matrix,
+    if image_dataset is not None:
+        train_images = image_inputs.train_images(sets, image_dataset)
+    return TrainInputs(
+        sets=sets,
+        train_features=train_features,
+        steps_per_epoch=len(train_features) // batch,
+        train_images=train_images,
+        image_size=image_size,
+        image_dataset=image_dataset,
     )
-    diagnostics = similarity_diagnostics(
-        matrix, sets.labels["train"], experiment.train.seed
-    )
-    if diagnostics:
-        logging.info(
-            "similarity matrix vs labels (diagnostics only, never used to "
-            "train or select): %s",
-            {k: round(v, 4) for k, v in diagnostics.items()},
-        )
 
-    workdir = experiment.workdir
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not chief:
-        # Non-chief workers must still write (collective save) but to a
-        # private place that nobody restores from.
-        resolver = strategy.cluster_resolver
-        ckpt_dir = os.path.join(
-            workdir, f".worker-{resolver.task_type}-{resolver.task_id}"
-        )
 
-    lr_steps = experiment.train.lr_step_epochs * steps_per_epoch
+def build_hasher(experiment, inputs):
+    """The hash network: hash head on features, or backbone + head."""
+    model_cfg = experiment.model
     centring = (
-        hash_layer.centring_statistics(train_features)
-        if experiment.model.feature_centring else None
+        hash_layer.centring_statistics(inputs.train_features)
+        if model_cfg.feature_centring else None
+    )
+    head = dict(
+        hash_head=model_cfg.hash_head,
+        hidden_units=model_cfg.hash_hidden,
+        dropout_rate=model_cfg.dropout_rate,
+        centring=centring,
     )
     # Building a backbone for feature extraction draws from the global seed;
     # reseed so the hash layer's init does not depend on a cache hit.
     keras.utils.set_random_seed(experiment.train.seed)
-    with strategy.scope():
-        if end_to_end:
-            backbone = image_inputs.build_backbone(experiment.model)
-            if backbone.output_shape[-1] != sets.feature_dim:
-                raise ValueError(
-                    f"backbone {experiment.model.backbone!r} gives "
-                    f"{backbone.output_shape[-1]}-d features but the cached "
-                    f"features are {sets.feature_dim}-d; they must come from "
-                    "the same backbone"
-                )
-            hasher = hash_layer.build_image_hasher(
-                backbone,
-                experiment.model.code_length,
-                hash_head=experiment.model.hash_head,
-                hidden_units=experiment.model.hash_hidden,
-                dropout_rate=experiment.model.dropout_rate,
-                centring=centring,
-            )
-        else:
-            hasher = hash_layer.build_hasher(
-                sets.feature_dim,
-                experiment.model.code_length,
-                hash_head=experiment.model.hash_head,
-                hidden_units=experiment.model.hash_hidden,
-                dropout_rate=experiment.model.dropout_rate,
-                centring=centring,
-            )
-        loss_cfg, att_cfg = experiment.loss, experiment.attention
-        model = uhga_model.UHGAModel(
-            hasher,
-            matrix,
-            code_length=experiment.model.code_length,
-            loss=loss_cfg.loss,
-            attention=att_cfg.attention,
-            lookahead=att_cfg.lookahead,
-            sigmoid_param=loss_cfg.sigmoid_param,
-            positive_weight=positive_weight,
-            pairing=loss_cfg.pairing,
-            scale_schedule=loss_cfg.scale_schedule,
-            scale_step=loss_cfg.scale_step,
-            scale_gamma=loss_cfg.scale_gamma,
-            scale_power=loss_cfg.scale_power,
-            attention_hidden=att_cfg.attention_hidden,
-            attention_grad_p=att_cfg.attention_grad_p,
-            attention_budget=att_cfg.attention_budget,
-            attention_chunk_rows=att_cfg.attention_chunk_rows,
-            quantization_weight=loss_cfg.quantization_weight,
-            balance_weight=loss_cfg.balance_weight,
-            seed=experiment.train.seed,
-            replica_batch_size=batch // replicas,
+    feature_dim = inputs.sets.feature_dim
+    if not model_cfg.trainable_backbone:
+        return hash_layer.build_hasher(
+            feature_dim, model_cfg.code_length, **head
         )
-        optimizer = hash_optimizer.HashOptimizer(
-            learning_rate=experiment.train.learning_rate,
-            momentum=experiment.train.momentum,
-            nesterov=experiment.train.nesterov,
-            weight_decay=experiment.train.weight_decay,
-            hash_lr_multiplier=experiment.train.hash_lr_multiplier,
-            lr_decay=experiment.train.lr_decay,
-            lr_step_steps=lr_steps,
+    backbone = image_inputs.build_backbone(model_cfg)
+    if backbone.output_shape[-1] != feature_dim:
+        raise ValueError(
+            f"backbone {model_cfg.backbone!r} gives "
+            f"{backbone.output_shape[-1]}-d features but the cached "
+            f"features are {feature_dim}-d; they must come from "
+            "the same backbone"
         )
-        attention_optimizer = (
-            keras.optimizers.Adam(
-                learning_rate=att_cfg.attention_learning_rate,
-                beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-            )
-            if att_cfg.attention
-            else None
+    return hash_layer.build_image_hasher(
+        backbone, model_cfg.code_length, **head
+    )
+
+
+def build_model(experiment, inputs, matrix, strategy):
+    """The compiled UHGAModel (call in the strategy's scope)."""
+    train_cfg, att_cfg = experiment.train, experiment.attention
+    model = uhga_model.UHGAModel(
+        build_hasher(experiment, inputs),
+        matrix,
+        experiment.loss,
+        att_cfg,
+        seed=train_cfg.seed,
+        replica_batch_size=(
+            branch_batch_size(experiment) // strategy.num_replicas_in_sync
+        ),
+    )
+    optimizer = hash_optimizer.HashOptimizer.from_config(
+        train_cfg, train_cfg.lr_step_epochs * inputs.steps_per_epoch
+    )
+    attention_optimizer = None
+    if att_cfg.attention:
+        attention_optimizer = keras.optimizers.Adam(
+            learning_rate=att_cfg.attention_learning_rate,
+            beta_1=0.9, beta_2=0.999, epsilon=1e-8,
         )
-        model.compile(
-            hash_optimizer=optimizer, attention_optimizer=attention_optimizer
-        )
-        extra = {}
-        if attention_optimizer is not None:
-            extra["attention_optimizer"] = attention_optimizer
-        # Dropout seed states (dropout_rate > 0, or dropout inside a
-        # fine-tuned backbone) are not Keras weights and tf.train.Checkpoint
-        # does not reach them through the model; without them a resumed run
-        # would redraw the masks of the steps it already took.
-        weight_ids = {id(w) for w in hasher.weights}
-        seed_states = [
-            v for v in hasher.non_trainable_variables
-            if id(v) not in weight_ids
-        ]
-        if seed_states:
-            extra["hasher_seed_states"] = seed_states
-        checkpoint = tf.train.Checkpoint(
-            model=model, hash_optimizer=optimizer, **extra
+    model.compile(
+        hash_optimizer=optimizer, attention_optimizer=attention_optimizer
+    )
+    return model
+
+
+def build_checkpoint(model):
+    """tf.train.Checkpoint of everything a resumed run needs."""
+    extra = {}
+    if model.attention_optimizer is not None:
+        extra["attention_optimizer"] = model.attention_optimizer
+    # Dropout seed states (dropout_rate > 0, or dropout inside a fine-tuned
+    # backbone) are not Keras weights and tf.train.Checkpoint does not reach
+    # them through the model; without them a resumed run would redraw the
+    # masks of the steps it already took.
+    hasher = model.hasher
+    weight_ids = {id(w) for w in hasher.weights}
+    seed_states = [
+        v for v in hasher.non_trainable_variables if id(v) not in weight_ids
+    ]
+    if seed_states:
+        extra["hasher_seed_states"] = seed_states
+    return tf.train.Checkpoint(
+        model=model, hash_optimizer=model.hash_optimizer, **extra
+    )
+
+
+def restore_or_start(experiment, strategy, checkpoint, model, chief):
+    """Restore the newest whole checkpoint, if any; write config.json.
+
+    Returns the CheckpointManager. Non-chief workers must still write
+    (collective save) but to a private place that nobody restores from.
+    """
+    workdir = experiment.workdir
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not chief:
+        resolver = strategy.cluster_resolver
+        ckpt_dir = os.path.join(
+            workdir, f".worker-{resolver.task_type}-{resolver.task_id}"
         )
     checkpoints.drop_damaged(ckpt_dir)
     manager = tf.train.CheckpointManager(
         checkpoint, ckpt_dir, max_to_keep=experiment.train.keep_checkpoints
     )
-    start_step = 0
     if manager.latest_checkpoint:
         checkpoints.restore(checkpoint, manager.latest_checkpoint)
-        start_step = int(model.step.numpy())
         logging.info(
-            "resuming from step %d (%s)", start_step, manager.latest_checkpoint
+            "resuming from step %d (%s)", int(model.step.numpy()),
+            manager.latest_checkpoint,
         )
     # Only now, with the restore (or a fresh start) known to work.
     if chief:
         os.makedirs(workdir, exist_ok=True)
-        _write_json_atomic(
+        io_utils.write_json_atomic(
             os.path.join(workdir, "config.json"), experiment.to_dict()
         )
         logging.info("config: %s", experiment.to_json())
+    return manager
 
-    if end_to_end:
-        encode_fn = image_inputs.ImageEncoder(
-            hasher, sets, image_dataset, image_size
-        )
-        train_images = image_inputs.train_images(sets, image_dataset)
-    else:
-        encode_fn = train_images = None
 
+def build_callbacks(experiment, manager, model, inputs, chief):
+    """Checkpoints on every worker; statistics and TensorBoard on chief."""
+    workdir = experiment.workdir
     logdir = experiment.logdir or os.path.join(workdir, "logs")
     callbacks = [
         callbacks_lib.CheckpointCallback(
             manager, experiment.train.checkpoint_every_steps
         ),
     ]
-    if chief:
-        callbacks += [
-            callbacks_lib.CodeStatisticsCallback(
-                hasher=hasher,
-                sets=sets,
-                logdir=logdir,
-                metrics_path=os.path.join(workdir, "metrics.jsonl"),
-                eval_every_epochs=experiment.train.eval_every_epochs,
-                last_epoch=experiment.train.epochs,
-                model=model,
-                encode_fn=encode_fn,
-            ),
-            keras.callbacks.TensorBoard(
-                log_dir=logdir, update_freq="epoch", write_graph=False
-            ),
-        ]
-    verbose = (1 if os.isatty(2) else 2) if experiment.progress and chief else 0
+    if not chief:
+        return callbacks
+    return callbacks + [
+        callbacks_lib.CodeStatisticsCallback(
+            hasher=model.hasher,
+            sets=inputs.sets,
+            logdir=logdir,
+            metrics_path=os.path.join(workdir, "metrics.jsonl"),
+            eval_every_epochs=experiment.train.eval_every_epochs,
+            last_epoch=experiment.train.epochs,
+            model=model,
+            encode_fn=inputs.encode_fn,
+        ),
+        keras.callbacks.TensorBoard(
+            log_dir=logdir, update_freq="epoch", write_graph=False
+        ),
+    ]
 
-    if start_step < total_steps:
-        # A resumed run may start mid-epoch: finish that epoch first, then
-        # continue with whole epochs, so epoch numbers stay those of an
-        # uninterrupted run.
-        first_epoch = start_step // steps_per_epoch
-        segments = []
-        if start_step % steps_per_epoch:
-            segments.append((first_epoch, first_epoch + 1, start_step,
-                             (first_epoch + 1) * steps_per_epoch))
-            first_epoch += 1
-        if first_epoch < experiment.train.epochs:
-            segments.append((first_epoch, experiment.train.epochs,
-                             first_epoch * steps_per_epoch, total_steps))
-        for initial_epoch, epochs, seg_start, seg_end in segments:
-            dataset = make_train_dataset(
-                strategy, experiment, train_features, seg_start, seg_end,
-                train_images=train_images, image_size=image_size,
-            )
-            steps = (seg_end - seg_start) // (epochs - initial_epoch)
-            model.fit(
-                dataset,
-                initial_epoch=initial_epoch,
-                epochs=epochs,
-                steps_per_epoch=steps,
-                callbacks=callbacks,
-                verbose=verbose,
-                shuffle=False,
-            )
-    manager.save(checkpoint_number=int(model.step.numpy()))
 
-    if end_to_end:
-        query_codes = codes_lib.binarize(encode_fn("query"))
-        database_codes = codes_lib.binarize(encode_fn("database"))
-        validation_codes = codes_lib.binarize(encode_fn("validation"))
-    else:
-        query_codes = encode(hasher, sets.features["query"])
-        database_codes = encode(hasher, sets.features["database"])
-        validation_codes = encode(hasher, sets.features["validation"])
+def fit_segments(start_step, steps_per_epoch, epochs):
+    """(initial_epoch, epochs, first step, end step) of each `model.fit`.
+
+    A resumed run may start mid-epoch: finish that epoch first, then
+    continue with whole epochs, so epoch numbers stay those of an
+    uninterrupted run.
+    """
+    total_steps = steps_per_epoch * epochs
+    if start_step >= total_steps:
+        return []
+    first_epoch = start_step // steps_per_epoch
+    segments = []
+    if start_step % steps_per_epoch:
+        segments.append((first_epoch, first_epoch + 1, start_step,
+                         (first_epoch + 1) * steps_per_epoch))
+        first_epoch += 1
+    if first_epoch < epochs:
+        segments.append((first_epoch, epochs,
+                         first_epoch * steps_per_epoch, total_steps))
+    return segments
+
+
+def fit(experiment, strategy, model, inputs, callbacks, chief):
+    """Train from the model's step to the last epoch."""
+    verbose = (
+        (1 if os.isatty(2) else 2) if experiment.progress and chief else 0
+    )
+    segments = fit_segments(
+        int(model.step.numpy()), inputs.steps_per_epoch,
+        experiment.train.epochs,
+    )
+    for initial_epoch, epochs, seg_start, seg_end in segments:
+        dataset = make_train_dataset(
+            strategy, experiment, inputs.train_features, seg_start, seg_end,
+            train_images=inputs.train_images, image_size=inputs.image_size,
+        )
+        model.fit(
+            dataset,
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            steps_per_epoch=(seg_end - seg_start) // (epochs - initial_epoch),
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )
+
+
+def _set_codes(model, inputs, name):
+    """int8 ±1 codes of one retrieval set under the trained hasher."""
+    if inputs.encode_fn is not None:
+        return codes_lib.binarize(inputs.encode_fn(name))
+    return encode(model.hasher, inputs.sets.features[name])
+
+
+def evaluate_final(experiment, model, inputs, matrix):
+    """MAP of the trained codes, with the references and run facts."""
+    sets, eval_cfg = inputs.sets, experiment.eval
+    query_codes = _set_codes(model, inputs, "query")
+    database_codes = _set_codes(model, inputs, "database")
+    validation_codes = _set_codes(model, inputs, "validation")
     check_not_collapsed(database_codes)
-    eval_cfg = experiment.eval
     result = metrics.evaluate_codes(
         query_codes, database_codes, sets.labels["query"],
         sets.labels["database"],
@@ -520,8 +600,6 @@ def run_experiment(experiment, sets=None):
         empty_query=eval_cfg.empty_query,
         hamming_radius=eval_cfg.hamming_radius,
     )
-    from uhga_tf.evaluation import cosine
-
     result.update(
         method=method_name(experiment),
         code_length=experiment.model.code_length,
@@ -535,27 +613,15 @@ def run_experiment(experiment, sets=None):
         steps=int(model.step.numpy()),
         similarity_mode=experiment.similarity.similarity,
         similarity_fractions=matrix.fractions,
-        similarity_diagnostics=diagnostics,
         tau_sim=getattr(matrix, "tau_sim", None),
         tau_dis=getattr(matrix, "tau_dis", None),
         data=sets.description,
-        wall_time_s=time.time() - start_time,
-    )
-    if chief:
-        _save_hasher(hasher, os.path.join(workdir, "hasher.keras"))
-        _write_json_atomic(os.path.join(workdir, "results.json"), result)
-    logging.info(
-        "final MAP %.4f (tie-aware %.4f) after %d steps",
-        result["map"], result["map_tie_aware"], result["steps"],
     )
     return result
 
 
 def build_similarity(experiment, train_features):
     """S of the configured mode: dense (paper) or structured (beyond it)."""
-    from uhga_tf import similarity
-    from uhga_tf import structured_similarity
-
     sim_cfg = experiment.similarity
     if sim_cfg.similarity in structured_similarity.STRUCTURED_MODES:
         return structured_similarity.build_structured_similarity(
@@ -573,16 +639,10 @@ def build_similarity(experiment, train_features):
         train_features,
         similarity=sim_cfg.similarity,
         similarity_lambda=sim_cfg.similarity_lambda,
-        ssdh_alpha=None if sim_cfg.ssdh_alpha < 0 else sim_cfg.ssdh_alpha,
-        ssdh_beta=None if sim_cfg.ssdh_beta < 0 else sim_cfg.ssdh_beta,
-        similarity_threshold=(
-            None if sim_cfg.similarity_threshold < 0
-            else sim_cfg.similarity_threshold
-        ),
-        dissimilarity_threshold=(
-            None if sim_cfg.dissimilarity_threshold < 0
-            else sim_cfg.dissimilarity_threshold
-        ),
+        ssdh_alpha=sim_cfg.ssdh_alpha,
+        ssdh_beta=sim_cfg.ssdh_beta,
+        similarity_threshold=sim_cfg.similarity_threshold,
+        dissimilarity_threshold=sim_cfg.dissimilarity_threshold,
     )
     logging.info(
         "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
@@ -597,8 +657,6 @@ def similarity_diagnostics(matrix, train_labels, seed):
     For analysis only: stored with the results, never used to train or to
     select. Empty when the train set has no labels.
     """
-    from uhga_tf import structured_similarity
-
     if train_labels is None or len(train_labels) == 0:
         return {}
     rows, cols = structured_similarity.sample_pairs(len(train_labels), seed)
@@ -617,9 +675,6 @@ def itq_map(experiment, sets):
     ITQ is fitted on the same train features in a second or two; a learned
     code that does not beat it is not worth training.
     """
-    from uhga_tf import tables
-    from uhga_tf.evaluation import metrics
-
     query_codes, database_codes = tables.shallow_codes(
         "ITQ", experiment.model.code_length, sets, experiment.train.seed
     )
@@ -637,8 +692,6 @@ def validation_map(validation_codes, database_codes, sets):
     The number to select defaults on (protocol.md §1.3); the reported
     query set is never used for that.
     """
-    from uhga_tf.evaluation import metrics
-
     keep = retrieval_sets.validation_database_mask(sets)
     return float(metrics.mean_average_precision(
         validation_codes, database_codes[keep],
@@ -659,24 +712,5 @@ def check_not_collapsed(database_codes):
 
 
 def _save_hasher(hasher, path):
-    tmp = path + ".tmp.keras"
-    hasher.save(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path, payload):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=_to_builtin)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _to_builtin(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
+    with io_utils.atomic_path(path, suffix=".keras") as tmp:
+        hasher.save(tmp)

@@ -19,19 +19,67 @@ dphi by hand as well). The result equals a single device averaging the
 per-replica half-batch steps (tests/test_distributed.py, both look-aheads).
 """
 
+import contextlib
+import dataclasses
+import typing
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from uhga_tf import config as config_lib
 from uhga_tf import similarity as similarity_lib
 from uhga_tf import structured_similarity
 from uhga_tf.models import attention_net as attention_lib
 from uhga_tf.models import hash_layer as hash_layer_lib
 from uhga_tf.training import hash_optimizer as hash_optimizer_lib
 
-LOSSES = ("ga_logistic", "ssdh_l2")
-LOOKAHEADS = ("jvp", "second_order")
-PAIRINGS = ("cross", "within")
+# Logged under a second name for the dashboards and tests that read it.
+_LOG_ALIASES = {"attention_loss": "lookahead_loss"}
+
+
+class _StepInputs(typing.NamedTuple):
+    """What every phase of one step reads (nothing here changes)."""
+
+    features: tf.Tensor  # [2B or B, ...] both branches concatenated
+    index_1: tf.Tensor  # S rows of the first branch
+    index_2: tf.Tensor  # S columns of the second branch
+    size: tf.Tensor  # rows of the first branch
+    similarity_block: tf.Tensor  # [b1, b2] int8
+    scale: tf.Tensor  # s_t of eq. (4)
+    learning_rate: tf.Tensor  # eta_t
+    values: list  # W, the hasher's trainable values
+    non_trainable: list  # the hasher's other state (dropout seeds, BN)
+    phi: list  # the attention net's variables ([] without attention)
+    replicas: float  # replicas in sync
+
+
+class _Attended(typing.NamedTuple):
+    """Ĝ (this replica's share) and the tape that recorded it from phi."""
+
+    u: tf.Tensor
+    v: tf.Tensor
+    stats: dict  # attention_mean, attention_std
+    tape: tf.GradientTape
+
+
+class _HashUpdate(typing.NamedTuple):
+    """Result of the hash-update phase: W' and nu' of eq. (18)."""
+
+    pair_loss: tf.Tensor
+    hash_grads: list  # ĝ_W, all-reduced
+    new_values: list
+    new_momenta: list
+    new_non_trainable: list
+    attended: typing.Optional[_Attended]  # None without attention
+
+
+class _Lookahead(typing.NamedTuple):
+    """Look-ahead loss (19) at W' and the tape that recorded it from W'."""
+
+    loss: tf.Tensor
+    scaled_loss: tf.Tensor  # this replica's share: loss / replicas
+    tape: tf.GradientTape
 
 
 def _num_replicas():
@@ -87,13 +135,23 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
 class UHGAModel(keras.Model):
     """Train a hasher with gradient attention (GA) on a similarity matrix.
 
+    Built from whole config sections: `loss_config` (`config.LossConfig`:
+    loss, pairing, omega, scale schedule, regularizers) and
+    `attention_config` (`config.AttentionConfig`: GA on/off, look-ahead,
+    attention MLP); both are validated by their dataclasses.
+
     Data per replica: ``pairing="cross"``: ((features_1, index_1),
     (features_2, index_2)), features float [b, D], index int [b] rows of S;
     ``pairing="within"``: (features, index). Keras' (x, None, None) wrapping
     from ``train_on_batch`` is accepted.
 
+    Names: the hasher outputs ``logits`` z (pre-activation), the model
+    ``relaxed_codes`` tanh(s_t z); ``codes`` are the int8 ±1 of
+    `uhga_tf.codes.binarize`.
+
     Example:
-    >>> model = UHGAModel(build_hasher(1280, 64), sim, code_length=64)
+    >>> model = UHGAModel(build_hasher(1280, 64), sim, experiment.loss,
+    ...                   experiment.attention)
     >>> model.compile(hash_optimizer=HashOptimizer(5e-4),
     ...               attention_optimizer=keras.optimizers.Adam(0.05,
     ...                                                         epsilon=1e-8))
@@ -104,24 +162,9 @@ class UHGAModel(keras.Model):
         self,
         hasher,
         similarity_matrix,
+        loss_config=None,
+        attention_config=None,
         *,
-        code_length,
-        loss="ga_logistic",
-        attention=True,
-        lookahead="jvp",
-        sigmoid_param=0.2,
-        positive_weight=10.0,
-        pairing="cross",
-        scale_schedule="sqrt_step",
-        scale_step=200,
-        scale_gamma=0.005,
-        scale_power=0.5,
-        attention_hidden=100,
-        attention_grad_p=10.0,
-        attention_budget=2.0,
-        attention_chunk_rows=0,
-        quantization_weight=0.0,
-        balance_weight=0.0,
         seed=0,
         attention_dtype="float32",
         attention_jit_compile=True,
@@ -129,59 +172,56 @@ class UHGAModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if loss not in LOSSES:
-            raise ValueError(
-                f"loss must be one of {LOSSES}; received loss={loss!r}"
+        self.loss_config = loss_config or config_lib.LossConfig()
+        self.attention_config = (
+            attention_config or config_lib.AttentionConfig()
+        )
+        self.hasher = hasher
+        self.seed = seed
+        self.attention_dtype = attention_dtype
+        self.attention_jit_compile = bool(attention_jit_compile)
+        # MultiWorkerMirroredStrategy hands replicas batches of unknown
+        # static size; the attention kernels need it, so the runner states it.
+        self.replica_batch_size = replica_batch_size
+        self._set_similarity(similarity_matrix)
+        self.step = self.add_weight(
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            name="step",
+            aggregation="only_first_replica",
+        )
+        self.attention_net = None
+        names = ["pair_loss", "scale", "learning_rate"]
+        if self.attention:
+            att = self.attention_config
+            self.attention_net = attention_lib.AttentionNet(
+                hidden_units=att.attention_hidden,
+                grad_p=att.attention_grad_p,
+                seed=seed,
+                dtype=attention_dtype,
+                name="attention_net",
             )
-        if lookahead not in LOOKAHEADS:
-            raise ValueError(
-                f"lookahead must be one of {LOOKAHEADS}; received "
-                f"lookahead={lookahead!r}"
-            )
-        if pairing not in PAIRINGS:
-            raise ValueError(
-                f"pairing must be one of {PAIRINGS}; received "
-                f"pairing={pairing!r}"
-            )
-        if scale_schedule not in hash_layer_lib.SCALE_SCHEDULES:
-            raise ValueError(
-                f"scale_schedule must be one of "
-                f"{hash_layer_lib.SCALE_SCHEDULES}; received "
-                f"scale_schedule={scale_schedule!r}"
-            )
-        if not sigmoid_param > 0:
-            raise ValueError(
-                "sigmoid_param must be > 0; received "
-                f"sigmoid_param={sigmoid_param!r}"
-            )
-        if not attention_budget > 0:
-            raise ValueError(
-                "attention_budget must be > 0; received "
-                f"attention_budget={attention_budget!r}"
-            )
-        if not isinstance(attention_chunk_rows, int) or attention_chunk_rows < 0:
-            raise ValueError(
-                "attention_chunk_rows must be an integer >= 0; received "
-                f"attention_chunk_rows={attention_chunk_rows!r}"
-            )
-        if not balance_weight >= 0:
-            raise ValueError(
-                "balance_weight must be >= 0; received "
-                f"balance_weight={balance_weight!r}"
-            )
-        if not quantization_weight >= 0:
-            raise ValueError(
-                "quantization_weight must be >= 0; received "
-                f"quantization_weight={quantization_weight!r}"
-            )
-        # S is either a dense int8 [N, N] matrix (the paper's modes) or a
-        # compact StructuredSimilarity whose batch blocks are built per step.
+            self.attention_net.build((None, attention_lib.NUM_INPUTS))
+            names += ["lookahead_loss", "attention_mean", "attention_std"]
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        self.hash_optimizer = None
+        self.attention_optimizer = None
+
+    def _set_similarity(self, similarity_matrix):
+        """Keep S and resolve omega (`positive_weight` None = auto) on it.
+
+        S is either a dense int8 [N, N] matrix (the paper's modes) or a
+        compact StructuredSimilarity whose batch blocks are built per step.
+        """
         self._structure = None
         if isinstance(
             similarity_matrix, structured_similarity.StructuredSimilarity
         ):
             self._structure = similarity_matrix
-            matrix = None
+            self._structure_tensors = self._structure.tensors()
+            source = self._structure
         else:
             matrix = np.asarray(
                 getattr(similarity_matrix, "similarity_matrix",
@@ -192,69 +232,34 @@ class UHGAModel(keras.Model):
                     "similarity_matrix must be square [N, N]; received shape "
                     f"{matrix.shape}"
                 )
-        self.hasher = hasher
-        self.code_length = int(code_length)
-        self.loss_name = loss
-        self.attention = bool(attention)
-        self.lookahead = lookahead
-        self.sigmoid_param = float(sigmoid_param)
-        self.positive_weight_setting = positive_weight
-        self.positive_weight = similarity_lib.resolve_positive_weight(
-            positive_weight,
-            matrix if self._structure is None else self._structure,
-        )
-        self.pairing = pairing
-        self.scale_schedule = scale_schedule
-        self.scale_step = scale_step
-        self.scale_gamma = scale_gamma
-        self.scale_power = scale_power
-        self.attention_hidden = attention_hidden
-        self.attention_grad_p = float(attention_grad_p)
-        self.attention_budget = float(attention_budget)
-        self.attention_chunk_rows = attention_chunk_rows
-        self.quantization_weight = float(quantization_weight)
-        self.balance_weight = float(balance_weight)
-        self.seed = seed
-        self.attention_dtype = attention_dtype
-        self.attention_jit_compile = bool(attention_jit_compile)
-        # MultiWorkerMirroredStrategy hands replicas batches of unknown
-        # static size; the attention kernels need it, so the runner states it.
-        self.replica_batch_size = replica_batch_size
-        if self._structure is None:
             self._similarity = tf.constant(matrix.astype(np.int8))
-        else:
-            self._structure_tensors = self._structure.tensors()
-        self.step = self.add_weight(
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            name="step",
-            aggregation="only_first_replica",
+            source = matrix
+        weight = self.loss_config.positive_weight
+        self.positive_weight = similarity_lib.resolve_positive_weight(
+            "auto" if weight is None else weight, source
         )
-        self.attention_net = None
-        if self.attention:
-            self.attention_net = attention_lib.AttentionNet(
-                hidden_units=attention_hidden,
-                grad_p=attention_grad_p,
-                seed=seed,
-                dtype=attention_dtype,
-                name="attention_net",
-            )
-            self.attention_net.build((None, attention_lib.NUM_INPUTS))
-        names = ["pair_loss", "scale", "learning_rate"]
-        if self.attention:
-            names += [
-                "lookahead_loss",
-                "attention_loss",
-                "attention_mean",
-                "attention_std",
-            ]
-        self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
-        self.hash_optimizer = None
-        self.attention_optimizer = None
 
     # ------------------------------------------------------------------ API
+    @property
+    def attention(self):
+        """True when the model trains with gradient attention (Ours+GA)."""
+        return self.attention_config.attention
+
+    @property
+    def lookahead(self):
+        """`jvp` (19') or `second_order` (literal); settable."""
+        return self.attention_config.lookahead
+
+    @lookahead.setter
+    def lookahead(self, value):
+        self.attention_config = dataclasses.replace(
+            self.attention_config, lookahead=value
+        )
+
+    @property
+    def pairing(self):
+        return self.loss_config.pairing
+
     def compile(self, hash_optimizer=None, attention_optimizer=None, **kwargs):
         """Attach one optimizer per sub-network (call in strategy scope).
 
@@ -310,18 +315,19 @@ class UHGAModel(keras.Model):
     def current_scale(self, step=None):
         """s_t at ``step`` (default: the step variable, at least 1)."""
         step = self.step if step is None else step
+        loss = self.loss_config
         return hash_layer_lib.scale_at_step(
             tf.maximum(tf.convert_to_tensor(step, tf.int64), 1),
-            self.scale_schedule,
-            self.scale_step,
-            self.scale_gamma,
-            self.scale_power,
+            loss.scale_schedule,
+            loss.scale_step,
+            loss.scale_gamma,
+            loss.scale_power,
         )
 
     def encode(self, features, training=False):
         """Relaxed codes tanh(s_t z) [b, K] at the current scale."""
-        z = self.hasher(features, training=training)
-        return tf.tanh(tf.cast(self.current_scale(), z.dtype) * z)
+        logits = self.hasher(features, training=training)
+        return tf.tanh(tf.cast(self.current_scale(), logits.dtype) * logits)
 
     # ------------------------------------------------------------- helpers
     def _unpack(self, data):
@@ -364,54 +370,62 @@ class UHGAModel(keras.Model):
             self._structure.mode, self._structure_tensors, index_1, index_2
         )
 
-    def _split(self, codes, size):
+    def _split(self, relaxed_codes, size):
         if self.pairing == "cross":
-            return codes[:size], codes[size:]
-        return codes, codes
+            return relaxed_codes[:size], relaxed_codes[size:]
+        return relaxed_codes, relaxed_codes
 
-    def _regularizer(self, codes):
+    def _regularizer(self, relaxed_codes):
         """Quantization and bit-balance terms of the relaxed codes.
 
         quantization: mean((|u| - 1)^2), the relaxed-to-binary gap;
         balance: mean over bits of (batch mean of u)^2, zero when every bit
-        is +1 on half the batch (a choice beyond the paper, docs/product_recipe.md).
+        is +1 on half the batch (a choice beyond the paper,
+        docs/product_recipe.md).
         """
-        value = tf.zeros([], codes.dtype)
-        if self.quantization_weight > 0:
-            value += self.quantization_weight * tf.reduce_mean(
-                tf.square(tf.abs(codes) - 1.0)
+        loss = self.loss_config
+        value = tf.zeros([], relaxed_codes.dtype)
+        if loss.quantization_weight > 0:
+            value += float(loss.quantization_weight) * tf.reduce_mean(
+                tf.square(tf.abs(relaxed_codes) - 1.0)
             )
-        if self.balance_weight > 0:
-            value += self.balance_weight * tf.reduce_mean(
-                tf.square(tf.reduce_mean(codes, axis=0))
+        if loss.balance_weight > 0:
+            value += float(loss.balance_weight) * tf.reduce_mean(
+                tf.square(tf.reduce_mean(relaxed_codes, axis=0))
             )
         return value
 
-    def _loss(self, codes, size, similarity_block):
-        """Loss of a [2B or B, K] code tensor (value only, differentiable)."""
-        u, v = self._split(codes, size)
-        value, _ = pair_loss_and_grad(
-            u, v, similarity_block, self.loss_name, self.sigmoid_param,
-            self.positive_weight,
-        )
-        return value + self._regularizer(codes)
+    def _has_regularizer(self):
+        loss = self.loss_config
+        return loss.quantization_weight > 0 or loss.balance_weight > 0
 
-    def _code_gradients(self, codes, size, similarity_block):
-        """(loss, G, u, v, regularizer gradient or None) for the batch."""
-        u, v = self._split(tf.stop_gradient(codes), size)
-        value, grad = pair_loss_and_grad(
-            u, v, similarity_block, self.loss_name, self.sigmoid_param,
+    def pair_loss_and_grad(self, u, v, similarity_block):
+        """`pair_loss_and_grad` under this model's loss config and omega."""
+        loss = self.loss_config
+        return pair_loss_and_grad(
+            u, v, similarity_block, loss.loss, float(loss.sigmoid_param),
             self.positive_weight,
         )
-        extra = None
-        if self.quantization_weight > 0 or self.balance_weight > 0:
-            c = tf.stop_gradient(codes)
+
+    def _loss(self, relaxed_codes, size, similarity_block):
+        """Loss of [2B or B, K] relaxed codes (value only, differentiable)."""
+        u, v = self._split(relaxed_codes, size)
+        value, _ = self.pair_loss_and_grad(u, v, similarity_block)
+        return value + self._regularizer(relaxed_codes)
+
+    def _code_gradients(self, relaxed_codes, size, similarity_block):
+        """(loss, G, u, v, regularizer gradient or None) for the batch."""
+        u, v = self._split(tf.stop_gradient(relaxed_codes), size)
+        value, grad = self.pair_loss_and_grad(u, v, similarity_block)
+        regularizer_grad = None
+        if self._has_regularizer():
+            c = tf.stop_gradient(relaxed_codes)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(c)
                 regularizer = self._regularizer(c)
             value += regularizer
-            extra = tape.gradient(regularizer, c)
-        return value, grad, u, v, extra
+            regularizer_grad = tape.gradient(regularizer, c)
+        return value, grad, u, v, regularizer_grad
 
     def _combine(self, grad_u, grad_v):
         if self.pairing == "cross":
@@ -419,30 +433,38 @@ class UHGAModel(keras.Model):
         return grad_u + grad_v
 
     def _forward(self, values, non_trainable, features, scale):
-        z, new_non_trainable = self.hasher.stateless_call(
+        """(relaxed codes at weights `values`, new non-trainable state)."""
+        logits, new_non_trainable = self.hasher.stateless_call(
             values, non_trainable, features, training=True
         )
-        return tf.tanh(tf.cast(scale, z.dtype) * z), new_non_trainable
+        return (
+            tf.tanh(tf.cast(scale, logits.dtype) * logits),
+            new_non_trainable,
+        )
 
     def _attend(self, u, v, grad):
         dtype = self.attention_dtype
-        attended_u, attended_v, stats = attention_lib.attend(
+        att = self.attention_config
+        return attention_lib.attend(
             tf.cast(u, dtype),
             tf.cast(v, dtype),
             tf.cast(grad, dtype),
             self.attention_net,
-            budget=self.attention_budget,
-            grad_p=self.attention_grad_p,
-            chunk_rows=self.attention_chunk_rows,
+            budget=float(att.attention_budget),
+            grad_p=float(att.attention_grad_p),
+            chunk_rows=att.attention_chunk_rows,
             within=self.pairing == "within",
             return_stats=True,
             jit_compile=self.attention_jit_compile,
         )
-        return attended_u, attended_v, stats
 
     # ------------------------------------------------------------ the step
     def compute_step(self, data, step=None):
         """Compute one step without changing any variable.
+
+        Phases: inputs -> hash update (forward at W, G, attention Ĝ, W' of
+        (18)) -> look-ahead loss (19) at W' -> dphi, by a JVP (19') or by
+        the second-order tape that stays open over all phases.
 
         Returns a dict: pair_loss, lookahead_loss (attention only),
         new_values (W' list), new_momenta, hash_grads (all-reduced ĝ_W),
@@ -456,118 +478,165 @@ class UHGAModel(keras.Model):
                 "training; received an uncompiled model"
             )
         step = self.step + 1 if step is None else step
-        scale = self.current_scale(step)
-        learning_rate = self.hash_optimizer.learning_rate_at(step)
-        features, index_1, index_2, size = self._unpack(data)
-        similarity_block = self.similarity_block(index_1, index_2)
-        replicas = float(_num_replicas())
-        variables = self.hasher.trainable_variables
-        values = [tf.convert_to_tensor(v) for v in variables]
-        non_trainable = [
-            tf.convert_to_tensor(v) for v in self.hasher.non_trainable_variables
-        ]
-        out = {"scale": scale, "learning_rate": learning_rate}
-        phi = (
-            [v.value for v in self.attention_net.trainable_variables]
-            if self.attention
-            else []
-        )
-        outer = tf.GradientTape(watch_accessed_variables=False)
+        inputs = self._step_inputs(data, step)
         second_order = self.attention and self.lookahead == "second_order"
-        if second_order:
-            outer.__enter__()
-            outer.watch(phi)
-        try:
-            with tf.GradientTape(watch_accessed_variables=False) as tape_w:
-                tape_w.watch(values)
-                codes, new_non_trainable = self._forward(
-                    values, non_trainable, features, scale
-                )
-            value, grad, u, v, extra = self._code_gradients(
-                codes, size, similarity_block
-            )
-            out["pair_loss"] = value
-            out["new_non_trainable"] = new_non_trainable
-            if self.attention:
-                with tf.GradientTape(watch_accessed_variables=False) as tape_phi:
-                    tape_phi.watch(phi)
-                    attended_u, attended_v, stats = self._attend(u, v, grad)
-                    # This replica's share of the global cotangent: the
-                    # 1/replicas must be recorded here, because the phi
-                    # gradient below is this replica's share and the Keras
-                    # attention optimizer SUMS the shares over replicas.
-                    attended_u = attended_u / replicas
-                    attended_v = attended_v / replicas
-                out.update(stats)
-                code_grad = tf.cast(
-                    self._combine(attended_u, attended_v), codes.dtype
-                )
-            else:
-                code_grad = self._combine(
-                    tf.matmul(grad, v), tf.matmul(grad, u, transpose_a=True)
-                ) / replicas
-            if extra is not None:
-                code_grad += extra / replicas
-            local_grads = tape_w.gradient(
-                codes, values, output_gradients=code_grad
-            )
-            hash_grads = _all_reduce_sum(local_grads)
-            new_values, new_momenta = self.hash_optimizer._step(
-                values, hash_grads, learning_rate
-            )
-            if self.attention:
-                with tf.GradientTape(watch_accessed_variables=False) as tape_la:
-                    tape_la.watch(new_values)
-                    codes_1, _ = self._forward(
-                        new_values, non_trainable, features, scale
-                    )
-                    lookahead_loss = self._loss(codes_1, size,
-                                                similarity_block)
-                    scaled_lookahead = lookahead_loss / replicas
-        finally:
+        with contextlib.ExitStack() as stack:
             if second_order:
-                outer.__exit__(None, None, None)
-        out["hash_grads"] = hash_grads
-        out["new_values"] = [tf.stop_gradient(w) for w in new_values]
-        out["new_momenta"] = new_momenta
+                outer = stack.enter_context(
+                    tf.GradientTape(watch_accessed_variables=False)
+                )
+                outer.watch(inputs.phi)
+            update = self._hash_update(inputs)
+            if self.attention:
+                lookahead = self._lookahead(inputs, update.new_values)
+        out = {
+            "scale": inputs.scale,
+            "learning_rate": inputs.learning_rate,
+            "pair_loss": update.pair_loss,
+            "new_non_trainable": update.new_non_trainable,
+            "hash_grads": update.hash_grads,
+            "new_values": [tf.stop_gradient(w) for w in update.new_values],
+            "new_momenta": update.new_momenta,
+        }
         if not self.attention:
             return out
-        out["lookahead_loss"] = lookahead_loss
+        out.update(update.attended.stats)
+        out["lookahead_loss"] = lookahead.loss
         if second_order:
-            attention_grads = outer.gradient(scaled_lookahead, phi)
+            out["attention_grads"] = outer.gradient(
+                lookahead.scaled_loss, inputs.phi
+            )
         else:
-            lookahead_grads = _all_reduce_sum(
-                tape_la.gradient(scaled_lookahead, new_values)
+            out["attention_grads"] = self._jvp_attention_grads(
+                inputs, update, lookahead
             )
-            optimizer = self.hash_optimizer
-            factor = 1.0 + optimizer.momentum if optimizer.nesterov else 1.0
-            tangents = [
-                -factor * tf.cast(learning_rate, w.dtype) * multiplier * g
-                for w, g, multiplier in zip(
-                    values, lookahead_grads, optimizer.lr_multipliers
-                )
-            ]
-            with tf.autodiff.ForwardAccumulator(values, tangents) as acc:
-                codes_0, _ = self._forward(
-                    values, non_trainable, features, scale
-                )
-            directional = acc.jvp(codes_0)  # J(W) tangent, [2B, K]
-            directional = tf.cast(directional, self.attention_dtype)
-            if self.pairing == "cross":
-                out_grads = [directional[:size], directional[size:]]
-            else:
-                out_grads = [directional, directional]
-            attention_grads = tape_phi.gradient(
-                [attended_u, attended_v], phi, output_gradients=out_grads
-            )
-        out["attention_grads"] = attention_grads
         return out
+
+    def _step_inputs(self, data, step):
+        features, index_1, index_2, size = self._unpack(data)
+        hasher = self.hasher
+        return _StepInputs(
+            features=features,
+            index_1=index_1,
+            index_2=index_2,
+            size=size,
+            similarity_block=self.similarity_block(index_1, index_2),
+            scale=self.current_scale(step),
+            learning_rate=self.hash_optimizer.learning_rate_at(step),
+            values=[
+                tf.convert_to_tensor(v) for v in hasher.trainable_variables
+            ],
+            non_trainable=[
+                tf.convert_to_tensor(v) for v in hasher.non_trainable_variables
+            ],
+            phi=(
+                [v.value for v in self.attention_net.trainable_variables]
+                if self.attention
+                else []
+            ),
+            replicas=float(_num_replicas()),
+        )
+
+    def _hash_update(self, inputs):
+        """Forward at W, code gradient G (attended under GA), W' of (18)."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape_w:
+            tape_w.watch(inputs.values)
+            relaxed_codes, new_non_trainable = self._forward(
+                inputs.values, inputs.non_trainable, inputs.features,
+                inputs.scale,
+            )
+        pair_loss, grad, u, v, regularizer_grad = self._code_gradients(
+            relaxed_codes, inputs.size, inputs.similarity_block
+        )
+        attended = None
+        if self.attention:
+            attended = self._attended_gradients(inputs, u, v, grad)
+            code_grad = tf.cast(
+                self._combine(attended.u, attended.v), relaxed_codes.dtype
+            )
+        else:
+            code_grad = self._combine(
+                tf.matmul(grad, v), tf.matmul(grad, u, transpose_a=True)
+            ) / inputs.replicas
+        if regularizer_grad is not None:
+            code_grad += regularizer_grad / inputs.replicas
+        local_grads = tape_w.gradient(
+            relaxed_codes, inputs.values, output_gradients=code_grad
+        )
+        hash_grads = _all_reduce_sum(local_grads)
+        new_values, new_momenta = self.hash_optimizer.update(
+            inputs.values, hash_grads, inputs.learning_rate
+        )
+        return _HashUpdate(
+            pair_loss=pair_loss,
+            hash_grads=hash_grads,
+            new_values=new_values,
+            new_momenta=new_momenta,
+            new_non_trainable=new_non_trainable,
+            attended=attended,
+        )
+
+    def _attended_gradients(self, inputs, u, v, grad):
+        """Ĝ of the attention net, recorded on a tape from phi."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape_phi:
+            tape_phi.watch(inputs.phi)
+            attended_u, attended_v, stats = self._attend(u, v, grad)
+            # This replica's share of the global cotangent: the 1/replicas
+            # must be recorded here, because the phi gradient is this
+            # replica's share and the Keras attention optimizer SUMS the
+            # shares over replicas.
+            attended_u = attended_u / inputs.replicas
+            attended_v = attended_v / inputs.replicas
+        return _Attended(attended_u, attended_v, stats, tape_phi)
+
+    def _lookahead(self, inputs, new_values):
+        """Look-ahead loss (19) at W', recorded on a tape from W'."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(new_values)
+            relaxed_codes, _ = self._forward(
+                new_values, inputs.non_trainable, inputs.features,
+                inputs.scale,
+            )
+            loss = self._loss(
+                relaxed_codes, inputs.size, inputs.similarity_block
+            )
+            scaled_loss = loss / inputs.replicas
+        return _Lookahead(loss, scaled_loss, tape)
+
+    def _jvp_attention_grads(self, inputs, update, lookahead):
+        """dphi of (19'): the look-ahead gradient pushed through dW'/dĜ.
+
+        dL(W')/dphi = <dL/dW', dW'/dĜ dĜ/dphi>; the first two factors are
+        a JVP of the relaxed codes at W along the optimizer's tangent, which
+        weights the attention tape's Ĝ.
+        """
+        lookahead_grads = _all_reduce_sum(
+            lookahead.tape.gradient(lookahead.scaled_loss, update.new_values)
+        )
+        tangents = self.hash_optimizer.gradient_tangents(
+            inputs.values, lookahead_grads, inputs.learning_rate
+        )
+        with tf.autodiff.ForwardAccumulator(inputs.values, tangents) as acc:
+            relaxed_codes, _ = self._forward(
+                inputs.values, inputs.non_trainable, inputs.features,
+                inputs.scale,
+            )
+        # J(W) tangent, [2B or B, K]
+        directional = tf.cast(acc.jvp(relaxed_codes), self.attention_dtype)
+        if self.pairing == "cross":
+            size = inputs.size
+            out_grads = [directional[:size], directional[size:]]
+        else:
+            out_grads = [directional, directional]
+        attended = update.attended
+        return attended.tape.gradient(
+            [attended.u, attended.v], inputs.phi, output_gradients=out_grads
+        )
 
     def train_step(self, data):
         out = self.compute_step(data)
-        hasher_variables = self.hasher.trainable_variables
         assign = hash_optimizer_lib.assign_variables
-        assign(hasher_variables, out["new_values"])
+        assign(self.hasher.trainable_variables, out["new_values"])
         assign(self.hash_optimizer.momenta, out["new_momenta"])
         assign(
             [self.hash_optimizer.iterations],
@@ -581,16 +650,12 @@ class UHGAModel(keras.Model):
                 out["attention_grads"], self.attention_net.trainable_variables
             )
         self.step.assign_add(1)
-        trackers = self._trackers
-        trackers["pair_loss"].update_state(out["pair_loss"])
-        trackers["scale"].update_state(out["scale"])
-        trackers["learning_rate"].update_state(out["learning_rate"])
-        if self.attention:
-            trackers["lookahead_loss"].update_state(out["lookahead_loss"])
-            trackers["attention_loss"].update_state(out["lookahead_loss"])
-            trackers["attention_mean"].update_state(out["attention_mean"])
-            trackers["attention_std"].update_state(out["attention_std"])
-        logs = {name: t.result() for name, t in trackers.items()}
+        for name, tracker in self._trackers.items():
+            tracker.update_state(out[name])
+        logs = {name: t.result() for name, t in self._trackers.items()}
+        for alias, name in _LOG_ALIASES.items():
+            if name in logs:
+                logs[alias] = logs[name]
         if isinstance(
             tf.distribute.get_strategy(),
             tf.distribute.MultiWorkerMirroredStrategy,
@@ -604,23 +669,8 @@ class UHGAModel(keras.Model):
         config = super().get_config()
         config.update(
             hasher=keras.saving.serialize_keras_object(self.hasher),
-            code_length=self.code_length,
-            loss=self.loss_name,
-            attention=self.attention,
-            lookahead=self.lookahead,
-            sigmoid_param=self.sigmoid_param,
-            positive_weight=self.positive_weight_setting,
-            pairing=self.pairing,
-            scale_schedule=self.scale_schedule,
-            scale_step=self.scale_step,
-            scale_gamma=self.scale_gamma,
-            scale_power=self.scale_power,
-            attention_hidden=self.attention_hidden,
-            attention_grad_p=self.attention_grad_p,
-            attention_budget=self.attention_budget,
-            attention_chunk_rows=self.attention_chunk_rows,
-            quantization_weight=self.quantization_weight,
-            balance_weight=self.balance_weight,
+            loss_config=dataclasses.asdict(self.loss_config),
+            attention_config=dataclasses.asdict(self.attention_config),
             seed=self.seed,
             attention_dtype=self.attention_dtype,
             attention_jit_compile=self.attention_jit_compile,
@@ -639,4 +689,8 @@ class UHGAModel(keras.Model):
             )
         hasher = keras.saving.deserialize_keras_object(config.pop("hasher"))
         matrix = config.pop("similarity_matrix")
-        return cls(hasher, matrix, **config)
+        loss_config = config_lib.LossConfig(**config.pop("loss_config", {}))
+        attention_config = config_lib.AttentionConfig(
+            **config.pop("attention_config", {})
+        )
+        return cls(hasher, matrix, loss_config, attention_config, **config)
