@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from uhga_tf import config
 from uhga_tf import io_utils
 from uhga_tf import similarity as similarity_lib
 from uhga_tf.models import attention_net
@@ -105,9 +106,10 @@ def build(matrix, code_length, attention):
     keras.utils.set_random_seed(0)
     hasher = hash_layer.build_hasher(D, code_length)
     model = uhga_model.UHGAModel(
-        hasher, matrix, code_length=code_length, attention=attention,
-        sigmoid_param=0.2, positive_weight=10.0,
-        attention_hidden=HIDDEN, seed=0,
+        hasher, matrix,
+        config.LossConfig(sigmoid_param=0.2, positive_weight=10.0),
+        config.AttentionConfig(attention=attention, attention_hidden=HIDDEN),
+        seed=0,
     )
     model.compile(
         hash_optimizer=hash_optimizer_lib.HashOptimizer(
