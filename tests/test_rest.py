@@ -7,7 +7,6 @@ is replayed over REST.
 """
 
 import base64
-import http.client
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import http_fixtures
 import test_server as grpc_tests
 from uhga_tf import saved_model
 from uhga_tf.serving import grpc_client
@@ -48,21 +48,10 @@ class RestServerProcess(grpc_tests.ServerProcess):
 
     def call(self, method, path, body=None):
         """Return (HTTP status, parsed JSON or text) of one request."""
-        connection = http.client.HTTPConnection(
-            "127.0.0.1", self.rest_port, timeout=TIMEOUT
+        status, data = http_fixtures.http_call(
+            self.rest_port, method, path, body, timeout=TIMEOUT
         )
-        try:
-            if isinstance(body, (dict, list)):
-                body = json.dumps(body)
-            connection.request(method, path, body=body)
-            response = connection.getresponse()
-            data = response.read().decode()
-            kind = response.getheader("Content-Type", "")
-        finally:
-            connection.close()
-        if kind.startswith("application/json"):
-            return response.status, json.loads(data)
-        return response.status, data
+        return status, data.decode() if isinstance(data, bytes) else data
 
 
 @pytest.fixture(scope="module")
@@ -468,6 +457,7 @@ def test_http_codes_follow_tf_serving():
 
 
 def test_connections_over_the_cap_get_503():
+    import http.client
     import http.server
     import socket
     import threading

@@ -5,9 +5,7 @@ exported model; the expected ranking is brute force over the same model's
 codes (stable on distance, then index order).
 """
 
-import http.client
 import io
-import json
 import os
 import shutil
 import signal
@@ -22,6 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import http_fixtures
 import model_fixtures
 from uhga_tf import codes as codes_lib
 from uhga_tf import retrieval
@@ -95,17 +94,7 @@ def page(workspace):
 
 
 def call(port, method, path, body=None):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    try:
-        connection.request(method, path, body=body)
-        response = connection.getresponse()
-        data = response.read()
-        kind = response.getheader("Content-Type", "")
-    finally:
-        connection.close()
-    if kind.startswith("application/json"):
-        return response.status, json.loads(data)
-    return response.status, data
+    return http_fixtures.http_call(port, method, path, body, timeout=TIMEOUT)
 
 
 def test_upload_and_item_search_match_brute_force(workspace, page):
