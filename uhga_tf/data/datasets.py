@@ -31,6 +31,7 @@ described in `image_folder.py`.
 
 import os
 
+from uhga_tf import config
 from uhga_tf.data.cifar10 import CIFAR10_CLASSES, CIFAR10_ZIP, load_cifar10
 from uhga_tf.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
@@ -43,7 +44,7 @@ from uhga_tf.data.image_folder import IMAGE_EXTENSIONS, load_folder
 from uhga_tf.data.nus_wide import NUS_WIDE_NUM_CONCEPTS, load_nus_wide
 
 DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide")
-SOURCES = ("auto", "files", "tfds")
+SOURCES = config.DATA_SOURCES
 
 __all__ = [
     "CIFAR10_CLASSES",

@@ -45,16 +45,9 @@ from absl import logging
 
 from uhga_tf import config
 
-SPLIT_PROTOCOLS = (
-    "uhga",
-    "disjoint54k",
-    "ssdh_lists",
-    "ga_lists",
-    "nus_wide21",
-    "demo",
-)
+SPLIT_PROTOCOLS = config.SPLIT_PROTOCOLS
 SPLIT_SETS = ("query", "train", "database", "validation")
-QUERY_POOLS = ("test", "all")
+QUERY_POOLS = config.QUERY_POOLS
 MULTI_LABEL_PROTOCOLS = ("nus_wide21",)
 
 # Per-class counts; for nus_wide21 "query"/"train" are per concept and

@@ -29,10 +29,11 @@ import os
 import numpy as np
 from absl import logging
 
+from uhga_tf import config
 from uhga_tf.evaluation import ranking
 
-AP_DENOMINATORS = ("retrieved", "min_rk", "all")
-EMPTY_QUERY_RULES = ("zero", "skip")
+AP_DENOMINATORS = config.AP_DENOMINATORS
+EMPTY_QUERY_RULES = config.EMPTY_QUERY
 EMPTY_RADIUS_RULES = ("zero", "skip")
 DEFAULT_PRECISION_AT = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000,
                         5000)

@@ -6,8 +6,10 @@ import math
 import keras
 import tensorflow as tf
 
-HASH_HEADS = ("dense", "mlp")
-SCALE_SCHEDULES = ("sqrt_step", "none")
+from uhga_tf import config
+
+HASH_HEADS = config.HASH_HEADS
+SCALE_SCHEDULES = config.SCALE_SCHEDULES
 
 
 def _fan_in_uniform(fan_in):
