@@ -25,6 +25,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 METADATA_FILE = os.path.join("assets.extra", "uhga_tf.json")
 
 
+def read_model_metadata(model_dir):
+    """The export's `assets.extra/uhga_tf.json` (code_length, ...), or {}."""
+    path = os.path.join(os.fspath(model_dir), METADATA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 class SavedModelEncoder:
     """Encode images with an exported uhga_tf SavedModel.
 
@@ -59,11 +68,7 @@ class SavedModelEncoder:
         self._encode_images = loaded.signatures[
             saved_model_lib.SIGNATURE_IMAGES
         ]
-        self.metadata = {}
-        path = os.path.join(self.model_dir, METADATA_FILE)
-        if os.path.isfile(path):
-            with open(path) as f:
-                self.metadata = json.load(f)
+        self.metadata = read_model_metadata(self.model_dir)
         self.code_length = self.metadata.get("code_length")
 
     def encode_image_bytes(self, image_bytes):
@@ -216,6 +221,27 @@ def build_index(
     return index
 
 
+def build_index_from_codes(codes_dir, out_dir):
+    """Save a `HammingIndex` of the shards `encode_collection` wrote.
+
+    Ids, sources and labels are kept; the index's info records the model
+    and the codes directory.
+    """
+    from uhga_tf.retrieval import code_shards
+
+    packed, ids, metadata, manifest = code_shards.read_code_shards(codes_dir)
+    info = {
+        "model": manifest.get("model"),
+        "class_names": manifest.get("class_names"),
+        "source": "code_shards",
+        "codes_dir": os.path.abspath(os.fspath(codes_dir)),
+    }
+    index = HammingIndex(manifest["code_length"], info=info)
+    index.add(packed, ids, metadata=metadata)
+    index.save(out_dir)
+    return index
+
+
 @dataclasses.dataclass
 class QueryResult:
     """The ranking of one query image.
@@ -352,7 +378,6 @@ def write_result_grid(results, index, out_path, tile_size=128):
 
 def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
     """Encode image files by raw bytes; return (kept ids, packed_codes)."""
-    import tensorflow as tf
     from tqdm import tqdm
 
     kept, chunks = [], []
@@ -361,28 +386,75 @@ def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
         for start in range(0, len(paths), batch_size):
             batch_ids = ids[start:start + batch_size]
             batch = [_read_file(paths[i]) for i in batch_ids]
-            try:
-                chunks.append(encoder.encode_image_bytes(batch)[1])
-                kept.extend(batch_ids)
-            except tf.errors.InvalidArgumentError:
-                # Find the offending file(s) one by one.
-                for i, data in zip(batch_ids, batch):
-                    try:
-                        chunks.append(encoder.encode_image_bytes([data])[1])
-                        kept.append(i)
-                    except tf.errors.InvalidArgumentError as e:
-                        if not skip_corrupt:
-                            raise ValueError(
-                                f"cannot decode image {paths[i]}: "
-                                f"{io_utils.tf_error_line(e)} (pass --skip_corrupt "
-                                "to skip it)"
-                            ) from e
-                        logging.warning("Skipping corrupt image %s: %s",
-                                        paths[i], io_utils.tf_error_line(e))
+            packed, reasons = encode_blobs(encoder, batch)
+            for i, row, reason in zip(batch_ids, packed, reasons):
+                if reason is None:
+                    chunks.append(row[None])
+                    kept.append(i)
+                elif not skip_corrupt:
+                    raise ValueError(
+                        f"cannot decode image {paths[i]}: {reason} "
+                        "(pass --skip_corrupt to skip it)"
+                    )
+                else:
+                    logging.warning("Skipping corrupt image %s: %s",
+                                    paths[i], reason)
             bar.update(len(batch))
     if not kept:
         raise ValueError("no image could be decoded")
     return np.asarray(kept, np.int64), np.concatenate(chunks)
+
+
+def check_image_bytes(data, where):
+    """Return why `data` must not reach the decoder, or None.
+
+    The one decode guard of every file-encoding path (`index build` and
+    the Beam pipeline): header checks only, no pixel is decoded.
+    """
+    from uhga_tf.serving import request_checks
+
+    try:
+        request_checks.check_encoded_image(
+            data, where, request_checks.RequestLimits()
+        )
+    except request_checks.RequestError as e:
+        return e.message
+    return None
+
+
+def encode_blobs(encoder, blobs):
+    """Encode encoded images in one batch, isolating the bad ones.
+
+    Returns:
+        (packed_codes uint8 [n, code_length / 8], reasons): reasons[i] is
+        None for an encoded image, else why image i was refused; its row
+        of packed_codes is then zeros. Images the header guard refuses
+        never reach the model; the others go in one call, or one by one
+        when the decoder refuses one of them.
+    """
+    import tensorflow as tf
+
+    reasons = [check_image_bytes(b, f"image {i}") for i, b in
+               enumerate(blobs)]
+    good = [i for i, r in enumerate(reasons) if r is None]
+    rows = {}
+    try:
+        if good:
+            packed = encoder.encode_image_bytes([blobs[i] for i in good])[1]
+            rows = dict(zip(good, packed))
+    except tf.errors.InvalidArgumentError:
+        # A header that passed the guard but pixels that do not decode:
+        # find the offending image(s) one by one.
+        for i in good:
+            try:
+                rows[i] = encoder.encode_image_bytes([blobs[i]])[1][0]
+            except tf.errors.InvalidArgumentError as e:
+                reasons[i] = io_utils.tf_error_line(e)
+    packed = np.zeros((len(blobs), (encoder.code_length or 0) // 8),
+                      np.uint8)
+    for i, row in rows.items():
+        packed[i] = row
+    return packed, reasons
 
 
 def _encode_arrays(encoder, images, batch_size, progress):
