@@ -10,6 +10,11 @@ confirms the order among returned ties and re-ranks any offending query
 exactly through a radius search. `backend="numpy"` is a brute-force reference:
 the distance kernel and stable ranking of `uhga_tf.evaluation.ranking`.
 
+`kind="ivf"` (see `use_inverted_lists`) makes top_k search sublinear: only
+the items of the `nprobe` lists nearest to a query are scanned
+(`inverted_lists.InvertedLists`), with the same tie rule among them; it is
+approximate, and `range_search` stays exact.
+
 Packed codes use `np.packbits` order (`uhga_tf.codes.pack_codes`), which is
 also the order the SavedModel emits and faiss reads.
 """
@@ -27,6 +32,7 @@ from absl import logging
 from uhga_tf import codes as codes_lib
 from uhga_tf.evaluation import ranking
 from uhga_tf.io_utils import to_builtin
+from uhga_tf.retrieval.inverted_lists import InvertedLists
 
 BIT_ORDER = "packbits-msb-first"
 FILE_NAME = "hamming_index.bin"
@@ -34,6 +40,7 @@ FORMAT_VERSION = 1
 _MAGIC = b"UHGAHIX\x00"
 _PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
 _BACKENDS = ("faiss", "numpy")
+KINDS = ("flat", "ivf")
 # Bytes of faiss counting-path scratch (n_query * (code_length + 1) * top_k
 # int64 ids) allowed per query chunk.
 _CHUNK_BYTES = 1 << 27
@@ -75,6 +82,42 @@ class HammingIndex:
         self._metadata = {}
         self._faiss_index = None
         self._numpy_kernel = None
+        self._lists = None  # InvertedLists when kind == "ivf"
+
+    @property
+    def kind(self):
+        """"flat" (exact scan) or "ivf" (inverted lists, approximate)."""
+        return "flat" if self._lists is None else "ivf"
+
+    @property
+    def nprobe(self):
+        return None if self._lists is None else self._lists.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value):
+        if self._lists is None:
+            raise ValueError("nprobe applies to kind='ivf' only")
+        from uhga_tf.retrieval import inverted_lists
+
+        self._lists.nprobe = inverted_lists.check_nprobe(
+            value, self._lists.nlist)
+
+    def use_inverted_lists(self, nlist=None, nprobe=16, seed=0):
+        """Switch top_k search to inverted lists trained on the codes now in
+        the index (kind "ivf"); later adds are assigned to these lists.
+
+        Args:
+            nlist: number of lists; default `default_nlist(len(self))`.
+            nprobe: lists scanned per query (recall against speed).
+        """
+        from uhga_tf.retrieval import inverted_lists
+
+        if nlist is None:
+            nlist = inverted_lists.default_nlist(len(self))
+        self._lists = InvertedLists.train(
+            self._packed_codes, self.code_length, nlist,
+            min(nprobe, nlist), seed)
+        self._faiss_index = None  # the flat copy of the codes is not needed
 
     def __len__(self):
         return len(self._ids)
@@ -141,6 +184,8 @@ class HammingIndex:
         self._ids = np.concatenate([self._ids, ids])
         if self._faiss_index is not None:
             self._faiss_index.add(packed)
+        if self._lists is not None:
+            self._lists.add(packed, start=n_old)
         self._numpy_kernel = None  # rebuilt lazily over every item
         logging.debug("HammingIndex: added %d items (%d total)", len(ids),
                       len(self))
@@ -160,6 +205,8 @@ class HammingIndex:
             )
         keep = ~np.isin(self._ids, ids)
         positions = np.flatnonzero(keep)
+        if self._lists is not None:
+            self._lists.remove(keep)
         self._packed_codes = self._packed_codes[keep]
         self._ids = self._ids[keep]
         for name, values in self._metadata.items():
@@ -196,6 +243,8 @@ class HammingIndex:
         Returns:
             (ids int64 [n_query, k], distances int32 [n_query, k]) with
             k = min(top_k, len(self)), sorted by (distance, insertion order).
+            With kind "ivf" a row whose probed lists hold fewer than k
+            items ends in id -1, distance code_length + 1.
         """
         if (
             isinstance(top_k, bool)
@@ -210,6 +259,11 @@ class HammingIndex:
         if k == 0 or len(queries) == 0:
             shape = (len(queries), k)
             return np.zeros(shape, np.int64), np.zeros(shape, np.int32)
+        if self._lists is not None:
+            positions, distances = self._lists.search(
+                self._packed_codes, queries, k)
+            ids = np.where(positions >= 0, self._ids[positions], -1)
+            return ids, distances
         if self.backend == "numpy":
             positions, distances = self._numpy_search(queries, k)
         else:
@@ -308,7 +362,12 @@ class HammingIndex:
         index._ids = np.frombuffer(payload[codes_end:ids_end], "<i8").astype(
             np.int64
         )
-        index._metadata = json.loads(payload[ids_end:].decode("utf-8"))
+        meta_end = ids_end + header["metadata_bytes"]
+        index._metadata = json.loads(payload[ids_end:meta_end].decode("utf-8"))
+        if header.get("kind", "flat") == "ivf":
+            index._lists = InvertedLists.from_bytes(
+                payload[meta_end:], header["nlist"], code_size, n,
+                header["nprobe"])
         if any(len(v) != n for v in index._metadata.values()):
             raise ValueError(f"{path} is corrupt: metadata length != {n}")
         logging.info("Loaded HammingIndex of %d items (%d bits) from %s",
@@ -417,12 +476,19 @@ class HammingIndex:
 
     def _serialize(self):
         metadata = json.dumps(self._metadata).encode("utf-8")
+        lists = b"" if self._lists is None else self._lists.to_bytes()
         payload = b"".join([
             self._packed_codes.tobytes(),
             self._ids.astype("<i8").tobytes(),
             metadata,
+            lists,
         ])
+        search = {"kind": self.kind}
+        if self._lists is not None:
+            search.update(nlist=self._lists.nlist, nprobe=self._lists.nprobe,
+                          lists_bytes=len(lists))
         header = json.dumps({
+            **search,
             "format": "uhga_tf.HammingIndex",
             "code_length": self.code_length,
             "bit_order": BIT_ORDER,
@@ -482,8 +548,18 @@ def _parse(data, path):
     codes_lib.check_code_length(header.get("code_length"))
     payload = body[header_len:]
     n = header["count"]
+    kind = header.get("kind", "flat")  # files before kinds are flat
+    if kind not in KINDS:
+        raise ValueError(
+            f"{path} has kind={kind!r}; expected one of {KINDS}"
+        )
+    lists_bytes = 0
+    if kind == "ivf":
+        lists_bytes = InvertedLists.nbytes_for(
+            header.get("nlist", 0), header["code_length"] // 8, n)
     expected = (
         n * header["code_length"] // 8 + 8 * n + header["metadata_bytes"]
+        + lists_bytes
     )
     if expected != header["payload_bytes"] or len(payload) < expected:
         raise ValueError(

@@ -1,0 +1,192 @@
+"""InvertedLists: the sublinear search structure of a `HammingIndex`.
+
+An inverted file over packed codes: `nlist` binary centroids (faiss binary
+k-means on a sample), and the index positions of each list's items stored
+contiguously in position order. A query is compared with the centroids,
+then only with the items of its `nprobe` nearest lists; results keep the
+index's tie rule (distance, then position) among the items scanned.
+
+Memory: int32 positions (4 bytes an item) next to the index's own codes,
+plus the centroids, so codes + structure is 1.5x the code bytes of 64-bit
+codes; faiss `IndexBinaryIVF` would store the codes again with int64 ids
+(2x on top of the index's codes). The codes are not copied: a list is read
+from the index's code array through its positions.
+"""
+
+import numpy as np
+
+from uhga_tf import codes as codes_lib
+
+# Codes per centroid used to train the centroids (faiss' own guidance is
+# 39-256 training points per centroid).
+_TRAIN_PER_LIST = 64
+
+
+def default_nlist(n):
+    """About 4 * sqrt(n) lists, a power of two in [16, 65536]."""
+    target = 4 * np.sqrt(max(n, 1))
+    return int(2 ** np.clip(np.round(np.log2(target)), 4, 16))
+
+
+class InvertedLists:
+    """Centroids and per-list positions over an external packed code array.
+
+    Args:
+        centroids: uint8 [nlist, code_size] packed centroid codes.
+        offsets: int64 [nlist + 1]; list l holds positions[offsets[l]:
+            offsets[l + 1]].
+        positions: int32 [n] item positions, ascending within a list.
+        nprobe: lists scanned per query.
+    """
+
+    def __init__(self, centroids, offsets, positions, nprobe):
+        self.centroids = np.ascontiguousarray(centroids, np.uint8)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.positions = np.asarray(positions, np.int32)
+        self.nprobe = check_nprobe(nprobe, len(self.centroids))
+        self._quantizer = None
+
+    @property
+    def nlist(self):
+        return len(self.centroids)
+
+    @property
+    def nbytes(self):
+        return (self.centroids.nbytes + self.offsets.nbytes
+                + self.positions.nbytes)
+
+    @classmethod
+    def train(cls, packed_codes, code_length, nlist, nprobe, seed=0):
+        """Train centroids on a seeded sample and assign every code."""
+        import faiss
+
+        n = len(packed_codes)
+        if not 1 <= nlist <= n:
+            raise ValueError(
+                f"nlist must be in [1, {n}] (the number of codes); received "
+                f"nlist={nlist}"
+            )
+        rng = np.random.default_rng(seed)
+        sample_size = min(n, nlist * _TRAIN_PER_LIST)
+        sample = packed_codes[np.sort(rng.choice(n, sample_size,
+                                                 replace=False))]
+        quantizer = faiss.IndexBinaryFlat(code_length)
+        ivf = faiss.IndexBinaryIVF(quantizer, code_length, nlist)
+        ivf.cp.seed = int(seed)
+        ivf.cp.min_points_per_centroid = 1
+        ivf.train(np.ascontiguousarray(sample))
+        centroids = faiss.vector_to_array(quantizer.xb).reshape(
+            nlist, code_length // 8
+        )
+        lists = cls(centroids, np.zeros(nlist + 1, np.int64),
+                    np.zeros(0, np.int32), nprobe)
+        lists.add(packed_codes, start=0)
+        return lists
+
+    def _faiss_quantizer(self):
+        if self._quantizer is None:
+            import faiss
+
+            quantizer = faiss.IndexBinaryFlat(self.centroids.shape[1] * 8)
+            quantizer.add(self.centroids)
+            self._quantizer = quantizer
+        return self._quantizer
+
+    def assign(self, packed_codes, k=1):
+        """int64 [n, k]: the k nearest lists of each code."""
+        _, lists = self._faiss_quantizer().search(
+            np.ascontiguousarray(packed_codes), k
+        )
+        return lists
+
+    def _list_of_items(self):
+        return np.repeat(np.arange(self.nlist), np.diff(self.offsets))
+
+    def _regroup(self, lists, positions):
+        order = np.lexsort((positions, lists))
+        counts = np.bincount(lists, minlength=self.nlist)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.positions = positions[order].astype(np.int32)
+
+    def add(self, packed_codes, start):
+        """Append codes that take positions start, start + 1, ..."""
+        new_lists = self.assign(packed_codes)[:, 0]
+        new_positions = np.arange(start, start + len(packed_codes))
+        self._regroup(
+            np.concatenate([self._list_of_items(), new_lists]),
+            np.concatenate([self.positions, new_positions]),
+        )
+
+    def remove(self, keep):
+        """Drop positions where `keep` (bool [n]) is False; renumber."""
+        new_position = np.cumsum(keep) - 1
+        lists = self._list_of_items()
+        kept = keep[self.positions]
+        self._regroup(lists[kept], new_position[self.positions[kept]])
+
+    def search(self, packed_database, queries, k):
+        """(positions int64 [n_query, k], distances int32 [n_query, k]).
+
+        Rows with fewer than k items in their probed lists are padded with
+        position -1 and distance code_length + 1.
+        """
+        probes = self.assign(queries, self.nprobe)
+        out_positions = np.full((len(queries), k), -1, np.int64)
+        out_distances = np.full((len(queries), k),
+                                self.centroids.shape[1] * 8 + 1, np.int32)
+        for row, (query, lists) in enumerate(zip(queries, probes)):
+            candidates = np.concatenate([
+                self.positions[self.offsets[l]:self.offsets[l + 1]]
+                for l in lists if l >= 0
+            ])
+            if not len(candidates):
+                continue
+            distances = codes_lib.packed_hamming_distance(
+                query[None], packed_database[candidates]
+            )[0]
+            m = min(k, len(candidates))
+            kth = np.partition(distances, m - 1)[m - 1]
+            near = np.flatnonzero(distances <= kth)
+            order = near[np.lexsort((candidates[near], distances[near]))][:m]
+            out_positions[row, :m] = candidates[order]
+            out_distances[row, :m] = distances[order]
+        return out_positions, out_distances
+
+    def to_bytes(self):
+        return b"".join([
+            self.centroids.tobytes(),
+            self.offsets.astype("<i8").tobytes(),
+            self.positions.astype("<i4").tobytes(),
+        ])
+
+    @classmethod
+    def from_bytes(cls, data, nlist, code_size, n, nprobe):
+        c_end = nlist * code_size
+        o_end = c_end + 8 * (nlist + 1)
+        if len(data) != o_end + 4 * n:
+            raise ValueError(
+                f"inverted lists hold {len(data)} bytes; expected "
+                f"{o_end + 4 * n} for nlist={nlist}, n={n}"
+            )
+        centroids = np.frombuffer(data[:c_end], np.uint8).reshape(
+            nlist, code_size)
+        offsets = np.frombuffer(data[c_end:o_end], "<i8")
+        positions = np.frombuffer(data[o_end:], "<i4")
+        if offsets[-1] != n:
+            raise ValueError(
+                f"inverted lists cover {offsets[-1]} items; expected {n}"
+            )
+        return cls(centroids.copy(), offsets.astype(np.int64),
+                   positions.astype(np.int32), nprobe)
+
+    @staticmethod
+    def nbytes_for(nlist, code_size, n):
+        return nlist * code_size + 8 * (nlist + 1) + 4 * n
+
+
+def check_nprobe(nprobe, nlist):
+    if isinstance(nprobe, bool) or not 1 <= int(nprobe) <= nlist:
+        raise ValueError(
+            f"nprobe must be in [1, nlist={nlist}]; received nprobe={nprobe}"
+        )
+    return int(nprobe)
