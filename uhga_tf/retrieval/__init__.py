@@ -4,6 +4,12 @@ TensorFlow is imported lazily, so `HammingIndex` stays light.
 """
 
 from uhga_tf.retrieval.hamming_index import HammingIndex
+from uhga_tf.retrieval.index_updates import (
+    SearchKind,
+    add_codes,
+    add_items,
+    remove_items,
+)
 from uhga_tf.retrieval.pipeline import (
     QueryResult,
     SavedModelEncoder,
@@ -16,6 +22,10 @@ from uhga_tf.retrieval.pipeline import (
 
 __all__ = [
     "HammingIndex",
+    "SearchKind",
+    "add_codes",
+    "add_items",
+    "remove_items",
     "QueryResult",
     "SavedModelEncoder",
     "build_index",

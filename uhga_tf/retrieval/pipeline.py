@@ -158,6 +158,7 @@ def build_index(
     batch_size=64,
     progress=True,
     skip_corrupt=False,
+    search=None,
 ):
     """Encode an image folder or a dataset and save a `HammingIndex`.
 
@@ -217,15 +218,18 @@ def build_index(
         metadata["label"] = [labels[i] for i in ids]
     index = HammingIndex(encoder.code_length, info=info)
     index.add(packed_codes, ids, metadata=metadata)
+    if search is not None:
+        search.apply(index)
     index.save(out_dir)
     return index
 
 
-def build_index_from_codes(codes_dir, out_dir):
+def build_index_from_codes(codes_dir, out_dir, search=None):
     """Save a `HammingIndex` of the shards `encode_collection` wrote.
 
     Ids, sources and labels are kept; the index's info records the model
-    and the codes directory.
+    and the codes directory. `search` (an `index_updates.SearchKind`) picks
+    the search kind; default flat.
     """
     from uhga_tf.retrieval import code_shards
 
@@ -238,6 +242,8 @@ def build_index_from_codes(codes_dir, out_dir):
     }
     index = HammingIndex(manifest["code_length"], info=info)
     index.add(packed, ids, metadata=metadata)
+    if search is not None:
+        search.apply(index)
     index.save(out_dir)
     return index
 
