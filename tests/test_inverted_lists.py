@@ -62,7 +62,7 @@ def test_few_lists_keep_recall(data):
     assert scanned.max() < 0.25, scanned.max()
     value = recall(flat.search(queries, TOP_K)[0],
                    ivf.search(queries, TOP_K)[0])
-    assert value >= 0.95, value  # 1.0 measured on this seed
+    assert value >= 0.95, value  # 0.964 measured on this seed
 
 
 def test_add_remove_keep_lists_exact(data):
