@@ -21,8 +21,8 @@ beam = pytest.importorskip(
     "apache_beam", reason="the beam extra is not installed: "
     'pip install -e ".[beam]"'
 )
-from uhga_tf import encode_collection  # noqa: E402
-from uhga_tf.retrieval import beam_encode  # noqa: E402
+from uhga_tf import encode_collection
+from uhga_tf.retrieval import beam_encode
 
 CODE_LENGTH = 32
 

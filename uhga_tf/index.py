@@ -106,8 +106,7 @@ def main(argv):
         return
     search = retrieval.SearchKind(FLAGS.kind, FLAGS.nlist, FLAGS.nprobe)
     index = _build(source, FLAGS.out, search)
-    print(f"{FLAGS.out}\t{len(index)} items\t{index.code_length} bits\t"
-          f"{index.kind}")
+    print(f"{FLAGS.out}\t{len(index)} items\t{index.code_length} bits")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ flags.DEFINE_integer("max_upload_bytes", 8 * 1024 * 1024,
                      "serve: largest accepted upload.", lower_bound=1)
 flags.DEFINE_integer("max_pixels", 16_000_000,
                      "serve: largest accepted width * height.", lower_bound=1)
+flags.DEFINE_float("index_poll_s", 1.0,
+                   "serve: seconds between checks for a changed index "
+                   "(index build/add/remove); 0 never reloads.",
+                   lower_bound=0.0)
 flags.mark_flags_as_required(["index"])
 flags.register_multi_flags_validator(
     ["model", "server"],
@@ -58,6 +62,7 @@ def serve():
         top_k=FLAGS.top_k,
         max_upload_bytes=FLAGS.max_upload_bytes,
         max_pixels=FLAGS.max_pixels,
+        index_poll_s=FLAGS.index_poll_s,
     )
     service = web.SearchService(
         FLAGS.index,

@@ -132,6 +132,10 @@ class HammingIndex:
         """uint8 [n, code_length / 8]: codes in insertion order."""
         return self._packed_codes.copy()
 
+    def packed_codes_at(self, positions):
+        """uint8 [len(positions), code_length / 8]: codes at positions."""
+        return self._packed_codes[np.asarray(positions, np.int64)]
+
     @property
     def metadata_columns(self):
         return sorted(self._metadata)

@@ -145,8 +145,8 @@ class InvertedLists:
                                 self.centroids.shape[1] * 8 + 1, np.int32)
         for row, (query, lists) in enumerate(zip(queries, probes)):
             candidates = np.concatenate([
-                self.positions[self.offsets[l]:self.offsets[l + 1]]
-                for l in lists if l >= 0
+                self.positions[self.offsets[j]:self.offsets[j + 1]]
+                for j in lists if j >= 0
             ])
             if not len(candidates):
                 continue

@@ -10,6 +10,10 @@ ranks the index; `SearchWebServer` serves, on loopback by default:
   "source", "image"}, ...]}`, ties broken by index order as everywhere;
 - `GET /image/ID`: a PNG thumbnail of an indexed item.
 
+The index is live (`live_index.LiveIndex`): a new file written by `index
+build`, `add` or `remove` is picked up within `index_poll_s` seconds; each
+request runs on the index it started with.
+
 Uploads are bounded in bytes (checked from Content-Length before reading)
 and in pixels (read from the image header before decoding). Errors are
 `{"error": "..."}` with 400, 404, 411 or 413.
@@ -28,8 +32,8 @@ from absl import logging
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uhga_tf.retrieval import live_index
 from uhga_tf.retrieval import pipeline
-from uhga_tf.retrieval.hamming_index import HammingIndex
 from uhga_tf.serving import rest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -48,6 +52,8 @@ class WebConfig:
             number in [1, MAX_TOP_K].
         max_upload_bytes: largest accepted upload.
         max_pixels: largest accepted width * height of an upload.
+        index_poll_s: seconds between checks for a changed index file; 0
+            serves the index loaded at start for ever.
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +61,7 @@ class WebConfig:
     top_k: int = 12
     max_upload_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 16_000_000
+    index_poll_s: float = 1.0
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -108,14 +115,9 @@ class SearchService:
                 f"model_dir={model_dir!r}, server={server!r}"
             )
         self.config = config or WebConfig()
-        self.index = HammingIndex.load(index_dir)
-        self._class_names = self.index.info.get("class_names")
+        self._live = live_index.LiveIndex(index_dir, self.config.index_poll_s)
         self._tiles = pipeline._TileLoader(self.index.info)
         self._tiles_lock = threading.Lock()
-        self._positions = {
-            int(item): i for i, item in enumerate(self.index.ids)
-        }
-        self._packed_codes = self.index.packed_codes
         if server is not None:
             from uhga_tf.serving import grpc_client
 
@@ -133,14 +135,19 @@ class SearchService:
 
         self._encode = encode
 
-    def _top_k(self, top_k):
+    @property
+    def index(self):
+        """The index now live (a request keeps the one it started with)."""
+        return self._live.current().index
+
+    def _top_k(self, top_k, index):
         if top_k is None:
             return self.config.top_k
         if not 1 <= top_k <= MAX_TOP_K:
             raise SearchError(
                 400, f"top_k must be in [1, {MAX_TOP_K}]; received {top_k}"
             )
-        return min(top_k, len(self.index))
+        return min(top_k, len(index))
 
     def check_upload(self, data):
         """Refuse anything but a JPEG/PNG/GIF/BMP within the pixel bound."""
@@ -173,24 +180,29 @@ class SearchService:
         """Rank the index for an uploaded encoded image."""
         self.check_upload(data)
         packed = self._encode([data])
-        return self._answer(packed, {"id": None}, self._top_k(top_k))
+        index = self.index
+        return self._answer(index, packed, {"id": None},
+                            self._top_k(top_k, index))
 
     def search_item(self, item_id, top_k=None):
         """Rank the index for the code of an indexed item."""
-        position = self._positions.get(item_id)
+        snapshot = self._live.current()
+        position = snapshot.position(item_id)
         if position is None:
             raise SearchError(404, f"no item with id {item_id} in the index")
-        packed = self._packed_codes[position : position + 1]
-        query = self._item(item_id)
+        index = snapshot.index
+        packed = index.packed_codes_at([position])
+        query = self._item(index, item_id)
         query["image"] = f"/image/{item_id}"
-        return self._answer(packed, query, self._top_k(top_k))
+        return self._answer(index, packed, query, self._top_k(top_k, index))
 
-    def _item(self, item_id):
-        (metadata,) = self.index.get_metadata(np.array([item_id]))
+    def _item(self, index, item_id):
+        (metadata,) = index.get_metadata(np.array([item_id]))
         label = None
-        if self._class_names and metadata.get("label") is not None:
+        class_names = index.info.get("class_names")
+        if class_names and metadata.get("label") is not None:
             names = [
-                self._class_names[i]
+                class_names[i]
                 for i in sorted(pipeline._as_set(metadata["label"]))
             ]
             label = ", ".join(names)
@@ -201,15 +213,15 @@ class SearchService:
             "source": os.path.basename(source) if source else None,
         }
 
-    def _answer(self, packed, query, top_k):
-        ids, distances = self.index.search(packed, top_k)
+    def _answer(self, index, packed, query, top_k):
+        ids, distances = index.search(packed, top_k)
         results = []
         for rank, (item_id, distance) in enumerate(
             zip(ids[0], distances[0]), start=1
         ):
             if item_id < 0:
                 continue
-            item = self._item(int(item_id))
+            item = self._item(index, int(item_id))
             item.update(
                 rank=rank,
                 distance=int(distance),
@@ -218,15 +230,16 @@ class SearchService:
             results.append(item)
         return {
             "query": query,
-            "code_length": self.index.code_length,
+            "code_length": index.code_length,
             "results": results,
         }
 
     def thumbnail(self, item_id):
         """Return PNG bytes of an indexed item, at most THUMBNAIL_SIZE."""
-        if item_id not in self._positions:
+        snapshot = self._live.current()
+        if snapshot.position(item_id) is None:
             raise SearchError(404, f"no item with id {item_id} in the index")
-        (metadata,) = self.index.get_metadata(np.array([item_id]))
+        (metadata,) = snapshot.index.get_metadata(np.array([item_id]))
         try:
             with self._tiles_lock:
                 image = self._tiles(metadata.get("source"))
@@ -358,6 +371,7 @@ class SearchWebServer:
             config.host, config.port, self._handler, "uhga-search-page"
         )
         self.port = self._httpd.server_address[1]
+        self.service._live.start()
         logging.info(
             "Search page for %d items on http://%s:%d/",
             len(self.service.index),
@@ -367,6 +381,7 @@ class SearchWebServer:
         return self.port
 
     def stop(self):
+        self.service._live.stop()
         if self._httpd is not None:
             rest.stop_background(self._httpd, self._thread)
             self._httpd = None
