@@ -20,3 +20,15 @@ def http_call(port, method, path, body=None, timeout=60):
     if kind.startswith("application/json"):
         return response.status, json.loads(data)
     return response.status, data
+
+
+def wait_for(condition, timeout=10.0, interval=0.02):
+    """Poll `condition` until true (True) or `timeout` seconds (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False

@@ -47,3 +47,13 @@ def sample_images(sizes, seed=0):
         else:
             encoded.append(tf.io.encode_png(image).numpy())
     return pixels, encoded
+
+
+def export_tiny(export_dir, code_length, seed=0):
+    """Export `tiny_models` as version 1 under `export_dir`; its path."""
+    from uhga_tf import saved_model
+
+    return saved_model.export_saved_model(
+        *tiny_models(code_length, seed=seed), str(export_dir),
+        image_size=IMAGE_SIZE,
+    )

@@ -14,7 +14,6 @@ import pytest
 
 import model_fixtures
 from uhga_tf import retrieval
-from uhga_tf import saved_model
 from uhga_tf.retrieval import code_shards
 
 beam = pytest.importorskip(
@@ -30,10 +29,7 @@ CODE_LENGTH = 32
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     root = tmp_path_factory.mktemp("collection")
-    model_dir = saved_model.export_saved_model(
-        *model_fixtures.tiny_models(CODE_LENGTH, seed=0),
-        str(root / "models"), image_size=model_fixtures.IMAGE_SIZE,
-    )
+    model_dir = model_fixtures.export_tiny(root / "models", CODE_LENGTH)
     _, encoded = model_fixtures.sample_images([(40, 36), (28, 30)] * 5)
     for i, data in enumerate(encoded):
         folder = root / "images" / ("a" if i < 5 else "b")

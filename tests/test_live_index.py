@@ -18,7 +18,6 @@ import pytest
 import http_fixtures
 import model_fixtures
 from uhga_tf import retrieval
-from uhga_tf import saved_model
 from uhga_tf.retrieval import hamming_index
 from uhga_tf.retrieval import live_index
 from uhga_tf.retrieval import web
@@ -29,10 +28,7 @@ CODE_LENGTH = 16
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
-    model_dir = saved_model.export_saved_model(
-        *model_fixtures.tiny_models(CODE_LENGTH, seed=0),
-        str(root / "models"), image_size=model_fixtures.IMAGE_SIZE,
-    )
+    model_dir = model_fixtures.export_tiny(root / "models", CODE_LENGTH)
     _, encoded = model_fixtures.sample_images([(36, 36)] * 8)
     for i, data in enumerate(encoded):
         ext = "jpg" if i % 2 else "png"
@@ -41,15 +37,6 @@ def workspace(tmp_path_factory):
     retrieval.build_index(model_dir, str(root / "index"),
                           images_dir=str(root / "images"), progress=False)
     return root, model_dir, encoded
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_page_answers_through_updates(workspace, tmp_path):
@@ -84,12 +71,12 @@ def test_page_answers_through_updates(workspace, tmp_path):
         index = service.index
         retrieval.add_items(index_dir, index.packed_codes[:3],
                             [{"source": "copy"}] * 3)
-        assert wait_for(lambda: len(service.index) == 11)
+        assert http_fixtures.wait_for(lambda: len(service.index) == 11)
         status, reply = http_fixtures.http_call(port, "GET",
                                                 "/api/search?id=10")
         assert status == 200 and reply["query"]["id"] == 10
         retrieval.remove_items(index_dir, [8, 9, 10])
-        assert wait_for(lambda: len(service.index) == 8)
+        assert http_fixtures.wait_for(lambda: len(service.index) == 8)
         # A damaged file is skipped; the last good index keeps serving.
         path = index_dir / hamming_index.FILE_NAME
         good = path.read_bytes()
@@ -101,7 +88,7 @@ def test_page_answers_through_updates(workspace, tmp_path):
         rebuilt = hamming_index.HammingIndex.load(root / "index")
         rebuilt.use_inverted_lists(nlist=2, nprobe=2)
         rebuilt.save(index_dir)
-        assert wait_for(lambda: service.index.kind == "ivf")
+        assert http_fixtures.wait_for(lambda: service.index.kind == "ivf")
         time.sleep(0.2)
     finally:
         stop.set()
