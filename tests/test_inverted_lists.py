@@ -87,9 +87,13 @@ def test_save_load_round_trip(tmp_path, data):
     for got, want in zip(loaded.search(queries, TOP_K),
                          ivf.search(queries, TOP_K)):
         np.testing.assert_array_equal(got, want)
-    # Memory: int32 positions over the index's own codes, no second copy.
-    assert ivf._lists.positions.nbytes == 4 * N
-    assert ivf._faiss_index is None
+    # Memory: the lists hold the only copy of the codes, plus int32
+    # positions: 12 bytes a 64-bit code, then the small centroid table.
+    assert ivf._packed_codes is None and ivf._faiss_index is None
+    assert ivf._lists.nbytes == 12 * N + NLIST * 8 + 8 * (NLIST + 1)
+    np.testing.assert_array_equal(loaded.packed_codes, packed)
+    np.testing.assert_array_equal(loaded.packed_codes_at([5, 0]),
+                                  packed[[5, 0]])
 
 
 def test_default_nlist_and_errors(data):

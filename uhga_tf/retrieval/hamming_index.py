@@ -115,9 +115,17 @@ class HammingIndex:
         if nlist is None:
             nlist = inverted_lists.default_nlist(len(self))
         self._lists = InvertedLists.train(
-            self._packed_codes, self.code_length, nlist,
-            min(nprobe, nlist), seed)
-        self._faiss_index = None  # the flat copy of the codes is not needed
+            self._codes(), self.code_length, nlist, min(nprobe, nlist), seed)
+        # The lists hold the codes now: no second copy, no flat index.
+        self._packed_codes = None
+        self._faiss_index = None
+        self._numpy_kernel = None
+
+    def _codes(self):
+        """uint8 [n, code_size] in insertion order (built for kind ivf)."""
+        if self._lists is not None:
+            return self._lists.codes_in_order()
+        return self._packed_codes
 
     def __len__(self):
         return len(self._ids)
@@ -130,10 +138,13 @@ class HammingIndex:
     @property
     def packed_codes(self):
         """uint8 [n, code_length / 8]: codes in insertion order."""
-        return self._packed_codes.copy()
+        codes = self._codes()
+        return codes if self._lists is not None else codes.copy()
 
     def packed_codes_at(self, positions):
         """uint8 [len(positions), code_length / 8]: codes at positions."""
+        if self._lists is not None:
+            return self._lists.codes_at(positions)
         return self._packed_codes[np.asarray(positions, np.int64)]
 
     @property
@@ -184,7 +195,8 @@ class HammingIndex:
             self._metadata[name] = [None] * n_old
         for name, values in self._metadata.items():
             values.extend(columns.get(name, [None] * len(ids)))
-        self._packed_codes = np.concatenate([self._packed_codes, packed])
+        if self._lists is None:
+            self._packed_codes = np.concatenate([self._packed_codes, packed])
         self._ids = np.concatenate([self._ids, ids])
         if self._faiss_index is not None:
             self._faiss_index.add(packed)
@@ -211,7 +223,8 @@ class HammingIndex:
         positions = np.flatnonzero(keep)
         if self._lists is not None:
             self._lists.remove(keep)
-        self._packed_codes = self._packed_codes[keep]
+        if self._lists is None:
+            self._packed_codes = self._packed_codes[keep]
         self._ids = self._ids[keep]
         for name, values in self._metadata.items():
             self._metadata[name] = [values[i] for i in positions]
@@ -264,8 +277,7 @@ class HammingIndex:
             shape = (len(queries), k)
             return np.zeros(shape, np.int64), np.zeros(shape, np.int32)
         if self._lists is not None:
-            positions, distances = self._lists.search(
-                self._packed_codes, queries, k)
+            positions, distances = self._lists.search(queries, k)
             ids = np.where(positions >= 0, self._ids[positions], -1)
             return ids, distances
         if self.backend == "numpy":
@@ -370,8 +382,9 @@ class HammingIndex:
         index._metadata = json.loads(payload[ids_end:meta_end].decode("utf-8"))
         if header.get("kind", "flat") == "ivf":
             index._lists = InvertedLists.from_bytes(
-                payload[meta_end:], header["nlist"], code_size, n,
-                header["nprobe"])
+                payload[meta_end:], header["nlist"], code_size,
+                index._packed_codes, header["nprobe"])
+            index._packed_codes = None
         if any(len(v) != n for v in index._metadata.values()):
             raise ValueError(f"{path} is corrupt: metadata length != {n}")
         logging.info("Loaded HammingIndex of %d items (%d bits) from %s",
@@ -407,7 +420,7 @@ class HammingIndex:
             # The counting path (hammings_knn_mc) keeps, per distance, the
             # first items in scan order: exactly the stable tie rule.
             index.use_heap = False
-            index.add(self._packed_codes)
+            index.add(self._codes())
             self._faiss_index = index
         return self._faiss_index
 
@@ -458,7 +471,7 @@ class HammingIndex:
     def _kernel(self):
         if self._numpy_kernel is None:
             self._numpy_kernel = codes_lib.DistanceKernel.from_packed(
-                self._packed_codes, self.code_length
+                self._codes(), self.code_length
             )
         return self._numpy_kernel
 
@@ -482,7 +495,7 @@ class HammingIndex:
         metadata = json.dumps(self._metadata).encode("utf-8")
         lists = b"" if self._lists is None else self._lists.to_bytes()
         payload = b"".join([
-            self._packed_codes.tobytes(),
+            self._codes().tobytes(),
             self._ids.astype("<i8").tobytes(),
             metadata,
             lists,
