@@ -22,15 +22,15 @@ from uhga_tf.retrieval.pipeline import (
 
 __all__ = [
     "HammingIndex",
+    "QueryResult",
+    "SavedModelEncoder",
     "SearchKind",
     "add_codes",
     "add_items",
-    "remove_items",
-    "QueryResult",
-    "SavedModelEncoder",
     "build_index",
     "build_index_from_codes",
     "find_images",
+    "remove_items",
     "search_images",
     "write_result_grid",
 ]
