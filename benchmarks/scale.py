@@ -108,7 +108,9 @@ def bench_beam(n_images):
             config = beam_encode.CollectionConfig(
                 model_dir, images, out, batch_size=64,
                 beam_args=encode_collection.beam_args(
-                    "DirectRunner", workers, ""))
+                    "DirectRunner", workers, ""),
+                threads_per_worker=encode_collection.threads_per_worker(
+                    "DirectRunner", workers, None))
             start = time.perf_counter()
             manifest = beam_encode.encode_collection(config)
             runs[workers] = (time.perf_counter() - start, out, manifest)
@@ -135,7 +137,8 @@ def beam_report(index, inprocess_s, runs, bad, n_images):
             good / wall_s, 1)
         result[f"beam_{workers}_workers_wall_s"] = round(wall_s, 1)
         result[f"dead_letter_reasons_{workers}_workers"] = sorted({
-            f"{bad[s]}: {r[:90]}" for s, r in reasons.items() if s in bad})
+            f"{bad[s]}: {r.replace(s, 'FILE')[:90]}"
+            for s, r in reasons.items() if s in bad})
     result["beam_vs_inprocess_bit_agreement"] = float(np.mean(agree))
     result["dead_letter_exact"] = all(dead_exact)
     result["beam_over_inprocess_images_per_s"] = round(

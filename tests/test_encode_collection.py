@@ -70,6 +70,7 @@ def test_direct_runner_matches_in_process(collection, tmp_path):
     reasons = {os.path.basename(d["source"]): d["reason"] for d in dead}
     assert sorted(reasons) == ["bad_cut.png", "bad_text.png"]
     assert "not a JPEG, PNG, GIF or BMP" in reasons["bad_text.png"]
+    assert reasons["bad_text.png"].startswith(str(root))  # names the file
     assert reasons["bad_cut.png"]  # the decoder's own message
 
     # index build --from_codes gives the same index.

@@ -14,6 +14,7 @@ from them with `python -m uhga_tf.index build --from_codes=codes/`.
 Needs the `beam` extra: pip install -e ".[beam]".
 """
 
+import os
 import shlex
 
 from absl import app
@@ -30,6 +31,10 @@ flags.DEFINE_integer("batch_size", 64, "Images per encode call.",
 flags.DEFINE_string("runner", "DirectRunner", "Beam runner.")
 flags.DEFINE_integer("num_workers", 2,
                      "DirectRunner: local worker processes.", lower_bound=1)
+flags.DEFINE_integer("threads_per_worker", None,
+                     "TensorFlow threads per worker; default: the cores split "
+                     "among --num_workers (DirectRunner), else TF's own.",
+                     lower_bound=1)
 flags.DEFINE_string("beam_options", "",
                     "Further Beam pipeline options, one shell-quoted string.")
 flags.mark_flags_as_required(["model", "images", "out"])
@@ -49,6 +54,16 @@ def beam_args(runner, num_workers, beam_options):
     return tuple(args + shlex.split(beam_options))
 
 
+def threads_per_worker(runner, num_workers, threads):
+    """TF threads per worker: split this machine's cores among local
+    DirectRunner processes, which would otherwise each take all of them."""
+    if threads is not None:
+        return threads
+    if runner == "DirectRunner" and num_workers > 1:
+        return max(1, (os.cpu_count() or 1) // num_workers)
+    return 0
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -66,6 +81,8 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         beam_args=beam_args(FLAGS.runner, FLAGS.num_workers,
                             FLAGS.beam_options),
+        threads_per_worker=threads_per_worker(
+            FLAGS.runner, FLAGS.num_workers, FLAGS.threads_per_worker),
     )
     manifest = beam_encode.encode_collection(config)
     print(f"{FLAGS.out}\t{manifest['count']} codes\t"

@@ -40,6 +40,10 @@ class CollectionConfig:
         batch_size: images per SavedModel call.
         beam_args: Beam pipeline options, e.g. ["--runner=DirectRunner",
             "--direct_num_workers=2"].
+        threads_per_worker: TensorFlow intra-op threads of each worker; 0
+            leaves TensorFlow's default (all cores). Local worker processes
+            sharing a machine should split its cores instead of each taking
+            all of them.
     """
 
     model_dir: str
@@ -47,6 +51,7 @@ class CollectionConfig:
     out_dir: str
     batch_size: int = 64
     beam_args: tuple = ()
+    threads_per_worker: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -62,13 +67,25 @@ class EncodeBatchDoFn(beam.DoFn):
     The SavedModel is loaded once per worker in `setup`, not per element.
     """
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, threads=0):
         self._model_dir = model_dir
+        self._threads = threads
         self._encoder = None
         self._encoded = beam.metrics.Metrics.counter("uhga_tf", "encoded")
         self._dead = beam.metrics.Metrics.counter("uhga_tf", "dead_letters")
 
     def setup(self):
+        if self._threads:
+            import tensorflow as tf
+
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(
+                    self._threads)
+                tf.config.threading.set_inter_op_parallelism_threads(
+                    self._threads)
+            except RuntimeError as e:  # TF already running in this process
+                logging.warning("Cannot set TF threads to %d: %s",
+                                self._threads, e)
         self._encoder = pipeline.SavedModelEncoder(self._model_dir)
 
     def process(self, batch):
@@ -81,7 +98,8 @@ class EncodeBatchDoFn(beam.DoFn):
             except OSError as e:
                 dead.append((item, f"cannot read: {e}"))
         if blobs:
-            packed, reasons = pipeline.encode_blobs(self._encoder, blobs)
+            packed, reasons = pipeline.encode_blobs(
+                self._encoder, blobs, [item["source"] for item in readable])
             for item, row, reason in zip(readable, packed, reasons):
                 if reason is None:
                     self._encoded.inc()
@@ -122,7 +140,8 @@ def build_pipeline(root, config, listing_path):
             min_batch_size=config.batch_size,
             max_batch_size=config.batch_size,
         )
-        | "Encode" >> beam.ParDo(EncodeBatchDoFn(config.model_dir))
+        | "Encode" >> beam.ParDo(EncodeBatchDoFn(
+            config.model_dir, config.threads_per_worker))
         .with_outputs(DEAD_LETTER, main="codes")
     )
     for name, prefix in (

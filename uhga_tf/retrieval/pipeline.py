@@ -392,7 +392,8 @@ def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
         for start in range(0, len(paths), batch_size):
             batch_ids = ids[start:start + batch_size]
             batch = [_read_file(paths[i]) for i in batch_ids]
-            packed, reasons = encode_blobs(encoder, batch)
+            packed, reasons = encode_blobs(
+                encoder, batch, [paths[i] for i in batch_ids])
             for i, row, reason in zip(batch_ids, packed, reasons):
                 if reason is None:
                     chunks.append(row[None])
@@ -428,8 +429,10 @@ def check_image_bytes(data, where):
     return None
 
 
-def encode_blobs(encoder, blobs):
+def encode_blobs(encoder, blobs, names=None):
     """Encode encoded images in one batch, isolating the bad ones.
+
+    `names` (e.g. paths) name the images in the reasons.
 
     Returns:
         (packed_codes uint8 [n, code_length / 8], reasons): reasons[i] is
@@ -440,8 +443,8 @@ def encode_blobs(encoder, blobs):
     """
     import tensorflow as tf
 
-    reasons = [check_image_bytes(b, f"image {i}") for i, b in
-               enumerate(blobs)]
+    names = names or [f"image {i}" for i in range(len(blobs))]
+    reasons = [check_image_bytes(b, name) for b, name in zip(blobs, names)]
     good = [i for i, r in enumerate(reasons) if r is None]
     rows = {}
     try:
