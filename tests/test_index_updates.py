@@ -145,3 +145,47 @@ def test_cli_build_from_codes_add_remove(tmp_path):
     proc = run_index("remove", "--ids=99", f"--out={out}")
     assert proc.returncode == 1
     assert "ids not in the index: [99]" in proc.stderr
+
+
+def test_cli_add_images_equals_build(tmp_path):
+    """`index add --images` appends the codes `index build` gives them."""
+    import model_fixtures
+
+    model_dir = model_fixtures.export_tiny(tmp_path / "models", CODE_LENGTH)
+    _, encoded = model_fixtures.sample_images([(34, 34)] * 6)
+    for name, part in (("first", encoded[:4]), ("more", encoded[4:])):
+        for i, data in enumerate(part):
+            path = tmp_path / name / f"img{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+    out, whole = str(tmp_path / "index"), str(tmp_path / "whole")
+    for args in (
+        ("build", f"--images={tmp_path / 'first'}", f"--out={out}"),
+        ("add", f"--images={tmp_path / 'more'}", f"--out={out}"),
+    ):
+        proc = run_index(*args, f"--model={model_dir}", "--noprogress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\t")[1:] == ["added 2", "ids 4..5\n"]
+    first = retrieval.build_index(model_dir, whole,
+                                  images_dir=str(tmp_path / "first"),
+                                  progress=False)
+    more = retrieval.build_index(model_dir, whole,
+                                 images_dir=str(tmp_path / "more"),
+                                 progress=False)
+    index = HammingIndex.load(out)
+    np.testing.assert_array_equal(index.ids, np.arange(6))
+    np.testing.assert_array_equal(
+        index.packed_codes,
+        np.concatenate([first.packed_codes, more.packed_codes]))
+    sources = [m["source"] for m in index.get_metadata([4, 5])]
+    assert sources == [str(tmp_path / "more" / f"img{i}.png")
+                       for i in range(2)]
+
+
+def test_added_labels_follow_class_names():
+    from uhga_tf.retrieval import index_updates
+
+    mapped = index_updates._map_labels(
+        [0, 1, None, [0, 2]], ["b", "z", "a"], ["a", "b", "c"])
+    assert mapped == [1, None, None, [1, 0]]
+    assert index_updates._map_labels([0, 1], None, ["a"]) == [None, None]

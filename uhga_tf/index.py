@@ -64,12 +64,15 @@ def _sources():
 
 
 def _encoded(source):
-    """(packed_codes, metadata) of --images/--dataset for `add`."""
+    """(packed_codes, metadata columns, class_names) of --images/--dataset."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         index = _build(source, tmp + "/index", retrieval.SearchKind())
-    return index.packed_codes, index.get_metadata(index.ids)
+    items = index.get_metadata(index.ids)
+    metadata = {name: [item[name] for item in items]
+                for name in index.metadata_columns}
+    return index.packed_codes, metadata, index.info.get("class_names")
 
 
 def _build(source, out, search):

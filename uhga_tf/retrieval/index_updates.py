@@ -74,14 +74,46 @@ def locked(index_dir):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def add_items(index_dir, packed_codes, metadata):
+def _map_labels(labels, from_names, to_names):
+    """Int labels over `from_names` -> the same classes in `to_names`.
+
+    A class the index does not know becomes None, and so do all labels
+    when either side has no class names: a label is an index into the
+    class names, so it only means something with the same names.
+    """
+    if not from_names or not to_names:
+        return [None] * len(labels)
+    lookup = {name: to_names.index(name) for name in from_names
+              if name in to_names}
+
+    def one(label):
+        if label is None:
+            return None
+        if isinstance(label, list):
+            return [lookup[from_names[i]] for i in label
+                    if from_names[i] in lookup]
+        return lookup.get(from_names[label])
+
+    return [one(label) for label in labels]
+
+
+def add_items(index_dir, packed_codes, metadata, class_names=None):
     """Append codes with fresh ids after the largest id in the index.
+
+    Args:
+        metadata: columns or per-item dicts, as `HammingIndex.add`; a
+            "label" column holds indices into `class_names` and is mapped
+            to the index's own class names.
 
     Returns:
         int64 [n]: the new ids, in the order of `packed_codes`.
     """
     with locked(index_dir):
         index = HammingIndex.load(index_dir)
+        if isinstance(metadata, dict) and "label" in metadata:
+            metadata = dict(metadata, label=_map_labels(
+                metadata["label"], class_names,
+                index.info.get("class_names")))
         start = int(index.ids.max()) + 1 if len(index) else 0
         ids = np.arange(start, start + len(packed_codes), dtype=np.int64)
         index.add(packed_codes, ids, metadata=metadata)
@@ -93,8 +125,9 @@ def add_codes(index_dir, codes_dir):
     """`add_items` of the shards `encode_collection` wrote."""
     from uhga_tf.retrieval import code_shards
 
-    packed, _, metadata, _ = code_shards.read_code_shards(codes_dir)
-    return add_items(index_dir, packed, metadata)
+    packed, _, metadata, manifest = code_shards.read_code_shards(codes_dir)
+    return add_items(index_dir, packed, metadata,
+                     manifest.get("class_names"))
 
 
 def remove_items(index_dir, ids):
