@@ -83,6 +83,7 @@ class HammingIndex:
         self._faiss_index = None
         self._numpy_kernel = None
         self._lists = None  # InvertedLists when kind == "ivf"
+        self._id_order = None  # (argsort, sorted ids), for get_metadata
 
     @property
     def kind(self):
@@ -203,6 +204,7 @@ class HammingIndex:
         if self._lists is not None:
             self._lists.add(packed, start=n_old)
         self._numpy_kernel = None  # rebuilt lazily over every item
+        self._id_order = None
         logging.debug("HammingIndex: added %d items (%d total)", len(ids),
                       len(self))
 
@@ -230,12 +232,15 @@ class HammingIndex:
             self._metadata[name] = [values[i] for i in positions]
         self._faiss_index = None  # rebuilt lazily, in the new order
         self._numpy_kernel = None
+        self._id_order = None
 
     def get_metadata(self, ids):
         """Return one dict of metadata per id (same order as `ids`)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        order = np.argsort(self._ids)
-        sorted_ids = self._ids[order]
+        if self._id_order is None:  # sorted once, not on every call
+            order = np.argsort(self._ids)
+            self._id_order = order, self._ids[order]
+        order, sorted_ids = self._id_order
         where = np.searchsorted(sorted_ids, ids)
         found = where < len(sorted_ids)
         found[found] = sorted_ids[where[found]] == ids[found]

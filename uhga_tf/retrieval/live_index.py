@@ -78,6 +78,11 @@ class LiveIndex:
         index = HammingIndex.load(self.index_dir)
         ids = index.ids
         order = np.argsort(ids, kind="stable")
+        if len(index):
+            # Build the search structures and the id order here, not in
+            # the first request after a reload.
+            index.search(index.packed_codes_at([0]), 1)
+            index.get_metadata(ids[:1])
         return Snapshot(index, signature, ids[order], order)
 
     def check(self):
