@@ -115,8 +115,8 @@ class InvertedLists:
         (ties by list number).
 
         NumPy popcount in row chunks rather than a faiss search: exact, a
-        fixed tie rule, and no OpenMP threads that stall when the cores are shared
-        (a 10k x 256 faiss search took 11 s on our loaded machine).
+        fixed tie rule, and no OpenMP threads that stall when the cores are
+        shared (a 10k x 256 faiss search took 11 s on our loaded machine).
         """
         packed_codes = np.asarray(packed_codes, np.uint8)
         out = np.empty((len(packed_codes), k), np.int64)
