@@ -92,3 +92,27 @@ def test_refuses_a_used_out_dir(collection, tmp_path):
     )
     with pytest.raises(ValueError, match="already holds codes shards"):
         beam_encode.encode_collection(config)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_match_in_process(collection, tmp_path):
+    """The default local set-up: 2 worker processes, 1 TF thread each."""
+    root, model_dir = collection
+    config = beam_encode.CollectionConfig(
+        model_dir=model_dir,
+        images=str(root / "images"),
+        out_dir=str(tmp_path / "codes"),
+        batch_size=3,
+        beam_args=encode_collection.beam_args("DirectRunner", 2, ""),
+        threads_per_worker=encode_collection.threads_per_worker(
+            "DirectRunner", 2, None),
+    )
+    manifest = beam_encode.encode_collection(config)
+    assert (manifest["count"], manifest["dead_letter_count"]) == (10, 2)
+    packed, ids, _, _ = code_shards.read_code_shards(tmp_path / "codes")
+    index = retrieval.build_index(
+        model_dir, str(tmp_path / "index"), images_dir=str(root / "images"),
+        progress=False, skip_corrupt=True,
+    )
+    np.testing.assert_array_equal(ids, index.ids)
+    np.testing.assert_array_equal(packed, index.packed_codes)
