@@ -314,9 +314,27 @@ def _threshold_matrix(features, tau_sim, tau_dis, block_size):
     return matrix
 
 
+def positive_mass(matrix):
+    """Per entry, the loss's target probability of "similar": (1 + s) / 2
+    on labeled entries (s != 0), 0 on unlabeled ones; 1 for s = +1 and 0 for
+    s = -1, so a graded S in [-1, 1] counts by mass."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    return np.where(matrix != 0, (1.0 + matrix) / 2.0, 0.0)
+
+
 def entry_fractions(matrix):
-    """Shares of +1, -1 and 0 entries of an S matrix or block."""
+    """Shares of +1, -1 and 0 entries of an S matrix or block.
+
+    A graded S (float entries in [-1, 1]) counts each labeled entry as
+    (1 + s) / 2 similar and (1 - s) / 2 dissimilar.
+    """
     total = float(matrix.size)
+    if np.issubdtype(np.asarray(matrix).dtype, np.floating):
+        labeled = float(np.count_nonzero(matrix)) / total
+        positive = float(np.sum(positive_mass(matrix))) / total
+        negative = labeled - positive
+        return {"positive": positive, "negative": negative,
+                "unlabeled": 1.0 - labeled}
     positive = float(np.count_nonzero(matrix == 1)) / total
     negative = float(np.count_nonzero(matrix == -1)) / total
     return {

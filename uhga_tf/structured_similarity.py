@@ -54,7 +54,9 @@ from absl import logging
 
 from uhga_tf import similarity as similarity_lib
 
-STRUCTURED_MODES = ("knn", "cluster", "manifold")
+STRUCTURED_MODES = ("knn", "cluster", "manifold", "multiscale")
+# Modes whose S entries are graded in [-1, 1] (float32), not {-1, 0, +1}.
+GRADED_MODES = ("multiscale",)
 RADIUS_SAMPLE = 4096
 FRACTION_SAMPLE = 2048
 
@@ -124,6 +126,14 @@ def similarity_block(mode, tensors, index_1, index_2):
     """
     index_1 = tf.cast(index_1, tf.int32)
     index_2 = tf.cast(index_2, tf.int32)
+    if mode in GRADED_MODES:
+        ids = tensors["assignments"]
+        a = tf.gather(ids, index_1)[:, None, :]
+        b = tf.gather(ids, index_2)[None, :, :]
+        agree = tf.reduce_mean(tf.cast(tf.equal(a, b), tf.float32), axis=-1)
+        # The share of (scale, run) clusterings that join the pair, mapped
+        # to [-1, 1]: joined at every scale = +1, at none = -1.
+        return 2.0 * agree - 1.0
     if mode in ("cluster", "manifold"):
         ids = tensors["assignments"]
         a = tf.gather(ids, index_1)[:, None, :]
@@ -235,8 +245,11 @@ def row_radius(unit, quantile, seed):
     return radius
 
 
-def spectral_embedding(ids, dimensions, seed):
+def spectral_embedding(ids, dimensions, seed, ordered=False):
     """Rows of the top eigenvectors of the normalised kNN graph (unit rows).
+
+    With ``ordered``, the raw eigenvectors [N, dimensions], largest
+    eigenvalue first (rows not normalised).
 
     Laplacian eigenmaps (Ng, Jordan and Weiss): A is the symmetrised kNN
     graph, the embedding the ``dimensions`` largest eigenvectors of
@@ -255,10 +268,42 @@ def spectral_embedding(ids, dimensions, seed):
     inverse_root = sp.diags(1.0 / np.sqrt(degree))
     normalised = inverse_root @ graph @ inverse_root
     start = np.random.default_rng(seed).standard_normal(n)
-    _, vectors = sla.eigsh(
+    values, vectors = sla.eigsh(
         normalised, k=min(dimensions, n - 1), which="LA", v0=start
     )
-    return unit_rows(vectors.astype(np.float32))
+    if not ordered:
+        return unit_rows(vectors.astype(np.float32))
+    # Largest eigenvalue first, so that a prefix of the columns is the
+    # embedding of a coarser clustering (multiscale mode).
+    return vectors[:, np.argsort(-values, kind="stable")].astype(np.float32)
+
+
+def cluster_scales(num_items, cluster_size):
+    """The granularities of multiscale mode: 2, 4, 8, ... clusters.
+
+    Doubling while the mean cluster would keep at least ``cluster_size``
+    items, so the ladder follows N and never the number of classes (which a
+    user does not know): N = 5,000 and cluster_size = 40 give 2 ... 64.
+    """
+    scales = [2]
+    while scales[-1] * 2 * cluster_size <= num_items:
+        scales.append(scales[-1] * 2)
+    return scales
+
+
+def multiscale_assignments(ids, scales, runs, seed):
+    """k-means ids at every scale in the spectral embedding, int32 [N, S R].
+
+    Scale C clusters the rows of the top C eigenvectors of the kNN graph
+    (Ng, Jordan and Weiss: C clusters, C eigenvectors), ``runs`` seeds each.
+    """
+    vectors = spectral_embedding(ids, max(scales), seed, ordered=True)
+    columns = []
+    for position, clusters in enumerate(scales):
+        space = unit_rows(vectors[:, :max(clusters, 2)])
+        columns.append(cluster_assignments(
+            space, clusters, runs, (seed % 1000) * 100 + position))
+    return np.concatenate(columns, axis=1)
 
 
 def cluster_assignments(unit, clusters, runs, seed, iterations=25):
@@ -285,6 +330,7 @@ def build_structured_similarity(
     similarity_clusters=50,
     similarity_runs=5,
     similarity_dissimilar_quantile=0.3,
+    similarity_cluster_size=40,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -297,6 +343,8 @@ def build_structured_similarity(
         similarity_runs: k-means runs with different seeds, >= 1.
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (knn, manifold), in (0, 1).
+        similarity_cluster_size: smallest mean cluster size of the
+            multiscale ladder (`cluster_scales`), >= 1.
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -313,7 +361,7 @@ def build_structured_similarity(
     structure = _build_structure(
         unit_rows(features), similarity, similarity_knn,
         similarity_clusters, similarity_runs,
-        similarity_dissimilar_quantile, seed,
+        similarity_dissimilar_quantile, seed, similarity_cluster_size,
     )
     fractions = estimate_fractions(structure, seed)
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
@@ -346,7 +394,7 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
         )
     features = check_features(features)
     n = len(features)
-    if similarity in ("knn", "manifold") and not 1 <= knn < n:
+    if similarity in ("knn", "manifold", "multiscale") and not 1 <= knn < n:
         raise ValueError(
             f"similarity_knn must be in [1, N) = [1, {n}) for {n} train "
             f"items; received similarity_knn={knn}"
@@ -370,7 +418,8 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
     return features
 
 
-def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed):
+def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
+                     cluster_size):
     """The StructuredSimilarity of a mode, without fractions."""
     if similarity == "knn":
         ids, _ = nearest_neighbours(unit, knn)
@@ -379,6 +428,13 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed):
             neighbours=mutual_partners(ids),
             radius=row_radius(unit, quantile, seed),
             unit_features=unit,
+        )
+    if similarity == "multiscale":
+        ids, _ = nearest_neighbours(unit, knn)
+        scales = cluster_scales(len(unit), cluster_size)
+        return StructuredSimilarity(
+            mode=similarity,
+            assignments=multiscale_assignments(ids, scales, runs, seed),
         )
     space = unit
     if similarity == "manifold":
@@ -408,7 +464,7 @@ def estimate_fractions(structure, seed):
     return {
         **similarity_lib.entry_fractions(block),
         "positive_offdiagonal": float(
-            np.count_nonzero((block == 1) & off_diagonal)
+            np.sum(similarity_lib.positive_mass(block) * off_diagonal)
         ) / float(block.size),
     }
 
@@ -429,7 +485,8 @@ def label_agreement(block, labels_1, labels_2):
     else:
         same = (labels_1.astype(np.int32) @ labels_2.T.astype(np.int32)) > 0
     block = np.asarray(block)
-    similar, dissimilar = block == 1, block == -1
+    # Graded S: the sign says which side of the loss a pair pulls towards.
+    similar, dissimilar = block > 0, block < 0
     nan = float("nan")
     return {
         "p_same_given_similar": (

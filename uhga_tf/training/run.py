@@ -608,8 +608,14 @@ def evaluate_final(experiment, model, inputs, matrix):
             sets.labels["query"], sets.labels["database"],
             top_k=eval_cfg.top_k or None,
         ),
+        cosine_map_centred=cosine.cosine_map(
+            sets.features["query"] - inputs.train_features.mean(axis=0),
+            sets.features["database"] - inputs.train_features.mean(axis=0),
+            sets.labels["query"], sets.labels["database"],
+            top_k=eval_cfg.top_k or None,
+        ),
         itq_map=itq_map(experiment, sets),
-        validation_map=validation_map(validation_codes, database_codes, sets),
+        **validation_metrics(validation_codes, database_codes, sets),
         steps=int(model.step.numpy()),
         similarity_mode=experiment.similarity.similarity,
         similarity_fractions=matrix.fractions,
@@ -633,6 +639,7 @@ def build_similarity(experiment, train_features):
             similarity_dissimilar_quantile=(
                 sim_cfg.similarity_dissimilar_quantile
             ),
+            similarity_cluster_size=sim_cfg.similarity_cluster_size,
             seed=experiment.train.seed,
         )
     matrix = similarity.build_similarity_matrix(
@@ -670,33 +677,44 @@ def similarity_diagnostics(matrix, train_labels, seed):
 
 
 def itq_map(experiment, sets):
-    """MAP of ITQ at the same code length on the same split: the bar.
+    """Tie-aware MAP@ALL of ITQ on unit rows, same length, same split.
 
     ITQ is fitted on the same train features in a second or two; a learned
     code that does not beat it is not worth training.
     """
     query_codes, database_codes = tables.shallow_codes(
-        "ITQ", experiment.model.code_length, sets, experiment.train.seed
+        "ITQ (unit)", experiment.model.code_length, sets,
+        experiment.train.seed
     )
-    return float(metrics.mean_average_precision(
+    return float(metrics.tie_aware_map(
         query_codes, database_codes, sets.labels["query"],
-        sets.labels["database"], top_k=experiment.eval.top_k or None,
-        ap_denominator=experiment.eval.ap_denominator,
-        empty_query=experiment.eval.empty_query,
+        sets.labels["database"], empty_query=experiment.eval.empty_query,
     ))
 
 
-def validation_map(validation_codes, database_codes, sets):
-    """MAP@ALL of the validation queries against database \\ validation.
+def validation_metrics(validation_codes, database_codes, sets):
+    """The validation queries against database \\ validation.
 
-    The number to select defaults on (protocol.md §1.3); the reported
+    The numbers to select defaults on (protocol.md §1.3); the reported
     query set is never used for that.
+
+    Returns:
+        {"validation_map": tie-aware MAP@ALL (no tie rule can move it),
+        "validation_map_stable": MAP@ALL with ties by database order,
+        "validation_map_1000": MAP@1000, "validation_p_100": P@100}.
     """
     keep = retrieval_sets.validation_database_mask(sets)
-    return float(metrics.mean_average_precision(
+    result = metrics.evaluate_codes(
         validation_codes, database_codes[keep],
         sets.labels["validation"], sets.labels["database"][keep],
-    ))
+        precision_at=(100,), map_at=(1000,),
+    )
+    return {
+        "validation_map": result["map_tie_aware"],
+        "validation_map_stable": result["map"],
+        "validation_map_1000": result["map_at"].get(1000),
+        "validation_p_100": result["precision_at_n"].get(100),
+    }
 
 
 def check_not_collapsed(database_codes):

@@ -102,7 +102,9 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
 
     Args:
         u: [B1, K], v: [B2, K] relaxed codes.
-        similarity_block: [B1, B2] S entries in {-1, 0, +1} (any dtype).
+        similarity_block: [B1, B2] S entries in {-1, 0, +1} (any dtype),
+            or graded in [-1, 1] (float): a labeled entry s asks for
+            P(similar) = (1 + s) / 2 in the logistic loss, s itself in (22).
 
     Returns:
         (loss scalar, G [B1, B2]); both differentiable in u, v.
@@ -110,8 +112,8 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
     s_entries = tf.cast(similarity_block, u.dtype)
     q = tf.matmul(u, v, transpose_b=True)
     if loss == "ga_logistic":
-        target = tf.cast(tf.equal(s_entries, 1.0), u.dtype)
         labeled = tf.cast(tf.not_equal(s_entries, 0.0), u.dtype)
+        target = labeled * (1.0 + s_entries) / 2.0
         weight = labeled * (1.0 + (positive_weight - 1.0) * target)  # (6)
         total = tf.reduce_sum(weight)
         gq = sigmoid_param * q
