@@ -50,12 +50,12 @@ def _child(mode, path):
     """Build one mode from the saved features; print JSON."""
     import numpy as np
 
-    from uhga_tf import structured_similarity
+    from uhga_tf.similarity import structured
 
     features = np.load(path)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
-    structure = structured_similarity.build_structured_similarity(
+    structure = structured.build_structured_similarity(
         features, similarity=mode, seed=0, **PARAMS)
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,7 +4,8 @@ clusters, determinism, O(N k) memory, the pair rule, and bad input."""
 import numpy as np
 import pytest
 
-from uhga_tf import structured_similarity as ss
+from uhga_tf.similarity import entries
+from uhga_tf.similarity import structured as ss
 
 MODES = ("knn", "cluster", "manifold")
 
@@ -107,12 +108,12 @@ def test_mutual_partners_keeps_only_reciprocated_pairs():
 
 def test_label_agreement_counts_single_and_multi_label():
     block = np.array([[1, -1], [0, 1]])
-    out = ss.label_agreement(block, np.array([0, 1]), np.array([0, 1]))
+    out = entries.label_agreement(block, np.array([0, 1]), np.array([0, 1]))
     assert out["p_same_given_similar"] == 1.0
     assert out["p_different_given_dissimilar"] == 1.0
     assert out["p_same_base_rate"] == 0.5
     multi = np.array([[1, 1, 0], [0, 0, 1]], np.uint8)
-    out = ss.label_agreement(block, multi, multi[::-1])
+    out = entries.label_agreement(block, multi, multi[::-1])
     assert out["p_same_given_similar"] == 0.0
     assert out["p_different_given_dissimilar"] == 0.0
 

@@ -234,10 +234,10 @@ def test_fit_in_graph_and_checkpoint_restores_step_and_momenta(tmp_path):
 def test_structured_similarity_step_equals_its_dense_matrix(mode):
     """A structured S built per batch trains exactly as its materialised
     N x N matrix, with GA and the balance and quantization terms on."""
-    from uhga_tf import structured_similarity
+    from uhga_tf.similarity import structured
 
     features, _ = _data()
-    structure = structured_similarity.build_structured_similarity(
+    structure = structured.build_structured_similarity(
         features, similarity=mode, similarity_knn=3, similarity_clusters=3,
         similarity_runs=2, similarity_dissimilar_quantile=0.5, seed=0,
     )

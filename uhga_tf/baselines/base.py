@@ -59,20 +59,10 @@ def validate_features(features, name="features", num_dims=None):
     Raises:
         ValueError: not 2-D, empty, non-finite, or D != num_dims.
     """
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-        raise ValueError(
-            f"{name} must be a non-empty 2-D array [n, D]; received shape "
-            f"{features.shape}"
-        )
-    if num_dims is not None and features.shape[1] != num_dims:
-        raise ValueError(
-            f"{name} must have D={num_dims} columns (as at fit); received "
-            f"shape {features.shape}"
-        )
-    if not np.all(np.isfinite(features)):
-        raise ValueError(f"{name} must be finite; received NaN or inf")
-    return features
+    from uhga_tf.similarity import features as features_lib
+
+    return features_lib.check_features(
+        features, name, num_dims=num_dims, dtype=np.float64)
 
 
 def validate_seed(seed):

@@ -3,7 +3,7 @@
 What does training (and gradient attention) add beyond the kNN graph and the
 clusters that build the similarity matrix? These two hashers answer it: they
 use the same unit-row cosine geometry, the same kNN graph and the same
-multiscale k-means ensemble (`uhga_tf.structured_similarity`, same defaults
+multiscale k-means ensemble (`uhga_tf.similarity.structured`, same defaults
 as the product recipe), and turn them into codes in closed form.
 
 * ``spectral_itq``: Laplacian eigenmaps of the train features' kNN graph
@@ -20,11 +20,12 @@ Both fit on train features only (N x N is never formed) and, like every
 import numpy as np
 
 from uhga_tf import codes as codes_lib
-from uhga_tf import structured_similarity
 from uhga_tf.baselines.base import Hasher
 from uhga_tf.baselines.base import register
 from uhga_tf.baselines.shallow import itq_rotation
 from uhga_tf.baselines.shallow import pca_directions
+from uhga_tf.similarity import features as features_lib
+from uhga_tf.similarity import structured
 
 STRUCTURE_OPTIONS = {"knn": 20, "cluster_size": 40, "runs": 3,
                      "ridge": 1e-2, "itq_iters": 50}
@@ -58,8 +59,8 @@ class _StructuralHasher(Hasher):
                 f"{self.name} needs knn in [1, n) for {len(features)} train "
                 f"items; received knn={self.options['knn']}"
             )
-        unit = structured_similarity.unit_rows(features.astype(np.float32))
-        ids, _ = structured_similarity.nearest_neighbours(
+        unit = features_lib.unit_rows(features.astype(np.float32))
+        ids, _ = structured.nearest_neighbours(
             unit, self.options["knn"])
         return ids
 
@@ -91,7 +92,7 @@ class SpectralITQ(_StructuralHasher):
     def _fit(self, features, rng):
         ids = self._neighbours(features)
         seed = int(rng.integers(1000))
-        embedding = structured_similarity.spectral_embedding(
+        embedding = structured.spectral_embedding(
             ids, self.code_length + 1, seed, ordered=True)
         # Column 0 is the graph's trivial (degree) direction: no split.
         self._fit_head(features, embedding[:, 1:], rng)
@@ -105,9 +106,9 @@ class KMeansLS(_StructuralHasher):
 
     def _fit(self, features, rng):
         ids = self._neighbours(features)
-        scales = structured_similarity.cluster_scales(
+        scales = structured.cluster_scales(
             len(features), self.options["cluster_size"])
-        assignments = structured_similarity.multiscale_assignments(
+        assignments = structured.multiscale_assignments(
             ids, scales, self.options["runs"], int(rng.integers(1000)))
         one_hot = np.concatenate([
             np.eye(int(column.max()) + 1)[column]

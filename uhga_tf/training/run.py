@@ -32,7 +32,6 @@ from uhga_tf import codes as codes_lib
 from uhga_tf import config
 from uhga_tf import io_utils
 from uhga_tf import similarity
-from uhga_tf import structured_similarity
 from uhga_tf import tables
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import cosine
@@ -628,33 +627,11 @@ def evaluate_final(experiment, model, inputs, matrix):
 
 def build_similarity(experiment, train_features):
     """S of the configured mode: dense (paper) or structured (beyond it)."""
-    sim_cfg = experiment.similarity
-    if sim_cfg.similarity in structured_similarity.STRUCTURED_MODES:
-        return structured_similarity.build_structured_similarity(
-            train_features,
-            similarity=sim_cfg.similarity,
-            similarity_knn=sim_cfg.similarity_knn,
-            similarity_clusters=sim_cfg.similarity_clusters,
-            similarity_runs=sim_cfg.similarity_runs,
-            similarity_dissimilar_quantile=(
-                sim_cfg.similarity_dissimilar_quantile
-            ),
-            similarity_cluster_size=sim_cfg.similarity_cluster_size,
-            seed=experiment.train.seed,
-        )
-    matrix = similarity.build_similarity_matrix(
-        train_features,
-        similarity=sim_cfg.similarity,
-        similarity_lambda=sim_cfg.similarity_lambda,
-        ssdh_alpha=sim_cfg.ssdh_alpha,
-        ssdh_beta=sim_cfg.ssdh_beta,
-        similarity_threshold=sim_cfg.similarity_threshold,
-        dissimilarity_threshold=sim_cfg.dissimilarity_threshold,
-    )
-    logging.info(
-        "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
-        matrix.mode, matrix.tau_sim, matrix.tau_dis, matrix.fractions,
-    )
+    matrix = similarity.build(
+        experiment.similarity, train_features, experiment.train.seed)
+    logging.info("similarity matrix (%s): %d items, fractions %s",
+                 experiment.similarity.similarity, matrix.num_items,
+                 {k: round(v, 4) for k, v in matrix.fractions.items()})
     return matrix
 
 
@@ -666,12 +643,9 @@ def similarity_diagnostics(matrix, train_labels, seed):
     """
     if train_labels is None or len(train_labels) == 0:
         return {}
-    rows, cols = structured_similarity.sample_pairs(len(train_labels), seed)
-    if isinstance(matrix, structured_similarity.StructuredSimilarity):
-        block = matrix.block(rows, cols).numpy()
-    else:
-        block = matrix.similarity_matrix[np.ix_(rows, cols)]
-    return structured_similarity.label_agreement(
+    rows, cols = similarity.sample_pairs(len(train_labels), seed)
+    block = matrix.block(rows, cols).numpy()
+    return similarity.label_agreement(
         block, train_labels[rows], train_labels[cols]
     )
 

@@ -52,13 +52,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from uhga_tf import similarity as similarity_lib
+from uhga_tf.similarity import entries
+from uhga_tf.similarity import features as features_lib
 
 STRUCTURED_MODES = ("knn", "cluster", "manifold", "multiscale")
 # Modes whose S entries are graded in [-1, 1] (float32), not {-1, 0, +1}.
 GRADED_MODES = ("multiscale",)
 RADIUS_SAMPLE = 4096
-FRACTION_SAMPLE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,10 @@ class StructuredSimilarity:
         arrays = (self.neighbours, self.radius, self.unit_features,
                   self.assignments)
         return sum(a.nbytes for a in arrays if a is not None)
+
+    def positive_negative(self):
+        """Sampled shares of S=+1 and S=-1 (N x N is never formed)."""
+        return self.fractions["positive"], self.fractions["negative"]
 
     def tensors(self):
         """The structure as TF constants (build once, inside the model)."""
@@ -166,35 +170,6 @@ def similarity_block(mode, tensors, index_1, index_2):
     return (
         tf.cast(positive, tf.int8) - tf.cast(negative, tf.int8)
     )
-
-
-def check_features(features, name="features"):
-    """Refuse features that cannot define cosine distances."""
-    features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] < 1:
-        raise ValueError(
-            f"{name} must be a 2-D array [N >= 2, D]; received shape "
-            f"{features.shape}"
-        )
-    bad = ~np.all(np.isfinite(features), axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{name} has {int(bad.sum())} rows with NaN or inf (first: row "
-            f"{int(np.argmax(bad))}); every feature row must be finite"
-        )
-    zero = ~np.any(features != 0, axis=1)
-    if zero.any():
-        raise ValueError(
-            f"{name} has {int(zero.sum())} all-zero rows (first: row "
-            f"{int(np.argmax(zero))}); cosine distance needs non-zero rows"
-        )
-    return features
-
-
-def unit_rows(features):
-    """L2-normalised float32 rows."""
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / norms).astype(np.float32)
 
 
 def nearest_neighbours(unit, k):
@@ -272,7 +247,7 @@ def spectral_embedding(ids, dimensions, seed, ordered=False):
         normalised, k=min(dimensions, n - 1), which="LA", v0=start
     )
     if not ordered:
-        return unit_rows(vectors.astype(np.float32))
+        return features_lib.unit_rows(vectors.astype(np.float32))
     # Largest eigenvalue first, so that a prefix of the columns is the
     # embedding of a coarser clustering (multiscale mode).
     return vectors[:, np.argsort(-values, kind="stable")].astype(np.float32)
@@ -300,7 +275,7 @@ def multiscale_assignments(ids, scales, runs, seed):
     vectors = spectral_embedding(ids, max(scales), seed, ordered=True)
     columns = []
     for position, clusters in enumerate(scales):
-        space = unit_rows(vectors[:, :max(clusters, 2)])
+        space = features_lib.unit_rows(vectors[:, :max(clusters, 2)])
         columns.append(cluster_assignments(
             space, clusters, runs, (seed % 1000) * 100 + position))
     return np.concatenate(columns, axis=1)
@@ -359,7 +334,7 @@ def build_structured_similarity(
         similarity_runs, similarity_dissimilar_quantile,
     )
     structure = _build_structure(
-        unit_rows(features), similarity, similarity_knn,
+        features_lib.unit_rows(features), similarity, similarity_knn,
         similarity_clusters, similarity_runs,
         similarity_dissimilar_quantile, seed, similarity_cluster_size,
     )
@@ -392,7 +367,8 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
             f"similarity must be one of {STRUCTURED_MODES}; received "
             f"similarity={similarity!r}"
         )
-    features = check_features(features)
+    features = features_lib.check_features(
+        features, min_rows=2, nonzero_rows=True)
     n = len(features)
     if similarity in ("knn", "manifold", "multiscale") and not 1 <= knn < n:
         raise ValueError(
@@ -446,54 +422,14 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
     )
 
 
-def sample_pairs(num_items, seed, size=FRACTION_SAMPLE):
-    """Two fixed random row samples (for fractions and diagnostics)."""
-    rng = np.random.default_rng([seed, 7])
-    size = min(size, num_items)
-    return (
-        np.sort(rng.choice(num_items, size, replace=False)),
-        np.sort(rng.choice(num_items, size, replace=False)),
-    )
-
-
 def estimate_fractions(structure, seed):
     """Fractions of S entries over a sample of pairs (all pairs if small)."""
-    rows, cols = sample_pairs(structure.num_items, seed)
+    rows, cols = entries.sample_pairs(structure.num_items, seed)
     block = structure.block(rows, cols).numpy()
     off_diagonal = rows[:, None] != cols[None, :]
     return {
-        **similarity_lib.entry_fractions(block),
+        **entries.entry_fractions(block),
         "positive_offdiagonal": float(
-            np.sum(similarity_lib.positive_mass(block) * off_diagonal)
+            np.sum(entries.positive_mass(block) * off_diagonal)
         ) / float(block.size),
-    }
-
-
-def label_agreement(block, labels_1, labels_2):
-    """Diagnostics only: how often S agrees with the class labels.
-
-    Never used to train or select. Labels are int [b] or multi-hot [b, C]
-    (same class = at least one shared label); the diagonal counts.
-
-    Returns:
-        {"p_same_given_similar", "p_different_given_dissimilar",
-        "p_same_base_rate"} (NaN where S has no such entry).
-    """
-    labels_1, labels_2 = np.asarray(labels_1), np.asarray(labels_2)
-    if labels_1.ndim == 1:
-        same = labels_1[:, None] == labels_2[None, :]
-    else:
-        same = (labels_1.astype(np.int32) @ labels_2.T.astype(np.int32)) > 0
-    block = np.asarray(block)
-    # Graded S: the sign says which side of the loss a pair pulls towards.
-    similar, dissimilar = block > 0, block < 0
-    nan = float("nan")
-    return {
-        "p_same_given_similar": (
-            float(same[similar].mean()) if similar.any() else nan
-        ),
-        "p_different_given_dissimilar": (
-            float((~same[dissimilar]).mean()) if dissimilar.any() else nan
-        ),
-        "p_same_base_rate": float(same.mean()),
     }
