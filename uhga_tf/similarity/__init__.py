@@ -8,6 +8,7 @@ and answers the same questions, so no caller switches on its type:
   a model);
 * ``fractions``: shares of +1 / -1 / 0 entries (graded S by mass);
 * ``positive_negative()``: what omega = auto divides;
+* ``summary()``: what results store about it (thresholds, size);
 * ``num_items``: N.
 
 Modules: `dense` (the paper's thresholded cosine distances, int8 [N, N]),

@@ -78,6 +78,11 @@ class SimilarityMatrix:
         return (int(np.count_nonzero(self.similarity_matrix == 1)),
                 int(np.count_nonzero(self.similarity_matrix == -1)))
 
+    def summary(self):
+        """What to store beside results: the thresholds of eq. (3)."""
+        return {"mode": self.mode, "tau_sim": self.tau_sim,
+                "tau_dis": self.tau_dis}
+
     def tensors(self):
         """S as a TF constant (build once, inside the model)."""
         import tensorflow as tf

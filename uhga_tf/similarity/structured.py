@@ -97,6 +97,10 @@ class StructuredSimilarity:
                   self.assignments)
         return sum(a.nbytes for a in arrays if a is not None)
 
+    def summary(self):
+        """What to store beside results: the mode and the stored size."""
+        return {"mode": self.mode, "stored_mb": self.nbytes / 1e6}
+
     def positive_negative(self):
         """Sampled shares of S=+1 and S=-1 (N x N is never formed)."""
         return self.fractions["positive"], self.fractions["negative"]
@@ -266,13 +270,20 @@ def cluster_scales(num_items, cluster_size):
     return scales
 
 
+# Eigenvectors kept for the multiscale embedding: Lanczos cost grows with
+# it, and past a few dozen the extra eigenvectors of a kNN graph are noise.
+MAX_EMBEDDING = 64
+
+
 def multiscale_assignments(ids, scales, runs, seed):
     """k-means ids at every scale in the spectral embedding, int32 [N, S R].
 
-    Scale C clusters the rows of the top C eigenvectors of the kNN graph
-    (Ng, Jordan and Weiss: C clusters, C eigenvectors), ``runs`` seeds each.
+    Scale C clusters the rows of the top min(C, 64) eigenvectors of the kNN
+    graph (Ng, Jordan and Weiss: C clusters, C eigenvectors), ``runs``
+    seeds each.
     """
-    vectors = spectral_embedding(ids, max(scales), seed, ordered=True)
+    vectors = spectral_embedding(
+        ids, min(max(scales), MAX_EMBEDDING), seed, ordered=True)
     columns = []
     for position, clusters in enumerate(scales):
         space = features_lib.unit_rows(vectors[:, :max(clusters, 2)])

@@ -618,8 +618,7 @@ def evaluate_final(experiment, model, inputs, matrix):
         steps=int(model.step.numpy()),
         similarity_mode=experiment.similarity.similarity,
         similarity_fractions=matrix.fractions,
-        tau_sim=getattr(matrix, "tau_sim", None),
-        tau_dis=getattr(matrix, "tau_dis", None),
+        similarity_summary=matrix.summary(),
         data=sets.description,
     )
     return result
