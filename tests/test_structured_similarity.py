@@ -182,7 +182,8 @@ def test_multiscale_ladder_follows_n_never_a_class_count():
 def test_multiscale_grades_pairs_by_how_fine_they_stay_together():
     features, group, sub = _hierarchy()
     structure = _build("multiscale", features, similarity_cluster_size=10,
-                       similarity_runs=2)
+                       similarity_runs=2, similarity_positive_share=0.5,
+                       similarity_negative_share=0.25, similarity_grading=1.0)
     # N = 400, 10 per cluster: 2, 4, ..., 32 clusters, 2 runs each.
     assert structure.assignments.shape == (400, 10)
     s = _dense(structure)
@@ -196,8 +197,7 @@ def test_multiscale_grades_pairs_by_how_fine_they_stay_together():
     apart = s[~same_group].mean()
     # Same subgroup > same group only > different groups, by clear steps.
     assert fine > coarse + 0.2 and coarse > apart + 0.2, (fine, coarse, apart)
-    assert fine > 0.5 and apart < -0.6
+    assert fine > 0.5 and apart < -0.5
     fractions = structure.fractions
-    assert fractions["unlabeled"] < 0.05
     assert fractions["positive"] + fractions["negative"] == pytest.approx(
         1 - fractions["unlabeled"])

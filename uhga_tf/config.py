@@ -287,6 +287,15 @@ class SimilarityConfig:
         similarity_cluster_size: `multiscale` only: the k-means ensemble
             runs at 2, 4, 8, ... clusters while the mean cluster holds at
             least this many train items (no class count needed).
+        similarity_positive_share: `multiscale`: a pair that the same
+            cluster holds in at least this share of the (scale, run)
+            clusterings is similar.
+        similarity_negative_share: `multiscale`: in at most this share,
+            dissimilar (in between: unlabeled); < similarity_positive_share.
+        similarity_grading: `multiscale`, g in [0, 1]: a similar pair joined
+            in a share a of the clusterings gets S = 1 - g (1 - a), so the
+            finer the scales that keep it together, the closer it is pulled;
+            0 = every similar pair +1.
     """
 
     similarity: str = "ssdh"
@@ -300,6 +309,9 @@ class SimilarityConfig:
     similarity_runs: int = 5
     similarity_dissimilar_quantile: float = 0.3
     similarity_cluster_size: int = 40
+    similarity_positive_share: float = 0.5
+    similarity_negative_share: float = 0.25
+    similarity_grading: float = 0.0
 
     def __post_init__(self):
         _canonicalize(self)
@@ -308,6 +320,18 @@ class SimilarityConfig:
         _at_least("similarity_clusters", self.similarity_clusters, 2)
         _positive("similarity_runs", self.similarity_runs)
         _positive("similarity_cluster_size", self.similarity_cluster_size)
+        if not 0.0 <= self.similarity_grading <= 1.0:
+            raise ValueError(
+                "similarity_grading must be in [0, 1]; received "
+                f"similarity_grading={self.similarity_grading!r}")
+        if not (0.0 <= self.similarity_negative_share
+                < self.similarity_positive_share <= 1.0):
+            raise ValueError(
+                "multiscale shares must satisfy 0 <= "
+                "similarity_negative_share < similarity_positive_share <= 1;"
+                f" received {self.similarity_negative_share} and "
+                f"{self.similarity_positive_share}"
+            )
         quantile = self.similarity_dissimilar_quantile
         if not 0.0 < quantile < 1.0:
             raise ValueError(

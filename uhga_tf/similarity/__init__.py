@@ -52,6 +52,9 @@ def build(config, features, seed):
             similarity_dissimilar_quantile=(
                 config.similarity_dissimilar_quantile),
             similarity_cluster_size=config.similarity_cluster_size,
+            similarity_positive_share=config.similarity_positive_share,
+            similarity_negative_share=config.similarity_negative_share,
+            similarity_grading=config.similarity_grading,
             seed=seed,
         )
     return dense.build_similarity_matrix(

@@ -82,6 +82,7 @@ class StructuredSimilarity:
     radius: Optional[np.ndarray] = None
     unit_features: Optional[np.ndarray] = None
     assignments: Optional[np.ndarray] = None
+    shares: tuple = (0.5, 0.25, 0.0)  # positive, negative share; grading
     fractions: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -108,7 +109,8 @@ class StructuredSimilarity:
     def tensors(self):
         """The structure as TF constants (build once, inside the model)."""
         if self.assignments is not None:
-            return {"assignments": tf.constant(self.assignments)}
+            return {"assignments": tf.constant(self.assignments),
+                    "shares": tf.constant(self.shares, tf.float32)}
         return {
             "neighbours": tf.constant(self.neighbours),
             "radius": tf.constant(self.radius),
@@ -138,10 +140,17 @@ def similarity_block(mode, tensors, index_1, index_2):
         ids = tensors["assignments"]
         a = tf.gather(ids, index_1)[:, None, :]
         b = tf.gather(ids, index_2)[None, :, :]
+        # The share of (scale, run) clusterings that join the pair.
         agree = tf.reduce_mean(tf.cast(tf.equal(a, b), tf.float32), axis=-1)
-        # The share of (scale, run) clusterings that join the pair, mapped
-        # to [-1, 1]: joined at every scale = +1, at none = -1.
-        return 2.0 * agree - 1.0
+        shares = tensors["shares"]  # positive share, negative share, grading
+        # Joined in most clusterings: similar, and (graded) the more so the
+        # finer the scales that keep the pair together, so near neighbours
+        # are pulled closer than mere cluster mates; joined in few:
+        # dissimilar; in between: unlabeled.
+        strength = shares[2] * agree + (1.0 - shares[2])
+        return tf.where(
+            agree >= shares[0], strength,
+            tf.where(agree <= shares[1], -1.0, 0.0))
     if mode in ("cluster", "manifold"):
         ids = tensors["assignments"]
         a = tf.gather(ids, index_1)[:, None, :]
@@ -317,6 +326,9 @@ def build_structured_similarity(
     similarity_runs=5,
     similarity_dissimilar_quantile=0.3,
     similarity_cluster_size=40,
+    similarity_positive_share=0.5,
+    similarity_negative_share=0.25,
+    similarity_grading=0.0,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -331,6 +343,11 @@ def build_structured_similarity(
             which a pair is dissimilar (knn, manifold), in (0, 1).
         similarity_cluster_size: smallest mean cluster size of the
             multiscale ladder (`cluster_scales`), >= 1.
+        similarity_positive_share, similarity_negative_share: multiscale:
+            a pair joined in at least the first share of the (scale, run)
+            clusterings is similar, in at most the second dissimilar.
+        similarity_grading: multiscale, g in [0, 1]: a similar pair joined
+            in a share a of the clusterings gets 1 - g (1 - a), not 1.
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -348,6 +365,8 @@ def build_structured_similarity(
         features_lib.unit_rows(features), similarity, similarity_knn,
         similarity_clusters, similarity_runs,
         similarity_dissimilar_quantile, seed, similarity_cluster_size,
+        (float(similarity_positive_share), float(similarity_negative_share),
+         float(similarity_grading)),
     )
     fractions = estimate_fractions(structure, seed)
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
@@ -406,7 +425,7 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
 
 
 def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
-                     cluster_size):
+                     cluster_size, shares):
     """The StructuredSimilarity of a mode, without fractions."""
     if similarity == "knn":
         ids, _ = nearest_neighbours(unit, knn)
@@ -422,6 +441,7 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
         return StructuredSimilarity(
             mode=similarity,
             assignments=multiscale_assignments(ids, scales, runs, seed),
+            shares=shares,
         )
     space = unit
     if similarity == "manifold":
