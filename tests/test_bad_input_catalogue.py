@@ -27,6 +27,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+import hostile_inputs
 import model_fixtures
 from train_fixtures import write_feature_file
 from uhga_tf.data import splits
@@ -770,3 +771,129 @@ def test_user_error_removes_new_outputs_and_bugs_keep_traceback(tmp_path):
 
     with pytest.raises(TypeError, match="a bug"):
         cli_errors.run("verb", bug)
+
+
+# Issue 18: one decode guard for every path from bytes to pixels ----------
+
+
+@pytest.mark.parametrize("name,encoded,words", [
+    ("junk before SOF", hostile_inputs.jpeg_with_junk_before_sof(300, 200),
+     ["not a well-formed JPEG", "header"]),
+    ("junk before DQT", hostile_inputs.jpeg_with_junk_before_dqt(300, 200),
+     ["not a well-formed JPEG"]),
+    ("BMP cut short", hostile_inputs.truncated_bmp_header(),
+     ["not a well-formed BMP"]),
+])
+def test_image_that_cannot_be_sized_is_refused(batching_server, name,
+                                               encoded, words):
+    """issue 18 item 1: the decoder skips junk the header reader cannot,
+    so bytes that cannot be sized never reach it (a 300x200 JPEG with two
+    junk bytes was decoded in full)."""
+    channel, _ = batching_server
+    code, details = predict_error(channel, "serving_default", "image_bytes",
+                                  np.array([encoded], dtype=object))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, name
+    for word in words:
+        assert word in details, (word, details)
+
+
+def test_gif_frame_counts_at_its_own_size():
+    """issue 18 item 1: a 10x10 canvas holding a 400x300 frame decodes to
+    400x300 = 120000 pixels, not the 100 its screen descriptor says."""
+    from uhga_tf.data import image_header
+
+    encoded = hostile_inputs.gif_frame_over_canvas((10, 10), (400, 300))
+    decoded = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    assert decoded.shape[0] * decoded.shape[1] == 120_000
+    assert image_header.check_decodable(encoded, 120_000) == 120_000
+    with pytest.raises(image_header.ImageTooLarge, match="120000 pixels"):
+        image_header.check_decodable(encoded, 119_999)
+
+
+def test_over_declared_tensor_is_refused_before_materialising(
+        batching_server, monkeypatch):
+    """issue 18 item 1: shape [1, 6000, 6000, 3] with one value was padded
+    out by tf.make_ndarray (108 MB here, 1.2 GB at 20000^2) before the
+    pixel limit refused it."""
+    channel, _ = batching_server
+    materialised = []
+    make_ndarray = tf.make_ndarray
+
+    def spy(proto, *args, **kwargs):
+        materialised.append([d.size for d in proto.tensor_shape.dim])
+        return make_ndarray(proto, *args, **kwargs)
+
+    monkeypatch.setattr(tf, "make_ndarray", spy)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "uhga"
+    request.model_spec.signature_name = "encode_images"
+    proto = request.inputs["images"]
+    proto.dtype = tf.uint8.as_datatype_enum
+    for size in (1, 6000, 6000, 3):
+        proto.tensor_shape.dim.add().size = size
+    proto.int_val.append(7)
+    assert request.ByteSize() < 100
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "6000x6000" in info.value.details()
+    assert "max_image_pixels" in info.value.details()
+    assert [1, 6000, 6000, 3] not in materialised
+
+
+def test_index_build_guards_every_file_and_reads_gif_and_bmp(
+        export_base, tmp_path):
+    """issue 18 items 1 and 7: `index build --images` applies the guard
+    (a 3000x3000 PNG bomb, 2.2 GB at 10000^2, was decoded) and indexes
+    the GIF and BMP files the model reads (they were ignored)."""
+    from PIL import Image
+
+    from uhga_tf import retrieval
+
+    model_dir = os.path.join(export_base, "1")
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.full((24, 20, 3), 90, np.uint8)
+    for fmt in ("PNG", "GIF", "BMP"):
+        Image.fromarray(pixels).save(images / f"a.{fmt.lower()}", fmt)
+    index = retrieval.build_index(model_dir, str(tmp_path / "index"),
+                                  images_dir=str(images), progress=False)
+    assert len(index) == 3
+    (images / "bomb.png").write_bytes(png_bomb(3000, 3000))
+    with pytest.raises(ValueError, match="bomb.png is a 3000x3000 PNG"):
+        retrieval.build_index(model_dir, str(tmp_path / "index2"),
+                              images_dir=str(images), progress=False,
+                              max_image_pixels=1_000_000)
+    index = retrieval.build_index(model_dir, str(tmp_path / "index3"),
+                                  images_dir=str(images), progress=False,
+                                  skip_corrupt=True,
+                                  max_image_pixels=1_000_000)
+    assert len(index) == 3
+
+
+def test_search_cli_bomb_is_one_line(tmp_path):
+    """issue 18 item 1: the search CLI ended in PIL's
+    DecompressionBombError traceback for a 20000^2 PNG query."""
+    directory = tmp_path / "index"
+    index = HammingIndex(CODE_LENGTH, backend="numpy")
+    index.add(np.ones((2, CODE_LENGTH), np.int8), np.arange(2))
+    index.save(str(directory))
+    query = tmp_path / "bomb.png"
+    query.write_bytes(png_bomb(20000, 20000))
+    code, line = cli("search", f"--index={directory}",
+                     f"--model={tmp_path}", str(query))
+    assert_one_line(code, line, "search", "bomb.png", "20000x20000",
+                    "max_pixels=16000000")
+
+
+def test_folder_dataset_image_check_applies_the_guard():
+    """issue 18 item 1: folder datasets read sizes through PIL, which
+    decodes junk-prefixed JPEGs the header reader cannot size."""
+    from uhga_tf.data import image_folder
+
+    with pytest.raises(ValueError, match="not a well-formed JPEG"):
+        image_folder.check_image_bytes(
+            hostile_inputs.jpeg_with_junk_before_sof(30, 20))
+    with pytest.raises(ValueError, match="max_image_pixels=100"):
+        image_folder.check_image_bytes(small_images(1)[0], max_pixels=100)

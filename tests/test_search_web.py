@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import hostile_inputs
 import http_fixtures
 import model_fixtures
 from uhga_tf import codes as codes_lib
@@ -143,7 +144,16 @@ def _png_claiming(width, height):
         ("POST", "/api/search", _png_claiming(1000, 1000), 413,
          ["1000x1000", "max_pixels=100000"]),
         ("POST", "/api/search", b"GIF89a but not really", 400,
-         ["not an image"]),
+         ["not a well-formed GIF"]),
+        # issue 18: what PIL's or the header's size understates.
+        ("POST", "/api/search", hostile_inputs.jpeg_with_junk_before_sof(
+            300, 200), 400, ["not a well-formed JPEG", "header"]),
+        ("POST", "/api/search", hostile_inputs.animated_gif(100, 100, 20),
+         413, ["20 frames", "200000 pixels", "max_pixels=100000"]),
+        ("POST", "/api/search", hostile_inputs.gif_frame_over_canvas(
+            (10, 10), (400, 300)), 413, ["120000 pixels"]),
+        ("POST", "/api/search", hostile_inputs.one_bit_bmp(), 400,
+         ["cannot be decoded", "channels"]),
         ("POST", "/api/search?top_k=0", _png_claiming(1, 1), 400, ["top_k"]),
         ("GET", "/api/search?id=999", None, 404, ["999"]),
         ("GET", "/api/search?id=x", None, 400, ["id must be an integer"]),

@@ -28,6 +28,7 @@ from absl import logging
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uhga_tf.data import image_header
 from uhga_tf.retrieval import pipeline
 from uhga_tf.retrieval.hamming_index import HammingIndex
 from uhga_tf.serving import rest
@@ -110,28 +111,18 @@ class SearchService:
         self.config = config or WebConfig()
         self.index = HammingIndex.load(index_dir)
         self._class_names = self.index.info.get("class_names")
-        self._tiles = pipeline._TileLoader(self.index.info)
+        self._tiles = pipeline._TileLoader(
+            self.index.info, self.config.max_pixels
+        )
         self._tiles_lock = threading.Lock()
         self._positions = {
             int(item): i for i, item in enumerate(self.index.ids)
         }
         self._packed_codes = self.index.packed_codes
         if server is not None:
-            from uhga_tf.serving import grpc_client
-
-            def encode(blobs):
-                _, packed = grpc_client.encode_images(
-                    server, blobs, model_name=model_name, timeout=30.0
-                )
-                return np.asarray(packed, np.uint8)
-
+            self._encode = _server_encoder(server, model_name)
         else:
-            encoder = pipeline.SavedModelEncoder(model_dir)
-
-            def encode(blobs):
-                return encoder.encode_image_bytes(blobs)[1]
-
-        self._encode = encode
+            self._encode = _model_encoder(model_dir, self.index.code_length)
 
     def _top_k(self, top_k):
         if top_k is None:
@@ -143,7 +134,11 @@ class SearchService:
         return min(top_k, len(self.index))
 
     def check_upload(self, data):
-        """Refuse anything but a JPEG/PNG/GIF/BMP within the pixel bound."""
+        """Refuse anything the decode guard or the decoders refuse.
+
+        `image_header.check_decodable` runs first, so PIL and TensorFlow
+        only ever see images whose every frame fits `max_pixels`.
+        """
         if len(data) > self.config.max_upload_bytes:
             raise SearchError(
                 413,
@@ -151,28 +146,30 @@ class SearchService:
                 f"{self.config.max_upload_bytes}",
             )
         try:
+            image_header.check_decodable(
+                data, self.config.max_pixels, "upload", "max_pixels"
+            )
+        except image_header.ImageRefused as e:
+            too_large = isinstance(e, image_header.ImageTooLarge)
+            raise SearchError(413 if too_large else 400, str(e)) from e
+        try:
             with Image.open(io.BytesIO(data)) as image:
-                if image.format not in ALLOWED_FORMATS:
-                    raise SearchError(
-                        400,
-                        f"upload is {image.format}; send one of "
-                        f"{', '.join(ALLOWED_FORMATS)}",
-                    )
-                width, height = image.size
-                if width * height > self.config.max_pixels:
-                    raise SearchError(
-                        413,
-                        f"upload of {width}x{height} pixels is over "
-                        f"max_pixels={self.config.max_pixels}",
-                    )
                 image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError,
+                Image.DecompressionBombError) as e:
             raise SearchError(400, f"upload is not an image: {e}") from e
 
     def search_upload(self, data, top_k=None):
         """Rank the index for an uploaded encoded image."""
         self.check_upload(data)
         packed = self._encode([data])
+        if packed.shape[1] * 8 != self.index.code_length:
+            raise SearchError(
+                500,
+                f"the model emits {packed.shape[1] * 8}-bit codes; the index "
+                f"holds {self.index.code_length}-bit codes (rebuild the "
+                "index with this model, or serve the model that built it)",
+            )
         return self._answer(packed, {"id": None}, self._top_k(top_k))
 
     def search_item(self, item_id, top_k=None):
@@ -231,7 +228,8 @@ class SearchService:
             with self._tiles_lock:
                 image = self._tiles(metadata.get("source"))
             image = image.convert("RGB")
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError,
+                Image.DecompressionBombError) as e:
             raise SearchError(
                 404, f"image of item {item_id} cannot be read: {e}"
             ) from e
@@ -239,6 +237,54 @@ class SearchService:
         out = io.BytesIO()
         image.save(out, format="PNG")
         return out.getvalue()
+
+
+def _server_encoder(server, model_name):
+    """encode(blobs) -> packed codes via gRPC; refusals become SearchError."""
+    import grpc
+
+    from uhga_tf.serving import grpc_client
+
+    def encode(blobs):
+        try:
+            _, packed = grpc_client.encode_images(
+                server, blobs, model_name=model_name, timeout=30.0
+            )
+        except grpc.RpcError as e:
+            raise SearchError(
+                rest.http_status(e.code()),
+                f"the model server at {server} answered "
+                f"{e.code().name}: {e.details()}",
+            ) from e
+        return np.asarray(packed, np.uint8)
+
+    return encode
+
+
+def _model_encoder(model_dir, code_length):
+    """encode(blobs) -> packed codes via a SavedModel; checks code_length."""
+    import tensorflow as tf
+
+    from uhga_tf import io_utils
+
+    encoder = pipeline.SavedModelEncoder(model_dir)
+    if encoder.code_length not in (None, code_length):
+        raise ValueError(
+            f"the model {model_dir} emits {encoder.code_length}-bit codes; "
+            f"the index holds {code_length}-bit codes: expected the model "
+            "that built the index"
+        )
+
+    def encode(blobs):
+        try:
+            return encoder.encode_image_bytes(blobs)[1]
+        except tf.errors.InvalidArgumentError as e:
+            raise SearchError(
+                400,
+                f"upload cannot be decoded: {io_utils.tf_error_line(e)}",
+            ) from e
+
+    return encode
 
 
 def _page():
