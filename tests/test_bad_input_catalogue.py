@@ -6,6 +6,7 @@ code, the key words of the one-line message, and that nothing was left
 behind. The numbered defects of the issue are marked `defect N`.
 """
 
+import base64
 import contextlib
 import io
 import json
@@ -861,7 +862,7 @@ def test_index_build_guards_every_file_and_reads_gif_and_bmp(
                                   images_dir=str(images), progress=False)
     assert len(index) == 3
     (images / "bomb.png").write_bytes(png_bomb(3000, 3000))
-    with pytest.raises(ValueError, match="bomb.png is a 3000x3000 PNG"):
+    with pytest.raises(ValueError, match="bomb.png: the file is a 3000x3000 PNG"):
         retrieval.build_index(model_dir, str(tmp_path / "index2"),
                               images_dir=str(images), progress=False,
                               max_image_pixels=1_000_000)
@@ -897,3 +898,206 @@ def test_folder_dataset_image_check_applies_the_guard():
             hostile_inputs.jpeg_with_junk_before_sof(30, 20))
     with pytest.raises(ValueError, match="max_image_pixels=100"):
         image_folder.check_image_bytes(small_images(1)[0], max_pixels=100)
+
+
+# Issue 18: every request answered; no ambiguous framing ------------------
+
+
+@pytest.fixture(scope="module")
+def rest_server(export_base):
+    """An in-process gRPC + REST server on 127.0.0.1: (server, REST port)."""
+    from uhga_tf.serving import rest
+
+    server, channel, _ = start_server(export_base)
+    api = rest.RestServer(server, "127.0.0.1", 0)
+    port = api.start()
+    yield server, port
+    api.stop()
+    channel.close()
+    server.stop(1.0)
+
+
+def raw_http(port, request, timeout=TIMEOUT):
+    """Send raw bytes; return (status code, body) of the first response."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _post(path, body, headers=b""):
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode() + headers
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def _rest_count(server, **labels):
+    import re
+
+    total = 0.0
+    for line in server.metrics.exposition()[0].decode().splitlines():
+        if line.startswith("uhga_request_count_total{"):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if all(got.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+PREDICT = "/v1/models/uhga:predict"
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,
+    hostile_inputs.nested_json(900),
+    hostile_inputs.nested_json(40, key="inputs"),
+    b'{"instances": ' + b'{"a": ' * 5000 + b"0" + b"}" * 5001,
+], ids=["brackets", "instances-900", "inputs-40", "objects-5000"])
+def test_deeply_nested_json_is_400(rest_server, body):
+    """issue 18 item 3: RecursionError dropped the connection."""
+    server, port = rest_server
+    before = _rest_count(server, api="rest", status="INVALID_ARGUMENT")
+    status, answer = raw_http(port, _post(PREDICT, body))
+    assert status == 400, answer
+    assert b"nested deeper than 32 levels" in answer
+    assert _rest_count(server, api="rest",
+                       status="INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.parametrize("version", [
+    "99999999999999999999", "9223372036854775808", "\u00b2", "\u0661",
+])
+def test_malformed_version_in_path_is_400(rest_server, version):
+    """issue 18 item 3: past int64, or digits isdigit() accepts."""
+    _, port = rest_server
+    path = f"/v1/models/uhga/versions/{version}"
+    status, answer = raw_http(
+        port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode("utf-8"))
+    assert status == 400, answer
+    assert b"version must be an integer in [0, 9223372036854775807]" in answer
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "+5", "5 5",
+                                    "99999999999999999999999"])
+def test_malformed_content_length_is_answered(rest_server, length):
+    """issue 18 item 3: '²' passed isdigit() and then int() raised."""
+    _, port = rest_server
+    request = (f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: "
+               f"{length}\r\n\r\n{{}}").encode("utf-8")
+    status, answer = raw_http(port, request)
+    assert status in (411, 413), answer
+    assert b"Content-Length" in answer or b"over the limit" in answer
+
+
+def test_content_length_with_chunked_is_refused(rest_server):
+    """issue 18 item 4: both framings -> 400, never the Content-Length."""
+    _, port = rest_server
+    body = b'{"instances": []}'
+    status, answer = raw_http(
+        port, _post(PREDICT, body, b"Transfer-Encoding: chunked\r\n"))
+    assert status == 400, answer
+    assert b"both Content-Length and Transfer-Encoding" in answer
+    status, answer = raw_http(
+        port, _post(PREDICT, body, b"Content-Length: 3\r\n"))
+    assert status == 400 and b"conflicting Content-Length" in answer
+
+
+def test_unexpected_error_is_a_one_line_internal(rest_server, monkeypatch):
+    """issue 18 item 3: any bug is 500 / INTERNAL, counted as such."""
+    server, port = rest_server
+
+    def broken(request):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(server, "predict", broken)
+    image = base64.b64encode(small_images(1)[0]).decode()
+    body = json.dumps({"instances": [{"b64": image}]}).encode()
+    before = _rest_count(server, api="rest", status="INTERNAL")
+    status, answer = raw_http(port, _post(PREDICT, body))
+    assert status == 500, answer
+    assert json.loads(answer) == {"error": "internal error: KeyError: 'boom'"}
+    assert _rest_count(server, api="rest", status="INTERNAL") == before + 1
+    assert _rest_count(server, api="rest", status="OK", method="Predict",
+                       signature="serving_default") == 0
+
+
+# Issue 18: monitoring and model state equal to the truth -----------------
+
+
+def test_junk_labels_cannot_crowd_out_a_new_version():
+    """issue 18 item 5: junk names filled the label cap, then a newly
+    deployed real version was counted as "<other>"."""
+    from tensorflow_serving.apis import model_pb2
+
+    from uhga_tf.serving import prometheus
+
+    loaded = [1]
+    metrics = prometheus.ServingMetrics(
+        "uhga", lambda: loaded, lambda: {"serving_default"}, {"stable": 1})
+    for i in range(prometheus.MAX_LABEL_SETS + 10):
+        junk = model_pb2.ModelSpec(name="uhga", signature_name=f"junk{i}")
+        junk.version.value = 1000 + i
+        metrics.observe("grpc", "Predict", junk, None, "NOT_FOUND", 0.01)
+    loaded.append(2)
+    real = model_pb2.ModelSpec(name="uhga", signature_name="serving_default")
+    metrics.observe("grpc", "Predict", real, 2, "OK", 0.01)
+    labelled = model_pb2.ModelSpec(name="uhga", version_label="stable")
+    metrics.observe("rest", "GetModelStatus", labelled, None, "OK", 0.01)
+    text = metrics.exposition()[0].decode()
+    counts = [line for line in text.splitlines()
+              if line.startswith("uhga_request_count_total{")]
+    assert len(counts) == 3, counts
+    server = type("S", (), {"metrics": metrics})
+    assert _rest_count(server, version="2", signature="serving_default",
+                       status="OK") == 1
+    assert _rest_count(server, version="label:stable") == 1
+    assert _rest_count(server, version="<other>",
+                       signature="<other>") == prometheus.MAX_LABEL_SETS + 10
+
+
+def test_rest_status_of_a_failed_version_equals_grpc(export_base, tmp_path):
+    """issue 18 item 5: REST said UNKNOWN / error_code "OK"."""
+    from uhga_tf.serving import rest
+
+    base = tmp_path / "models"
+    with _serving_copy(export_base, base,
+                       lambda b: _garbage_version(b, 2)) as (server, channel):
+        api = rest.RestApi(server)
+        answer = api.status({"name": "uhga", "version": None, "label": None})
+        by_grpc = {s.version: s for s in model_status(channel)
+                   .model_version_status}
+        by_rest = {int(s["version"]): s
+                   for s in answer["model_version_status"]}
+        assert by_rest[1]["state"] == "AVAILABLE"
+        assert by_rest[1]["status"]["error_code"] == "OK"
+        assert by_rest[2]["state"] == "END"
+        assert by_rest[2]["status"]["error_code"] == "UNKNOWN"
+        assert by_rest[2]["status"]["error_message"] == (
+            by_grpc[2].status.error_message)
+        assert "DecodeError" in by_rest[2]["status"]["error_message"]
+
+
+def test_failed_version_is_retried_when_its_files_change(export_base,
+                                                         tmp_path):
+    """issue 18 item 5: a non-atomic copy (saved_model.pb first, variables/
+    later) was marked END for good."""
+    base = tmp_path / "models"
+    with _serving_copy(export_base, base) as (server, channel):
+        source = os.path.join(export_base, "1")
+        os.makedirs(base / "2")
+        shutil.copy(os.path.join(source, "saved_model.pb"), base / "2")
+        assert wait_for(lambda: 2 in server.manager.failed())
+        for name in os.listdir(source):
+            if name != "saved_model.pb":
+                target = base / "2" / name
+                if os.path.isdir(os.path.join(source, name)):
+                    shutil.copytree(os.path.join(source, name), target)
+                else:
+                    shutil.copy(os.path.join(source, name), target)
+        assert wait_for(lambda: server.manager.versions() == [2])
+        assert 2 not in server.manager.failed()
+        assert _predict_one_image(channel).model_spec.version.value == 2

@@ -365,11 +365,14 @@ def _guarded_batch(paths, batch_ids, skip_corrupt, max_pixels):
     for i in batch_ids:
         data = _read_file(paths[i])
         try:
-            image_header.check_decodable(data, max_pixels, paths[i])
+            image_header.check_decodable(data, max_pixels, "the file")
         except image_header.ImageRefused as e:
             if not skip_corrupt:
-                raise ValueError(f"{e} (pass --skip_corrupt to skip it)") from e
-            logging.warning("Skipping image: %s", e)
+                raise ValueError(
+                    f"cannot decode image {paths[i]}: {e} (pass "
+                    "--skip_corrupt to skip it)"
+                ) from e
+            logging.warning("Skipping image %s: %s", paths[i], e)
             continue
         kept_ids.append(i)
         batch.append(data)
@@ -453,9 +456,11 @@ def _read_query(path, max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no query image {path}")
     data = _read_file(path)
-    image_header.check_decodable(
-        data, max_pixels, f"query image {path}", "max_pixels"
-    )
+    try:
+        image_header.check_decodable(data, max_pixels, "the file",
+                                     "max_pixels")
+    except image_header.ImageRefused as e:
+        raise ValueError(f"cannot decode query image {path}: {e}") from e
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()

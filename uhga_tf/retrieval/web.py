@@ -338,6 +338,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except SearchError as e:
             logging.warning("search page %d: %s", e.status, e.message)
             self._send(e.status, {"error": e.message})
+        except Exception as e:  # noqa: BLE001 - every request is answered
+            logging.exception("search page %s %s failed", self.command,
+                              self.path)
+            self.close_connection = True
+            try:
+                self._send(500, {
+                    "error": f"internal error: {type(e).__name__}: {e}"
+                })
+            except OSError:
+                pass  # the client is gone
 
     def do_GET(self):  # noqa: N802 - stdlib name
         def answer():
@@ -365,19 +375,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - stdlib name
         def answer():
             path, params = self._query()
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                raise SearchError(411, "a Content-Length header is required")
             limit = self.service.config.max_upload_bytes
-            if int(length) > limit:
-                self.close_connection = True
-                raise SearchError(
-                    413,
-                    f"upload of {length} bytes is over max_upload_bytes="
-                    f"{limit}",
+            try:
+                length = rest.body_length(
+                    self.headers, limit, "upload (max_upload_bytes)"
                 )
-            data = self.rfile.read(int(length))
+            except rest.FramingError as e:
+                self.close_connection = True
+                raise SearchError(e.status, e.message) from e
+            data = self.rfile.read(length)
             if path != "/api/search":
                 raise SearchError(404, f"no endpoint at {path}")
             self._send(

@@ -47,6 +47,12 @@ from uhga_tf.serving import server as server_lib
 MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT_S = 60.0
+# Tensors have a handful of dimensions; deeper JSON is an attack on the
+# recursive decoders (Python's json and ours), refused before it recurses.
+MAX_JSON_DEPTH = 32
+INT64_MAX = 2**63 - 1
+_ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
 # TF-Serving's mapping (model_servers/http_server.cc, ToHTTPStatusCode).
@@ -74,9 +80,12 @@ _MODEL_PATH = re.compile(
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<rest>/metadata|:predict|:classify|:regress)?$"
 )
-_STATUS_NAMES = {
-    get_model_status_pb2.ModelVersionStatus.AVAILABLE: "AVAILABLE",
-}
+_STATE = get_model_status_pb2.ModelVersionStatus.State
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _error_code_name(value):
+    return _CODE_NAMES.get(value, str(value))
 
 
 def http_status(code):
@@ -86,6 +95,74 @@ def http_status(code):
 
 def _invalid(message):
     return server_lib.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def parse_int(text, largest):
+    """ASCII decimal digits -> int in [0, largest], else None.
+
+    `str.isdigit` accepts "²" and other digits `int` refuses (or reads),
+    so paths and headers are matched against [0-9] only.
+    """
+    if text is None or not _ASCII_DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= largest else None
+
+
+def _bracket_depth(body):
+    """Deepest [ / { nesting of a JSON body, strings skipped; no recursion.
+
+    Runs in C (bytes.count, re, NumPy) so a large body of base64 images
+    costs little; only bodies with many brackets are scanned at all.
+    """
+    body = bytes(body)
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    codes = np.frombuffer(_JSON_STRING.sub(b"", body), np.uint8)
+    steps = np.isin(codes, (0x5B, 0x7B)).astype(np.int32)
+    steps -= np.isin(codes, (0x5D, 0x7D))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+class FramingError(Exception):
+    """A request whose body length cannot be known safely (HTTP status)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def body_length(headers, limit, what="request body"):
+    """The body length a request declares, refusing ambiguous framing.
+
+    Content-Length must be one run of ASCII digits; a request that also
+    carries Transfer-Encoding (or two Content-Lengths) is refused, since a
+    proxy may frame it differently (request smuggling).
+
+    Raises:
+        FramingError: 400 ambiguous, 411 missing or malformed, 413 over
+            `limit`.
+    """
+    lengths = headers.get_all("Content-Length") or []
+    if headers.get("Transfer-Encoding") is not None and lengths:
+        raise FramingError(
+            400, "a request must not carry both Content-Length and "
+            "Transfer-Encoding"
+        )
+    if len(set(lengths)) > 1:
+        raise FramingError(400, f"conflicting Content-Length headers {lengths}")
+    length = parse_int(lengths[0].strip(), 2**63) if lengths else None
+    if length is None:
+        raise FramingError(
+            411, "a Content-Length header of ASCII digits is required"
+        )
+    if length > limit:
+        raise FramingError(
+            413, f"{what} of {length} bytes is over the limit of {limit} "
+            "bytes"
+        )
+    return length
 
 
 def _is_b64(value):
@@ -228,12 +305,13 @@ class RestApi:
     def _model_spec(self, spec, match):
         spec.name = match["name"]
         if match["version"] is not None:
-            if not match["version"].isdigit():
+            version = parse_int(match["version"], INT64_MAX)
+            if version is None:
                 raise _invalid(
-                    f"version must be a positive integer; received "
-                    f"{match['version']!r}"
+                    f"version must be an integer in [0, {INT64_MAX}]; "
+                    f"received {match['version']!r}"
                 )
-            spec.version.value = int(match["version"])
+            spec.version.value = version
         elif match["label"] is not None:
             spec.version_label = match["label"]
 
@@ -285,10 +363,17 @@ class RestApi:
 
     @staticmethod
     def _parse(body):
+        too_deep = (
+            f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+        if _bracket_depth(body) > MAX_JSON_DEPTH:
+            raise _invalid(too_deep)
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _invalid(f"JSON Parse error: {e}") from e
+        except RecursionError as e:  # the byte scan above should stop it
+            raise _invalid(too_deep) from e
         if not isinstance(document, dict):
             raise _invalid("the request body must be a JSON object")
         return document
@@ -383,12 +468,19 @@ class RestApi:
             request,
             lambda r: self._model_spec(r.model_spec, match),
         )
+        # The same states and errors as gRPC's GetModelStatus (TF-Serving's
+        # REST prints the enum names).
         return {
             "model_version_status": [
                 {
                     "version": str(status.version),
-                    "state": _STATUS_NAMES.get(status.state, "UNKNOWN"),
-                    "status": {"error_code": "OK", "error_message": ""},
+                    "state": _STATE.Name(status.state),
+                    "status": {
+                        "error_code": _error_code_name(
+                            status.status.error_code
+                        ),
+                        "error_message": status.status.error_message,
+                    },
                 }
                 for status in response.model_version_status
             ]
@@ -500,7 +592,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except server_lib.RequestError as e:
             self._error(http_status(e.code), e.message)
 
+    def _guarded(self, method):
+        """Run do_<method>; any unexpected error is a one-line 500."""
+        try:
+            method()
+        except Exception as e:  # noqa: BLE001 - every request is answered
+            logging.exception("REST %s %s failed", self.command, self.path)
+            self.close_connection = True
+            try:
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+            except OSError:
+                pass  # the client is gone
+
     def do_GET(self):  # noqa: N802 - stdlib name
+        self._guarded(self._get)
+
+    def do_POST(self):  # noqa: N802 - stdlib name
+        self._guarded(self._post)
+
+    def _get(self):
         path = self.path.split("?", 1)[0]
         if path == METRICS_PATH:
             body, content_type = self.metrics.exposition()
@@ -515,22 +625,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._answer(self.api.status, match)
 
-    def do_POST(self):  # noqa: N802 - stdlib name
+    def _post(self):
         path = self.path.split("?", 1)[0]
         match = _MODEL_PATH.match(path)
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        try:
+            length = body_length(self.headers, MAX_BODY_BYTES)
+        except FramingError as e:
             self.close_connection = True
-            self._error(411, "a Content-Length header is required")
-            return
-        length = int(length)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._error(
-                413,
-                f"request body of {length} bytes is over the limit of "
-                f"{MAX_BODY_BYTES} bytes",
-            )
+            self._error(e.status, e.message)
             return
         body = self.rfile.read(length)
         if match is None or match["rest"] is None or match["rest"] in (

@@ -170,7 +170,10 @@ class ModelServer:
         self.manager.warmup = self._warmup
         self._limits = config.limits()
         self.metrics = prometheus.ServingMetrics(
-            config.model_name, self.manager.versions
+            config.model_name,
+            self.manager.versions,
+            self.manager.signature_names,
+            config.version_labels,
         )
         self._batcher = None
         self._grpc = None
@@ -447,7 +450,7 @@ class ModelServer:
 
         Raises:
             RequestError: the refusal, with its gRPC status code; TF op
-                errors become INTERNAL.
+                errors and any unexpected exception become INTERNAL.
         """
         start = time.perf_counter()
         response, version, status = None, None, "OK"
@@ -466,6 +469,13 @@ class ModelServer:
             status = grpc.StatusCode.INTERNAL.name
             message = io_utils.tf_error_line(e)
             logging.error("%s INTERNAL: %s", method, message)
+            raise RequestError(grpc.StatusCode.INTERNAL, message) from e
+        except Exception as e:  # noqa: BLE001 - every request is answered
+            # A bug, not a refusal: the client gets one line, the log the
+            # traceback, and Prometheus counts it as INTERNAL.
+            status = grpc.StatusCode.INTERNAL.name
+            message = f"internal error: {type(e).__name__}: {e}"
+            logging.exception("%s INTERNAL: %s", method, message)
             raise RequestError(grpc.StatusCode.INTERNAL, message) from e
         finally:
             self.metrics.observe(
