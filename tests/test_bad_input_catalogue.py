@@ -862,7 +862,8 @@ def test_index_build_guards_every_file_and_reads_gif_and_bmp(
                                   images_dir=str(images), progress=False)
     assert len(index) == 3
     (images / "bomb.png").write_bytes(png_bomb(3000, 3000))
-    with pytest.raises(ValueError, match="bomb.png: the file is a 3000x3000 PNG"):
+    with pytest.raises(ValueError,
+                       match="bomb.png: the file is a 3000x3000 PNG"):
         retrieval.build_index(model_dir, str(tmp_path / "index2"),
                               images_dir=str(images), progress=False,
                               max_image_pixels=1_000_000)

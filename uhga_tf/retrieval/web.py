@@ -16,7 +16,6 @@ and in pixels (read from the image header before decoding). Errors are
 """
 
 import dataclasses
-import http.server
 import importlib.resources
 import io
 import json
@@ -31,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from uhga_tf.data import image_header
 from uhga_tf.retrieval import pipeline
 from uhga_tf.retrieval.hamming_index import HammingIndex
+from uhga_tf.serving import http_server
 from uhga_tf.serving import rest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -295,13 +295,8 @@ def _page():
     )
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = rest.IDLE_TIMEOUT_S
+class _Handler(http_server.BoundedHandler):
     server_version = "uhga_tf-search"
-    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
-    # algorithm holds the body until the client's delayed ACK (~40 ms).
-    disable_nagle_algorithm = True
     service = None  # SearchService, set by SearchWebServer
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
@@ -350,6 +345,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass  # the client is gone
 
     def do_GET(self):  # noqa: N802 - stdlib name
+        self.mark_busy()
+
         def answer():
             path, params = self._query()
             if path in ("/", "/index.html"):
@@ -377,13 +374,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             path, params = self._query()
             limit = self.service.config.max_upload_bytes
             try:
-                length = rest.body_length(
+                length = http_server.body_length(
                     self.headers, limit, "upload (max_upload_bytes)"
                 )
-            except rest.FramingError as e:
+            except http_server.FramingError as e:
                 self.close_connection = True
                 raise SearchError(e.status, e.message) from e
-            data = self.rfile.read(length)
+            data = self.read_body(length)
             if path != "/api/search":
                 raise SearchError(404, f"no endpoint at {path}")
             self._send(
@@ -406,7 +403,7 @@ class SearchWebServer:
     def start(self):
         """Bind and serve; return the bound port."""
         config = self.service.config
-        self._httpd, self._thread = rest.serve_in_background(
+        self._httpd, self._thread = http_server.serve_in_background(
             config.host, config.port, self._handler, "uhga-search-page"
         )
         self.port = self._httpd.server_address[1]
@@ -420,5 +417,5 @@ class SearchWebServer:
 
     def stop(self):
         if self._httpd is not None:
-            rest.stop_background(self._httpd, self._thread)
+            http_server.stop_background(self._httpd, self._thread)
             self._httpd = None

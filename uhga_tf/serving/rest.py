@@ -18,19 +18,17 @@ those of the gRPC API; only the JSON decoding is REST's own (as in
 TF-Serving, JSON numbers take the signature's dtype). Errors are
 `{"error": "<message>"}` with TF-Serving's HTTP code for the gRPC status.
 
-The HTTP layer is the standard library's `ThreadingHTTPServer` with
-HTTP/1.1 keep-alive and TCP_NODELAY, capped at MAX_CONNECTIONS connection
-threads (503 beyond): a thread per connection suits the blocking TensorFlow
-calls, needs no new dependency, and `benchmarks/serving.py` measures it
-against gRPC under the same load.
+The HTTP layer is `uhga_tf.serving.http_server` (the standard library's
+threaded server with keep-alive, a connection cap that idle or trickling
+clients cannot hold, a total read deadline per request and refusal of
+ambiguous framing); `benchmarks/serving.py` measures it against gRPC and
+under slow-client attack. Any unexpected error is a one-line 500.
 """
 
 import base64
 import binascii
-import http.server
 import json
 import re
-import threading
 
 from absl import logging
 from google.protobuf import json_format
@@ -41,17 +39,15 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 
+from uhga_tf.serving import http_server
 from uhga_tf.serving import server as server_lib
 
 # A JSON body may carry a base64 gRPC-sized message, plus JSON overhead.
 MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
-MAX_CONNECTIONS = 64
-IDLE_TIMEOUT_S = 60.0
 # Tensors have a handful of dimensions; deeper JSON is an attack on the
 # recursive decoders (Python's json and ours), refused before it recurses.
 MAX_JSON_DEPTH = 32
 INT64_MAX = 2**63 - 1
-_ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
@@ -97,18 +93,6 @@ def _invalid(message):
     return server_lib.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def parse_int(text, largest):
-    """ASCII decimal digits -> int in [0, largest], else None.
-
-    `str.isdigit` accepts "²" and other digits `int` refuses (or reads),
-    so paths and headers are matched against [0-9] only.
-    """
-    if text is None or not _ASCII_DIGITS.fullmatch(text):
-        return None
-    value = int(text)
-    return value if value <= largest else None
-
-
 def _bracket_depth(body):
     """Deepest [ / { nesting of a JSON body, strings skipped; no recursion.
 
@@ -122,47 +106,6 @@ def _bracket_depth(body):
     steps = np.isin(codes, (0x5B, 0x7B)).astype(np.int32)
     steps -= np.isin(codes, (0x5D, 0x7D))
     return int(np.cumsum(steps).max(initial=0))
-
-
-class FramingError(Exception):
-    """A request whose body length cannot be known safely (HTTP status)."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def body_length(headers, limit, what="request body"):
-    """The body length a request declares, refusing ambiguous framing.
-
-    Content-Length must be one run of ASCII digits; a request that also
-    carries Transfer-Encoding (or two Content-Lengths) is refused, since a
-    proxy may frame it differently (request smuggling).
-
-    Raises:
-        FramingError: 400 ambiguous, 411 missing or malformed, 413 over
-            `limit`.
-    """
-    lengths = headers.get_all("Content-Length") or []
-    if headers.get("Transfer-Encoding") is not None and lengths:
-        raise FramingError(
-            400, "a request must not carry both Content-Length and "
-            "Transfer-Encoding"
-        )
-    if len(set(lengths)) > 1:
-        raise FramingError(400, f"conflicting Content-Length headers {lengths}")
-    length = parse_int(lengths[0].strip(), 2**63) if lengths else None
-    if length is None:
-        raise FramingError(
-            411, "a Content-Length header of ASCII digits is required"
-        )
-    if length > limit:
-        raise FramingError(
-            413, f"{what} of {length} bytes is over the limit of {limit} "
-            "bytes"
-        )
-    return length
 
 
 def _is_b64(value):
@@ -305,7 +248,7 @@ class RestApi:
     def _model_spec(self, spec, match):
         spec.name = match["name"]
         if match["version"] is not None:
-            version = parse_int(match["version"], INT64_MAX)
+            version = http_server.parse_int(match["version"], INT64_MAX)
             if version is None:
                 raise _invalid(
                     f"version must be an integer in [0, {INT64_MAX}]; "
@@ -512,61 +455,8 @@ class RestApi:
         }
 
 
-class BoundedHTTPServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at a time.
-
-    A connection over the limit gets 503 and `{"error": ...}` at once
-    (never queued behind idle keep-alive connections, which handlers close
-    after their `timeout`).
-    """
-
-    daemon_threads = True
-
-    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self.max_connections = max_connections
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps(
-                {
-                    "error": f"over {self.max_connections} open "
-                    "connections; retry later"
-                }
-            ).encode()
-            try:
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\n"
-                    b"Content-Type: application/json\r\n"
-                    b"Connection: close\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-            except OSError:
-                pass  # the client is gone; nothing to tell it
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = IDLE_TIMEOUT_S
+class _Handler(http_server.BoundedHandler):
     server_version = "uhga_tf"
-    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
-    # algorithm holds the body until the client's delayed ACK (~40 ms).
-    disable_nagle_algorithm = True
     api = None  # RestApi, set by RestServer
     metrics = None  # ServingMetrics
 
@@ -605,6 +495,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass  # the client is gone
 
     def do_GET(self):  # noqa: N802 - stdlib name
+        self.mark_busy()
         self._guarded(self._get)
 
     def do_POST(self):  # noqa: N802 - stdlib name
@@ -629,12 +520,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         match = _MODEL_PATH.match(path)
         try:
-            length = body_length(self.headers, MAX_BODY_BYTES)
-        except FramingError as e:
+            length = http_server.body_length(self.headers, MAX_BODY_BYTES)
+        except http_server.FramingError as e:
             self.close_connection = True
             self._error(e.status, e.message)
             return
-        body = self.rfile.read(length)
+        body = self.read_body(length)
         if match is None or match["rest"] is None or match["rest"] in (
             "/metadata",
         ):
@@ -677,7 +568,7 @@ class RestServer:
 
     def start(self):
         """Bind and serve in a background thread; return the bound port."""
-        self._httpd, self._thread = serve_in_background(
+        self._httpd, self._thread = http_server.serve_in_background(
             self.host, self.port, self._handler, "uhga-rest"
         )
         self.port = self._httpd.server_address[1]
@@ -687,35 +578,5 @@ class RestServer:
     def stop(self):
         """Stop accepting connections and close the socket."""
         if self._httpd is not None:
-            stop_background(self._httpd, self._thread)
+            http_server.stop_background(self._httpd, self._thread)
             self._httpd = None
-
-
-def serve_in_background(host, port, handler, thread_name):
-    """Bind a `BoundedHTTPServer` and serve it on a daemon thread.
-
-    Returns:
-        (httpd, thread); `httpd.server_address[1]` is the bound port.
-
-    Raises:
-        ValueError: when (host, port) cannot be bound.
-    """
-    try:
-        httpd = BoundedHTTPServer((host, port), handler)
-    except OSError as e:
-        raise ValueError(f"cannot bind {host}:{port}: {e}") from e
-    thread = threading.Thread(
-        target=httpd.serve_forever,
-        kwargs={"poll_interval": 0.2},
-        name=thread_name,
-        daemon=True,
-    )
-    thread.start()
-    return httpd, thread
-
-
-def stop_background(httpd, thread):
-    """Undo `serve_in_background`: stop serving, close, join the thread."""
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
