@@ -1102,3 +1102,60 @@ def test_failed_version_is_retried_when_its_files_change(export_base,
         assert wait_for(lambda: server.manager.versions() == [2])
         assert 2 not in server.manager.failed()
         assert _predict_one_image(channel).model_spec.version.value == 2
+
+
+# Issue 18: wrong files and silent surprises -------------------------------
+
+
+def _index_with(tmp_path, **fields):
+    directory = _index_without(tmp_path, "count")
+    path = directory / "hamming_index.bin"
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<8sII", data)
+    header = json.loads(data[16:16 + length])
+    header["count"] = 4
+    header.update(fields)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<8sII", magic, version, len(new)) + new
+                     + data[16 + length:])
+    return directory
+
+
+@pytest.mark.parametrize("fields,word", [
+    ({"count": "4"}, "count='4'"),
+    ({"metadata_bytes": None}, "metadata_bytes=None"),
+    ({"payload_bytes": 1.5}, "payload_bytes=1.5"),
+    ({"info": []}, "info=[]"),
+    ({"count": -4}, "count=-4"),
+])
+def test_index_header_field_of_the_wrong_type(tmp_path, fields, word):
+    """issue 18 item 6: a string count ended in a TypeError traceback."""
+    directory = _index_with(tmp_path, **fields)
+    with pytest.raises(ValueError, match="corrupt index header") as info:
+        HammingIndex.load(str(directory))
+    assert word in str(info.value)
+
+
+def test_index_out_is_a_file_names_out(tmp_path):
+    """issue 18 item 6: the error named an internal temp path."""
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    index = HammingIndex(CODE_LENGTH, backend="numpy")
+    index.add(np.ones((1, CODE_LENGTH), np.int8), np.arange(1))
+    with pytest.raises(ValueError) as info:
+        index.save(str(out))
+    assert str(info.value).startswith(f"index directory {out} is a file")
+    assert out.read_text() == "not a folder"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_index_folder_follows_the_umask(tmp_path):
+    """issue 18 item 7: index folders were created 0700."""
+    index = HammingIndex(CODE_LENGTH, backend="numpy")
+    index.add(np.ones((1, CODE_LENGTH), np.int8), np.arange(1))
+    old = os.umask(0o022)
+    try:
+        index.save(str(tmp_path / "index"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "index").stat().st_mode & 0o777 == 0o755
