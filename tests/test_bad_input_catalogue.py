@@ -1159,3 +1159,103 @@ def test_index_folder_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "index").stat().st_mode & 0o777 == 0o755
+
+
+def test_damaged_hasher_is_named_damaged(trained_workdir, tmp_path):
+    """issue 18 item 6: a truncated hasher.keras was "File not found"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_workdir / "run" / "config.json", run)
+    whole = (trained_workdir / "run" / "hasher.keras").read_bytes()
+    (run / "hasher.keras").write_bytes(whole[: len(whole) // 2])
+    export_dir = tmp_path / "models"
+    code, line = cli("export", f"--checkpoint={run}",
+                     f"--export_dir={export_dir}")
+    assert_one_line(code, line, "export", "hasher.keras is damaged")
+    assert "File not found" not in line
+    assert not export_dir.exists()
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """issue 18 item 6: TF's "No space left on device" (training under
+    --workdir, export onto --export_dir) ended in a traceback and left an
+    empty export_dir."""
+    from uhga_tf import cli_errors
+
+    export_dir = tmp_path / "models"
+
+    def write_until_full():
+        export_dir.mkdir()
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{export_dir}/.tmp-1/variables; No space left on "
+            "device")
+
+    with pytest.raises(SystemExit) as info:
+        cli_errors.run("export", write_until_full,
+                       outputs=[str(export_dir)])
+    assert str(info.value) == (
+        f"uhga_tf.export: {export_dir}/.tmp-1/variables; No space left on "
+        "device")
+    assert not export_dir.exists()
+
+
+def _toy_split(tmp_path, name="toy", classes=10):
+    labels = np.repeat(np.arange(classes), 2000 // classes)
+    partition = np.array(["train"] * 1500 + ["test"] * 500)
+    partition = partition[np.random.default_rng(0).permutation(2000)]
+    kw = {"per_class": {"query": 50 // classes, "train": 200 // classes,
+                        "validation": 50 // classes}}
+    split = splits.load_or_create_split(str(tmp_path), name, "uhga", labels,
+                                        partition, 0, **kw)
+    return split, (str(tmp_path), name, "uhga", labels, partition, 0), kw
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("repeat", ["train.txt repeats index"]),
+    ("overlap", ["in both query.txt and train.txt"]),
+])
+def test_stored_split_is_validated_fully(tmp_path, damage, words):
+    """issue 18 item 7: repeated indices and a query/train overlap were
+    accepted (and changed MAP)."""
+    split, args, kw = _toy_split(tmp_path)
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("toy")]
+    train = [int(i) for i in split.train]
+    if damage == "repeat":
+        train[1] = train[0]
+    else:
+        train[0] = int(split.query[0])
+    (folder / "train.txt").write_text("\n".join(map(str, train)) + "\n")
+    with pytest.raises(ValueError) as info:
+        splits.load_or_create_split(*args, **kw)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_split_cache_is_keyed_by_the_data(tmp_path):
+    """issue 18 item 7: a second `folder` collection in the same checkout
+    was refused until cache/splits was deleted."""
+    first, _, _ = _toy_split(tmp_path, "folder", classes=10)
+    second, _, _ = _toy_split(tmp_path, "folder", classes=5)
+    again, _, _ = _toy_split(tmp_path, "folder", classes=10)
+    assert len(list(tmp_path.iterdir())) == 2
+    for name in splits.SPLIT_SETS:
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    assert not np.array_equal(first.train, second.train)
+
+
+@pytest.mark.parametrize("labels", [
+    np.zeros(400, np.int64),
+    np.ones((400, 3), np.uint8),
+], ids=["single-label", "multi-label-all-share"])
+def test_single_class_collection_warns(tmp_path, caplog, labels):
+    """issue 18 item 7: one class printed "final MAP 1.0000" silently."""
+    partition = np.array(["train"] * 300 + ["test"] * 100)
+    with caplog.at_level("WARNING"):
+        try:
+            splits.load_or_create_split(str(tmp_path), "one", "uhga",
+                                        labels, partition, 0)
+        except ValueError:
+            pass  # a protocol may refuse it too; the warning came first
+    assert any("single class" in r.getMessage() and "1.0" in r.getMessage()
+               for r in caplog.records), [r.getMessage()
+                                          for r in caplog.records]

@@ -527,6 +527,7 @@ def load_or_create_split(
     """
     labels = np.asarray(labels)
     partition = np.asarray(partition)
+    _warn_if_one_class(labels, dataset_name)
     fingerprint = labels_fingerprint(labels, partition)
     target = _stored_target(
         split_dir, dataset_name, protocol, seed, fingerprint
@@ -582,6 +583,21 @@ def load_or_create_split(
             shutil.rmtree(tmp)
     logging.info("Wrote split %s: %s", target, split.sizes())
     return split
+
+
+def _warn_if_one_class(labels, dataset_name):
+    """Every item relevant to every query makes MAP 1.0 for any codes."""
+    if labels.ndim == 1:
+        one = len(np.unique(labels)) < 2
+    else:
+        one = bool(labels.size) and bool(np.all(labels, axis=0).any())
+    if one:
+        logging.warning(
+            "Dataset %s has a single class (every item is relevant to every "
+            "query): MAP and precision will be 1.0 whatever the codes; "
+            "expected at least two classes for a meaningful evaluation",
+            dataset_name,
+        )
 
 
 def _check_disjoint(target, arrays):
