@@ -233,7 +233,12 @@ def check_image_bytes(data,
     The decode guard (`image_header.check_decodable`) runs first, so a
     decompression bomb is refused before PIL or TensorFlow decodes it.
     """
-    image_header.check_decodable(data, max_pixels, "image")
+    try:
+        image_header.check_decodable(data, max_pixels, "image")
+    except image_header.ImageRefused as e:
+        if image_header.image_format(data) is None:
+            raise ValueError("not a recognised image format") from e
+        raise
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
