@@ -71,6 +71,25 @@ def one_bit_bmp(width=16, height=16):
     return buffer.getvalue()
 
 
+def over_declared_request(shape, model="uhga"):
+    """An `encode_images` PredictRequest declaring `shape`, holding 1 value.
+
+    `tf.make_ndarray` repeats that value to fill the declared shape.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = "encode_images"
+    proto = request.inputs["images"]
+    proto.dtype = tf.uint8.as_datatype_enum
+    for size in shape:
+        proto.tensor_shape.dim.add().size = size
+    proto.int_val.append(7)
+    return request
+
+
 def nested_json(depth, key="instances"):
     """A request body whose `key` is `depth` nested lists of 0."""
     return ('{"%s": ' % key + "[" * depth + "0" + "]" * depth + "}").encode()

@@ -825,14 +825,7 @@ def test_over_declared_tensor_is_refused_before_materialising(
         return make_ndarray(proto, *args, **kwargs)
 
     monkeypatch.setattr(tf, "make_ndarray", spy)
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "uhga"
-    request.model_spec.signature_name = "encode_images"
-    proto = request.inputs["images"]
-    proto.dtype = tf.uint8.as_datatype_enum
-    for size in (1, 6000, 6000, 3):
-        proto.tensor_shape.dim.add().size = size
-    proto.int_val.append(7)
+    request = hostile_inputs.over_declared_request((1, 6000, 6000, 3))
     assert request.ByteSize() < 100
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
