@@ -294,3 +294,58 @@ def test_page_in_headless_chromium(workspace, tmp_path):
             driver.quit()
         _stop(proc)
     assert proc.returncode == 0, (tmp_path / "page.log").read_text()[-2000:]
+
+
+# issue 18: every upload answered -----------------------------------------
+
+
+def test_pil_bomb_is_refused_not_dropped():
+    """An upload PIL refuses as a bomb (the page's own limit set high)
+    is a SearchError, not a DecompressionBombError that drops the
+    connection."""
+    import types
+
+    fake = types.SimpleNamespace(
+        config=web.WebConfig(max_upload_bytes=10**6, max_pixels=10**10))
+    with pytest.raises(web.SearchError) as info:
+        web.SearchService.check_upload(fake, _png_claiming(20000, 20000))
+    assert info.value.status == 400
+    assert "not an image" in info.value.message
+
+
+def test_model_and_index_code_lengths_must_agree(workspace, tmp_path):
+    """The page started with a 16-bit model over a 24-bit index and then
+    failed every upload."""
+    _, _, index_dir = workspace
+    models = model_fixtures.tiny_models(16, seed=0)
+    model_dir = saved_model.export_saved_model(
+        *models, str(tmp_path / "models"),
+        image_size=model_fixtures.IMAGE_SIZE)
+    with pytest.raises(ValueError, match="emits 16-bit codes; the index "
+                                         "holds 24-bit codes"):
+        web.SearchService(index_dir, model_dir=model_dir)
+
+
+def test_server_refusal_is_a_400_with_its_message(workspace):
+    """With --server=, a gRPC refusal was an unanswered upload."""
+    from uhga_tf.serving import server as server_lib
+
+    root, _, index_dir = workspace
+    server = server_lib.ModelServer(server_lib.ServerConfig(
+        model_base_path=str(root / "models"), port=0,
+        max_image_pixels=9000))  # warm-ups (<= 3840 px) load
+    port = server.start()
+    try:
+        service = web.SearchService(
+            index_dir, server=f"127.0.0.1:{port}",
+            config=web.WebConfig(max_pixels=100_000))
+        buffer = io.BytesIO()
+        Image.new("RGB", (100, 100), (200, 40, 40)).save(buffer, "PNG")
+        upload = buffer.getvalue()
+        with pytest.raises(web.SearchError) as info:
+            service.search_upload(upload)
+        assert info.value.status == 400
+        assert "INVALID_ARGUMENT" in info.value.message
+        assert "max_image_pixels=9000" in info.value.message
+    finally:
+        server.stop(1.0)
