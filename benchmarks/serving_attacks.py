@@ -164,6 +164,7 @@ def hostile_run(stub, rest_port, pid, goods, expected, per_client, clients,
                 peak_rss_mb, percentiles_ms):
     """The all-good phase, then the same with one attack per second."""
     plan = attacks()
+    good_phase(stub, rest_port, goods, expected, 20, clients)  # warm-up
     all_good, failed_all_good, _ = good_phase(
         stub, rest_port, goods, expected, per_client, clients)
     rss_all_good = peak_rss_mb(pid)
@@ -295,6 +296,7 @@ def slowloris_run(rest_port, good, connections, seconds, trickle_s,
     return {
         "legit_success_rate": round(len(latencies) / max(1, total), 4),
         "legit_p99_ms": percentiles_ms(latencies)["p99_ms"],
+        "legit_p50_ms": percentiles_ms(latencies)["p50_ms"],
         "legit_requests": total,
         "attacker_connections_reopened": reopened,
         "first_errors": failures[:3],

@@ -257,9 +257,8 @@ def search_images(
 ):
     """Encode query images and return one `QueryResult` per query.
 
-    Queries go through the SavedModel at `model_dir`, or through the gRPC
-    server at `server` ("HOST:PORT") with `uhga_tf.serving.grpc_client`,
-    after the decode guard (`image_header.check_decodable`).
+    Queries pass the decode guard, then go through the SavedModel at
+    `model_dir` or the gRPC server at `server` ("HOST:PORT").
     """
     if (model_dir is None) == (server is None):
         raise ValueError(
@@ -277,9 +276,7 @@ def search_images(
             f"query_label must be one of the index classes {class_names}; "
             f"received query_label={query_label!r}"
         )
-    image_bytes = [
-        _read_query(path, max_image_pixels) for path in query_paths
-    ]
+    image_bytes = [_read_query(p, max_image_pixels) for p in query_paths]
     if server is not None:
         try:
             from uhga_tf import saved_model as saved_model_lib

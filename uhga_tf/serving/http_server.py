@@ -97,15 +97,21 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a burst of
+    # connections (an attack, or many clients at once), and a dropped SYN
+    # is retried only after a second.
+    request_queue_size = 128
 
     def __init__(self, address, handler, max_connections=MAX_CONNECTIONS,
                  read_deadline_s=READ_DEADLINE_S,
                  idle_timeout_s=IDLE_TIMEOUT_S):
-        self._slots = threading.BoundedSemaphore(max_connections)
         self.max_connections = max_connections
         self.read_deadline_s = read_deadline_s
         self.idle_timeout_s = idle_timeout_s
-        self._phases = {}  # socket -> [phase, since]
+        # socket -> [phase, since] for every connection holding a slot; an
+        # evicted one leaves at once (its thread ends on its own), so the
+        # accept loop never waits for it.
+        self._phases = {}
         self._phases_lock = threading.Lock()
         super().__init__(address, handler)
 
@@ -115,17 +121,24 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
             if sock in self._phases:
                 self._phases[sock] = [phase, time.monotonic()]
 
-    def _evict_waiting(self):
-        """Close the longest-waiting idle or reading connection, if any."""
+    def _take_slot(self, request):
+        """Give `request` a slot, evicting the longest-waiting idle or
+        reading connection if all are taken; False if all run requests."""
+        victim = None
         with self._phases_lock:
-            waiting = [
-                (since, sock) for sock, (phase, since) in self._phases.items()
-                if phase != _BUSY
-            ]
-        if not waiting:
-            return False
-        _, victim = min(waiting, key=lambda item: item[0])
-        self._close(victim, "evicted for a new connection")
+            if len(self._phases) >= self.max_connections:
+                waiting = [
+                    (since, sock)
+                    for sock, (phase, since) in self._phases.items()
+                    if phase != _BUSY
+                ]
+                if not waiting:
+                    return False
+                _, victim = min(waiting, key=lambda item: item[0])
+                del self._phases[victim]
+            self._phases[request] = [_IDLE, time.monotonic()]
+        if victim is not None:
+            self._close(victim, "evicted for a new connection")
         return True
 
     def _close(self, sock, why):
@@ -151,13 +164,9 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
             self._close(sock, "request not received in time")
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False) and not (
-            self._evict_waiting() and self._slots.acquire(timeout=2.0)
-        ):
+        if not self._take_slot(request):
             self._refuse(request)
             return
-        with self._phases_lock:
-            self._phases[request] = [_IDLE, time.monotonic()]
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -184,7 +193,6 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     def _release(self, request):
         with self._phases_lock:
             self._phases.pop(request, None)
-        self._slots.release()
 
     def process_request_thread(self, request, client_address):
         try:
