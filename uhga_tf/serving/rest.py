@@ -48,7 +48,6 @@ MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
 # recursive decoders (Python's json and ours), refused before it recurses.
 MAX_JSON_DEPTH = 32
 INT64_MAX = 2**63 - 1
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
 # TF-Serving's mapping (model_servers/http_server.cc, ToHTTPStatusCode).
@@ -93,19 +92,24 @@ def _invalid(message):
     return server_lib.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _bracket_depth(body):
-    """Deepest [ / { nesting of a JSON body, strings skipped; no recursion.
+def _too_deep(document):
+    """True if `document` nests lists/objects deeper than MAX_JSON_DEPTH.
 
-    Runs in C (bytes.count, re, NumPy) so a large body of base64 images
-    costs little; only bodies with many brackets are scanned at all.
+    Iterative and linear, so the recursive decoders that follow never see
+    such a document (json.loads itself stops at Python's recursion limit).
     """
-    body = bytes(body)
-    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
-        return 0
-    codes = np.frombuffer(_JSON_STRING.sub(b"", body), np.uint8)
-    steps = np.isin(codes, (0x5B, 0x7B)).astype(np.int32)
-    steps -= np.isin(codes, (0x5D, 0x7D))
-    return int(np.cumsum(steps).max(initial=0))
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend(
+            (child, depth + 1)
+            for child in children
+            if isinstance(child, (list, dict))
+        )
+    return False
 
 
 def _is_b64(value):
@@ -309,16 +313,16 @@ class RestApi:
         too_deep = (
             f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels"
         )
-        if _bracket_depth(body) > MAX_JSON_DEPTH:
-            raise _invalid(too_deep)
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _invalid(f"JSON Parse error: {e}") from e
-        except RecursionError as e:  # the byte scan above should stop it
+        except RecursionError as e:
             raise _invalid(too_deep) from e
         if not isinstance(document, dict):
             raise _invalid("the request body must be a JSON object")
+        if _too_deep(document):
+            raise _invalid(too_deep)
         return document
 
     def _signature_inputs(self, request):
