@@ -18,7 +18,7 @@ from uhga_tf import retrieval
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "SavedModel directory (models/uhga/1).")
 flags.DEFINE_string(
-    "images", None, "Image folder (jpg/jpeg/png, read recursively; "
+    "images", None, "Image folder (jpg/jpeg/png/gif/bmp, read recursively; "
     "class = sub-folder name when class-per-folder)."
 )
 flags.DEFINE_string("dataset", None, "Dataset name for load_dataset.")
@@ -29,6 +29,10 @@ flags.DEFINE_integer("batch_size", 64, "Images per encode call.",
 flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress).")
 flags.DEFINE_bool("skip_corrupt", False,
                   "Skip undecodable images instead of failing.")
+flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+                     "Largest width * height an image may decode to (every "
+                     "GIF frame counted); larger ones are refused.",
+                     lower_bound=1)
 flags.mark_flags_as_required(["model", "out"])
 flags.register_multi_flags_validator(
     ["images", "dataset"],
@@ -51,6 +55,7 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         progress=FLAGS.progress,
         skip_corrupt=FLAGS.skip_corrupt,
+        max_image_pixels=FLAGS.max_image_pixels,
     )
     print(f"{FLAGS.out}\t{len(index)} items\t{index.code_length} bits")
 

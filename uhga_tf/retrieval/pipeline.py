@@ -18,10 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 from uhga_tf import codes as codes_lib
 from uhga_tf import io_utils
+from uhga_tf.data import image_header
 from uhga_tf.retrieval import result_grid
 from uhga_tf.retrieval.hamming_index import HammingIndex
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 METADATA_FILE = os.path.join("assets.extra", "uhga_tf.json")
 
 
@@ -153,6 +154,7 @@ def build_index(
     batch_size=64,
     progress=True,
     skip_corrupt=False,
+    max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Encode an image folder or a dataset and save a `HammingIndex`.
 
@@ -161,6 +163,9 @@ def build_index(
     `source` (a path, or "dataset:NAME:INDEX" for in-memory images) and
     `label` (an int, or a list of class indices for multi-label data) when
     labels are known.
+
+    Every file passes the decode guard (`image_header.check_decodable`
+    with `max_image_pixels`) before the model decodes it.
 
     Raises:
         ValueError: on a corrupt image unless `skip_corrupt`, naming it.
@@ -182,7 +187,7 @@ def build_index(
         sources = paths
         ids, packed_codes = _encode_files(
             encoder, paths, np.arange(len(paths)), batch_size, progress,
-            skip_corrupt)
+            (skip_corrupt, max_image_pixels))
     else:
         from uhga_tf.data import datasets
 
@@ -202,7 +207,7 @@ def build_index(
             sources = [os.fspath(p) for p in data.paths]
             ids, packed_codes = _encode_files(
                 encoder, sources, np.arange(len(sources)), batch_size,
-                progress, skip_corrupt)
+                progress, (skip_corrupt, max_image_pixels))
         if labels is not None:
             labels = _label_list(np.asarray(labels))
     if class_names is not None:
@@ -248,11 +253,12 @@ def search_images(
     server=None,
     model_name="uhga",
     query_label=None,
+    max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Encode query images and return one `QueryResult` per query.
 
-    Queries go through the SavedModel at `model_dir`, or through the gRPC
-    server at `server` ("HOST:PORT") with `uhga_tf.serving.grpc_client`.
+    Queries pass the decode guard, then go through the SavedModel at
+    `model_dir` or the gRPC server at `server` ("HOST:PORT").
     """
     if (model_dir is None) == (server is None):
         raise ValueError(
@@ -270,7 +276,7 @@ def search_images(
             f"query_label must be one of the index classes {class_names}; "
             f"received query_label={query_label!r}"
         )
-    image_bytes = [_read_query(path) for path in query_paths]
+    image_bytes = [_read_query(p, max_image_pixels) for p in query_paths]
     if server is not None:
         try:
             from uhga_tf import saved_model as saved_model_lib
@@ -350,17 +356,45 @@ def write_result_grid(results, index, out_path, tile_size=128):
     return image.size
 
 
-def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
-    """Encode image files by raw bytes; return (kept ids, packed_codes)."""
+def _guarded_batch(paths, batch_ids, skip_corrupt, max_pixels):
+    """Read a batch of files; drop (or refuse) what the decode guard refuses."""
+    kept_ids, batch = [], []
+    for i in batch_ids:
+        data = _read_file(paths[i])
+        try:
+            image_header.check_decodable(data, max_pixels, "the file")
+        except image_header.ImageRefused as e:
+            if not skip_corrupt:
+                raise ValueError(
+                    f"cannot decode image {paths[i]}: {e} (pass "
+                    "--skip_corrupt to skip it)"
+                ) from e
+            logging.warning("Skipping image %s: %s", paths[i], e)
+            continue
+        kept_ids.append(i)
+        batch.append(data)
+    return kept_ids, batch
+
+
+def _encode_files(encoder, paths, ids, batch_size, progress, checks):
+    """Encode image files by raw bytes; return (kept ids, packed_codes).
+
+    `checks` is (skip_corrupt, max_image_pixels).
+    """
     import tensorflow as tf
     from tqdm import tqdm
 
+    skip_corrupt, max_pixels = checks
     kept, chunks = [], []
     with tqdm(total=len(paths), disable=not progress, unit="img",
               desc="encode") as bar:
         for start in range(0, len(paths), batch_size):
-            batch_ids = ids[start:start + batch_size]
-            batch = [_read_file(paths[i]) for i in batch_ids]
+            batch_ids, batch = _guarded_batch(
+                paths, ids[start:start + batch_size], skip_corrupt, max_pixels
+            )
+            bar.update(min(batch_size, len(paths) - start))
+            if not batch:
+                continue
             try:
                 chunks.append(encoder.encode_image_bytes(batch)[1])
                 kept.extend(batch_ids)
@@ -374,12 +408,11 @@ def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
                         if not skip_corrupt:
                             raise ValueError(
                                 f"cannot decode image {paths[i]}: "
-                                f"{io_utils.tf_error_line(e)} (pass --skip_corrupt "
-                                "to skip it)"
+                                f"{io_utils.tf_error_line(e)} (pass "
+                                "--skip_corrupt to skip it)"
                             ) from e
                         logging.warning("Skipping corrupt image %s: %s",
                                         paths[i], io_utils.tf_error_line(e))
-            bar.update(len(batch))
     if not kept:
         raise ValueError("no image could be decoded")
     return np.asarray(kept, np.int64), np.concatenate(chunks)
@@ -415,15 +448,21 @@ def _read_file(path):
         return f.read()
 
 
-def _read_query(path):
+def _read_query(path, max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
     """Read a query file and check that it decodes as an image."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no query image {path}")
     data = _read_file(path)
     try:
+        image_header.check_decodable(data, max_pixels, "the file",
+                                     "max_pixels")
+    except image_header.ImageRefused as e:
+        raise ValueError(f"cannot decode query image {path}: {e}") from e
+    try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError,
+            Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode query image {path}: {e}") from e
     return data
 
@@ -431,9 +470,11 @@ def _read_query(path):
 class _TileLoader:
     """Open a result source: a file path or "dataset:NAME:INDEX"."""
 
-    def __init__(self, info):
+    def __init__(self, info,
+                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
         self._info = info
         self._images = None
+        self._max_pixels = max_pixels
 
     def __call__(self, source):
         if source and source.startswith("dataset:"):
@@ -445,4 +486,8 @@ class _TileLoader:
                     name, self._info.get("data_dir")
                 ).images
             return Image.fromarray(np.asarray(self._images[int(i)]))
-        return Image.open(source)
+        data = _read_file(source)
+        image_header.check_decodable(
+            data, self._max_pixels, source, "max_pixels"
+        )
+        return Image.open(io.BytesIO(data))
