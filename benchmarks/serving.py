@@ -3,6 +3,7 @@ r"""Serving throughput and latency of the embedded gRPC server.
   python benchmarks/serving.py [--backbone=efficientnet_lite0|tiny]
       [--image_size=224] [--clients=8] [--requests_per_client=500]
       [--batch_size=32] [--batched_requests_per_client=10] [--max_seconds=90]
+  python benchmarks/serving.py --attacks_only [--backbone=tiny]
 
 Exports a model (the real EfficientNet-Lite0 backbone from
 `uhga_tf.models.backbone` with an untrained seeded hash head, or a tiny
@@ -25,6 +26,12 @@ image_bytes, in turn) and one decompression bomb (a ~100 KB PNG of
 10000 x 10000 pixels) in every 100: `mixed.failed_good_requests`,
 `mixed.p99_good_ms`, `mixed.p99_all_good_ms` (the all-good phase, same
 script) and `mixed.peak_rss_mb` (the server's VmHWM after the mixed phase).
+
+The `hostile` and `slowloris` runs (issue 18; with --attacks_only they are
+merged into the existing JSON) are described in `serving_attacks.py`:
+`hostile.failed_good_requests`, `hostile.p99_good_ms`,
+`hostile.p99_all_good_ms`, `hostile.peak_rss_mb`, `hostile.unanswered`,
+`slowloris.legit_success_rate` and `slowloris.legit_p99_ms`.
 
 REST vs gRPC (section `rest_vs_grpc`, on unless --norest): the same server
 also serves REST (`--rest_api_port=0`); the same clients send the same
@@ -90,6 +97,21 @@ flags.DEFINE_bool(
     "mixed_only", False,
     "Run only the mixed run and merge it into the existing --out JSON.",
 )
+flags.DEFINE_bool(
+    "attacks_only", False,
+    "Run only the hostile and slowloris runs (issue 18) and merge them "
+    "into the existing --out JSON.",
+)
+flags.DEFINE_integer(
+    "hostile_requests_per_client", 300,
+    "Good requests per client in each phase of the hostile run.",
+)
+flags.DEFINE_integer("slowloris_connections", 200,
+                     "Idle or trickling attacker connections.")
+flags.DEFINE_float("slowloris_seconds", 60.0,
+                   "Length of the slowloris run (one request a second).")
+flags.DEFINE_float("slowloris_trickle_s", 5.0,
+                   "Seconds between a trickling attacker's bytes.")
 flags.DEFINE_bool("rest", True, "Also measure REST against gRPC.")
 flags.DEFINE_float(
     "rest_leg_seconds", 15.0, "Length of one REST-vs-gRPC leg."
@@ -767,6 +789,9 @@ def main(argv):
         if FLAGS.mixed_only:
             mixed = mixed_run(base, tmp, images, load_signature(path))
             return write_mixed_only(mixed, image_size, wall)
+        if FLAGS.attacks_only:
+            runs = attack_runs(base, tmp, images, load_signature(path))
+            return write_attacks_only(runs, image_size, wall)
         measured = measure(base, path, tmp, images)
     result = summarise(measured, image_size, wall)
     write_result(result)
@@ -789,6 +814,61 @@ def print_mixed(mixed):
 def write_result(result):
     """Write `result` to --out atomically (keys in insertion order)."""
     io_utils.write_json_atomic(FLAGS.out, result, sort_keys=False)
+
+
+def attack_runs(base, tmp, images, fn):
+    """The `hostile` and `slowloris` runs on one batching gRPC+REST server."""
+    import serving_attacks
+
+    expected = reference_codes(fn, [[b] for b in images])
+    proc, address, rest_port = start_server(base, tmp, enable_batching=True,
+                                            rest=True)
+    channel = grpc.insecure_channel(address)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    try:
+        stub.Predict(_request(np.array(images[:1], dtype=object)),
+                     timeout=TIMEOUT)
+        hostile = serving_attacks.hostile_run(
+            stub, rest_port, proc.pid, images, expected,
+            FLAGS.hostile_requests_per_client, FLAGS.clients, peak_rss_mb,
+            percentiles_ms,
+        )
+        slowloris = serving_attacks.slowloris_run(
+            rest_port, images[0], FLAGS.slowloris_connections,
+            FLAGS.slowloris_seconds, FLAGS.slowloris_trickle_s,
+            percentiles_ms,
+        )
+    finally:
+        channel.close()
+        stop_server(proc)
+    return {"hostile": hostile, "slowloris": slowloris}
+
+
+def write_attacks_only(runs, image_size, wall):
+    result = {}
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            result = json.load(f)
+    for run in runs.values():
+        run["config"].update(backbone=FLAGS.backbone, image_size=image_size)
+        run["git_sha"] = saved_model.git_sha()
+    runs["hostile"]["wall_s"] = round(time.perf_counter() - wall, 1)
+    result.update(runs)
+    write_result(result)
+    hostile, slow = runs["hostile"], runs["slowloris"]
+    print("\n| hostile | failed good | p99 good ms | p99 all-good ms | "
+          "peak RSS MB | unanswered |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| {hostile['attacks_sent']} attacks | "
+          f"{hostile['failed_good_requests']} | {hostile['p99_good_ms']} | "
+          f"{hostile['p99_all_good_ms']} | {hostile['peak_rss_mb']} | "
+          f"{hostile['unanswered']} |")
+    print("\n| slowloris | connections | legit success | legit p99 ms |")
+    print("|---|---:|---:|---:|")
+    print(f"| {slow['config']['seconds']} s | "
+          f"{slow['config']['connections']} | "
+          f"{slow['legit_success_rate']} | {slow['legit_p99_ms']} |")
+    print(f"\n-> {FLAGS.out}")
 
 
 def write_mixed_only(mixed, image_size, wall):

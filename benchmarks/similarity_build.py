@@ -2,7 +2,9 @@
 
     python benchmarks/similarity_build.py --data_dir=../shared/data
 
-Builds `knn`, `cluster` and `manifold` S (product-recipe parameters) on the
+Builds `knn`, `cluster`, `manifold` and `multiscale` S (product-recipe
+parameters; multiscale: the ladder 2 ... 1024 clusters that N = 50,000 and
+`similarity_cluster_size` = 40 give, 3 runs each) on the
 features of CIFAR-10's whole train part (50,000 images, the cached
 EfficientNet-Lite0 features at 160 px), each in a fresh subprocess so its
 peak resident memory is its own. Target (issue 10): <= 5 minutes and <= 2 GB
@@ -20,9 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = ("knn", "cluster", "manifold")
+MODES = ("knn", "cluster", "manifold", "multiscale")
 PARAMS = dict(similarity_knn=20, similarity_clusters=10, similarity_runs=10,
               similarity_dissimilar_quantile=0.3)
+# The product recipe's multiscale S: no cluster count, 3 runs per scale.
+MODE_PARAMS = {"multiscale": dict(similarity_runs=3,
+                                  similarity_cluster_size=40)}
 
 
 def _train_part_features(data_dir):
@@ -50,13 +55,14 @@ def _child(mode, path):
     """Build one mode from the saved features; print JSON."""
     import numpy as np
 
-    from uhga_tf import structured_similarity
+    from uhga_tf.similarity import structured
 
     features = np.load(path)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
-    structure = structured_similarity.build_structured_similarity(
-        features, similarity=mode, seed=0, **PARAMS)
+    structure = structured.build_structured_similarity(
+        features, similarity=mode, seed=0,
+        **{**PARAMS, **MODE_PARAMS.get(mode, {})})
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
@@ -64,6 +70,7 @@ def _child(mode, path):
         "peak_rss_mb": peak / 1024, "rss_before_build_mb": base_rss / 1024,
         "stored_mb": structure.nbytes / 1e6,
         "fractions": structure.fractions,
+        "commit": bench_env.git_sha(),
     }))
 
 
@@ -83,7 +90,9 @@ def main():
     path = "/tmp/uhga_similarity_build_features.npy"
     np.save(path, features)
     results = []
-    for mode in MODES:
+    modes = [a.split("=", 1)[1].split(",") for a in sys.argv[1:]
+             if a.startswith("--modes=")]
+    for mode in (modes[0] if modes else MODES):
         out = subprocess.run(
             [sys.executable, __file__, "--child", mode, path],
             capture_output=True, text=True, check=True,
@@ -95,11 +104,18 @@ def main():
               f"{r['rss_before_build_mb']:.0f} MB)  stored "
               f"{r['stored_mb']:.1f} MB")
     payload = {"results": results, "params": PARAMS,
+               "mode_params": MODE_PARAMS,
                "command": "python benchmarks/similarity_build.py "
                + " ".join(sys.argv[1:]),
                "targets": {"seconds": 300, "peak_rss_mb": 2048},
                **bench_env.provenance()}
     out_path = os.path.join(HERE, "results", "similarity_build.json")
+    if os.path.exists(out_path):
+        # Modes not rerun (--modes=...) keep their stored rows.
+        with open(out_path) as f:
+            rerun = {r["mode"] for r in results}
+            results[:0] = [r for r in json.load(f).get("results", [])
+                           if r["mode"] not in rerun]
     io_utils.write_json_atomic(out_path, payload, indent=1)
     print(f"wrote {out_path}")
 

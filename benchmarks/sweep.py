@@ -9,8 +9,9 @@ Every cell is the base config (flags) with one combination of the grid's
 values; ``--grid`` is ``field=v1,v2;field=v1,...`` over any config field.
 Cells share the loaded features, are stored one JSON each under
 ``<out_dir>/sweeps/<name>/cells/`` as they finish (a rerun skips them:
-resumable), and the table is sorted by validation MAP (validation queries
-from database minus train, protocol.md §1.3). The query-set MAP is shown but
+resumable), and the table is sorted by validation MAP (tie-aware MAP@ALL
+of the validation queries from database minus train, protocol.md §1.3;
+validation MAP@1000 and P@100 beside it). The query-set MAP is shown but
 never used to rank. Writes ``<out_dir>/sweeps/<name>.json`` and prints the
 table.
 """
@@ -96,6 +97,8 @@ def run_cell(overrides, experiment, sets, sweep_dir):
     return {
         "overrides": overrides,
         "validation_map": result["validation_map"],
+        "validation_map_1000": result.get("validation_map_1000"),
+        "validation_p_100": result.get("validation_p_100"),
         "map": result["map"],
         "similarity_fractions": result["similarity_fractions"],
         "similarity_diagnostics": result["similarity_diagnostics"],
@@ -129,12 +132,15 @@ def run_cells(experiments, sweep_dir):
 
 
 def print_table(ranked, failed):
-    print(f"\n{'validation MAP':>14} {'query MAP':>10} {'P(same|S+)':>10}"
-          f" {'P(diff|S-)':>10}  cell")
+    print(f"\n{'validation MAP':>14} {'@1000':>7} {'P@100':>7} "
+          f"{'query MAP':>10} {'P(same|S+)':>10} {'P(diff|S-)':>10}  cell")
     for r in ranked:
         diag = r.get("similarity_diagnostics") or {}
         print(
-            f"{r['validation_map']:14.4f} {r['map']:10.4f} "
+            f"{r['validation_map']:14.4f} "
+            f"{r.get('validation_map_1000') or float('nan'):7.4f} "
+            f"{r.get('validation_p_100') or float('nan'):7.4f} "
+            f"{r['map']:10.4f} "
             f"{diag.get('p_same_given_similar', float('nan')):10.3f} "
             f"{diag.get('p_different_given_dissimilar', float('nan')):10.3f}"
             f"  {r['overrides']}"

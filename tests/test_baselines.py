@@ -34,8 +34,8 @@ def test_registry_and_unknown_name():
         assert base.get_hasher(name, 16).name == name
     assert isinstance(base.get_hasher("ITQ", 16), shallow.ITQ)
     with pytest.raises(ValueError, match=r"name must be one of \['dsh', "
-                       r"'itq', 'lsh', 'pcah', 'sh', 'sph'\]; received "
-                       r"name='kmh'"):
+                       r"'itq', 'kmeans_ls', 'lsh', 'pcah', 'sh', "
+                       r"'spectral_itq', 'sph'\]; received name='kmh'"):
         base.get_hasher("kmh", 16)
 
 
@@ -209,3 +209,43 @@ def test_bad_input_raises(clustered):
         fitted.encode(train[:, :5])
     with pytest.raises(ValueError, match="dsh needs at least 24 train"):
         base.get_hasher("dsh", 16).fit(train[:10], seed=0)
+
+
+@pytest.mark.parametrize("name, floor", [("spectral_itq", 0.5),
+                                         ("kmeans_ls", 0.9)])
+def test_structural_references_recover_clusters(name, floor):
+    """Same kNN graph / clusters as the product, no learning: on separable
+    blobs they find the blobs (random codes score about 0.13). Spectral+ITQ
+    spends 16 bits on 8 blobs, so half its bits split blobs: lower floor."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 64))
+    labels = np.repeat(np.arange(8), 60)
+    x = np.maximum(centres[labels] + 0.6 * rng.normal(size=(480, 64)), 0)
+    train = np.arange(480) % 3 == 0
+    options = {"knn": 10, "cluster_size": 10} if name == "kmeans_ls" else {
+        "knn": 10}
+    hasher = base.get_hasher(name, 16, **options).fit(x[train], seed=0)
+    codes = hasher.encode(x)
+    assert codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 1}
+    random_codes = np.where(rng.normal(size=codes.shape) >= 0, 1, -1)
+    query = np.arange(480) % 6 == 1
+
+    def tie_aware(c):
+        return metrics.tie_aware_map(c[query], c[~query], labels[query],
+                                     labels[~query])
+
+    ours, random = tie_aware(codes), tie_aware(random_codes)
+    assert random < 0.2 and ours > floor, (ours, random)
+    again = base.get_hasher(name, 16, **options).fit(x[train], seed=0)
+    np.testing.assert_array_equal(again.encode(x), codes)
+
+
+def test_unit_rows_option_makes_itq_scale_free():
+    rng = np.random.default_rng(1)
+    x = np.abs(rng.normal(size=(200, 32)))
+    scaled = x * rng.uniform(0.1, 10.0, size=(200, 1))
+    a = base.get_hasher("itq", 16, unit_rows=True).fit(x, seed=0)
+    b = base.get_hasher("itq", 16, unit_rows=True).fit(scaled, seed=0)
+    np.testing.assert_array_equal(a.encode(x), b.encode(scaled))
+    plain = base.get_hasher("itq", 16).fit(x, seed=0)
+    assert not np.array_equal(plain.encode(x), plain.encode(scaled))

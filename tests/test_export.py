@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import keras
 import numpy as np
@@ -360,6 +361,9 @@ def test_read_checkpoint_config_names_missing_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="no hasher.keras"):
         saved_model.read_checkpoint_config(str(tmp_path))
     open(tmp_path / "hasher.keras", "wb").close()
+    with pytest.raises(ValueError, match="hasher.keras is damaged"):
+        saved_model.read_checkpoint_config(str(tmp_path))
+    zipfile.ZipFile(tmp_path / "hasher.keras", "w").close()
     _, values = saved_model.read_checkpoint_config(str(tmp_path))
     assert values["model.code_length"] == 64
     assert values["data.dataset"] == "cifar10"

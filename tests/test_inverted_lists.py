@@ -7,6 +7,9 @@ position); with 2 of 16 lists it must keep recall@10 >= 0.95 while
 scanning under a quarter of the codes.
 """
 
+import json
+import struct
+
 import numpy as np
 import pytest
 
@@ -105,3 +108,26 @@ def test_default_nlist_and_errors(data):
         ivf.nprobe = 17
     with pytest.raises(ValueError, match="nlist must be in"):
         HammingIndex(CODE_LENGTH).use_inverted_lists(nlist=4)
+
+
+@pytest.mark.parametrize("fields,word", [
+    ({"nlist": "16"}, "nlist='16'"),
+    ({"nprobe": None}, "nprobe=None"),
+    ({"nlist": 0}, "nlist=0"),
+])
+def test_ivf_header_field_of_the_wrong_type(tmp_path, data, fields, word):
+    """As the flat fields (issue 18): one line, not a TypeError."""
+    packed, _ = data
+    _, ivf = indexes(packed[:200], nprobe=2)
+    ivf.save(tmp_path / "index")
+    path = tmp_path / "index" / "hamming_index.bin"
+    raw = path.read_bytes()
+    magic, version, length = struct.unpack_from("<8sII", raw)
+    header = json.loads(raw[16:16 + length])
+    header.update(fields)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<8sII", magic, version, len(new)) + new
+                     + raw[16 + length:])
+    with pytest.raises(ValueError, match="corrupt index header") as info:
+        HammingIndex.load(tmp_path / "index")
+    assert word in str(info.value)

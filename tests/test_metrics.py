@@ -391,3 +391,22 @@ def test_plots_write_images(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["map.png", "p_at_n.png", "pr.png"]
     with pytest.raises(ValueError, match="pr_curves must be a non-empty dict"):
         plots.plot_pr_curves({}, tmp_path / "x.png")
+
+
+def test_tie_aware_headline_equals_deterministic_map_without_ties():
+    """One query, a database at Hamming distances 0..K (all distinct): no
+    tie order exists, so the headline and the stable-rule MAP agree."""
+    code_length = 16
+    query = np.ones((1, code_length), np.int8)
+    database = np.ones((code_length + 1, code_length), np.int8)
+    for d in range(code_length + 1):
+        database[d, :d] = -1
+    order = np.random.default_rng(0).permutation(code_length + 1)
+    database = database[order]
+    labels = (np.arange(code_length + 1) % 3 == 0)[order].astype(np.int64)
+    result = metrics.evaluate_codes(query, database, np.array([1]), labels,
+                                    precision_at=(), map_at=())
+    assert result["map_tie_aware"] == pytest.approx(result["map"], abs=1e-12)
+    # Relevant at distances 0, 3, ..., 15: AP = mean(i / (3 i - 2)).
+    expected = np.mean([i / (3 * i - 2) for i in range(1, 7)])
+    assert result["map"] == pytest.approx(expected, abs=1e-12)

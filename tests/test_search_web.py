@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import hostile_inputs
 import http_fixtures
 import model_fixtures
 from uhga_tf import codes as codes_lib
@@ -143,7 +144,16 @@ def _png_claiming(width, height):
         ("POST", "/api/search", _png_claiming(1000, 1000), 413,
          ["1000x1000", "max_pixels=100000"]),
         ("POST", "/api/search", b"GIF89a but not really", 400,
-         ["not an image"]),
+         ["not a well-formed GIF"]),
+        # issue 18: what PIL's or the header's size understates.
+        ("POST", "/api/search", hostile_inputs.jpeg_with_junk_before_sof(
+            300, 200), 400, ["not a well-formed JPEG", "header"]),
+        ("POST", "/api/search", hostile_inputs.animated_gif(100, 100, 20),
+         413, ["20 frames", "200000 pixels", "max_pixels=100000"]),
+        ("POST", "/api/search", hostile_inputs.gif_frame_over_canvas(
+            (10, 10), (400, 300)), 413, ["120000 pixels"]),
+        ("POST", "/api/search", hostile_inputs.one_bit_bmp(), 400,
+         ["cannot be decoded", "channels"]),
         ("POST", "/api/search?top_k=0", _png_claiming(1, 1), 400, ["top_k"]),
         ("GET", "/api/search?id=999", None, 404, ["999"]),
         ("GET", "/api/search?id=x", None, 400, ["id must be an integer"]),
@@ -284,3 +294,58 @@ def test_page_in_headless_chromium(workspace, tmp_path):
             driver.quit()
         _stop(proc)
     assert proc.returncode == 0, (tmp_path / "page.log").read_text()[-2000:]
+
+
+# issue 18: every upload answered -----------------------------------------
+
+
+def test_pil_bomb_is_refused_not_dropped():
+    """An upload PIL refuses as a bomb (the page's own limit set high)
+    is a SearchError, not a DecompressionBombError that drops the
+    connection."""
+    import types
+
+    fake = types.SimpleNamespace(
+        config=web.WebConfig(max_upload_bytes=10**6, max_pixels=10**10))
+    with pytest.raises(web.SearchError) as info:
+        web.SearchService.check_upload(fake, _png_claiming(20000, 20000))
+    assert info.value.status == 400
+    assert "not an image" in info.value.message
+
+
+def test_model_and_index_code_lengths_must_agree(workspace, tmp_path):
+    """The page started with a 16-bit model over a 24-bit index and then
+    failed every upload."""
+    _, _, index_dir = workspace
+    models = model_fixtures.tiny_models(16, seed=0)
+    model_dir = saved_model.export_saved_model(
+        *models, str(tmp_path / "models"),
+        image_size=model_fixtures.IMAGE_SIZE)
+    with pytest.raises(ValueError, match="emits 16-bit codes; the index "
+                                         "holds 24-bit codes"):
+        web.SearchService(index_dir, model_dir=model_dir)
+
+
+def test_server_refusal_is_a_400_with_its_message(workspace):
+    """With --server=, a gRPC refusal was an unanswered upload."""
+    from uhga_tf.serving import server as server_lib
+
+    root, _, index_dir = workspace
+    server = server_lib.ModelServer(server_lib.ServerConfig(
+        model_base_path=str(root / "models"), port=0,
+        max_image_pixels=9000))  # warm-ups (<= 3840 px) load
+    port = server.start()
+    try:
+        service = web.SearchService(
+            index_dir, server=f"127.0.0.1:{port}",
+            config=web.WebConfig(max_pixels=100_000))
+        buffer = io.BytesIO()
+        Image.new("RGB", (100, 100), (200, 40, 40)).save(buffer, "PNG")
+        upload = buffer.getvalue()
+        with pytest.raises(web.SearchError) as info:
+            service.search_upload(upload)
+        assert info.value.status == 400
+        assert "INVALID_ARGUMENT" in info.value.message
+        assert "max_image_pixels=9000" in info.value.message
+    finally:
+        server.stop(1.0)

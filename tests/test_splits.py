@@ -251,8 +251,9 @@ def test_round_trip_and_refusal(cifar_labels, tmp_path, monkeypatch):
     split = splits.load_or_create_split(
         str(tmp_path), "cifar10", "uhga", labels, partition, 0
     )
-    folder = tmp_path / "cifar10_uhga_seed0"
-    assert sorted(os.listdir(tmp_path)) == ["cifar10_uhga_seed0"]
+    digest = splits.labels_fingerprint(labels, partition)[:12]
+    folder = tmp_path / f"cifar10_uhga_seed0_{digest}"
+    assert sorted(os.listdir(tmp_path)) == [folder.name]
     assert sorted(os.listdir(folder)) == [
         "database.txt",
         "query.txt",
@@ -283,7 +284,8 @@ def test_round_trip_and_refusal(cifar_labels, tmp_path, monkeypatch):
 
     changed = labels.copy()
     changed[0] = 1
-    with pytest.raises(ValueError, match="labels_fingerprint"):
+    # Other data gets its own folder, drawn afresh, not refused (issue 18).
+    with pytest.raises(AssertionError, match="make_split called"):
         splits.load_or_create_split(
             str(tmp_path), "cifar10", "uhga", changed, partition, 0
         )

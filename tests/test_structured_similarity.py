@@ -4,7 +4,8 @@ clusters, determinism, O(N k) memory, the pair rule, and bad input."""
 import numpy as np
 import pytest
 
-from uhga_tf import structured_similarity as ss
+from uhga_tf.similarity import entries
+from uhga_tf.similarity import structured as ss
 
 MODES = ("knn", "cluster", "manifold")
 
@@ -107,12 +108,12 @@ def test_mutual_partners_keeps_only_reciprocated_pairs():
 
 def test_label_agreement_counts_single_and_multi_label():
     block = np.array([[1, -1], [0, 1]])
-    out = ss.label_agreement(block, np.array([0, 1]), np.array([0, 1]))
+    out = entries.label_agreement(block, np.array([0, 1]), np.array([0, 1]))
     assert out["p_same_given_similar"] == 1.0
     assert out["p_different_given_dissimilar"] == 1.0
     assert out["p_same_base_rate"] == 0.5
     multi = np.array([[1, 1, 0], [0, 0, 1]], np.uint8)
-    out = ss.label_agreement(block, multi, multi[::-1])
+    out = entries.label_agreement(block, multi, multi[::-1])
     assert out["p_same_given_similar"] == 0.0
     assert out["p_different_given_dissimilar"] == 0.0
 
@@ -152,3 +153,51 @@ def test_an_s_without_dissimilar_pairs_names_the_flags():
     # One run with 300 clusters of one item each: no pair is similar.
     with pytest.raises(ValueError, match="no similar pair.*similarity_"):
         _build("cluster", x, similarity_clusters=300, similarity_runs=1)
+
+
+def _hierarchy(groups=4, subgroups=4, per=25, dim=32, seed=0):
+    """Blobs inside blobs: (x, group ids, subgroup ids), shuffled."""
+    rng = np.random.default_rng(seed)
+    tops = rng.normal(size=(groups, dim))
+    subs = tops[:, None, :] + 0.25 * rng.normal(size=(groups, subgroups, dim))
+    group = np.repeat(np.arange(groups), subgroups * per)
+    sub = np.tile(np.repeat(np.arange(subgroups), per), groups)
+    x = subs[group, sub] + 0.25 * rng.normal(size=(len(group), dim))
+    order = rng.permutation(len(group))
+    return x[order].astype(np.float32), group[order], sub[order]
+
+
+def test_multiscale_ladder_follows_n_never_a_class_count():
+    assert ss.cluster_scales(5000, 40) == [2, 4, 8, 16, 32, 64]
+    assert ss.cluster_scales(159, 40) == [2]
+    assert ss.cluster_scales(160, 40) == [2, 4]
+    features, _, _ = _hierarchy()
+    a = _dense(_build("multiscale", features, similarity_clusters=2,
+                      similarity_cluster_size=10))
+    b = _dense(_build("multiscale", features, similarity_clusters=50,
+                      similarity_cluster_size=10))
+    np.testing.assert_array_equal(a, b)  # similarity_clusters is unused
+
+
+def test_multiscale_grades_pairs_by_how_fine_they_stay_together():
+    features, group, sub = _hierarchy()
+    structure = _build("multiscale", features, similarity_cluster_size=10,
+                       similarity_runs=2, similarity_positive_share=0.5,
+                       similarity_negative_share=0.25, similarity_grading=1.0)
+    # N = 400, 10 per cluster: 2, 4, ..., 32 clusters, 2 runs each.
+    assert structure.assignments.shape == (400, 10)
+    s = _dense(structure)
+    assert s.dtype == np.float32 and s.min() >= -1.0 and s.max() <= 1.0
+    np.testing.assert_array_equal(np.diag(s), np.ones(400, np.float32))
+    same_group = group[:, None] == group[None, :]
+    same_sub = same_group & (sub[:, None] == sub[None, :])
+    off = ~np.eye(400, dtype=bool)
+    fine = s[same_sub & off].mean()
+    coarse = s[same_group & ~same_sub].mean()
+    apart = s[~same_group].mean()
+    # Same subgroup > same group only > different groups, by clear steps.
+    assert fine > coarse + 0.2 and coarse > apart + 0.2, (fine, coarse, apart)
+    assert fine > 0.5 and apart < -0.5
+    fractions = structure.fractions
+    assert fractions["positive"] + fractions["negative"] == pytest.approx(
+        1 - fractions["unlabeled"])

@@ -254,9 +254,7 @@ def test_dropout_mask_is_shared_by_every_pass_of_a_step():
 
     # The look-ahead loss is that of W' under the pre-step mask.
     images = tf.concat([data[0][0], data[1][0]], axis=0)
-    similarity_block = tf.gather(
-        tf.gather(model._similarity, data[0][1], axis=0), data[1][1], axis=1
-    )
+    similarity_block = model.similarity_block(data[0][1], data[1][1])
     scale = model.current_scale(model.step + 1)
 
     def lookahead_loss(non_trainable):

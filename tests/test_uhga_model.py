@@ -234,10 +234,10 @@ def test_fit_in_graph_and_checkpoint_restores_step_and_momenta(tmp_path):
 def test_structured_similarity_step_equals_its_dense_matrix(mode):
     """A structured S built per batch trains exactly as its materialised
     N x N matrix, with GA and the balance and quantization terms on."""
-    from uhga_tf import structured_similarity
+    from uhga_tf.similarity import structured
 
     features, _ = _data()
-    structure = structured_similarity.build_structured_similarity(
+    structure = structured.build_structured_similarity(
         features, similarity=mode, similarity_knn=3, similarity_clusters=3,
         similarity_runs=2, similarity_dissimilar_quantile=0.5, seed=0,
     )
@@ -289,3 +289,26 @@ def test_balance_term_gradient_matches_finite_differences():
             - model._regularizer(tf.constant(minus.reshape(codes.shape)))
         ).numpy() / (2 * eps)
     np.testing.assert_allclose(extra.numpy().ravel(), numeric, atol=1e-8)
+
+
+def test_graded_entries_are_soft_logistic_targets():
+    """s in {-1, +1} reads as before (int8 or float); a graded s asks for
+    P(similar) = (1 + s) / 2, so G vanishes where sigmoid(gamma q) does."""
+    rng = np.random.default_rng(0)
+    u = tf.constant(rng.normal(size=(3, 8)), tf.float32)
+    v = tf.constant(rng.normal(size=(4, 8)), tf.float32)
+    ternary = np.array([[1, -1, 0, 1], [-1, -1, 1, 0], [0, 1, 1, -1]])
+    a = pair_loss_and_grad(u, v, ternary.astype(np.int8), positive_weight=3.)
+    b = pair_loss_and_grad(u, v, ternary.astype(np.float32),
+                           positive_weight=3.)
+    np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), rtol=1e-6)
+    # One pair, q = 8 * 0.25 * 0.5 = 1: sigmoid(0.2 * 1) is the target for
+    # s = 2 sigmoid(0.2) - 1, so the gradient is zero there.
+    code = tf.constant([[0.25] * 8], tf.float32)
+    s = 2.0 / (1.0 + np.exp(-0.2)) - 1.0
+    _, grad = pair_loss_and_grad(code, 2 * code, np.array([[s]], np.float32))
+    assert abs(float(grad.numpy()[0, 0])) < 1e-7
+    _, pulled = pair_loss_and_grad(code, 2 * code,
+                                   np.array([[s + 0.1]], np.float32))
+    assert float(pulled.numpy()[0, 0]) < -1e-3  # wants q larger

@@ -50,6 +50,9 @@ def _tf_user_errors():
         errors.AlreadyExistsError,
         errors.InvalidArgumentError,
         errors.FailedPreconditionError,
+        # A full disk under --workdir or --export_dir ("No space left on
+        # device"), or a batch that does not fit in memory.
+        errors.ResourceExhaustedError,
     )
 
 

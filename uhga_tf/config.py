@@ -25,7 +25,9 @@ SPLIT_PROTOCOLS = (
 )
 QUERY_POOLS = ("test", "all")
 HASH_HEADS = ("dense", "mlp")
-SIMILARITY_MODES = ("ssdh", "threshold", "knn", "cluster", "manifold")
+SIMILARITY_MODES = (
+    "ssdh", "threshold", "knn", "cluster", "manifold", "multiscale"
+)
 LOSSES = ("ga_logistic", "ssdh_l2")
 PAIRINGS = ("cross", "within")
 SCALE_SCHEDULES = ("sqrt_step", "none")
@@ -137,6 +139,26 @@ def _canonicalize(section):
             object.__setattr__(section, field.name, value)
 
 
+def class_ids(classes):
+    """The class ids of a `classes` string ("0,3,7"); () means all."""
+    text = (classes or "").replace(" ", "")
+    if not text:
+        return ()
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError as e:
+        raise ValueError(
+            "classes must be comma-separated class ids such as '0,1,2'; "
+            f"received classes={classes!r}"
+        ) from e
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise ValueError(
+            "classes must be distinct ids >= 0; received "
+            f"classes={classes!r}"
+        )
+    return ids
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are split.
@@ -152,6 +174,12 @@ class DataConfig:
         split_list_dir: folder with GA list files (only `split=ga_lists`).
         cache_dir: where split index files and cached features live.
         skip_corrupt: skip (and count) undecodable images instead of failing.
+        classes: keep only these class ids (comma-separated, e.g.
+            "0,1,2,3,4"); empty = every class. Defines the collection
+            (robustness checks on subsets), never a model parameter.
+        class_decay: keep a share decay^c of class c's images (1 = all):
+            an imbalanced collection, e.g. 0.7071 keeps 6,000 ... 265
+            CIFAR-10 images per class.
     """
 
     dataset: str = "cifar10"
@@ -162,9 +190,17 @@ class DataConfig:
     split_list_dir: str = ""
     cache_dir: str = "cache"
     skip_corrupt: bool = False
+    classes: str = ""
+    class_decay: float = 1.0
 
     def __post_init__(self):
         _choice("dataset", self.dataset, DATASETS)
+        class_ids(self.classes)
+        if not 0.0 < self.class_decay <= 1.0:
+            raise ValueError(
+                "class_decay must be in (0, 1]; received "
+                f"class_decay={self.class_decay!r}"
+            )
         _choice("data_source", self.data_source, DATA_SOURCES)
         _choice("split", self.split, SPLIT_PROTOCOLS)
         _choice("query_pool", self.query_pool, QUERY_POOLS)
@@ -248,6 +284,18 @@ class SimilarityConfig:
         similarity_runs: k-means runs; similar = same cluster in all.
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (`knn`, `manifold`).
+        similarity_cluster_size: `multiscale` only: the k-means ensemble
+            runs at 2, 4, 8, ... clusters while the mean cluster holds at
+            least this many train items (no class count needed).
+        similarity_positive_share: `multiscale`: a pair that the same
+            cluster holds in at least this share of the (scale, run)
+            clusterings is similar.
+        similarity_negative_share: `multiscale`: in at most this share,
+            dissimilar (in between: unlabeled); < similarity_positive_share.
+        similarity_grading: `multiscale`, g in [0, 1]: a similar pair joined
+            in a share a of the clusterings gets S = 1 - g (1 - a), so the
+            finer the scales that keep it together, the closer it is pulled;
+            0 = every similar pair +1.
     """
 
     similarity: str = "ssdh"
@@ -260,6 +308,10 @@ class SimilarityConfig:
     similarity_clusters: int = 50
     similarity_runs: int = 5
     similarity_dissimilar_quantile: float = 0.3
+    similarity_cluster_size: int = 40
+    similarity_positive_share: float = 0.5
+    similarity_negative_share: float = 0.25
+    similarity_grading: float = 0.0
 
     def __post_init__(self):
         _canonicalize(self)
@@ -267,6 +319,19 @@ class SimilarityConfig:
         _positive("similarity_knn", self.similarity_knn)
         _at_least("similarity_clusters", self.similarity_clusters, 2)
         _positive("similarity_runs", self.similarity_runs)
+        _positive("similarity_cluster_size", self.similarity_cluster_size)
+        if not 0.0 <= self.similarity_grading <= 1.0:
+            raise ValueError(
+                "similarity_grading must be in [0, 1]; received "
+                f"similarity_grading={self.similarity_grading!r}")
+        if not (0.0 <= self.similarity_negative_share
+                < self.similarity_positive_share <= 1.0):
+            raise ValueError(
+                "multiscale shares must satisfy 0 <= "
+                "similarity_negative_share < similarity_positive_share <= 1;"
+                f" received {self.similarity_negative_share} and "
+                f"{self.similarity_positive_share}"
+            )
         quantile = self.similarity_dissimilar_quantile
         if not 0.0 < quantile < 1.0:
             raise ValueError(

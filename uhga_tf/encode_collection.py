@@ -35,6 +35,10 @@ flags.DEFINE_integer("threads_per_worker", None,
                      "TensorFlow threads per worker; default: the cores split "
                      "among --num_workers (DirectRunner), else TF's own.",
                      lower_bound=1)
+flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+                     "Largest width * height an image may decode to (every "
+                     "GIF frame counted); larger ones become dead letters.",
+                     lower_bound=1)
 flags.DEFINE_string("beam_options", "",
                     "Further Beam pipeline options, one shell-quoted string.")
 flags.mark_flags_as_required(["model", "images", "out"])
@@ -83,6 +87,7 @@ def main(argv):
                             FLAGS.beam_options),
         threads_per_worker=threads_per_worker(
             FLAGS.runner, FLAGS.num_workers, FLAGS.threads_per_worker),
+        max_image_pixels=FLAGS.max_image_pixels,
     )
     manifest = beam_encode.encode_collection(config)
     print(f"{FLAGS.out}\t{manifest['count']} codes\t"

@@ -26,7 +26,7 @@ from uhga_tf import retrieval
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "SavedModel directory (models/uhga/1).")
 flags.DEFINE_string(
-    "images", None, "Image folder (jpg/jpeg/png, read recursively; "
+    "images", None, "Image folder (jpg/jpeg/png/gif/bmp, read recursively; "
     "class = sub-folder name when class-per-folder)."
 )
 flags.DEFINE_string("dataset", None, "Dataset name for load_dataset.")
@@ -37,7 +37,8 @@ flags.DEFINE_string("out", None, "Index directory (built or updated).")
 flags.DEFINE_list("ids", [], "remove: ids to remove.")
 flags.DEFINE_enum("kind", "flat", ["flat", "ivf", "auto"],
                   "build: exact scan, inverted lists, or ivf for large sets.")
-flags.DEFINE_integer("nlist", None, "build: ivf lists (default ~4 sqrt(n)).",
+flags.DEFINE_integer("nlist", None,
+                     "build: ivf lists (default ~sqrt(n) / 4).",
                      lower_bound=1)
 flags.DEFINE_integer("nprobe", 16, "build: ivf lists scanned per query.",
                      lower_bound=1)
@@ -46,6 +47,10 @@ flags.DEFINE_integer("batch_size", 64, "Images per encode call.",
 flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress).")
 flags.DEFINE_bool("skip_corrupt", False,
                   "Skip undecodable images instead of failing.")
+flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+                     "Largest width * height an image may decode to (every "
+                     "GIF frame counted); larger ones are refused.",
+                     lower_bound=1)
 flags.mark_flags_as_required(["out"])
 COMMANDS = ("build", "add", "remove")
 
@@ -83,7 +88,7 @@ def _build(source, out, search):
         FLAGS.model, out, images_dir=FLAGS.images, dataset=FLAGS.dataset,
         data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
         progress=FLAGS.progress, skip_corrupt=FLAGS.skip_corrupt,
-        search=search,
+        max_image_pixels=FLAGS.max_image_pixels, search=search,
     )
 
 

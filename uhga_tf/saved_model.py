@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import zipfile
 
 from absl import logging
 import keras
@@ -696,7 +697,30 @@ def read_checkpoint_config(checkpoint_dir):
     hasher_path = os.path.join(checkpoint_dir, HASHER_FILENAME)
     if not os.path.isfile(hasher_path):
         raise FileNotFoundError(f"no {HASHER_FILENAME} in {checkpoint_dir}")
+    if not zipfile.is_zipfile(hasher_path):
+        raise ValueError(_damaged_hasher(hasher_path))
     return config, values
+
+
+def _damaged_hasher(path):
+    # Keras calls any file that is not a zip archive "File not found",
+    # which misleads when the file is there but truncated or overwritten.
+    return (
+        f"{path} is damaged (not a readable .keras zip archive); expected "
+        "the hasher.keras that uhga_tf.train writes: re-run or resume "
+        "training"
+    )
+
+
+def _load_hasher(checkpoint_dir):
+    """Load `hasher.keras`; a damaged archive is named as damaged."""
+    path = os.path.join(checkpoint_dir, HASHER_FILENAME)
+    try:
+        return keras.saving.load_model(path)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(
+            f"{_damaged_hasher(path)} ({type(e).__name__}: {e})"
+        ) from e
 
 
 def export_from_checkpoint(
@@ -736,9 +760,7 @@ def export_from_checkpoint(
     )
     if trainable_backbone:
         backbone, hasher = hash_layer.split_image_hasher(
-            keras.saving.load_model(
-                os.path.join(checkpoint_dir, HASHER_FILENAME)
-            )
+            _load_hasher(checkpoint_dir)
         )
         image_size = int(backbone.input_shape[1])
     else:
@@ -747,9 +769,7 @@ def export_from_checkpoint(
             weights=values["model.backbone_weights"],
             image_size=values["model.image_size"],
         )
-        hasher = keras.saving.load_model(
-            os.path.join(checkpoint_dir, HASHER_FILENAME)
-        )
+        hasher = _load_hasher(checkpoint_dir)
         image_size = values["model.image_size"]
     _, code_length = _probe_dims(backbone, hasher, image_size)
     if code_length != values["model.code_length"]:

@@ -39,7 +39,9 @@ flags.DEFINE_integer("port", 8080, "serve: port; 0 picks a free one.")
 flags.DEFINE_integer("max_upload_bytes", 8 * 1024 * 1024,
                      "serve: largest accepted upload.", lower_bound=1)
 flags.DEFINE_integer("max_pixels", 16_000_000,
-                     "serve: largest accepted width * height.", lower_bound=1)
+                     "Largest width * height a query, upload or thumbnail "
+                     "may decode to (every GIF frame counted).",
+                     lower_bound=1)
 flags.DEFINE_float("index_poll_s", 1.0,
                    "serve: seconds between checks for a changed index "
                    "(index build/add/remove); 0 never reloads.",
@@ -102,6 +104,7 @@ def main(argv):
         server=FLAGS.server,
         model_name=FLAGS.model_name,
         query_label=FLAGS.query_label,
+        max_image_pixels=FLAGS.max_pixels,
     )
     if FLAGS.out:
         retrieval.write_result_grid(results, index, FLAGS.out,

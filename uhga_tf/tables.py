@@ -38,6 +38,35 @@ DEEP_METHODS = {
 }
 SHALLOW_METHODS = {"LSH": "lsh", "SH": "sh", "SpH": "sph", "ITQ": "itq",
                    "DSH": "dsh", "PCAH": "pcah"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A code reference: a registered hasher, its options, what it fits on.
+
+    ``fit_set`` "database" fits on the whole unlabelled database, as a user
+    with the collection in hand can (the query set is never seen).
+    """
+
+    hasher: str
+    options: tuple = ()
+    fit_set: str = "train"
+
+
+# The strongest cheap code references (protocol.md §6.6): ITQ in three
+# preparations and two that use the product's kNN graph and clusters
+# without learning (baselines/structural.py). "ITQ (best)" is the ITQ
+# variant with the best validation MAP, chosen in benchmarks/quality.py.
+REFERENCES = {
+    **{name: Reference(key) for name, key in SHALLOW_METHODS.items()},
+    "ITQ (unit)": Reference("itq", (("unit_rows", True),)),
+    "ITQ (unit, database)": Reference(
+        "itq", (("unit_rows", True),), "database"),
+    "Spectral+ITQ": Reference("spectral_itq"),
+    "k-means+LS": Reference("kmeans_ls"),
+}
+ITQ_VARIANTS = ("ITQ", "ITQ (unit)", "ITQ (unit, database)")
+STRUCTURAL_REFERENCES = ("Spectral+ITQ", "k-means+LS")
 TABLE_METHODS = {
     2: ("SSDH", "SSDH+GA", "Ours", "Ours+GA"),
     3: ("LSH", "PCAH", "SH", "SpH", "ITQ", "DSH", "SSDH", "SSDH+GA", "Ours",
@@ -80,14 +109,16 @@ def paper_value(table, method, code_length, dataset):
     return None if row is None else row[column]
 
 
-def shallow_codes(method, code_length, sets, seed):
-    """Fit a baseline on the train features; encode query and database."""
+def shallow_codes(method, code_length, sets, seed,
+                  encode=("query", "database")):
+    """Fit a reference as `REFERENCES` says; codes of the `encode` sets."""
     from uhga_tf.baselines import base
 
-    hasher = base.get_hasher(SHALLOW_METHODS[method].lower(), code_length)
-    hasher.fit(sets.features["train"], seed=seed)
-    return (hasher.encode(sets.features["query"]),
-            hasher.encode(sets.features["database"]))
+    reference = REFERENCES[method]
+    hasher = base.get_hasher(
+        reference.hasher, code_length, **dict(reference.options))
+    hasher.fit(sets.features[reference.fit_set], seed=seed)
+    return tuple(hasher.encode(sets.features[name]) for name in encode)
 
 
 def workdir_codes(workdir, sets):
@@ -198,12 +229,12 @@ def table_cells(table, code_lengths, seeds, methods=None):
         rows = list(methods or TABLE_METHODS[table])
         unknown = [
             m for m in rows if m not in DEEP_METHODS and m not in
-            SHALLOW_METHODS
+            REFERENCES
         ]
         if unknown:
             raise ValueError(
                 f"unknown method(s) {unknown}; choose from "
-                f"{sorted(DEEP_METHODS) + sorted(SHALLOW_METHODS)}"
+                f"{sorted(DEEP_METHODS) + sorted(REFERENCES)}"
             )
     return [
         Cell(table, row, code_length, seed)
@@ -216,15 +247,24 @@ def table_cells(table, code_lengths, seeds, methods=None):
 def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     """Run one cell (or read its stored result); return the result dict."""
     path = os.path.join(cells_dir, cell.key + ".json")
+    provenance = cell_provenance(base_experiment, sets)
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            stored = json.load(f)
+        if stored.get("provenance", {}).get("inputs") == provenance["inputs"]:
+            return stored
+        logging.info("%s: stored cell is stale (other inputs); rerun", path)
     start = time.time()
-    if cell.method in SHALLOW_METHODS:
-        query_codes, database_codes = shallow_codes(
-            cell.method, cell.code_length, sets, cell.seed)
+    if cell.method in REFERENCES:
+        query_codes, database_codes, validation_codes = shallow_codes(
+            cell.method, cell.code_length, sets, cell.seed,
+            encode=("query", "database", "validation"))
         result = evaluate_method(
             query_codes, database_codes, sets, base_experiment.eval)
+        from uhga_tf.training import run as run_lib
+
+        result.update(run_lib.validation_metrics(
+            validation_codes, database_codes, sets))
     else:
         from uhga_tf.training import run as run_lib
 
@@ -250,9 +290,37 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
         experiment = config_lib.experiment_from_flat(flat)
         result = run_lib.run_experiment(experiment, sets=sets)
     result.update(
-        cell=dataclasses.asdict(cell), cell_wall_time_s=time.time() - start)
+        cell=dataclasses.asdict(cell), cell_wall_time_s=time.time() - start,
+        provenance=provenance)
     io_utils.write_json_atomic(path, result, indent=1)
     return result
+
+
+def cell_provenance(base_experiment, sets):
+    """What a stored cell came from; a cell whose inputs differ is rerun.
+
+    ``inputs`` (the data and its database order, the experiment's flags,
+    the product recipe and the evaluation protocol) decides staleness;
+    ``commit`` records the code it ran on.
+    """
+    import hashlib
+
+    from uhga_tf import saved_model
+    from uhga_tf.evaluation import metrics
+
+    inputs = {
+        "data": sets.description,
+        "experiment": base_experiment.to_dict(),
+        "product_recipe": config_lib.PRODUCT_RECIPE,
+        "protocol": metrics.PROTOCOL_VERSION,
+    }
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return {
+        "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "data": sets.description,
+        "commit": saved_model.git_sha(),
+    }
+
 
 
 def summarise(table, cells, results, dataset):

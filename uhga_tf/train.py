@@ -41,12 +41,17 @@ def main(argv):
     result = flags_util.exit_on_user_error("train", run)
     references = [
         f"{name} {result[key]:.4f}"
-        for name, key in (("ITQ", "itq_map"), ("cosine ranking", "cosine_map"))
+        for name, key in (("ITQ (unit rows, tie-aware)", "itq_map"),
+                          ("cosine ranking (centred)", "cosine_map_centred"))
         if result.get(key) is not None
     ]
+    headline = result.get("map_tie_aware")
     print(
         f"MAP@ALL query/database ({result['method']}, "
-        f"{result['code_length']} bits): {result['map']:.4f}"
+        f"{result['code_length']} bits): "
+        + (f"{headline:.4f} tie-aware ({result['map']:.4f} with ties by "
+           "database order)" if headline is not None
+           else f"{result['map']:.4f}")
         + (f"   same split: {', '.join(references)}" if references else "")
         + f"   results: {os.path.join(workdir[0], 'results.json')}"
     )

@@ -31,8 +31,10 @@ def register(cls):
 
 
 def _load_registry():
-    # shallow.py registers LSH, SH, SpH, ITQ, DSH and PCAH on import.
+    # shallow.py registers LSH, SH, SpH, ITQ, DSH and PCAH on import,
+    # structural.py the references built on the kNN graph and clusters.
     from uhga_tf.baselines import shallow  # noqa: F401
+    from uhga_tf.baselines import structural  # noqa: F401
 
 
 def get_hasher(name, code_length, **options):
@@ -57,20 +59,10 @@ def validate_features(features, name="features", num_dims=None):
     Raises:
         ValueError: not 2-D, empty, non-finite, or D != num_dims.
     """
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-        raise ValueError(
-            f"{name} must be a non-empty 2-D array [n, D]; received shape "
-            f"{features.shape}"
-        )
-    if num_dims is not None and features.shape[1] != num_dims:
-        raise ValueError(
-            f"{name} must have D={num_dims} columns (as at fit); received "
-            f"shape {features.shape}"
-        )
-    if not np.all(np.isfinite(features)):
-        raise ValueError(f"{name} must be finite; received NaN or inf")
-    return features
+    from uhga_tf.similarity import features as features_lib
+
+    return features_lib.check_features(
+        features, name, num_dims=num_dims, dtype=np.float64)
 
 
 def validate_seed(seed):
@@ -88,7 +80,8 @@ class Hasher:
     """Base class: fit on train features, encode to {-1, +1} codes.
 
     Subclasses set `name`, `DEFAULT_OPTIONS` (every option and its default;
-    `center` is common to all), implement `_fit(features, rng)` on centred
+    `center` and `unit_rows`, L2-normalise rows before centring, are common
+    to all), implement `_fit(features, rng)` on centred
     features and `_encode(features)` returning int8 codes, and list their
     fitted arrays in `ARRAYS`.
     """
@@ -99,7 +92,8 @@ class Hasher:
 
     def __init__(self, code_length, **options):
         self.code_length = codes_lib.check_code_length(code_length)
-        defaults = {"center": True, **self.DEFAULT_OPTIONS}
+        defaults = {"center": True, "unit_rows": False,
+                    **self.DEFAULT_OPTIONS}
         unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise ValueError(
@@ -107,11 +101,12 @@ class Hasher:
                 f"received {unknown}"
             )
         self.options = {**defaults, **options}
-        if not isinstance(self.options["center"], (bool, np.bool_)):
-            raise ValueError(
-                "center must be True or False; received "
-                f"center={self.options['center']!r}"
-            )
+        for key in ("center", "unit_rows"):
+            if not isinstance(self.options[key], (bool, np.bool_)):
+                raise ValueError(
+                    f"{key} must be True or False; received "
+                    f"{key}={self.options[key]!r}"
+                )
         self._validate_options()
         self.mean = None
 
@@ -136,6 +131,10 @@ class Hasher:
         return self.mean is not None
 
     def _center(self, features):
+        if self.options["unit_rows"]:
+            # Cosine geometry: the features' norms carry no similarity.
+            norms = np.linalg.norm(features, axis=1, keepdims=True)
+            features = features / np.maximum(norms, 1e-12)
         return features - self.mean
 
     def fit(self, features, seed):
@@ -146,10 +145,9 @@ class Hasher:
         """
         features = validate_features(features, "features")
         seed = validate_seed(seed)
+        self.mean = np.zeros(features.shape[1])
         if self.options["center"]:
-            self.mean = features.mean(axis=0)
-        else:
-            self.mean = np.zeros(features.shape[1])
+            self.mean = self._center(features).mean(axis=0)
         self._fit(self._center(features), np.random.default_rng(seed))
         return self
 

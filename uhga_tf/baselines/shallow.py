@@ -254,25 +254,33 @@ class ITQ(Hasher):
     def _fit(self, features, rng):
         _check_pca_length(self.code_length, features, "itq")
         self.pca = pca_directions(features, self.code_length)
-        projected = features @ self.pca
-        rotation = np.linalg.svd(
-            rng.standard_normal((self.code_length, self.code_length))
-        )[0]
-        losses = []
-        for _ in range(self.options["itq_iters"]):
-            rotated = projected @ rotation
-            binary = np.where(rotated >= 0, 1.0, -1.0)
-            losses.append(float(np.sum((binary - rotated) ** 2)))
-            left, _, right_t = np.linalg.svd(binary.T @ projected)
-            rotation = right_t.T @ left.T
-        rotated = projected @ rotation
-        binary = np.where(rotated >= 0, 1.0, -1.0)
-        losses.append(float(np.sum((binary - rotated) ** 2)))
-        self.rotation = rotation
-        self.quantization_loss = np.asarray(losses)
+        self.rotation, self.quantization_loss = itq_rotation(
+            features @ self.pca, rng, self.options["itq_iters"])
 
     def _encode(self, features):
         return codes_lib.binarize(features @ self.pca @ self.rotation)
+
+
+def itq_rotation(projected, rng, iterations):
+    """ITQ's orthogonal R for projected data V [n, K] (Gong et al. 2013).
+
+    Returns:
+        (R float64 [K, K], quantization losses ||sgn(V R_t) - V R_t||_F^2
+        for t = 0..iterations).
+    """
+    size = projected.shape[1]
+    rotation = np.linalg.svd(rng.standard_normal((size, size)))[0]
+    losses = []
+    for _ in range(iterations):
+        rotated = projected @ rotation
+        binary = np.where(rotated >= 0, 1.0, -1.0)
+        losses.append(float(np.sum((binary - rotated) ** 2)))
+        left, _, right_t = np.linalg.svd(binary.T @ projected)
+        rotation = right_t.T @ left.T
+    rotated = projected @ rotation
+    binary = np.where(rotated >= 0, 1.0, -1.0)
+    losses.append(float(np.sum((binary - rotated) ** 2)))
+    return rotation, np.asarray(losses)
 
 
 @register

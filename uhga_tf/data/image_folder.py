@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from uhga_tf.data import image_header
 from uhga_tf.data.image_dataset import PARTITIONS, ImageDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -225,8 +226,19 @@ def _class_names(tree, files_by_class, parts, expected_classes):
     return list(expected_classes)
 
 
-def check_image_bytes(data):
-    """Return (height, width) of an encoded image; raise ValueError if bad."""
+def check_image_bytes(data,
+                      max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
+    """Return (height, width) of an encoded image; raise ValueError if bad.
+
+    The decode guard (`image_header.check_decodable`) runs first, so a
+    decompression bomb is refused before PIL or TensorFlow decodes it.
+    """
+    try:
+        image_header.check_decodable(data, max_pixels, "image")
+    except image_header.ImageRefused as e:
+        if image_header.image_format(data) is None:
+            raise ValueError("not a recognised image format") from e
+        raise
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format

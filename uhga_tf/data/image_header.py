@@ -2,10 +2,14 @@
 
 `tf.io.decode_image` reads JPEG, PNG, GIF and BMP. Their headers state the
 image size, so a decompression bomb (a small file of a huge image) can be
-refused before any pixel is decoded.
+refused before any pixel is decoded: `check_decodable` is that guard, the
+one every path from bytes to pixels calls.
 """
 
 import struct
+
+# 4096 x 4096: ~50 MB of decoded RGB per image.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 # Leading bytes of the formats tf.io.decode_image reads.
 _MAGIC = (
@@ -19,6 +23,14 @@ FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 # JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
         0xCE, 0xCF}
+
+
+class ImageRefused(ValueError):
+    """Bytes the decode guard will not hand to a decoder."""
+
+
+class ImageTooLarge(ImageRefused):
+    """An image that decodes to more pixels than the limit allows."""
 
 
 def image_format(encoded):
@@ -55,44 +67,48 @@ def _jpeg_size(data):
     return None
 
 
+def _skip_sub_blocks(data, i):
+    """Index after a GIF sub-block chain starting at `i`, or None."""
+    n = len(data)
+    while i < n:
+        size = data[i]
+        i += 1 + size
+        if size == 0:
+            return i if i <= n else None
+    return None
+
+
 def gif_frames(data):
-    """Count the image descriptors of a GIF (all are decoded), or None."""
+    """Return the (width, height) of every GIF image descriptor, or None.
+
+    giflib (under tf.io.decode_image) reads every frame into memory, at the
+    frame's own size, before TensorFlow keeps the first; a GIF whose blocks
+    do not run cleanly to the trailer is None (giflib refuses it too, but
+    only after allocating what it read).
+    """
     n = len(data)
     if n < 13:
         return None
     i = 13
     if data[10] & 0x80:  # global colour table
         i += 3 * (2 ** ((data[10] & 0x07) + 1))
-    frames = 0
-
-    def skip_sub_blocks(i):
-        while i < n:
-            size = data[i]
-            i += 1 + size
-            if size == 0:
-                return i
-        return None
-
-    while i < n:
+    frames = []
+    while i is not None and i < n:
         block = data[i]
         if block == 0x3B:  # trailer
-            break
+            return frames
         if block == 0x21:  # extension: label, then sub-blocks
-            i = skip_sub_blocks(i + 2)
-        elif block == 0x2C:  # image descriptor
-            frames += 1
-            if i + 10 > n:
-                break
+            i = _skip_sub_blocks(data, i + 2)
+        elif block == 0x2C and i + 10 <= n:  # image descriptor
+            frames.append(struct.unpack("<HH", data[i + 5:i + 9]))
             flags = data[i + 9]
             i += 10
             if flags & 0x80:  # local colour table
                 i += 3 * (2 ** ((flags & 0x07) + 1))
-            i = skip_sub_blocks(i + 1)  # after the LZW minimum code size
+            i = _skip_sub_blocks(data, i + 1)  # after the LZW code size
         else:
-            break
-        if i is None:
-            break
-    return frames
+            return None
+    return None
 
 
 def image_size(encoded):
@@ -122,14 +138,59 @@ def image_size(encoded):
 def decoded_pixels(encoded):
     """Return (format, width, height, pixels the decoder will produce).
 
-    For a GIF every frame is decoded, so pixels count all frames; the
-    numbers are None where the header does not tell.
+    For a GIF every frame is decoded: each counts at the larger of the
+    canvas and its own rectangle. The numbers are None where the header
+    does not tell (a malformed JPEG marker run, a GIF that does not end
+    in its trailer, a header cut short, a zero side).
     """
     data = bytes(encoded)
     kind, width, height = image_size(data)
-    if width is None:
+    if not width or not height:
         return kind, None, None, None
     pixels = width * height
     if kind == "GIF":
-        pixels *= max(1, gif_frames(data) or 1)
+        frames = gif_frames(data)
+        if not frames:
+            return kind, None, None, None
+        pixels = sum(max(pixels, w * h) for w, h in frames)
     return kind, width, height, pixels
+
+
+def check_decodable(encoded, max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                    where="image", limit_name="max_image_pixels"):
+    """The decode guard: may these bytes be handed to an image decoder?
+
+    Every path that turns bytes into pixels (serving, the search page and
+    its thumbnails, the index builder, the search CLI, folder datasets)
+    calls this first, so the limit holds whatever the decoder would do:
+    the image must be a JPEG, PNG, GIF or BMP whose header states its size
+    (bytes that cannot be sized are refused, since decoders skip junk that
+    a header reader cannot), and all the pixels it decodes to, every GIF
+    frame included, must be at most `max_pixels`.
+
+    Returns:
+        The number of pixels the decoder will produce.
+
+    Raises:
+        ImageRefused: a one-line reason naming `where`; `ImageTooLarge`
+            (a subclass) names the limit as `limit_name`.
+    """
+    kind, width, height, pixels = decoded_pixels(encoded)
+    if kind is None:
+        raise ImageRefused(
+            f"{where} is not a JPEG, PNG, GIF or BMP image (first bytes "
+            f"{bytes(encoded[:8])!r})"
+        )
+    if pixels is None:
+        raise ImageRefused(
+            f"{where} is not a well-formed {kind}: its size cannot be read "
+            "from its header (malformed or cut short)"
+        )
+    if pixels > max_pixels:
+        frames = len(gif_frames(bytes(encoded))) if kind == "GIF" else 1
+        what = f" of {frames} frames" if frames > 1 else ""
+        raise ImageTooLarge(
+            f"{where} is a {width}x{height}{what} {kind} ({pixels} pixels "
+            f"to decode), over {limit_name}={max_pixels}"
+        )
+    return pixels

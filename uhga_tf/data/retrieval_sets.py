@@ -27,7 +27,8 @@ class RetrievalSets:
     Attributes:
         features: {set: float32 [n, D]}.
         labels: {set: int64 [n] or uint8 multi-hot [n, C]}.
-        indices: {set: int64 [n]}; database rows keep split order (ties).
+        indices: {set: int64 [n]}; the database in one seed-shuffled
+            order (`shuffle_database`), so no tie rule can follow labels.
         feature_dim: D.
         description: provenance for logs and result headers.
         image_dataset: the `datasets.ImageDataset` that `indices` index
@@ -55,6 +56,62 @@ def validation_database_mask(sets):
     )
 
 
+# Seeds the database order together with the split seed (a constant so
+# that the order never depends on anything but the split).
+DATABASE_ORDER_SEED = 20170
+DATABASE_ORDER = "database in seed-shuffled order"
+
+
+def shuffle_database(index_sets, seed):
+    """The split's sets with the database rows in one seeded random order.
+
+    Split files list the database grouped by part and class; a Hamming
+    ranking that breaks ties by database position would then order tied
+    items by their labels (protocol.md §3.3). A fixed permutation drawn
+    from the split seed makes every tie rule label-blind, and the
+    tie-aware MAP does not depend on it at all.
+    """
+    database = np.asarray(index_sets["database"])
+    order = np.random.default_rng([DATABASE_ORDER_SEED, seed]).permutation(
+        len(database))
+    return {**index_sets, "database": database[order]}
+
+
+def collection_subset(labels, classes, class_decay, seed):
+    """Dataset rows of the collection that `classes`/`class_decay` define.
+
+    Returns:
+        (int64 sorted row ids, a name suffix such as "-classes0_1" or
+        "-decay0.7071" for the split cache; "" for the whole dataset).
+    """
+    from uhga_tf import config
+
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels))
+    ids = config.class_ids(classes)
+    suffix = ""
+    if ids:
+        if labels.ndim != 1:
+            raise ValueError("classes needs single-label class ids")
+        missing = sorted(set(ids) - set(labels.tolist()))
+        if missing:
+            raise ValueError(
+                f"classes names ids with no images: {missing}; the "
+                f"dataset's ids are {sorted(set(labels.tolist()))}")
+        rows = rows[np.isin(labels, ids)]
+        suffix += "-classes" + "_".join(str(i) for i in sorted(ids))
+    if class_decay < 1.0:
+        rng = np.random.default_rng([DATABASE_ORDER_SEED, seed, 1])
+        kept = []
+        for c in np.unique(labels[rows]):
+            members = rows[labels[rows] == c]
+            size = max(1, int(round(len(members) * class_decay ** int(c))))
+            kept.append(rng.choice(members, size, replace=False))
+        rows = np.concatenate(kept)
+        suffix += f"-decay{class_decay:g}"
+    return np.sort(rows).astype(np.int64), suffix
+
+
 def load_retrieval_sets(data, model, seed, progress=True):
     """Load or compute the features of every set for a data/model config.
 
@@ -80,19 +137,27 @@ def load_retrieval_sets(data, model, seed, progress=True):
     split_kwargs = {"query_pool": data.query_pool}
     if data.split_list_dir:
         split_kwargs["list_dir"] = data.split_list_dir
+    keep, collection = collection_subset(
+        image_dataset.labels, data.classes, data.class_decay, seed)
     split = splits.load_or_create_split(
         os.path.join(data.cache_dir, "splits"),
-        data.dataset,
+        data.dataset + collection,
         data.split,
-        image_dataset.labels,
-        image_dataset.partition,
+        image_dataset.labels[keep],
+        image_dataset.partition[keep],
         seed,
         **split_kwargs,
     )
-    index_sets = {name: np.asarray(getattr(split, name)) for name in SETS}
+    index_sets = shuffle_database(
+        {name: keep[np.asarray(getattr(split, name))] for name in SETS},
+        seed)
     # One cache entry for the union keeps a protocol's sets consistent and
     # lets a second protocol on the same images reuse nothing by accident.
     union = np.unique(np.concatenate(list(index_sets.values())))
+    if collection:
+        # A sub-collection reads the whole dataset's cache entry (for
+        # CIFAR-10 the `uhga` split's) instead of extracting a new one.
+        union = np.arange(image_dataset.num_examples)
     features = feature_cache.load_or_extract_features(
         image_dataset,
         union,
@@ -114,7 +179,8 @@ def load_retrieval_sets(data, model, seed, progress=True):
             f"{data.dataset} ({image_dataset.source}), split={data.split} "
             f"seed={seed}, backbone={model.backbone} "
             f"weights={model.backbone_weights} "
-            f"image_size={model.image_size or 'default'}"
+            f"image_size={model.image_size or 'default'}, {DATABASE_ORDER}"
+            + (f", collection{collection}" if collection else "")
         ),
         image_dataset=image_dataset,
     )
@@ -160,6 +226,7 @@ def _from_feature_file(data, seed):
             query_pool=data.query_pool,
         )
         index_sets = {name: np.asarray(getattr(split, name)) for name in SETS}
+    index_sets = shuffle_database(index_sets, seed)
     for name, idx in index_sets.items():
         if idx.size == 0 or idx.min() < 0 or idx.max() >= len(features):
             raise ValueError(
@@ -171,7 +238,7 @@ def _from_feature_file(data, seed):
         labels={n: labels[idx] for n, idx in index_sets.items()},
         indices=index_sets,
         feature_dim=features.shape[1],
-        description=f"features from {path}",
+        description=f"features from {path}, {DATABASE_ORDER}",
     )
     _log_sizes(sets)
     return sets

@@ -452,8 +452,31 @@ def _read_ga_lists(list_dir, labels, partition):
 # ---------------------------------------------------------------- storage
 
 
-def _split_dirname(dataset_name, protocol, seed):
-    return f"{dataset_name}_{protocol}_seed{seed}"
+def _split_dirname(dataset_name, protocol, seed, fingerprint=None):
+    # The digest of labels and partition keys the folder by the data's
+    # identity: two `folder` collections of one checkout get two splits.
+    digest = "" if fingerprint is None else f"_{fingerprint[:12]}"
+    return f"{dataset_name}_{protocol}_seed{seed}{digest}"
+
+
+def _stored_target(split_dir, dataset_name, protocol, seed, fingerprint):
+    """The split folder: keyed by content; an older unkeyed one of the same
+    data is still read (written before issue 18)."""
+    target = os.path.join(
+        split_dir, _split_dirname(dataset_name, protocol, seed, fingerprint)
+    )
+    legacy = os.path.join(
+        split_dir, _split_dirname(dataset_name, protocol, seed)
+    )
+    meta = os.path.join(legacy, "split.json")
+    if not os.path.isdir(target) and os.path.isfile(meta):
+        try:
+            stored = config.read_json(meta).get("labels_fingerprint")
+        except ValueError:
+            stored = None
+        if stored == fingerprint:
+            return legacy
+    return target
 
 
 def _write_indices(path, indices):
@@ -493,7 +516,8 @@ def load_or_create_split(
 ) -> Split:
     """Read the stored split, or draw it with `make_split` and store it.
 
-    Files live in `split_dir/<dataset>_<protocol>_seed<seed>/`: one index
+    Files live in `split_dir/<dataset>_<protocol>_seed<seed>_<digest>/`
+    (digest: the first 12 hex digits of `labels_fingerprint`): one index
     per line in `query.txt`, `train.txt`, `database.txt`, `validation.txt`,
     and `split.json` with protocol, seed, options, sizes, the number of
     examples and a fingerprint of labels and partition. The folder is
@@ -503,8 +527,10 @@ def load_or_create_split(
     """
     labels = np.asarray(labels)
     partition = np.asarray(partition)
-    target = os.path.join(
-        split_dir, _split_dirname(dataset_name, protocol, seed)
+    _warn_if_one_class(labels, dataset_name)
+    fingerprint = labels_fingerprint(labels, partition)
+    target = _stored_target(
+        split_dir, dataset_name, protocol, seed, fingerprint
     )
     options = {
         "query_pool": kw.get("query_pool", "test"),
@@ -516,7 +542,6 @@ def load_or_create_split(
         and os.path.isdir(kw["list_dir"])
     ):
         options["list_fingerprint"] = _list_fingerprint(kw["list_dir"])
-    fingerprint = labels_fingerprint(labels, partition)
     if os.path.isdir(target):
         return _read_split(
             target, protocol, seed, options, fingerprint, len(labels)
@@ -560,6 +585,41 @@ def load_or_create_split(
     return split
 
 
+def _warn_if_one_class(labels, dataset_name):
+    """Every item relevant to every query makes MAP 1.0 for any codes."""
+    if labels.ndim == 1:
+        one = len(np.unique(labels)) < 2
+    else:
+        one = bool(labels.size) and bool(np.all(labels, axis=0).any())
+    if one:
+        logging.warning(
+            "Dataset %s has a single class (every item is relevant to every "
+            "query): MAP and precision will be 1.0 whatever the codes; "
+            "expected at least two classes for a meaningful evaluation",
+            dataset_name,
+        )
+
+
+def _check_disjoint(target, arrays):
+    """No index twice in a set, and no query among the training images."""
+    for name, values in arrays.items():
+        unique, counts = np.unique(values, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(
+                f"stored split {target}: {name}.txt repeats index "
+                f"{int(unique[counts > 1][0])}; expected each index once "
+                "(delete the folder to draw the split again)"
+            )
+    overlap = np.intersect1d(arrays["query"], arrays["train"])
+    if len(overlap):
+        raise ValueError(
+            f"stored split {target}: {len(overlap)} indices (first "
+            f"{int(overlap[0])}) are in both query.txt and train.txt; "
+            "expected disjoint sets (delete the folder to draw the split "
+            "again)"
+        )
+
+
 def _read_split(target, protocol, seed, options, fingerprint, n):
     meta_path = os.path.join(target, "split.json")
     if not os.path.isfile(meta_path):
@@ -600,5 +660,6 @@ def _read_split(target, protocol, seed, options, fingerprint, n):
                 f"stored split {target}: {name}.txt indices must lie in "
                 f"[0, {n}); received [{values.min()}, {values.max()}]"
             )
+    _check_disjoint(target, arrays)
     logging.info("Read split %s: %s", target, meta["sizes"])
     return Split(protocol=protocol, seed=int(seed), **arrays)

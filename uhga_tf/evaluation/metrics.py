@@ -35,6 +35,9 @@ from uhga_tf.evaluation import ranking
 AP_DENOMINATORS = config.AP_DENOMINATORS
 EMPTY_QUERY_RULES = config.EMPTY_QUERY
 EMPTY_RADIUS_RULES = ("zero", "skip")
+# Bumped when a change of protocol (metric definitions, database order)
+# makes stored results incomparable; stored table cells record it.
+PROTOCOL_VERSION = 2
 DEFAULT_PRECISION_AT = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000,
                         5000)
 

@@ -22,6 +22,7 @@ from absl import logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from uhga_tf.data import image_header
 from uhga_tf.retrieval import code_shards
 from uhga_tf.retrieval import pipeline
 
@@ -44,6 +45,8 @@ class CollectionConfig:
             leaves TensorFlow's default (all cores). Local worker processes
             sharing a machine should split its cores instead of each taking
             all of them.
+        max_image_pixels: the decode guard's limit, as `index build
+            --max_image_pixels`; larger images become dead letters.
     """
 
     model_dir: str
@@ -52,6 +55,7 @@ class CollectionConfig:
     batch_size: int = 64
     beam_args: tuple = ()
     threads_per_worker: int = 0
+    max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -67,9 +71,11 @@ class EncodeBatchDoFn(beam.DoFn):
     The SavedModel is loaded once per worker in `setup`, not per element.
     """
 
-    def __init__(self, model_dir, threads=0):
+    def __init__(self, model_dir, threads=0,
+                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
         self._model_dir = model_dir
         self._threads = threads
+        self._max_pixels = max_pixels
         self._encoder = None
         self._encoded = beam.metrics.Metrics.counter("uhga_tf", "encoded")
         self._dead = beam.metrics.Metrics.counter("uhga_tf", "dead_letters")
@@ -99,7 +105,8 @@ class EncodeBatchDoFn(beam.DoFn):
                 dead.append((item, f"cannot read: {e}"))
         if blobs:
             packed, reasons = pipeline.encode_blobs(
-                self._encoder, blobs, [item["source"] for item in readable])
+                self._encoder, blobs, [item["source"] for item in readable],
+                self._max_pixels)
             for item, row, reason in zip(readable, packed, reasons):
                 if reason is None:
                     self._encoded.inc()
@@ -141,7 +148,8 @@ def build_pipeline(root, config, listing_path):
             max_batch_size=config.batch_size,
         )
         | "Encode" >> beam.ParDo(EncodeBatchDoFn(
-            config.model_dir, config.threads_per_worker))
+            config.model_dir, config.threads_per_worker,
+            config.max_image_pixels))
         .with_outputs(DEAD_LETTER, main="codes")
     )
     for name, prefix in (

@@ -326,11 +326,18 @@ class HammingIndex:
         old or the new index, never a partial one.
         """
         directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(
+                f"index directory {directory} is a file; expected a folder "
+                "or a path that does not exist yet"
+            )
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
         tmp_dir = tempfile.mkdtemp(
             prefix=f".{os.path.basename(directory)}.tmp-", dir=parent
         )
+        # mkdtemp makes 0700; the index folder gets the usual umask mode.
+        os.chmod(tmp_dir, 0o777 & ~_umask())
         try:
             with open(os.path.join(tmp_dir, FILE_NAME), "wb") as f:
                 f.write(self._serialize())
@@ -527,6 +534,18 @@ class HammingIndex:
         )
 
 
+_FIELD_TYPES = (("code_length", int), ("count", int), ("metadata_bytes", int),
+                ("payload_bytes", int), ("payload_crc32", int),
+                ("info", dict))
+
+
+def _umask():
+    """The process umask (set and restored at once: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _parse(data, path):
     """Validate a serialized index; return (header dict, payload bytes)."""
     if len(data) < _PREAMBLE.size or data[:len(_MAGIC)] != _MAGIC:
@@ -562,6 +581,17 @@ def _parse(data, path):
             f"corrupt index header ({path}): no {', '.join(missing)}; "
             f"expected the fields {', '.join(fields)}"
         )
+    wrong = [
+        f"{name}={header[name]!r}" for name, kind in _FIELD_TYPES
+        if not isinstance(header[name], kind)
+        or isinstance(header[name], bool)
+        or (kind is int and header[name] < 0)
+    ]
+    if wrong:
+        raise ValueError(
+            f"corrupt index header ({path}): {', '.join(wrong)}; expected "
+            "non-negative integers and an object for info"
+        )
     if header.get("bit_order") != BIT_ORDER:
         raise ValueError(
             f"{path} has bit_order={header.get('bit_order')!r}; expected "
@@ -577,6 +607,18 @@ def _parse(data, path):
         )
     lists_bytes = 0
     if kind == "ivf":
+        # As for the fields above: a corrupt value is one line, not a
+        # TypeError from the arithmetic below.
+        bad = [
+            f"{name}={header.get(name)!r}" for name in ("nlist", "nprobe")
+            if not isinstance(header.get(name), int)
+            or isinstance(header.get(name), bool) or header.get(name) < 1
+        ]
+        if bad:
+            raise ValueError(
+                f"corrupt index header ({path}): {', '.join(bad)}; "
+                "expected positive integers for kind='ivf'"
+            )
         lists_bytes = InvertedLists.nbytes_for(
             header.get("nlist", 0), header["code_length"] // 8, n)
     expected = (

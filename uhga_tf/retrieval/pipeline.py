@@ -18,10 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 from uhga_tf import codes as codes_lib
 from uhga_tf import io_utils
+from uhga_tf.data import image_header
 from uhga_tf.retrieval import result_grid
 from uhga_tf.retrieval.hamming_index import HammingIndex
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 METADATA_FILE = os.path.join("assets.extra", "uhga_tf.json")
 
 
@@ -158,6 +159,7 @@ def build_index(
     batch_size=64,
     progress=True,
     skip_corrupt=False,
+    max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
     search=None,
 ):
     """Encode an image folder or a dataset and save a `HammingIndex`.
@@ -167,6 +169,9 @@ def build_index(
     `source` (a path, or "dataset:NAME:INDEX" for in-memory images) and
     `label` (an int, or a list of class indices for multi-label data) when
     labels are known.
+
+    Every file passes the decode guard (`image_header.check_decodable`
+    with `max_image_pixels`) before the model decodes it.
 
     Raises:
         ValueError: on a corrupt image unless `skip_corrupt`, naming it.
@@ -188,7 +193,7 @@ def build_index(
         sources = paths
         ids, packed_codes = _encode_files(
             encoder, paths, np.arange(len(paths)), batch_size, progress,
-            skip_corrupt)
+            (skip_corrupt, max_image_pixels))
     else:
         from uhga_tf.data import datasets
 
@@ -208,7 +213,7 @@ def build_index(
             sources = [os.fspath(p) for p in data.paths]
             ids, packed_codes = _encode_files(
                 encoder, sources, np.arange(len(sources)), batch_size,
-                progress, skip_corrupt)
+                progress, (skip_corrupt, max_image_pixels))
         if labels is not None:
             labels = _label_list(np.asarray(labels))
     if class_names is not None:
@@ -280,11 +285,12 @@ def search_images(
     server=None,
     model_name="uhga",
     query_label=None,
+    max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Encode query images and return one `QueryResult` per query.
 
-    Queries go through the SavedModel at `model_dir`, or through the gRPC
-    server at `server` ("HOST:PORT") with `uhga_tf.serving.grpc_client`.
+    Queries pass the decode guard, then go through the SavedModel at
+    `model_dir` or the gRPC server at `server` ("HOST:PORT").
     """
     if (model_dir is None) == (server is None):
         raise ValueError(
@@ -302,7 +308,7 @@ def search_images(
             f"query_label must be one of the index classes {class_names}; "
             f"received query_label={query_label!r}"
         )
-    image_bytes = [_read_query(path) for path in query_paths]
+    image_bytes = [_read_query(p, max_image_pixels) for p in query_paths]
     if server is not None:
         try:
             from uhga_tf import saved_model as saved_model_lib
@@ -382,18 +388,23 @@ def write_result_grid(results, index, out_path, tile_size=128):
     return image.size
 
 
-def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
-    """Encode image files by raw bytes; return (kept ids, packed_codes)."""
+def _encode_files(encoder, paths, ids, batch_size, progress, checks):
+    """Encode image files by raw bytes; return (kept ids, packed_codes).
+
+    `checks` is (skip_corrupt, max_image_pixels).
+    """
     from tqdm import tqdm
 
+    skip_corrupt, max_pixels = checks
     kept, chunks = [], []
     with tqdm(total=len(paths), disable=not progress, unit="img",
               desc="encode") as bar:
         for start in range(0, len(paths), batch_size):
             batch_ids = ids[start:start + batch_size]
             batch = [_read_file(paths[i]) for i in batch_ids]
+            # The message below names the path; the reason says "the file".
             packed, reasons = encode_blobs(
-                encoder, batch, [paths[i] for i in batch_ids])
+                encoder, batch, ["the file"] * len(batch), max_pixels)
             for i, row, reason in zip(batch_ids, packed, reasons):
                 if reason is None:
                     chunks.append(row[None])
@@ -404,32 +415,15 @@ def _encode_files(encoder, paths, ids, batch_size, progress, skip_corrupt):
                         "(pass --skip_corrupt to skip it)"
                     )
                 else:
-                    logging.warning("Skipping corrupt image %s: %s",
-                                    paths[i], reason)
+                    logging.warning("Skipping image %s: %s", paths[i], reason)
             bar.update(len(batch))
     if not kept:
         raise ValueError("no image could be decoded")
     return np.asarray(kept, np.int64), np.concatenate(chunks)
 
 
-def check_image_bytes(data, where):
-    """Return why `data` must not reach the decoder, or None.
-
-    The one decode guard of every file-encoding path (`index build` and
-    the Beam pipeline): header checks only, no pixel is decoded.
-    """
-    from uhga_tf.serving import request_checks
-
-    try:
-        request_checks.check_encoded_image(
-            data, where, request_checks.RequestLimits()
-        )
-    except request_checks.RequestError as e:
-        return e.message
-    return None
-
-
-def encode_blobs(encoder, blobs, names=None):
+def encode_blobs(encoder, blobs, names=None,
+                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
     """Encode encoded images in one batch, isolating the bad ones.
 
     `names` (e.g. paths) name the images in the reasons.
@@ -437,14 +431,21 @@ def encode_blobs(encoder, blobs, names=None):
     Returns:
         (packed_codes uint8 [n, code_length / 8], reasons): reasons[i] is
         None for an encoded image, else why image i was refused; its row
-        of packed_codes is then zeros. Images the header guard refuses
-        never reach the model; the others go in one call, or one by one
-        when the decoder refuses one of them.
+        of packed_codes is then zeros. Images the decode guard
+        (`image_header.check_decodable` with `max_pixels`) refuses never
+        reach the model; the others go in one call, or one by one when the
+        decoder refuses one of them.
     """
     import tensorflow as tf
 
     names = names or [f"image {i}" for i in range(len(blobs))]
-    reasons = [check_image_bytes(b, name) for b, name in zip(blobs, names)]
+    reasons = []
+    for blob, name in zip(blobs, names):
+        try:
+            image_header.check_decodable(blob, max_pixels, name)
+            reasons.append(None)
+        except image_header.ImageRefused as e:
+            reasons.append(str(e))
     good = [i for i, r in enumerate(reasons) if r is None]
     rows = {}
     try:
@@ -496,15 +497,21 @@ def _read_file(path):
         return f.read()
 
 
-def _read_query(path):
+def _read_query(path, max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
     """Read a query file and check that it decodes as an image."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no query image {path}")
     data = _read_file(path)
     try:
+        image_header.check_decodable(data, max_pixels, "the file",
+                                     "max_pixels")
+    except image_header.ImageRefused as e:
+        raise ValueError(f"cannot decode query image {path}: {e}") from e
+    try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError,
+            Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode query image {path}: {e}") from e
     return data
 
@@ -512,9 +519,11 @@ def _read_query(path):
 class _TileLoader:
     """Open a result source: a file path or "dataset:NAME:INDEX"."""
 
-    def __init__(self, info):
+    def __init__(self, info,
+                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
         self._info = info
         self._images = None
+        self._max_pixels = max_pixels
 
     def __call__(self, source):
         if source and source.startswith("dataset:"):
@@ -526,4 +535,8 @@ class _TileLoader:
                     name, self._info.get("data_dir")
                 ).images
             return Image.fromarray(np.asarray(self._images[int(i)]))
-        return Image.open(source)
+        data = _read_file(source)
+        image_header.check_decodable(
+            data, self._max_pixels, source, "max_pixels"
+        )
+        return Image.open(io.BytesIO(data))

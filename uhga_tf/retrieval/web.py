@@ -20,7 +20,6 @@ and in pixels (read from the image header before decoding). Errors are
 """
 
 import dataclasses
-import http.server
 import importlib.resources
 import io
 import json
@@ -32,8 +31,10 @@ from absl import logging
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uhga_tf.data import image_header
 from uhga_tf.retrieval import live_index
 from uhga_tf.retrieval import pipeline
+from uhga_tf.serving import http_server
 from uhga_tf.serving import rest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -116,24 +117,14 @@ class SearchService:
             )
         self.config = config or WebConfig()
         self._live = live_index.LiveIndex(index_dir, self.config.index_poll_s)
-        self._tiles = pipeline._TileLoader(self.index.info)
+        self._tiles = pipeline._TileLoader(
+            self.index.info, self.config.max_pixels
+        )
         self._tiles_lock = threading.Lock()
         if server is not None:
-            from uhga_tf.serving import grpc_client
-
-            def encode(blobs):
-                _, packed = grpc_client.encode_images(
-                    server, blobs, model_name=model_name, timeout=30.0
-                )
-                return np.asarray(packed, np.uint8)
-
+            self._encode = _server_encoder(server, model_name)
         else:
-            encoder = pipeline.SavedModelEncoder(model_dir)
-
-            def encode(blobs):
-                return encoder.encode_image_bytes(blobs)[1]
-
-        self._encode = encode
+            self._encode = _model_encoder(model_dir, self.index.code_length)
 
     @property
     def index(self):
@@ -150,7 +141,11 @@ class SearchService:
         return min(top_k, len(index))
 
     def check_upload(self, data):
-        """Refuse anything but a JPEG/PNG/GIF/BMP within the pixel bound."""
+        """Refuse anything the decode guard or the decoders refuse.
+
+        `image_header.check_decodable` runs first, so PIL and TensorFlow
+        only ever see images whose every frame fits `max_pixels`.
+        """
         if len(data) > self.config.max_upload_bytes:
             raise SearchError(
                 413,
@@ -158,29 +153,33 @@ class SearchService:
                 f"{self.config.max_upload_bytes}",
             )
         try:
+            image_header.check_decodable(
+                data, self.config.max_pixels, "upload", "max_pixels"
+            )
+        except image_header.ImageRefused as e:
+            too_large = isinstance(e, image_header.ImageTooLarge)
+            raise SearchError(413 if too_large else 400, str(e)) from e
+        try:
             with Image.open(io.BytesIO(data)) as image:
-                if image.format not in ALLOWED_FORMATS:
-                    raise SearchError(
-                        400,
-                        f"upload is {image.format}; send one of "
-                        f"{', '.join(ALLOWED_FORMATS)}",
-                    )
-                width, height = image.size
-                if width * height > self.config.max_pixels:
-                    raise SearchError(
-                        413,
-                        f"upload of {width}x{height} pixels is over "
-                        f"max_pixels={self.config.max_pixels}",
-                    )
                 image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError,
+                Image.DecompressionBombError) as e:
             raise SearchError(400, f"upload is not an image: {e}") from e
 
     def search_upload(self, data, top_k=None):
         """Rank the index for an uploaded encoded image."""
         self.check_upload(data)
         packed = self._encode([data])
+        # One snapshot for the check and the search: a reload in between
+        # must not pair these codes with another index.
         index = self.index
+        if packed.shape[1] * 8 != index.code_length:
+            raise SearchError(
+                500,
+                f"the model emits {packed.shape[1] * 8}-bit codes; the index "
+                f"holds {index.code_length}-bit codes (rebuild the "
+                "index with this model, or serve the model that built it)",
+            )
         return self._answer(index, packed, {"id": None},
                             self._top_k(top_k, index))
 
@@ -244,7 +243,8 @@ class SearchService:
             with self._tiles_lock:
                 image = self._tiles(metadata.get("source"))
             image = image.convert("RGB")
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError,
+                Image.DecompressionBombError) as e:
             raise SearchError(
                 404, f"image of item {item_id} cannot be read: {e}"
             ) from e
@@ -252,6 +252,54 @@ class SearchService:
         out = io.BytesIO()
         image.save(out, format="PNG")
         return out.getvalue()
+
+
+def _server_encoder(server, model_name):
+    """encode(blobs) -> packed codes via gRPC; refusals become SearchError."""
+    import grpc
+
+    from uhga_tf.serving import grpc_client
+
+    def encode(blobs):
+        try:
+            _, packed = grpc_client.encode_images(
+                server, blobs, model_name=model_name, timeout=30.0
+            )
+        except grpc.RpcError as e:
+            raise SearchError(
+                rest.http_status(e.code()),
+                f"the model server at {server} answered "
+                f"{e.code().name}: {e.details()}",
+            ) from e
+        return np.asarray(packed, np.uint8)
+
+    return encode
+
+
+def _model_encoder(model_dir, code_length):
+    """encode(blobs) -> packed codes via a SavedModel; checks code_length."""
+    import tensorflow as tf
+
+    from uhga_tf import io_utils
+
+    encoder = pipeline.SavedModelEncoder(model_dir)
+    if encoder.code_length not in (None, code_length):
+        raise ValueError(
+            f"the model {model_dir} emits {encoder.code_length}-bit codes; "
+            f"the index holds {code_length}-bit codes: expected the model "
+            "that built the index"
+        )
+
+    def encode(blobs):
+        try:
+            return encoder.encode_image_bytes(blobs)[1]
+        except tf.errors.InvalidArgumentError as e:
+            raise SearchError(
+                400,
+                f"upload cannot be decoded: {io_utils.tf_error_line(e)}",
+            ) from e
+
+    return encode
 
 
 def _page():
@@ -262,13 +310,8 @@ def _page():
     )
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = rest.IDLE_TIMEOUT_S
+class _Handler(http_server.BoundedHandler):
     server_version = "uhga_tf-search"
-    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
-    # algorithm holds the body until the client's delayed ACK (~40 ms).
-    disable_nagle_algorithm = True
     service = None  # SearchService, set by SearchWebServer
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
@@ -305,8 +348,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except SearchError as e:
             logging.warning("search page %d: %s", e.status, e.message)
             self._send(e.status, {"error": e.message})
+        except Exception as e:  # noqa: BLE001 - every request is answered
+            logging.exception("search page %s %s failed", self.command,
+                              self.path)
+            self.close_connection = True
+            try:
+                self._send(500, {
+                    "error": f"internal error: {type(e).__name__}: {e}"
+                })
+            except OSError:
+                pass  # the client is gone
 
     def do_GET(self):  # noqa: N802 - stdlib name
+        self.mark_busy()
+
         def answer():
             path, params = self._query()
             if path in ("/", "/index.html"):
@@ -332,19 +387,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - stdlib name
         def answer():
             path, params = self._query()
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                raise SearchError(411, "a Content-Length header is required")
             limit = self.service.config.max_upload_bytes
-            if int(length) > limit:
-                self.close_connection = True
-                raise SearchError(
-                    413,
-                    f"upload of {length} bytes is over max_upload_bytes="
-                    f"{limit}",
+            try:
+                length = http_server.body_length(
+                    self.headers, limit, "upload (max_upload_bytes)"
                 )
-            data = self.rfile.read(int(length))
+            except http_server.FramingError as e:
+                self.close_connection = True
+                raise SearchError(e.status, e.message) from e
+            data = self.read_body(length)
             if path != "/api/search":
                 raise SearchError(404, f"no endpoint at {path}")
             self._send(
@@ -367,7 +418,7 @@ class SearchWebServer:
     def start(self):
         """Bind and serve; return the bound port."""
         config = self.service.config
-        self._httpd, self._thread = rest.serve_in_background(
+        self._httpd, self._thread = http_server.serve_in_background(
             config.host, config.port, self._handler, "uhga-search-page"
         )
         self.port = self._httpd.server_address[1]
@@ -383,5 +434,5 @@ class SearchWebServer:
     def stop(self):
         self.service._live.stop()
         if self._httpd is not None:
-            rest.stop_background(self._httpd, self._thread)
+            http_server.stop_background(self._httpd, self._thread)
             self._httpd = None

@@ -4,7 +4,8 @@
 of `<base>/<version>/` loaded, as TF-Serving's file-system source does: a
 new version is loaded, warmed up with its recorded requests and swapped in;
 requests already running keep the `Servable` they started with. A version
-that fails to load is remembered with its error and skipped.
+that fails to load is remembered with its error and skipped until its files
+change (then it is retried, as TF-Serving retries failed loads).
 """
 
 import os
@@ -20,6 +21,27 @@ from uhga_tf import saved_model as saved_model_lib
 from uhga_tf.serving.request_checks import RequestError
 
 _INIT_OP_KEY = "__saved_model_init_op"
+
+
+def _fingerprint(path):
+    """(relative path, size, mtime_ns) of every file under a version.
+
+    A failed version is retried once this changes, e.g. when a copy that
+    wrote saved_model.pb before variables/ completes.
+    """
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            try:
+                stat = os.stat(full)
+            except OSError:
+                continue  # vanished while we looked: the next poll sees it
+            files.append(
+                (os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns)
+            )
+    return tuple(files)
 
 
 class Servable:
@@ -64,6 +86,7 @@ class ModelManager:
         self.version_labels = dict(version_labels or {})
         self._servables = {}  # version -> Servable; replaced, never mutated
         self._failed = {}  # version -> why it failed to load
+        self._failed_files = {}  # version -> _fingerprint when it failed
         self._lock = threading.Lock()
         self.warmup = None  # callable(servable), set by the server
 
@@ -74,6 +97,14 @@ class ModelManager:
     def failed(self):
         """Return {version: error message} of versions that failed to load."""
         return dict(self._failed)
+
+    def signature_names(self):
+        """Return the signature names of the loaded versions."""
+        return {
+            name
+            for servable in self._servables.values()
+            for name in servable.signature_defs
+        }
 
     def poll(self):
         """Scan the base path once; load new versions, unload old ones.
@@ -91,13 +122,20 @@ class ModelManager:
         for version in reversed(available):
             if chosen >= self.num_versions:
                 break
+            path = os.path.join(self.base_path, str(version))
             if version in self._failed:
-                continue
+                if _fingerprint(path) == self._failed_files.get(version):
+                    continue
+                # Its files changed (a copy completed, a fix landed):
+                # retry, as TF-Serving retries failed loads.
+                logging.info("Files of failed version %d changed; retrying",
+                             version)
+                del self._failed[version]
             if version in self._servables:
                 chosen += 1
                 continue
-            path = os.path.join(self.base_path, str(version))
             start = time.monotonic()
+            files = _fingerprint(path)
             try:
                 servable = Servable(path, version)
                 if self.warmup is not None:
@@ -107,6 +145,7 @@ class ModelManager:
                     (str(e).strip() or type(e).__name__).split()
                 )[:500]
                 self._failed[version] = f"{type(e).__name__}: {message}"
+                self._failed_files[version] = files
                 logging.error(
                     "Failed to load version %d from %s: %s",
                     version, path, self._failed[version],

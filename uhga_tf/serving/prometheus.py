@@ -13,10 +13,12 @@ process never share counters). Exposed by `uhga_tf.serving.rest` at
   from the server at scrape time, and `uhga_loaded_versions{model}`.
 
 `version` is the version that answered when known, else the one asked for
-(a number or `label:<label>`), else empty. Labels come from requests, so
-their number is bounded: a model name other than the served one is counted
-as `model="<other>"`, and once MAX_LABEL_SETS (model, version, signature)
-combinations have been seen, new ones are counted under `<other>` too.
+(a number or `label:<label>`), else empty. Label values are drawn only from
+what the server serves: a model name other than the served one, a version
+that is not loaded, a label not configured or a signature no loaded version
+has are counted as `"<other>"`, so junk requests can neither add series
+nor crowd out a newly deployed version (MAX_LABEL_SETS stays as a last
+bound on the combinations).
 """
 
 import threading
@@ -39,7 +41,7 @@ OTHER = "<other>"
 class _LoadedVersions:
     """Collector: the loaded versions, asked for at scrape time."""
 
-    def __init__(self, model_name, versions):
+    def __init__(self, model_name, versions, signatures=None, labels=()):
         self._model_name = model_name
         self._versions = versions
 
@@ -68,9 +70,12 @@ class ServingMetrics:
     Args:
         model_name: the served model's name.
         versions: callable returning the loaded versions (ints).
+        signatures: callable returning the loaded signature names, or
+            None to accept any.
+        labels: the configured version labels.
     """
 
-    def __init__(self, model_name, versions):
+    def __init__(self, model_name, versions, signatures=None, labels=()):
         self.registry = prometheus_client.CollectorRegistry()
         self._requests = prometheus_client.Counter(
             "uhga_request_count",
@@ -89,6 +94,9 @@ class ServingMetrics:
         )
         self.registry.register(_LoadedVersions(model_name, versions))
         self._model_name = model_name
+        self._versions = versions
+        self._signatures = signatures
+        self._labels = set(labels)
         self._seen = set()
         self._lock = threading.Lock()
 
@@ -113,12 +121,11 @@ class ServingMetrics:
         signature = model_spec.signature_name
         if method == "Predict" and not signature:
             signature = saved_model_lib.SIGNATURE_IMAGE_BYTES
-        model = model_spec.name
-        if model != self._model_name:
-            model = OTHER
-        key = (model, "" if version is None else str(version), signature)
+        key = self._known(model_spec.name, version, signature)
         with self._lock:
-            if key not in self._seen:
+            if OTHER in key:
+                pass  # one shared bucket, outside the cap
+            elif key not in self._seen:
                 if len(self._seen) < MAX_LABEL_SETS:
                     self._seen.add(key)
                 else:
@@ -126,6 +133,21 @@ class ServingMetrics:
         labels = (api, method, *key, status)
         self._requests.labels(*labels).inc()
         self._latency.labels(*labels).observe(seconds)
+
+    def _known(self, model, version, signature):
+        """(model, version, signature) with unserved values as OTHER."""
+        if model != self._model_name:
+            return OTHER, OTHER, OTHER
+        if isinstance(version, str):  # "label:<label>"
+            if version[len("label:"):] not in self._labels:
+                version = OTHER
+        elif version is not None and version not in self._versions():
+            version = OTHER
+        if signature and self._signatures is not None and (
+            signature not in self._signatures()
+        ):
+            signature = OTHER
+        return model, "" if version is None else str(version), signature
 
     def exposition(self):
         """Return (body bytes, content type) in Prometheus' text format."""

@@ -1,10 +1,12 @@
 """Checks every front-end (gRPC, REST) runs on request inputs before the graph.
 
 `check_input_array` is the one shared request path for the contents of an
-input tensor: encoded images must be JPEG/PNG/GIF/BMP whose header states a
-size within the pixel limits (so a decompression bomb is refused before any
-pixel is decoded and never reaches the batcher), pixel tensors must fit the
-per-request limit, and float features must be finite.
+input tensor: encoded images must pass the decode guard
+(`image_header.check_decodable`: a header that states a size within the
+pixel limits, every GIF frame counted, so a decompression bomb is refused
+before any pixel is decoded and never reaches the batcher), declared
+shapes must fit the limits before the tensor is materialised, pixel
+tensors must fit the per-request limit, and float features must be finite.
 """
 
 import dataclasses
@@ -15,7 +17,7 @@ import numpy as np
 from uhga_tf.data import image_header
 
 # 4096 x 4096 per image, 64 Mi pixels per request (~200 MB decoded RGB).
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_IMAGE_PIXELS
 DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
 
 
@@ -60,25 +62,53 @@ def check_encoded_image(encoded, where, limits):
     """Check one encoded image from its header; return its pixel count.
 
     Raises:
-        RequestError: INVALID_ARGUMENT when it is not a JPEG/PNG/GIF/BMP
-            image or states a size over `limits.max_image_pixels`.
+        RequestError: INVALID_ARGUMENT when `image_header.check_decodable`
+            refuses it (not an image, size unreadable, over the limit).
     """
-    kind, width, height, pixels = image_header.decoded_pixels(encoded)
-    if kind is None:
-        raise _invalid(
-            f"{where} is not a JPEG, PNG, GIF or BMP image (first bytes "
-            f"{bytes(encoded[:8])!r})"
+    try:
+        return image_header.check_decodable(
+            encoded, limits.max_image_pixels, where
         )
-    if width is None:
-        return 0  # a damaged header: the decoder names the problem
-    if pixels > limits.max_image_pixels:
-        frames = pixels // max(1, width * height)
-        what = f" x {frames} frames" if frames > 1 else ""
+    except image_header.ImageRefused as e:
+        raise _invalid(str(e)) from e
+
+
+def check_declared_shape(name, shape, limits):
+    """Check a tensor's declared shape before it is materialised.
+
+    A TensorProto may declare a huge shape and carry one value, which
+    `tf.make_ndarray` repeats to fill it: the pixel limits must hold for
+    the declared shape, not for the bytes on the wire.
+
+    Raises:
+        RequestError: INVALID_ARGUMENT naming the shape and the limit.
+    """
+    if len(shape) == 4:
+        _check_pixel_shape(name, shape, limits)
+    elements = 1
+    for size in shape:
+        elements *= max(int(size), 0)
+    if elements > 3 * limits.max_request_pixels:
         raise _invalid(
-            f"{where} is a {width}x{height}{what} {kind} ({pixels} pixels "
-            f"to decode), over max_image_pixels={limits.max_image_pixels}"
+            f"{name} declares shape {list(shape)} ({elements} values), "
+            f"over 3 x max_request_pixels={limits.max_request_pixels}"
         )
-    return pixels
+
+
+def _check_pixel_shape(name, shape, limits):
+    per_image = int(shape[1]) * int(shape[2])
+    if per_image > limits.max_image_pixels:
+        raise _invalid(
+            f"{name} holds {shape[1]}x{shape[2]} images "
+            f"({per_image} pixels), over max_image_pixels="
+            f"{limits.max_image_pixels}"
+        )
+    total = per_image * int(shape[0])
+    if total > limits.max_request_pixels:
+        raise _invalid(
+            f"{name} holds {total} pixels, over max_request_pixels="
+            f"{limits.max_request_pixels}"
+        )
 
 
 def check_input_array(name, array, limits):
@@ -105,19 +135,7 @@ def check_input_array(name, array, limits):
                 )
         return
     if array.dtype.kind in ("u", "i") and array.ndim == 4:
-        per_image = int(array.shape[1]) * int(array.shape[2])
-        if per_image > limits.max_image_pixels:
-            raise _invalid(
-                f"{name} holds {array.shape[1]}x{array.shape[2]} images "
-                f"({per_image} pixels), over max_image_pixels="
-                f"{limits.max_image_pixels}"
-            )
-        total = per_image * int(array.shape[0])
-        if total > limits.max_request_pixels:
-            raise _invalid(
-                f"{name} holds {total} pixels, over max_request_pixels="
-                f"{limits.max_request_pixels}"
-            )
+        _check_pixel_shape(name, array.shape, limits)
         return
     if array.dtype.kind == "f":
         finite = np.isfinite(array)

@@ -18,19 +18,17 @@ those of the gRPC API; only the JSON decoding is REST's own (as in
 TF-Serving, JSON numbers take the signature's dtype). Errors are
 `{"error": "<message>"}` with TF-Serving's HTTP code for the gRPC status.
 
-The HTTP layer is the standard library's `ThreadingHTTPServer` with
-HTTP/1.1 keep-alive and TCP_NODELAY, capped at MAX_CONNECTIONS connection
-threads (503 beyond): a thread per connection suits the blocking TensorFlow
-calls, needs no new dependency, and `benchmarks/serving.py` measures it
-against gRPC under the same load.
+The HTTP layer is `uhga_tf.serving.http_server` (the standard library's
+threaded server with keep-alive, a connection cap that idle or trickling
+clients cannot hold, a total read deadline per request and refusal of
+ambiguous framing); `benchmarks/serving.py` measures it against gRPC and
+under slow-client attack. Any unexpected error is a one-line 500.
 """
 
 import base64
 import binascii
-import http.server
 import json
 import re
-import threading
 
 from absl import logging
 from google.protobuf import json_format
@@ -41,12 +39,15 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 
+from uhga_tf.serving import http_server
 from uhga_tf.serving import server as server_lib
 
 # A JSON body may carry a base64 gRPC-sized message, plus JSON overhead.
 MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
-MAX_CONNECTIONS = 64
-IDLE_TIMEOUT_S = 60.0
+# Tensors have a handful of dimensions; deeper JSON is an attack on the
+# recursive decoders (Python's json and ours), refused before it recurses.
+MAX_JSON_DEPTH = 32
+INT64_MAX = 2**63 - 1
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
 # TF-Serving's mapping (model_servers/http_server.cc, ToHTTPStatusCode).
@@ -74,9 +75,12 @@ _MODEL_PATH = re.compile(
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<rest>/metadata|:predict|:classify|:regress)?$"
 )
-_STATUS_NAMES = {
-    get_model_status_pb2.ModelVersionStatus.AVAILABLE: "AVAILABLE",
-}
+_STATE = get_model_status_pb2.ModelVersionStatus.State
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _error_code_name(value):
+    return _CODE_NAMES.get(value, str(value))
 
 
 def http_status(code):
@@ -86,6 +90,26 @@ def http_status(code):
 
 def _invalid(message):
     return server_lib.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _too_deep(document):
+    """True if `document` nests lists/objects deeper than MAX_JSON_DEPTH.
+
+    Iterative and linear, so the recursive decoders that follow never see
+    such a document (json.loads itself stops at Python's recursion limit).
+    """
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend(
+            (child, depth + 1)
+            for child in children
+            if isinstance(child, (list, dict))
+        )
+    return False
 
 
 def _is_b64(value):
@@ -228,12 +252,13 @@ class RestApi:
     def _model_spec(self, spec, match):
         spec.name = match["name"]
         if match["version"] is not None:
-            if not match["version"].isdigit():
+            version = http_server.parse_int(match["version"], INT64_MAX)
+            if version is None:
                 raise _invalid(
-                    f"version must be a positive integer; received "
-                    f"{match['version']!r}"
+                    f"version must be an integer in [0, {INT64_MAX}]; "
+                    f"received {match['version']!r}"
                 )
-            spec.version.value = int(match["version"])
+            spec.version.value = version
         elif match["label"] is not None:
             spec.version_label = match["label"]
 
@@ -285,12 +310,19 @@ class RestApi:
 
     @staticmethod
     def _parse(body):
+        too_deep = (
+            f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels"
+        )
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _invalid(f"JSON Parse error: {e}") from e
+        except RecursionError as e:
+            raise _invalid(too_deep) from e
         if not isinstance(document, dict):
             raise _invalid("the request body must be a JSON object")
+        if _too_deep(document):
+            raise _invalid(too_deep)
         return document
 
     def _signature_inputs(self, request):
@@ -383,12 +415,19 @@ class RestApi:
             request,
             lambda r: self._model_spec(r.model_spec, match),
         )
+        # The same states and errors as gRPC's GetModelStatus (TF-Serving's
+        # REST prints the enum names).
         return {
             "model_version_status": [
                 {
                     "version": str(status.version),
-                    "state": _STATUS_NAMES.get(status.state, "UNKNOWN"),
-                    "status": {"error_code": "OK", "error_message": ""},
+                    "state": _STATE.Name(status.state),
+                    "status": {
+                        "error_code": _error_code_name(
+                            status.status.error_code
+                        ),
+                        "error_message": status.status.error_message,
+                    },
                 }
                 for status in response.model_version_status
             ]
@@ -420,61 +459,8 @@ class RestApi:
         }
 
 
-class BoundedHTTPServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at a time.
-
-    A connection over the limit gets 503 and `{"error": ...}` at once
-    (never queued behind idle keep-alive connections, which handlers close
-    after their `timeout`).
-    """
-
-    daemon_threads = True
-
-    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self.max_connections = max_connections
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps(
-                {
-                    "error": f"over {self.max_connections} open "
-                    "connections; retry later"
-                }
-            ).encode()
-            try:
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\n"
-                    b"Content-Type: application/json\r\n"
-                    b"Connection: close\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-            except OSError:
-                pass  # the client is gone; nothing to tell it
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = IDLE_TIMEOUT_S
+class _Handler(http_server.BoundedHandler):
     server_version = "uhga_tf"
-    # Headers and body are separate writes: without TCP_NODELAY, Nagle's
-    # algorithm holds the body until the client's delayed ACK (~40 ms).
-    disable_nagle_algorithm = True
     api = None  # RestApi, set by RestServer
     metrics = None  # ServingMetrics
 
@@ -500,7 +486,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except server_lib.RequestError as e:
             self._error(http_status(e.code), e.message)
 
+    def _guarded(self, method):
+        """Run do_<method>; any unexpected error is a one-line 500."""
+        try:
+            method()
+        except Exception as e:  # noqa: BLE001 - every request is answered
+            logging.exception("REST %s %s failed", self.command, self.path)
+            self.close_connection = True
+            try:
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+            except OSError:
+                pass  # the client is gone
+
     def do_GET(self):  # noqa: N802 - stdlib name
+        self.mark_busy()
+        self._guarded(self._get)
+
+    def do_POST(self):  # noqa: N802 - stdlib name
+        self._guarded(self._post)
+
+    def _get(self):
         path = self.path.split("?", 1)[0]
         if path == METRICS_PATH:
             body, content_type = self.metrics.exposition()
@@ -515,24 +520,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._answer(self.api.status, match)
 
-    def do_POST(self):  # noqa: N802 - stdlib name
+    def _post(self):
         path = self.path.split("?", 1)[0]
         match = _MODEL_PATH.match(path)
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        try:
+            length = http_server.body_length(self.headers, MAX_BODY_BYTES)
+        except http_server.FramingError as e:
             self.close_connection = True
-            self._error(411, "a Content-Length header is required")
+            self._error(e.status, e.message)
             return
-        length = int(length)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._error(
-                413,
-                f"request body of {length} bytes is over the limit of "
-                f"{MAX_BODY_BYTES} bytes",
-            )
-            return
-        body = self.rfile.read(length)
+        body = self.read_body(length)
         if match is None or match["rest"] is None or match["rest"] in (
             "/metadata",
         ):
@@ -575,7 +572,7 @@ class RestServer:
 
     def start(self):
         """Bind and serve in a background thread; return the bound port."""
-        self._httpd, self._thread = serve_in_background(
+        self._httpd, self._thread = http_server.serve_in_background(
             self.host, self.port, self._handler, "uhga-rest"
         )
         self.port = self._httpd.server_address[1]
@@ -585,35 +582,5 @@ class RestServer:
     def stop(self):
         """Stop accepting connections and close the socket."""
         if self._httpd is not None:
-            stop_background(self._httpd, self._thread)
+            http_server.stop_background(self._httpd, self._thread)
             self._httpd = None
-
-
-def serve_in_background(host, port, handler, thread_name):
-    """Bind a `BoundedHTTPServer` and serve it on a daemon thread.
-
-    Returns:
-        (httpd, thread); `httpd.server_address[1]` is the bound port.
-
-    Raises:
-        ValueError: when (host, port) cannot be bound.
-    """
-    try:
-        httpd = BoundedHTTPServer((host, port), handler)
-    except OSError as e:
-        raise ValueError(f"cannot bind {host}:{port}: {e}") from e
-    thread = threading.Thread(
-        target=httpd.serve_forever,
-        kwargs={"poll_interval": 0.2},
-        name=thread_name,
-        daemon=True,
-    )
-    thread.start()
-    return httpd, thread
-
-
-def stop_background(httpd, thread):
-    """Undo `serve_in_background`: stop serving, close, join the thread."""
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)

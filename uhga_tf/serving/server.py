@@ -170,7 +170,10 @@ class ModelServer:
         self.manager.warmup = self._warmup
         self._limits = config.limits()
         self.metrics = prometheus.ServingMetrics(
-            config.model_name, self.manager.versions
+            config.model_name,
+            self.manager.versions,
+            self.manager.signature_names,
+            config.version_labels,
         )
         self._batcher = None
         self._grpc = None
@@ -344,63 +347,10 @@ class ModelServer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"signature {signature!r} needs inputs {missing}",
             )
-        arrays = {}
-        for name, info in expected.items():
-            proto = request.inputs[name]
-            if proto.dtype != info.dtype:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} of signature {signature!r} must be "
-                    f"{_dtype_name(info.dtype)}; received "
-                    f"{_dtype_name(proto.dtype)}",
-                )
-            shape = [d.size for d in proto.tensor_shape.dim]
-            want = [d.size for d in info.tensor_shape.dim]
-            mismatch = any(w >= 0 and s != w for s, w in zip(shape, want))
-            if (
-                proto.tensor_shape.unknown_rank
-                or len(shape) != len(want)
-                or mismatch
-            ):
-                pretty = [None if w < 0 else w for w in want]
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} of signature {signature!r} must have "
-                    f"shape {pretty}; received {shape}",
-                )
-            if any(s <= 0 for s in shape[1:]):
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} has an empty dimension: shape {shape}",
-                )
-            batch = shape[0]
-            if batch == 0:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} is an empty batch (shape {shape})",
-                )
-            if batch > self.config.max_batch_size:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} holds a batch of {batch}, over "
-                    f"max_batch_size={self.config.max_batch_size}",
-                )
-            try:
-                array = tf.make_ndarray(proto)
-            except (ValueError, TypeError) as e:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} is not a valid TensorProto of shape "
-                    f"{shape}: {e}",
-                ) from e
-            if list(array.shape) != shape:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {name!r} declares shape {shape} but holds "
-                    f"{array.size} values",
-                )
-            request_checks.check_input_array(name, array, self._limits)
-            arrays[name] = array
+        arrays = {
+            name: self._input_array(signature, name, info, request.inputs[name])
+            for name, info in expected.items()
+        }
         if len(arrays) != 1:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -408,6 +358,64 @@ class ModelServer:
                 "server runs single-input signatures",
             )
         return arrays
+
+    def _input_array(self, signature, name, info, proto):
+        """Check one input's dtype, shape and contents; return its array."""
+        if proto.dtype != info.dtype:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} of signature {signature!r} must be "
+                f"{_dtype_name(info.dtype)}; received "
+                f"{_dtype_name(proto.dtype)}",
+            )
+        shape = [d.size for d in proto.tensor_shape.dim]
+        want = [d.size for d in info.tensor_shape.dim]
+        mismatch = any(w >= 0 and s != w for s, w in zip(shape, want))
+        if (
+            proto.tensor_shape.unknown_rank
+            or len(shape) != len(want)
+            or mismatch
+        ):
+            pretty = [None if w < 0 else w for w in want]
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} of signature {signature!r} must have "
+                f"shape {pretty}; received {shape}",
+            )
+        if any(s <= 0 for s in shape[1:]):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} has an empty dimension: shape {shape}",
+            )
+        batch = shape[0]
+        if batch == 0:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} is an empty batch (shape {shape})",
+            )
+        if batch > self.config.max_batch_size:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} holds a batch of {batch}, over "
+                f"max_batch_size={self.config.max_batch_size}",
+            )
+        request_checks.check_declared_shape(name, shape, self._limits)
+        try:
+            array = tf.make_ndarray(proto)
+        except (ValueError, TypeError) as e:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} is not a valid TensorProto of shape "
+                f"{shape}: {e}",
+            ) from e
+        if list(array.shape) != shape:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r} declares shape {shape} but holds "
+                f"{array.size} values",
+            )
+        request_checks.check_input_array(name, array, self._limits)
+        return array
 
     @staticmethod
     def _locate_error(signature_def, input_name, array, error):
@@ -442,7 +450,7 @@ class ModelServer:
 
         Raises:
             RequestError: the refusal, with its gRPC status code; TF op
-                errors become INTERNAL.
+                errors and any unexpected exception become INTERNAL.
         """
         start = time.perf_counter()
         response, version, status = None, None, "OK"
@@ -461,6 +469,13 @@ class ModelServer:
             status = grpc.StatusCode.INTERNAL.name
             message = io_utils.tf_error_line(e)
             logging.error("%s INTERNAL: %s", method, message)
+            raise RequestError(grpc.StatusCode.INTERNAL, message) from e
+        except Exception as e:  # noqa: BLE001 - every request is answered
+            # A bug, not a refusal: the client gets one line, the log the
+            # traceback, and Prometheus counts it as INTERNAL.
+            status = grpc.StatusCode.INTERNAL.name
+            message = f"internal error: {type(e).__name__}: {e}"
+            logging.exception("%s INTERNAL: %s", method, message)
             raise RequestError(grpc.StatusCode.INTERNAL, message) from e
         finally:
             self.metrics.observe(

@@ -159,7 +159,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
                 "database", self.database_mask
             )
             record["validation_map"] = float(
-                metrics.mean_average_precision(
+                metrics.tie_aware_map(
                     codes_lib.binarize(query_logits),
                     codes_lib.binarize(database_logits),
                     self.sets.labels["validation"],

@@ -32,7 +32,6 @@ from uhga_tf import codes as codes_lib
 from uhga_tf import config
 from uhga_tf import io_utils
 from uhga_tf import similarity
-from uhga_tf import structured_similarity
 from uhga_tf import tables
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import cosine
@@ -608,13 +607,18 @@ def evaluate_final(experiment, model, inputs, matrix):
             sets.labels["query"], sets.labels["database"],
             top_k=eval_cfg.top_k or None,
         ),
+        cosine_map_centred=cosine.cosine_map(
+            sets.features["query"] - inputs.train_features.mean(axis=0),
+            sets.features["database"] - inputs.train_features.mean(axis=0),
+            sets.labels["query"], sets.labels["database"],
+            top_k=eval_cfg.top_k or None,
+        ),
         itq_map=itq_map(experiment, sets),
-        validation_map=validation_map(validation_codes, database_codes, sets),
+        **validation_metrics(validation_codes, database_codes, sets),
         steps=int(model.step.numpy()),
         similarity_mode=experiment.similarity.similarity,
         similarity_fractions=matrix.fractions,
-        tau_sim=getattr(matrix, "tau_sim", None),
-        tau_dis=getattr(matrix, "tau_dis", None),
+        similarity_summary=matrix.summary(),
         data=sets.description,
     )
     return result
@@ -622,32 +626,11 @@ def evaluate_final(experiment, model, inputs, matrix):
 
 def build_similarity(experiment, train_features):
     """S of the configured mode: dense (paper) or structured (beyond it)."""
-    sim_cfg = experiment.similarity
-    if sim_cfg.similarity in structured_similarity.STRUCTURED_MODES:
-        return structured_similarity.build_structured_similarity(
-            train_features,
-            similarity=sim_cfg.similarity,
-            similarity_knn=sim_cfg.similarity_knn,
-            similarity_clusters=sim_cfg.similarity_clusters,
-            similarity_runs=sim_cfg.similarity_runs,
-            similarity_dissimilar_quantile=(
-                sim_cfg.similarity_dissimilar_quantile
-            ),
-            seed=experiment.train.seed,
-        )
-    matrix = similarity.build_similarity_matrix(
-        train_features,
-        similarity=sim_cfg.similarity,
-        similarity_lambda=sim_cfg.similarity_lambda,
-        ssdh_alpha=sim_cfg.ssdh_alpha,
-        ssdh_beta=sim_cfg.ssdh_beta,
-        similarity_threshold=sim_cfg.similarity_threshold,
-        dissimilarity_threshold=sim_cfg.dissimilarity_threshold,
-    )
-    logging.info(
-        "similarity matrix (%s): tau_sim=%.4f tau_dis=%.4f fractions %s",
-        matrix.mode, matrix.tau_sim, matrix.tau_dis, matrix.fractions,
-    )
+    matrix = similarity.build(
+        experiment.similarity, train_features, experiment.train.seed)
+    logging.info("similarity matrix (%s): %d items, fractions %s",
+                 experiment.similarity.similarity, matrix.num_items,
+                 {k: round(v, 4) for k, v in matrix.fractions.items()})
     return matrix
 
 
@@ -659,44 +642,52 @@ def similarity_diagnostics(matrix, train_labels, seed):
     """
     if train_labels is None or len(train_labels) == 0:
         return {}
-    rows, cols = structured_similarity.sample_pairs(len(train_labels), seed)
-    if isinstance(matrix, structured_similarity.StructuredSimilarity):
-        block = matrix.block(rows, cols).numpy()
-    else:
-        block = matrix.similarity_matrix[np.ix_(rows, cols)]
-    return structured_similarity.label_agreement(
+    rows, cols = similarity.sample_pairs(len(train_labels), seed)
+    block = matrix.block(rows, cols).numpy()
+    return similarity.label_agreement(
         block, train_labels[rows], train_labels[cols]
     )
 
 
 def itq_map(experiment, sets):
-    """MAP of ITQ at the same code length on the same split: the bar.
+    """Tie-aware MAP@ALL of ITQ on unit rows, same length, same split.
 
     ITQ is fitted on the same train features in a second or two; a learned
     code that does not beat it is not worth training.
     """
     query_codes, database_codes = tables.shallow_codes(
-        "ITQ", experiment.model.code_length, sets, experiment.train.seed
+        "ITQ (unit)", experiment.model.code_length, sets,
+        experiment.train.seed
     )
-    return float(metrics.mean_average_precision(
+    return float(metrics.tie_aware_map(
         query_codes, database_codes, sets.labels["query"],
-        sets.labels["database"], top_k=experiment.eval.top_k or None,
-        ap_denominator=experiment.eval.ap_denominator,
-        empty_query=experiment.eval.empty_query,
+        sets.labels["database"], empty_query=experiment.eval.empty_query,
     ))
 
 
-def validation_map(validation_codes, database_codes, sets):
-    """MAP@ALL of the validation queries against database \\ validation.
+def validation_metrics(validation_codes, database_codes, sets):
+    """The validation queries against database \\ validation.
 
-    The number to select defaults on (protocol.md §1.3); the reported
+    The numbers to select defaults on (protocol.md §1.3); the reported
     query set is never used for that.
+
+    Returns:
+        {"validation_map": tie-aware MAP@ALL (no tie rule can move it),
+        "validation_map_stable": MAP@ALL with ties by database order,
+        "validation_map_1000": MAP@1000, "validation_p_100": P@100}.
     """
     keep = retrieval_sets.validation_database_mask(sets)
-    return float(metrics.mean_average_precision(
+    result = metrics.evaluate_codes(
         validation_codes, database_codes[keep],
         sets.labels["validation"], sets.labels["database"][keep],
-    ))
+        precision_at=(100,), map_at=(1000,),
+    )
+    return {
+        "validation_map": result["map_tie_aware"],
+        "validation_map_stable": result["map"],
+        "validation_map_1000": result["map_at"].get(1000),
+        "validation_p_100": result["precision_at_n"].get(100),
+    }
 
 
 def check_not_collapsed(database_codes):

@@ -29,7 +29,6 @@ import tensorflow as tf
 
 from uhga_tf import config as config_lib
 from uhga_tf import similarity as similarity_lib
-from uhga_tf import structured_similarity
 from uhga_tf.models import attention_net as attention_lib
 from uhga_tf.models import hash_layer as hash_layer_lib
 from uhga_tf.training import hash_optimizer as hash_optimizer_lib
@@ -102,7 +101,9 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
 
     Args:
         u: [B1, K], v: [B2, K] relaxed codes.
-        similarity_block: [B1, B2] S entries in {-1, 0, +1} (any dtype).
+        similarity_block: [B1, B2] S entries in {-1, 0, +1} (any dtype),
+            or graded in [-1, 1] (float): a labeled entry s asks for
+            P(similar) = (1 + s) / 2 in the logistic loss, s itself in (22).
 
     Returns:
         (loss scalar, G [B1, B2]); both differentiable in u, v.
@@ -110,8 +111,8 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
     s_entries = tf.cast(similarity_block, u.dtype)
     q = tf.matmul(u, v, transpose_b=True)
     if loss == "ga_logistic":
-        target = tf.cast(tf.equal(s_entries, 1.0), u.dtype)
         labeled = tf.cast(tf.not_equal(s_entries, 0.0), u.dtype)
+        target = labeled * (1.0 + s_entries) / 2.0
         weight = labeled * (1.0 + (positive_weight - 1.0) * target)  # (6)
         total = tf.reduce_sum(weight)
         gq = sigmoid_param * q
@@ -212,31 +213,15 @@ class UHGAModel(keras.Model):
     def _set_similarity(self, similarity_matrix):
         """Keep S and resolve omega (`positive_weight` None = auto) on it.
 
-        S is either a dense int8 [N, N] matrix (the paper's modes) or a
-        compact StructuredSimilarity whose batch blocks are built per step.
+        Any S of `uhga_tf.similarity` (a dense int8 [N, N] matrix, the
+        paper's modes, or a compact structure whose batch blocks are built
+        per step); a bare int8 [N, N] array is wrapped as a dense S.
         """
-        self._structure = None
-        if isinstance(
-            similarity_matrix, structured_similarity.StructuredSimilarity
-        ):
-            self._structure = similarity_matrix
-            self._structure_tensors = self._structure.tensors()
-            source = self._structure
-        else:
-            matrix = np.asarray(
-                getattr(similarity_matrix, "similarity_matrix",
-                        similarity_matrix)
-            )
-            if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-                raise ValueError(
-                    "similarity_matrix must be square [N, N]; received shape "
-                    f"{matrix.shape}"
-                )
-            self._similarity = tf.constant(matrix.astype(np.int8))
-            source = matrix
+        self._similarity = similarity_lib.as_similarity(similarity_matrix)
+        self._similarity_tensors = self._similarity.tensors()
         weight = self.loss_config.positive_weight
         self.positive_weight = similarity_lib.resolve_positive_weight(
-            "auto" if weight is None else weight, source
+            "auto" if weight is None else weight, self._similarity
         )
 
     # ------------------------------------------------------------------ API
@@ -361,14 +346,10 @@ class UHGAModel(keras.Model):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def similarity_block(self, index_1, index_2):
-        """S entries [b1, b2] (int8) of two batches of train rows."""
-        if self._structure is None:
-            return tf.gather(
-                tf.gather(self._similarity, index_1, axis=0), index_2, axis=1
-            )
-        return structured_similarity.similarity_block(
-            self._structure.mode, self._structure_tensors, index_1, index_2
-        )
+        """S entries [b1, b2] of two batches of train rows (int8, or float
+        for a graded S)."""
+        return self._similarity.block(
+            index_1, index_2, self._similarity_tensors)
 
     def _split(self, relaxed_codes, size):
         if self.pairing == "cross":

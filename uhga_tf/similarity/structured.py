@@ -52,11 +52,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from uhga_tf import similarity as similarity_lib
+from uhga_tf.similarity import entries
+from uhga_tf.similarity import features as features_lib
 
-STRUCTURED_MODES = ("knn", "cluster", "manifold")
+STRUCTURED_MODES = ("knn", "cluster", "manifold", "multiscale")
+# Modes whose S entries are graded in [-1, 1] (float32), not {-1, 0, +1}.
+GRADED_MODES = ("multiscale",)
 RADIUS_SAMPLE = 4096
-FRACTION_SAMPLE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,7 @@ class StructuredSimilarity:
     radius: Optional[np.ndarray] = None
     unit_features: Optional[np.ndarray] = None
     assignments: Optional[np.ndarray] = None
+    shares: tuple = (0.5, 0.25, 0.0)  # positive, negative share; grading
     fractions: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -95,10 +98,19 @@ class StructuredSimilarity:
                   self.assignments)
         return sum(a.nbytes for a in arrays if a is not None)
 
+    def summary(self):
+        """What to store beside results: the mode and the stored size."""
+        return {"mode": self.mode, "stored_mb": self.nbytes / 1e6}
+
+    def positive_negative(self):
+        """Sampled shares of S=+1 and S=-1 (N x N is never formed)."""
+        return self.fractions["positive"], self.fractions["negative"]
+
     def tensors(self):
         """The structure as TF constants (build once, inside the model)."""
         if self.assignments is not None:
-            return {"assignments": tf.constant(self.assignments)}
+            return {"assignments": tf.constant(self.assignments),
+                    "shares": tf.constant(self.shares, tf.float32)}
         return {
             "neighbours": tf.constant(self.neighbours),
             "radius": tf.constant(self.radius),
@@ -124,6 +136,21 @@ def similarity_block(mode, tensors, index_1, index_2):
     """
     index_1 = tf.cast(index_1, tf.int32)
     index_2 = tf.cast(index_2, tf.int32)
+    if mode in GRADED_MODES:
+        ids = tensors["assignments"]
+        a = tf.gather(ids, index_1)[:, None, :]
+        b = tf.gather(ids, index_2)[None, :, :]
+        # The share of (scale, run) clusterings that join the pair.
+        agree = tf.reduce_mean(tf.cast(tf.equal(a, b), tf.float32), axis=-1)
+        shares = tensors["shares"]  # positive share, negative share, grading
+        # Joined in most clusterings: similar, and (graded) the more so the
+        # finer the scales that keep the pair together, so near neighbours
+        # are pulled closer than mere cluster mates; joined in few:
+        # dissimilar; in between: unlabeled.
+        strength = shares[2] * agree + (1.0 - shares[2])
+        return tf.where(
+            agree >= shares[0], strength,
+            tf.where(agree <= shares[1], -1.0, 0.0))
     if mode in ("cluster", "manifold"):
         ids = tensors["assignments"]
         a = tf.gather(ids, index_1)[:, None, :]
@@ -156,35 +183,6 @@ def similarity_block(mode, tensors, index_1, index_2):
     return (
         tf.cast(positive, tf.int8) - tf.cast(negative, tf.int8)
     )
-
-
-def check_features(features, name="features"):
-    """Refuse features that cannot define cosine distances."""
-    features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] < 1:
-        raise ValueError(
-            f"{name} must be a 2-D array [N >= 2, D]; received shape "
-            f"{features.shape}"
-        )
-    bad = ~np.all(np.isfinite(features), axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{name} has {int(bad.sum())} rows with NaN or inf (first: row "
-            f"{int(np.argmax(bad))}); every feature row must be finite"
-        )
-    zero = ~np.any(features != 0, axis=1)
-    if zero.any():
-        raise ValueError(
-            f"{name} has {int(zero.sum())} all-zero rows (first: row "
-            f"{int(np.argmax(zero))}); cosine distance needs non-zero rows"
-        )
-    return features
-
-
-def unit_rows(features):
-    """L2-normalised float32 rows."""
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / norms).astype(np.float32)
 
 
 def nearest_neighbours(unit, k):
@@ -235,8 +233,11 @@ def row_radius(unit, quantile, seed):
     return radius
 
 
-def spectral_embedding(ids, dimensions, seed):
+def spectral_embedding(ids, dimensions, seed, ordered=False):
     """Rows of the top eigenvectors of the normalised kNN graph (unit rows).
+
+    With ``ordered``, the raw eigenvectors [N, dimensions], largest
+    eigenvalue first (rows not normalised).
 
     Laplacian eigenmaps (Ng, Jordan and Weiss): A is the symmetrised kNN
     graph, the embedding the ``dimensions`` largest eigenvectors of
@@ -255,10 +256,49 @@ def spectral_embedding(ids, dimensions, seed):
     inverse_root = sp.diags(1.0 / np.sqrt(degree))
     normalised = inverse_root @ graph @ inverse_root
     start = np.random.default_rng(seed).standard_normal(n)
-    _, vectors = sla.eigsh(
+    values, vectors = sla.eigsh(
         normalised, k=min(dimensions, n - 1), which="LA", v0=start
     )
-    return unit_rows(vectors.astype(np.float32))
+    if not ordered:
+        return features_lib.unit_rows(vectors.astype(np.float32))
+    # Largest eigenvalue first, so that a prefix of the columns is the
+    # embedding of a coarser clustering (multiscale mode).
+    return vectors[:, np.argsort(-values, kind="stable")].astype(np.float32)
+
+
+def cluster_scales(num_items, cluster_size):
+    """The granularities of multiscale mode: 2, 4, 8, ... clusters.
+
+    Doubling while the mean cluster would keep at least ``cluster_size``
+    items, so the ladder follows N and never the number of classes (which a
+    user does not know): N = 5,000 and cluster_size = 40 give 2 ... 64.
+    """
+    scales = [2]
+    while scales[-1] * 2 * cluster_size <= num_items:
+        scales.append(scales[-1] * 2)
+    return scales
+
+
+# Eigenvectors kept for the multiscale embedding: Lanczos cost grows with
+# it, and past a few dozen the extra eigenvectors of a kNN graph are noise.
+MAX_EMBEDDING = 64
+
+
+def multiscale_assignments(ids, scales, runs, seed):
+    """k-means ids at every scale in the spectral embedding, int32 [N, S R].
+
+    Scale C clusters the rows of the top min(C, 64) eigenvectors of the kNN
+    graph (Ng, Jordan and Weiss: C clusters, C eigenvectors), ``runs``
+    seeds each.
+    """
+    vectors = spectral_embedding(
+        ids, min(max(scales), MAX_EMBEDDING), seed, ordered=True)
+    columns = []
+    for position, clusters in enumerate(scales):
+        space = features_lib.unit_rows(vectors[:, :max(clusters, 2)])
+        columns.append(cluster_assignments(
+            space, clusters, runs, (seed % 1000) * 100 + position))
+    return np.concatenate(columns, axis=1)
 
 
 def cluster_assignments(unit, clusters, runs, seed, iterations=25):
@@ -285,6 +325,10 @@ def build_structured_similarity(
     similarity_clusters=50,
     similarity_runs=5,
     similarity_dissimilar_quantile=0.3,
+    similarity_cluster_size=40,
+    similarity_positive_share=0.5,
+    similarity_negative_share=0.25,
+    similarity_grading=0.0,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -297,6 +341,13 @@ def build_structured_similarity(
         similarity_runs: k-means runs with different seeds, >= 1.
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (knn, manifold), in (0, 1).
+        similarity_cluster_size: smallest mean cluster size of the
+            multiscale ladder (`cluster_scales`), >= 1.
+        similarity_positive_share, similarity_negative_share: multiscale:
+            a pair joined in at least the first share of the (scale, run)
+            clusterings is similar, in at most the second dissimilar.
+        similarity_grading: multiscale, g in [0, 1]: a similar pair joined
+            in a share a of the clusterings gets 1 - g (1 - a), not 1.
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -311,9 +362,11 @@ def build_structured_similarity(
         similarity_runs, similarity_dissimilar_quantile,
     )
     structure = _build_structure(
-        unit_rows(features), similarity, similarity_knn,
+        features_lib.unit_rows(features), similarity, similarity_knn,
         similarity_clusters, similarity_runs,
-        similarity_dissimilar_quantile, seed,
+        similarity_dissimilar_quantile, seed, similarity_cluster_size,
+        (float(similarity_positive_share), float(similarity_negative_share),
+         float(similarity_grading)),
     )
     fractions = estimate_fractions(structure, seed)
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
@@ -344,9 +397,10 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
             f"similarity must be one of {STRUCTURED_MODES}; received "
             f"similarity={similarity!r}"
         )
-    features = check_features(features)
+    features = features_lib.check_features(
+        features, min_rows=2, nonzero_rows=True)
     n = len(features)
-    if similarity in ("knn", "manifold") and not 1 <= knn < n:
+    if similarity in ("knn", "manifold", "multiscale") and not 1 <= knn < n:
         raise ValueError(
             f"similarity_knn must be in [1, N) = [1, {n}) for {n} train "
             f"items; received similarity_knn={knn}"
@@ -370,7 +424,8 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
     return features
 
 
-def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed):
+def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
+                     cluster_size, shares):
     """The StructuredSimilarity of a mode, without fractions."""
     if similarity == "knn":
         ids, _ = nearest_neighbours(unit, knn)
@@ -379,6 +434,14 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed):
             neighbours=mutual_partners(ids),
             radius=row_radius(unit, quantile, seed),
             unit_features=unit,
+        )
+    if similarity == "multiscale":
+        ids, _ = nearest_neighbours(unit, knn)
+        scales = cluster_scales(len(unit), cluster_size)
+        return StructuredSimilarity(
+            mode=similarity,
+            assignments=multiscale_assignments(ids, scales, runs, seed),
+            shares=shares,
         )
     space = unit
     if similarity == "manifold":
@@ -390,53 +453,14 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed):
     )
 
 
-def sample_pairs(num_items, seed, size=FRACTION_SAMPLE):
-    """Two fixed random row samples (for fractions and diagnostics)."""
-    rng = np.random.default_rng([seed, 7])
-    size = min(size, num_items)
-    return (
-        np.sort(rng.choice(num_items, size, replace=False)),
-        np.sort(rng.choice(num_items, size, replace=False)),
-    )
-
-
 def estimate_fractions(structure, seed):
     """Fractions of S entries over a sample of pairs (all pairs if small)."""
-    rows, cols = sample_pairs(structure.num_items, seed)
+    rows, cols = entries.sample_pairs(structure.num_items, seed)
     block = structure.block(rows, cols).numpy()
     off_diagonal = rows[:, None] != cols[None, :]
     return {
-        **similarity_lib.entry_fractions(block),
+        **entries.entry_fractions(block),
         "positive_offdiagonal": float(
-            np.count_nonzero((block == 1) & off_diagonal)
+            np.sum(entries.positive_mass(block) * off_diagonal)
         ) / float(block.size),
-    }
-
-
-def label_agreement(block, labels_1, labels_2):
-    """Diagnostics only: how often S agrees with the class labels.
-
-    Never used to train or select. Labels are int [b] or multi-hot [b, C]
-    (same class = at least one shared label); the diagonal counts.
-
-    Returns:
-        {"p_same_given_similar", "p_different_given_dissimilar",
-        "p_same_base_rate"} (NaN where S has no such entry).
-    """
-    labels_1, labels_2 = np.asarray(labels_1), np.asarray(labels_2)
-    if labels_1.ndim == 1:
-        same = labels_1[:, None] == labels_2[None, :]
-    else:
-        same = (labels_1.astype(np.int32) @ labels_2.T.astype(np.int32)) > 0
-    block = np.asarray(block)
-    similar, dissimilar = block == 1, block == -1
-    nan = float("nan")
-    return {
-        "p_same_given_similar": (
-            float(same[similar].mean()) if similar.any() else nan
-        ),
-        "p_different_given_dissimilar": (
-            float((~same[dissimilar]).mean()) if dissimilar.any() else nan
-        ),
-        "p_same_base_rate": float(same.mean()),
     }

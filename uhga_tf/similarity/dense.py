@@ -24,6 +24,9 @@ import dataclasses
 import numpy as np
 from absl import logging
 
+from uhga_tf.similarity import entries
+from uhga_tf.similarity import features as features_lib
+
 NUM_BINS = 100
 BIN_WIDTH = 0.01
 BIN_START = -1e-8
@@ -52,6 +55,46 @@ class SimilarityMatrix:
     mode: str
     fractions: dict
     distance_mode: float = float("nan")
+
+    @classmethod
+    def from_matrix(cls, matrix):
+        """Wrap a given int8 [N, N] S (tests, user-made S)."""
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(
+                "similarity_matrix must be square [N, N]; received shape "
+                f"{matrix.shape}"
+            )
+        return cls(similarity_matrix=matrix.astype(np.int8),
+                   tau_sim=float("nan"), tau_dis=float("nan"),
+                   mode="given", fractions=entries.entry_fractions(matrix))
+
+    @property
+    def num_items(self):
+        return self.similarity_matrix.shape[0]
+
+    def positive_negative(self):
+        """Exact #(S=+1) and #(S=-1) over all N^2 entries."""
+        return (int(np.count_nonzero(self.similarity_matrix == 1)),
+                int(np.count_nonzero(self.similarity_matrix == -1)))
+
+    def summary(self):
+        """What to store beside results: the thresholds of eq. (3)."""
+        return {"mode": self.mode, "tau_sim": self.tau_sim,
+                "tau_dis": self.tau_dis}
+
+    def tensors(self):
+        """S as a TF constant (build once, inside the model)."""
+        import tensorflow as tf
+
+        return {"matrix": tf.constant(self.similarity_matrix.astype(np.int8))}
+
+    def block(self, index_1, index_2, tensors=None):
+        """S entries [b1, b2] (int8) of two batches of train rows."""
+        import tensorflow as tf
+
+        matrix = (self.tensors() if tensors is None else tensors)["matrix"]
+        return tf.gather(tf.gather(matrix, index_1, axis=0), index_2, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +149,6 @@ class DistanceHistogram:
         return float(sigma_l), float(sigma_r)
 
 
-def _check_features(features):
-    features = np.asarray(features)
-    if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
-        raise ValueError(
-            "features must be a non-empty 2-D array [N, D]; received "
-            f"features.shape={features.shape}"
-        )
-    if not np.all(np.isfinite(features)):
-        raise ValueError("features must be finite; received NaN or inf")
-    return features
-
-
 def _check_block_size(block_size):
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(
@@ -126,15 +157,9 @@ def _check_block_size(block_size):
         )
 
 
-def _unit_rows(features):
-    f = features.astype(np.float64)
-    norms = np.linalg.norm(f, axis=1, keepdims=True)
-    return f / np.maximum(norms, 1e-12)
-
-
 def _distance_blocks(features, block_size):
     """Yield (row_start, d) with d float64 [rows, N] cosine distances (2)."""
-    unit = _unit_rows(features)
+    unit = features_lib.unit_rows(features, np.float64)
     n = unit.shape[0]
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
@@ -160,7 +185,7 @@ def cosine_distance_histogram(features, block_size=1024):
         -1e-8) and per-bin first/second moments, enough for the mode and the
         mirrored-Gaussian sigmas of method.md §5 without a second pass.
     """
-    features = _check_features(features)
+    features = features_lib.check_features(features, dtype=None)
     _check_block_size(block_size)
     edges = _bin_edges()
     references = np.concatenate([[edges[0]], edges[:-1], [edges[-1]]])
@@ -233,7 +258,7 @@ def build_similarity_matrix(
     _check_nonnegative("similarity_lambda", similarity_lambda)
     _check_nonnegative("ssdh_alpha", ssdh_alpha)
     _check_nonnegative("ssdh_beta", ssdh_beta)
-    features = _check_features(features)
+    features = features_lib.check_features(features, dtype=None)
     _check_block_size(block_size)
     distance_mode = float("nan")
     if similarity == "ssdh":
@@ -248,7 +273,7 @@ def build_similarity_matrix(
             similarity_threshold, dissimilarity_threshold
         )
     matrix = _threshold_matrix(features, tau_sim, tau_dis, block_size)
-    fractions = entry_fractions(matrix)
+    fractions = entries.entry_fractions(matrix)
     logging.info(
         "similarity_matrix: mode=%s tau_sim=%.6f tau_dis=%.6f N=%d "
         "fractions=%s",
@@ -312,56 +337,3 @@ def _threshold_matrix(features, tau_sim, tau_dis, block_size):
         block[d < tau_sim] = 1
         block[d > tau_dis] = -1
     return matrix
-
-
-def entry_fractions(matrix):
-    """Shares of +1, -1 and 0 entries of an S matrix or block."""
-    total = float(matrix.size)
-    positive = float(np.count_nonzero(matrix == 1)) / total
-    negative = float(np.count_nonzero(matrix == -1)) / total
-    return {
-        "positive": positive,
-        "negative": negative,
-        "unlabeled": 1.0 - positive - negative,
-    }
-
-
-def resolve_positive_weight(positive_weight, similarity_matrix):
-    """Return omega of eq. (6): a float > 0, or "auto" = #(S=-1) / #(S=+1).
-
-    Args:
-        positive_weight: float > 0 or the string "auto".
-        similarity_matrix: SimilarityMatrix or int8 array [N, N] (only used
-            for "auto").
-    """
-    if isinstance(positive_weight, str):
-        if positive_weight != "auto":
-            raise ValueError(
-                "positive_weight must be a float > 0 or 'auto'; received "
-                f"positive_weight={positive_weight!r}"
-            )
-        fractions = getattr(similarity_matrix, "fractions", None)
-        if fractions and "positive_offdiagonal" in fractions:
-            # A structured S is never materialised: use its sampled
-            # fractions.
-            n_pos, n_neg = fractions["positive"], fractions["negative"]
-        else:
-            matrix = getattr(
-                similarity_matrix, "similarity_matrix", similarity_matrix
-            )
-            matrix = np.asarray(matrix)
-            n_pos = int(np.count_nonzero(matrix == 1))
-            n_neg = int(np.count_nonzero(matrix == -1))
-        if n_pos == 0:
-            raise ValueError(
-                "positive_weight='auto' needs at least one S=+1 entry; "
-                "received a similarity_matrix with 0 positive entries"
-            )
-        return float(n_neg) / float(n_pos)
-    value = float(positive_weight)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(
-            "positive_weight must be a float > 0 or 'auto'; received "
-            f"positive_weight={positive_weight!r}"
-        )
-    return value

@@ -1,0 +1,117 @@
+"""References that use the product's structure without learning a hash head.
+
+What does training (and gradient attention) add beyond the kNN graph and the
+clusters that build the similarity matrix? These two hashers answer it: they
+use the same unit-row cosine geometry, the same kNN graph and the same
+multiscale k-means ensemble (`uhga_tf.similarity.structured`, same defaults
+as the product recipe), and turn them into codes in closed form.
+
+* ``spectral_itq``: Laplacian eigenmaps of the train features' kNN graph
+  (``code_length`` dimensions), extended to new items by a ridge
+  least-squares map from the centred features, then ITQ.
+* ``kmeans_ls``: the multiscale k-means pseudo-labels as one-hot targets, a
+  ridge least-squares linear head from the centred features to them, then
+  PCA + ITQ rotation of the head's outputs to ``code_length`` bits and sign.
+
+Both fit on train features only (N x N is never formed) and, like every
+`Hasher`, encode by one matrix product and a sign.
+"""
+
+import numpy as np
+
+from uhga_tf import codes as codes_lib
+from uhga_tf.baselines.base import Hasher
+from uhga_tf.baselines.base import register
+from uhga_tf.baselines.shallow import itq_rotation
+from uhga_tf.baselines.shallow import pca_directions
+from uhga_tf.similarity import features as features_lib
+from uhga_tf.similarity import structured
+
+STRUCTURE_OPTIONS = {"knn": 20, "cluster_size": 40, "runs": 3,
+                     "ridge": 1e-2, "itq_iters": 50}
+
+
+def ridge_map(features, targets, ridge):
+    """W minimising ||X W - Y||^2 + ridge * tr(X^T X) / D * ||W||^2."""
+    gram = features.T @ features
+    scale = ridge * np.trace(gram) / gram.shape[0]
+    return np.linalg.solve(
+        gram + scale * np.eye(gram.shape[0]), features.T @ targets)
+
+
+class _StructuralHasher(Hasher):
+    """Shared option checks, ITQ on the head's outputs, and encode."""
+
+    DEFAULT_OPTIONS = {**STRUCTURE_OPTIONS, "unit_rows": True}
+    ARRAYS = ("projection", "rotation")
+
+    def _validate_options(self):
+        for key in ("knn", "cluster_size", "runs", "itq_iters"):
+            self._check_int_option(key, self.options[key],
+                                   0 if key == "itq_iters" else 1)
+        ridge = self.options["ridge"]
+        if not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ValueError(f"ridge must be > 0; received ridge={ridge!r}")
+
+    def _neighbours(self, features):
+        if not 1 <= self.options["knn"] < len(features):
+            raise ValueError(
+                f"{self.name} needs knn in [1, n) for {len(features)} train "
+                f"items; received knn={self.options['knn']}"
+            )
+        unit = features_lib.unit_rows(features.astype(np.float32))
+        ids, _ = structured.nearest_neighbours(
+            unit, self.options["knn"])
+        return ids
+
+    def _fit_head(self, features, targets, rng):
+        """Ridge map to `targets`, PCA to code_length, ITQ rotation."""
+        head = ridge_map(features, targets, self.options["ridge"])
+        outputs = features @ head
+        if self.code_length > outputs.shape[1]:
+            raise ValueError(
+                f"{self.name} gives {outputs.shape[1]} dimensions; received "
+                f"code_length={self.code_length}"
+            )
+        pca = pca_directions(outputs, self.code_length)
+        self.projection = head @ pca
+        self.rotation, _ = itq_rotation(
+            outputs @ pca - (outputs @ pca).mean(axis=0), rng,
+            self.options["itq_iters"])
+
+    def _encode(self, features):
+        return codes_lib.binarize(features @ self.projection @ self.rotation)
+
+
+@register
+class SpectralITQ(_StructuralHasher):
+    """Spectral embedding of the kNN graph, ridge out-of-sample map, ITQ."""
+
+    name = "spectral_itq"
+
+    def _fit(self, features, rng):
+        ids = self._neighbours(features)
+        seed = int(rng.integers(1000))
+        embedding = structured.spectral_embedding(
+            ids, self.code_length + 1, seed, ordered=True)
+        # Column 0 is the graph's trivial (degree) direction: no split.
+        self._fit_head(features, embedding[:, 1:], rng)
+
+
+@register
+class KMeansLS(_StructuralHasher):
+    """Multiscale k-means pseudo-labels, least-squares head, ITQ, sign."""
+
+    name = "kmeans_ls"
+
+    def _fit(self, features, rng):
+        ids = self._neighbours(features)
+        scales = structured.cluster_scales(
+            len(features), self.options["cluster_size"])
+        assignments = structured.multiscale_assignments(
+            ids, scales, self.options["runs"], int(rng.integers(1000)))
+        one_hot = np.concatenate([
+            np.eye(int(column.max()) + 1)[column]
+            for column in assignments.T
+        ], axis=1)
+        self._fit_head(features, one_hot - one_hot.mean(axis=0), rng)
