@@ -201,3 +201,63 @@ def test_multiscale_grades_pairs_by_how_fine_they_stay_together():
     fractions = structure.fractions
     assert fractions["positive"] + fractions["negative"] == pytest.approx(
         1 - fractions["unlabeled"])
+
+
+def test_modularity_of_two_triangles_joined_by_an_edge():
+    # Edges: triangle 0-1-2, triangle 3-4-5, bridge 2-3 (m = 7). Split into
+    # the triangles: each keeps 3 of 7 edges and half of the degree sum,
+    # Q = 2 (3/7 - (1/2)^2) = 5/14; all in one cluster: Q = 1 - 1 = 0.
+    ids = np.array([[1, 2], [0, 2], [0, 3], [4, 2], [3, 5], [3, 4]])
+    graph = ss.knn_graph(ids)
+    assert graph.sum() == 14  # 7 undirected edges, both directions
+    assert ss.modularity(graph, [0, 0, 0, 1, 1, 1]) == pytest.approx(5 / 14)
+    assert ss.modularity(graph, [0] * 6) == pytest.approx(0.0)
+    assert ss.modularity(graph, [0, 1, 0, 1, 0, 1]) < 0
+
+
+@pytest.mark.parametrize("clusters", [3, 6, 9])
+def test_cluster_count_read_from_the_graph_is_the_number_of_blobs(clusters):
+    x, _ = _blobs(n_per=40, clusters=clusters, spread=0.15, seed=clusters)
+    ids, _ = ss.nearest_neighbours(x, 10)
+    count, scores, _ = ss.graph_cluster_count(ids, 30, seed=0)
+    assert count == clusters
+    assert set(scores) == set(ss.count_candidates(30))
+
+
+def test_count_candidates_and_ensemble_counts():
+    assert ss.count_candidates(5) == [2, 3, 4, 5]
+    assert ss.count_candidates(64)[-9:] == [16, 19, 23, 28, 34, 41, 49, 59,
+                                            64]
+    assert ss.ensemble_counts(7, 1.0, 3) == [7, 7, 7]
+    assert ss.ensemble_counts(10, 2.0, 5) == [10, 12, 14, 17, 20]
+    assert ss.ensemble_counts(10, 2.0, 1) == [10]
+
+
+@pytest.mark.parametrize("mode", ["cluster", "manifold"])
+def test_auto_count_recovers_blobs_without_being_told_their_number(mode):
+    x, labels = _blobs(clusters=7)
+    structure = _build(mode, x, similarity_clusters=0,
+                       similarity_cluster_size=10,
+                       similarity_cluster_span=1.5)
+    summary = structure.summary()
+    assert summary["cluster_counts"] == [7, 9, 10]
+    assert max(summary["count_modularity"].items(),
+               key=lambda kv: kv[1])[0] == "7"
+    s = _dense(structure)
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    similar = (s == 1) & off
+    assert similar.sum() >= 0.5 * (same & off).sum()
+    assert same[similar].mean() >= 0.95
+    assert (~same[s == -1]).mean() >= 0.95
+
+
+def test_a_fixed_count_with_span_one_keeps_its_old_structure():
+    x, _ = _blobs()
+    structure = _build("manifold", x, similarity_cluster_span=1.0)
+    ids, _ = ss.nearest_neighbours(x, 10)
+    expected = ss.cluster_assignments(ss.spectral_embedding(ids, 5, 0), 5,
+                                      3, 0)
+    np.testing.assert_array_equal(structure.assignments, expected)
+    with pytest.raises(ValueError, match="similarity_cluster_span"):
+        _build("manifold", x, similarity_cluster_span=0.5)

@@ -44,7 +44,8 @@ EMPTY_QUERY = ("zero", "skip")
 PRODUCT_RECIPE = {
     "similarity": "manifold",
     "similarity_knn": 20,
-    "similarity_clusters": 10,
+    "similarity_clusters": 0,
+    "similarity_cluster_span": 1.5,
     "similarity_runs": 10,
     "feature_centring": True,
     "positive_weight": "auto",
@@ -280,8 +281,13 @@ class SimilarityConfig:
             negative = equal to similarity_threshold).
         similarity_knn: k of the kNN graph (`knn`, `manifold`).
         similarity_clusters: clusters per k-means run (`cluster`,
-            `manifold`; also the spectral embedding's dimensions).
+            `manifold`; also the spectral embedding's dimensions); 0 = read
+            the count from the kNN graph (the count whose k-means partition
+            has the highest modularity), so no class count is needed.
         similarity_runs: k-means runs; similar = same cluster in all.
+        similarity_cluster_span: s >= 1: the k-means runs' cluster counts
+            spread geometrically from C to s C (similar = joined at every
+            granularity, dissimilar = separated at every one); 1 = all C.
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (`knn`, `manifold`).
         similarity_cluster_size: `multiscale` only: the k-means ensemble
@@ -305,19 +311,23 @@ class SimilarityConfig:
     similarity_threshold: typing.Optional[float] = None
     dissimilarity_threshold: typing.Optional[float] = None
     similarity_knn: int = 20
-    similarity_clusters: int = 50
+    similarity_clusters: int = 0
     similarity_runs: int = 5
     similarity_dissimilar_quantile: float = 0.3
     similarity_cluster_size: int = 40
     similarity_positive_share: float = 0.5
     similarity_negative_share: float = 0.25
     similarity_grading: float = 0.0
+    similarity_cluster_span: float = 1.0
 
     def __post_init__(self):
         _canonicalize(self)
         _choice("similarity", self.similarity, SIMILARITY_MODES)
         _positive("similarity_knn", self.similarity_knn)
-        _at_least("similarity_clusters", self.similarity_clusters, 2)
+        if self.similarity_clusters != 0:
+            _at_least("similarity_clusters", self.similarity_clusters, 2)
+        _at_least("similarity_cluster_span", self.similarity_cluster_span,
+                  1.0)
         _positive("similarity_runs", self.similarity_runs)
         _positive("similarity_cluster_size", self.similarity_cluster_size)
         if not 0.0 <= self.similarity_grading <= 1.0:

@@ -55,6 +55,7 @@ def build(config, features, seed):
             similarity_positive_share=config.similarity_positive_share,
             similarity_negative_share=config.similarity_negative_share,
             similarity_grading=config.similarity_grading,
+            similarity_cluster_span=config.similarity_cluster_span,
             seed=seed,
         )
     return dense.build_similarity_matrix(

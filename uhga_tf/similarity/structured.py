@@ -56,6 +56,8 @@ from uhga_tf.similarity import entries
 from uhga_tf.similarity import features as features_lib
 
 STRUCTURED_MODES = ("knn", "cluster", "manifold", "multiscale")
+# similarity_clusters = 0: read the count from the kNN graph (modularity).
+AUTO_CLUSTERS = 0
 # Modes whose S entries are graded in [-1, 1] (float32), not {-1, 0, +1}.
 GRADED_MODES = ("multiscale",)
 RADIUS_SAMPLE = 4096
@@ -84,6 +86,10 @@ class StructuredSimilarity:
     assignments: Optional[np.ndarray] = None
     shares: tuple = (0.5, 0.25, 0.0)  # positive, negative share; grading
     fractions: dict = dataclasses.field(default_factory=dict)
+    # cluster/manifold: the clusters of each k-means run, and (count read
+    # from the graph) the modularity of every candidate count.
+    cluster_counts: tuple = ()
+    count_modularity: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_items(self):
@@ -100,7 +106,14 @@ class StructuredSimilarity:
 
     def summary(self):
         """What to store beside results: the mode and the stored size."""
-        return {"mode": self.mode, "stored_mb": self.nbytes / 1e6}
+        summary = {"mode": self.mode, "stored_mb": self.nbytes / 1e6}
+        if self.cluster_counts:
+            summary["cluster_counts"] = [int(c) for c in self.cluster_counts]
+        if self.count_modularity:
+            summary["count_modularity"] = {
+                str(c): round(float(q), 4)
+                for c, q in self.count_modularity.items()}
+        return summary
 
     def positive_negative(self):
         """Sampled shares of S=+1 and S=-1 (N x N is never formed)."""
@@ -233,6 +246,90 @@ def row_radius(unit, quantile, seed):
     return radius
 
 
+def knn_graph(ids):
+    """The symmetrised kNN graph A (binary, scipy CSR [N, N]) of `ids`."""
+    import scipy.sparse as sp
+
+    n, k = ids.shape
+    graph = sp.csr_matrix(
+        (np.ones(n * k), (np.repeat(np.arange(n), k), ids.ravel())),
+        shape=(n, n),
+    )
+    return ((graph + graph.T) > 0).astype(np.float64).tocsr()
+
+
+def modularity(graph, labels):
+    """Newman's modularity Q of a partition of a graph (symmetric CSR).
+
+    Q = sum over clusters of (edge share inside) - (degree share)^2: the
+    share of edges a partition keeps inside its clusters beyond what a
+    random graph with the same degrees would keep. A partition that cuts
+    through a dense region, or lumps two apart, scores lower.
+    """
+    labels = np.asarray(labels)
+    coo = graph.tocoo()
+    total = coo.data.sum()
+    inside = coo.data[labels[coo.row] == labels[coo.col]].sum()
+    degree = np.bincount(
+        labels, weights=np.asarray(graph.sum(axis=1)).ravel())
+    return float(inside / total - np.sum((degree / total) ** 2))
+
+
+def count_candidates(max_clusters):
+    """Cluster counts tried: every count to 16, then steps of about 20 %."""
+    candidates = list(range(2, min(max_clusters, 16) + 1))
+    while candidates[-1] < max_clusters:
+        candidates.append(min(max_clusters,
+                              max(candidates[-1] + 1,
+                                  int(round(candidates[-1] * 1.2)))))
+    return candidates
+
+
+def graph_cluster_count(ids, max_clusters, seed, runs=3):
+    """The cluster count read from the kNN graph, with no label and no prior.
+
+    For each candidate count C (`count_candidates`), k-means with C
+    clusters in the top-C spectral embedding (``runs`` seeds); the count
+    whose best partition has the highest modularity on the kNN graph wins.
+    On CIFAR-10 features (N = 5,000) it reads 7 for ten classes and 6 for
+    five (benchmarks/results/sweeps/; docs/product_recipe.md).
+
+    Returns:
+        (count, {candidate: mean modularity}, the ordered embedding [N, d]).
+    """
+    graph = knn_graph(ids)
+    vectors = spectral_embedding(
+        ids, min(max_clusters, MAX_EMBEDDING), seed, ordered=True)
+    scores = {}
+    for position, clusters in enumerate(count_candidates(max_clusters)):
+        space = features_lib.unit_rows(
+            vectors[:, :min(clusters, vectors.shape[1])])
+        assigned = cluster_assignments(
+            space, clusters, runs, (seed % 1000) * 100 + position)
+        # The best of the runs: modularity is the objective and k-means
+        # only proposes partitions, so a run stuck in a poor local minimum
+        # should not count against its count.
+        scores[clusters] = max(
+            modularity(graph, column) for column in assigned.T)
+    best = max(scores, key=lambda c: (scores[c], -c))
+    return best, scores, vectors
+
+
+def ensemble_counts(clusters, span, runs):
+    """Clusters of each of `runs` k-means runs: geometric over [C, span C].
+
+    span = 1: every run has C clusters. span > 1: the runs spread from C to
+    span C, so a pair is similar only if every granularity in the window
+    joins it (precision of the finest) and dissimilar only if every one
+    separates it (recall of the coarsest): a count read a little low from
+    the graph then costs less than a fixed C would.
+    """
+    if runs == 1 or span == 1.0:
+        return [int(clusters)] * runs
+    steps = np.arange(runs) / (runs - 1)
+    return [int(round(clusters * span ** t)) for t in steps]
+
+
 def spectral_embedding(ids, dimensions, seed, ordered=False):
     """Rows of the top eigenvectors of the normalised kNN graph (unit rows).
 
@@ -246,12 +343,8 @@ def spectral_embedding(ids, dimensions, seed, ordered=False):
     import scipy.sparse as sp
     import scipy.sparse.linalg as sla
 
-    n, k = ids.shape
-    graph = sp.csr_matrix(
-        (np.ones(n * k), (np.repeat(np.arange(n), k), ids.ravel())),
-        shape=(n, n),
-    )
-    graph = ((graph + graph.T) > 0).astype(np.float64)
+    n = len(ids)
+    graph = knn_graph(ids)
     degree = np.asarray(graph.sum(axis=1)).ravel()
     inverse_root = sp.diags(1.0 / np.sqrt(degree))
     normalised = inverse_root @ graph @ inverse_root
@@ -329,6 +422,7 @@ def build_structured_similarity(
     similarity_positive_share=0.5,
     similarity_negative_share=0.25,
     similarity_grading=0.0,
+    similarity_cluster_span=1.0,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -337,8 +431,12 @@ def build_structured_similarity(
         features: float [N, D] train features (cosine distances only).
         similarity: "knn", "manifold" or "cluster".
         similarity_knn: k of the kNN graph (knn, manifold), 1 <= k < N.
-        similarity_clusters: clusters per k-means run, 2 <= C <= N.
+        similarity_clusters: clusters per k-means run, 2 <= C <= N
+            (cluster, manifold); 0 = read the count from the kNN graph
+            (`graph_cluster_count`), so no class count is needed.
         similarity_runs: k-means runs with different seeds, >= 1.
+        similarity_cluster_span: s >= 1: the runs' cluster counts spread
+            geometrically over [C, s C] (`ensemble_counts`); 1 = all C.
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (knn, manifold), in (0, 1).
         similarity_cluster_size: smallest mean cluster size of the
@@ -361,12 +459,17 @@ def build_structured_similarity(
         features, similarity, similarity_knn, similarity_clusters,
         similarity_runs, similarity_dissimilar_quantile,
     )
+    if not similarity_cluster_span >= 1.0:
+        raise ValueError(
+            "similarity_cluster_span must be >= 1; received "
+            f"similarity_cluster_span={similarity_cluster_span!r}")
     structure = _build_structure(
         features_lib.unit_rows(features), similarity, similarity_knn,
         similarity_clusters, similarity_runs,
         similarity_dissimilar_quantile, seed, similarity_cluster_size,
         (float(similarity_positive_share), float(similarity_negative_share),
          float(similarity_grading)),
+        float(similarity_cluster_span),
     )
     fractions = estimate_fractions(structure, seed)
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
@@ -400,16 +503,18 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
     features = features_lib.check_features(
         features, min_rows=2, nonzero_rows=True)
     n = len(features)
-    if similarity in ("knn", "manifold", "multiscale") and not 1 <= knn < n:
+    if (similarity in ("knn", "manifold", "multiscale")
+            or clusters == AUTO_CLUSTERS) and not 1 <= knn < n:
         raise ValueError(
             f"similarity_knn must be in [1, N) = [1, {n}) for {n} train "
             f"items; received similarity_knn={knn}"
         )
     if similarity in ("cluster", "manifold"):
-        if not 2 <= clusters <= n:
+        if clusters != AUTO_CLUSTERS and not 2 <= clusters <= n:
             raise ValueError(
-                f"similarity_clusters must be in [2, N] = [2, {n}]; "
-                f"received similarity_clusters={clusters}"
+                f"similarity_clusters must be 0 (read from the kNN graph) or"
+                f" in [2, N] = [2, {n}]; received similarity_clusters="
+                f"{clusters}"
             )
         if runs < 1:
             raise ValueError(
@@ -425,7 +530,7 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
 
 
 def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
-                     cluster_size, shares):
+                     cluster_size, shares, span):
     """The StructuredSimilarity of a mode, without fractions."""
     if similarity == "knn":
         ids, _ = nearest_neighbours(unit, knn)
@@ -443,13 +548,40 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
             assignments=multiscale_assignments(ids, scales, runs, seed),
             shares=shares,
         )
-    space = unit
-    if similarity == "manifold":
-        ids, _ = nearest_neighbours(unit, knn)
-        space = spectral_embedding(ids, clusters, seed)
+    ids = nearest_neighbours(unit, knn)[0] if (
+        similarity == "manifold" or clusters == AUTO_CLUSTERS) else None
+    if clusters != AUTO_CLUSTERS and span == 1.0:
+        # A fixed count: every run clusters the same space.
+        space = (spectral_embedding(ids, clusters, seed)
+                 if similarity == "manifold" else unit)
+        return StructuredSimilarity(
+            mode=similarity,
+            assignments=cluster_assignments(space, clusters, runs, seed),
+            cluster_counts=(int(clusters),) * runs,
+        )
+    scores, vectors = {}, None
+    if clusters == AUTO_CLUSTERS:
+        clusters, scores, vectors = graph_cluster_count(
+            ids, max(2, min(MAX_EMBEDDING, len(unit) // cluster_size)), seed)
+        logging.info("cluster count read from the kNN graph: %d "
+                     "(modularity %.4f)", clusters, scores[clusters])
+    counts = [min(c, len(unit)) for c in ensemble_counts(clusters, span, runs)]
+    if similarity == "manifold" and (
+            vectors is None or vectors.shape[1] < min(max(counts),
+                                                      MAX_EMBEDDING)):
+        vectors = spectral_embedding(
+            ids, min(max(counts), MAX_EMBEDDING), seed, ordered=True)
+    columns = []
+    for run, count in enumerate(counts):
+        space = (features_lib.unit_rows(vectors[:, :max(2, count)])
+                 if similarity == "manifold" else unit)
+        columns.append(cluster_assignments(
+            space, count, 1, int(seed) * 1000 + run))
     return StructuredSimilarity(
         mode=similarity,
-        assignments=cluster_assignments(space, clusters, runs, seed),
+        assignments=np.concatenate(columns, axis=1),
+        cluster_counts=tuple(counts),
+        count_modularity=scores,
     )
 
 
