@@ -2,9 +2,10 @@
 
     python benchmarks/similarity_build.py --data_dir=../shared/data
 
-Builds `knn`, `cluster`, `manifold` and `multiscale` S (product-recipe
-parameters; multiscale: the ladder 2 ... 1024 clusters that N = 50,000 and
-`similarity_cluster_size` = 40 give, 3 runs each) on the
+Builds `knn`, `cluster`, `manifold` (C = 10), `manifold_auto` (the product
+recipe: no class count, the count read from the kNN graph, runs over
+[C, 1.5 C]) and `multiscale` S (the ladder 2 ... 1024 clusters that
+N = 50,000 and `similarity_cluster_size` = 40 give, 3 runs each) on the
 features of CIFAR-10's whole train part (50,000 images, the cached
 EfficientNet-Lite0 features at 160 px), each in a fresh subprocess so its
 peak resident memory is its own. Target (issue 10): <= 5 minutes and <= 2 GB
@@ -22,12 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = ("knn", "cluster", "manifold", "multiscale")
+MODES = ("knn", "cluster", "manifold", "manifold_auto", "multiscale")
 PARAMS = dict(similarity_knn=20, similarity_clusters=10, similarity_runs=10,
               similarity_dissimilar_quantile=0.3)
+# The product recipe's manifold S: the count read from the kNN graph
+# (modularity over 2 ... 64 candidate counts), runs spread over [C, 1.5 C].
+MODE_PARAMS_AUTO = dict(similarity_clusters=0, similarity_cluster_span=1.5)
 # The product recipe's multiscale S: no cluster count, 3 runs per scale.
 MODE_PARAMS = {"multiscale": dict(similarity_runs=3,
-                                  similarity_cluster_size=40)}
+                                  similarity_cluster_size=40),
+               "manifold_auto": MODE_PARAMS_AUTO}
 
 
 def _train_part_features(data_dir):
@@ -61,7 +66,7 @@ def _child(mode, path):
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
     structure = structured.build_structured_similarity(
-        features, similarity=mode, seed=0,
+        features, similarity=mode.replace("_auto", ""), seed=0,
         **{**PARAMS, **MODE_PARAMS.get(mode, {})})
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -70,6 +75,7 @@ def _child(mode, path):
         "peak_rss_mb": peak / 1024, "rss_before_build_mb": base_rss / 1024,
         "stored_mb": structure.nbytes / 1e6,
         "fractions": structure.fractions,
+        "summary": structure.summary(),
         "commit": bench_env.git_sha(),
     }))
 

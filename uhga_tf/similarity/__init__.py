@@ -44,29 +44,20 @@ def build(config, features, seed):
     """
     if config.similarity in STRUCTURED_MODES:
         return structured.build_structured_similarity(
-            features,
-            similarity=config.similarity,
-            similarity_knn=config.similarity_knn,
-            similarity_clusters=config.similarity_clusters,
-            similarity_runs=config.similarity_runs,
-            similarity_dissimilar_quantile=(
-                config.similarity_dissimilar_quantile),
-            similarity_cluster_size=config.similarity_cluster_size,
-            similarity_positive_share=config.similarity_positive_share,
-            similarity_negative_share=config.similarity_negative_share,
-            similarity_grading=config.similarity_grading,
-            similarity_cluster_span=config.similarity_cluster_span,
-            seed=seed,
-        )
+            features, seed=seed,
+            **_options(config, structured.build_structured_similarity))
     return dense.build_similarity_matrix(
-        features,
-        similarity=config.similarity,
-        similarity_lambda=config.similarity_lambda,
-        ssdh_alpha=config.ssdh_alpha,
-        ssdh_beta=config.ssdh_beta,
-        similarity_threshold=config.similarity_threshold,
-        dissimilarity_threshold=config.dissimilarity_threshold,
-    )
+        features, **_options(config, dense.build_similarity_matrix))
+
+
+def _options(config, builder):
+    """The config fields that `builder` takes, by name (one mapping, so a
+    new field reaches its builder without being listed twice)."""
+    import inspect
+
+    names = inspect.signature(builder).parameters
+    return {name: getattr(config, name) for name in names
+            if name != "seed" and hasattr(config, name)}
 
 
 def as_similarity(similarity):
