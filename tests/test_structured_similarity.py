@@ -261,3 +261,14 @@ def test_a_fixed_count_with_span_one_keeps_its_old_structure():
     np.testing.assert_array_equal(structure.assignments, expected)
     with pytest.raises(ValueError, match="similarity_cluster_span"):
         _build("manifold", x, similarity_cluster_span=0.5)
+
+
+def test_a_large_train_set_reads_its_count_from_a_row_sample(monkeypatch):
+    x, labels = _blobs(n_per=60, clusters=6)
+    monkeypatch.setattr(ss, "COUNT_SAMPLE", 200)
+    structure = _build("manifold", x, similarity_clusters=0,
+                       similarity_cluster_size=10)
+    assert structure.summary()["cluster_counts"] == [6, 6, 6]
+    s = _dense(structure)
+    same = labels[:, None] == labels[None, :]
+    assert same[s == 1].mean() >= 0.95

@@ -58,6 +58,8 @@ from uhga_tf.similarity import features as features_lib
 STRUCTURED_MODES = ("knn", "cluster", "manifold", "multiscale")
 # similarity_clusters = 0: read the count from the kNN graph (modularity).
 AUTO_CLUSTERS = 0
+# Rows of the kNN graph the count is read from (a seeded sample beyond).
+COUNT_SAMPLE = 10000
 # Modes whose S entries are graded in [-1, 1] (float32), not {-1, 0, +1}.
 GRADED_MODES = ("multiscale",)
 RADIUS_SAMPLE = 4096
@@ -561,8 +563,8 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
         )
     scores, vectors = {}, None
     if clusters == AUTO_CLUSTERS:
-        clusters, scores, vectors = graph_cluster_count(
-            ids, max(2, min(MAX_EMBEDDING, len(unit) // cluster_size)), seed)
+        clusters, scores, vectors = _count_from_graph(
+            unit, ids, knn, cluster_size, seed)
         logging.info("cluster count read from the kNN graph: %d "
                      "(modularity %.4f)", clusters, scores[clusters])
     counts = [min(c, len(unit)) for c in ensemble_counts(clusters, span, runs)]
@@ -583,6 +585,24 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
         cluster_counts=tuple(counts),
         count_modularity=scores,
     )
+
+
+def _count_from_graph(unit, ids, knn, cluster_size, seed):
+    """`graph_cluster_count` on the train graph, or on a sample of it.
+
+    Past COUNT_SAMPLE rows the count is read from the kNN graph of a seeded
+    row sample (a count of kinds, not of rows, needs no more), so that 64
+    eigenvectors and ~70 k-means runs never touch all N rows; the embedding
+    is then recomputed on all rows for the clusters actually used.
+    """
+    max_count = max(2, min(MAX_EMBEDDING, len(unit) // cluster_size))
+    if len(unit) <= COUNT_SAMPLE:
+        return graph_cluster_count(ids, max_count, seed)
+    rows = np.sort(np.random.default_rng(seed).choice(
+        len(unit), COUNT_SAMPLE, replace=False))
+    sample_ids, _ = nearest_neighbours(unit[rows], knn)
+    count, scores, _ = graph_cluster_count(sample_ids, max_count, seed)
+    return count, scores, None
 
 
 def estimate_fractions(structure, seed):
