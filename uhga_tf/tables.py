@@ -19,6 +19,14 @@ from absl import logging
 from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
 from uhga_tf import io_utils
+# Re-exported: the table cells and benchmarks/quality.py name the code
+# references through this module.
+from uhga_tf.baselines.references import ITQ_VARIANTS  # noqa: F401
+from uhga_tf.baselines.references import REFERENCES
+from uhga_tf.baselines.references import SHALLOW_METHODS  # noqa: F401
+from uhga_tf.baselines.references import STRUCTURAL_REFERENCES  # noqa: F401
+from uhga_tf.baselines.references import Reference  # noqa: F401
+from uhga_tf.baselines.references import shallow_codes
 
 CODE_LENGTHS = (16, 32, 64, 128)
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -36,37 +44,6 @@ DEEP_METHODS = {
     "Ours+GA (product)": {"loss": "ga_logistic", "attention": True,
                           **config_lib.PRODUCT_RECIPE},
 }
-SHALLOW_METHODS = {"LSH": "lsh", "SH": "sh", "SpH": "sph", "ITQ": "itq",
-                   "DSH": "dsh", "PCAH": "pcah"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """A code reference: a registered hasher, its options, what it fits on.
-
-    ``fit_set`` "database" fits on the whole unlabelled database, as a user
-    with the collection in hand can (the query set is never seen).
-    """
-
-    hasher: str
-    options: tuple = ()
-    fit_set: str = "train"
-
-
-# The strongest cheap code references (protocol.md §6.6): ITQ in three
-# preparations and two that use the product's kNN graph and clusters
-# without learning (baselines/structural.py). "ITQ (best)" is the ITQ
-# variant with the best validation MAP, chosen in benchmarks/quality.py.
-REFERENCES = {
-    **{name: Reference(key) for name, key in SHALLOW_METHODS.items()},
-    "ITQ (unit)": Reference("itq", (("unit_rows", True),)),
-    "ITQ (unit, database)": Reference(
-        "itq", (("unit_rows", True),), "database"),
-    "Spectral+ITQ": Reference("spectral_itq"),
-    "k-means+LS": Reference("kmeans_ls"),
-}
-ITQ_VARIANTS = ("ITQ", "ITQ (unit)", "ITQ (unit, database)")
-STRUCTURAL_REFERENCES = ("Spectral+ITQ", "k-means+LS")
 TABLE_METHODS = {
     2: ("SSDH", "SSDH+GA", "Ours", "Ours+GA"),
     3: ("LSH", "PCAH", "SH", "SpH", "ITQ", "DSH", "SSDH", "SSDH+GA", "Ours",
@@ -107,18 +84,6 @@ def paper_value(table, method, code_length, dataset):
     else:
         row = PAPER_CIFAR10.get(method)
     return None if row is None else row[column]
-
-
-def shallow_codes(method, code_length, sets, seed,
-                  encode=("query", "database")):
-    """Fit a reference as `REFERENCES` says; codes of the `encode` sets."""
-    from uhga_tf.baselines import base
-
-    reference = REFERENCES[method]
-    hasher = base.get_hasher(
-        reference.hasher, code_length, **dict(reference.options))
-    hasher.fit(sets.features[reference.fit_set], seed=seed)
-    return tuple(hasher.encode(sets.features[name]) for name in encode)
 
 
 def workdir_codes(workdir, sets):
