@@ -122,18 +122,18 @@ def saved_model_codes(model_dir, sets):
     """Codes from an exported SavedModel's `encode_features` signature."""
     import tensorflow as tf
 
-    from uhga_tf import saved_model
+    from uhga_tf.saved_model import wire_names
 
     signature = tf.saved_model.load(model_dir).signatures[
-        saved_model.SIGNATURE_FEATURES
+        wire_names.SIGNATURE_FEATURES
     ]
     out = []
     for name in ("query", "database"):
         features = sets.features[name]
         parts = [
             signature(
-                **{saved_model.INPUT_FEATURES: tf.constant(features[i:i + 4096])}
-            )[saved_model.OUTPUT_CODES]
+                **{wire_names.INPUT_FEATURES: tf.constant(features[i:i + 4096])}
+            )[wire_names.OUTPUT_CODES]
             for i in range(0, len(features), 4096)
         ]
         out.append(np.concatenate([p.numpy() for p in parts]))
@@ -270,7 +270,7 @@ def cell_provenance(base_experiment, sets):
     """
     import hashlib
 
-    from uhga_tf import saved_model
+    from uhga_tf import provenance
     from uhga_tf.evaluation import metrics
 
     inputs = {
@@ -283,9 +283,8 @@ def cell_provenance(base_experiment, sets):
     return {
         "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],
         "data": sets.description,
-        "commit": saved_model.git_sha(),
+        "commit": provenance.git_sha(),
     }
-
 
 
 def summarise(table, cells, results, dataset):

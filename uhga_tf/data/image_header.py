@@ -10,6 +10,9 @@ import struct
 
 # 4096 x 4096: ~50 MB of decoded RGB per image.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# 64 Mi pixels per request (~200 MB decoded RGB): the server's default, and
+# what an export's warm-up images must fit.
+DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
 
 # Leading bytes of the formats tf.io.decode_image reads.
 _MAGIC = (

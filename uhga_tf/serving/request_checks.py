@@ -16,9 +16,8 @@ import numpy as np
 
 from uhga_tf.data import image_header
 
-# 4096 x 4096 per image, 64 Mi pixels per request (~200 MB decoded RGB).
 DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_IMAGE_PIXELS
-DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST_PIXELS = image_header.DEFAULT_MAX_REQUEST_PIXELS
 
 
 class RequestError(Exception):

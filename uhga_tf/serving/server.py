@@ -51,7 +51,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import io_utils
-from uhga_tf import saved_model as saved_model_lib
+from uhga_tf.saved_model import wire_names
 from uhga_tf.serving import prometheus
 from uhga_tf.serving.batcher import Batcher
 from uhga_tf.serving.model_manager import ModelManager
@@ -59,7 +59,7 @@ from uhga_tf.serving import request_checks
 
 RequestError = request_checks.RequestError
 
-DEFAULT_SIGNATURE = saved_model_lib.SIGNATURE_IMAGE_BYTES
+DEFAULT_SIGNATURE = wire_names.SIGNATURE_IMAGE_BYTES
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -85,7 +85,7 @@ class ServerConfig:
     """
 
     model_base_path: str
-    model_name: str = saved_model_lib.DEFAULT_MODEL_NAME
+    model_name: str = wire_names.DEFAULT_MODEL_NAME
     host: str = "127.0.0.1"
     port: int = 8500
     poll_interval_s: float = 2.0
