@@ -23,6 +23,8 @@ _MAGIC = (
     (b"BM", "BMP"),
 )
 FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+# File name extensions of FORMATS (lower case), for finding images on disk.
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 # JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
         0xCE, 0xCF}

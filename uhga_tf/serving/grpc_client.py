@@ -22,10 +22,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import codes as codes_lib
 from uhga_tf.saved_model import wire_names
-
-OUTPUT_KEYS = wire_names.OUTPUT_KEYS
-DEFAULT_MODEL_NAME = wire_names.DEFAULT_MODEL_NAME
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from uhga_tf.serving.request_checks import MAX_MESSAGE_BYTES
 
 _channels = {}
 _channels_lock = threading.Lock()
@@ -74,10 +71,10 @@ def _for_model(request, model_name, version):
 
 def make_predict_request(
     inputs,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
     version=None,
-    output_filter=OUTPUT_KEYS,
+    output_filter=wire_names.OUTPUT_KEYS,
 ):
     """Build a PredictRequest from {input_name: np.ndarray}."""
     request = _for_model(predict_pb2.PredictRequest(), model_name, version)
@@ -91,12 +88,12 @@ def make_predict_request(
 def predict(
     server,
     inputs,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
     timeout=10.0,
     channel=None,
     version=None,
-    output_filter=OUTPUT_KEYS,
+    output_filter=wire_names.OUTPUT_KEYS,
 ):
     """Send one Predict call; return {output_name: np.ndarray}.
 
@@ -142,7 +139,7 @@ def _codes_from(outputs):
 def encode_images(
     server,
     image_bytes_list,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
     timeout=10.0,
     channel=None,
@@ -177,7 +174,7 @@ def encode_images(
 def encode_uint8_images(
     server,
     images,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     signature_name=wire_names.SIGNATURE_IMAGES,
     timeout=10.0,
     channel=None,
@@ -206,7 +203,7 @@ def encode_uint8_images(
 def encode_features(
     server,
     features,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     signature_name=wire_names.SIGNATURE_FEATURES,
     timeout=10.0,
     channel=None,
@@ -225,7 +222,7 @@ def encode_features(
 
 def get_model_metadata(
     server,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     timeout=10.0,
     channel=None,
     version=None,
@@ -269,7 +266,7 @@ def get_model_metadata(
 
 def get_model_status(
     server,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     timeout=10.0,
     channel=None,
     version=None,

@@ -60,7 +60,6 @@ from uhga_tf.serving import request_checks
 RequestError = request_checks.RequestError
 
 DEFAULT_SIGNATURE = wire_names.SIGNATURE_IMAGE_BYTES
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +195,10 @@ class ModelServer:
             self._batcher = Batcher(
                 self.config.max_batch_size, self.config.batch_timeout_ms
             )
+        limit = request_checks.MAX_MESSAGE_BYTES
         options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
         ]
         # gRPC turns SO_REUSEPORT on by default, which lets a second server
         # bind a port that is already serving: bind exclusively instead.
