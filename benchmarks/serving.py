@@ -67,6 +67,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import io_utils
+from uhga_tf import provenance
 from uhga_tf import saved_model
 from uhga_tf.serving import grpc_client
 
@@ -705,7 +706,7 @@ def summarise(measured, image_size, wall):
         ),
         "config": run_config(image_size),
         "mixed": measured["mixed"],
-        "git_sha": saved_model.git_sha(),
+        "git_sha": provenance.git_sha(),
         "tensorflow_version": tf.__version__,
         "device": f"CPU ({os.cpu_count()} cores, shared), "
         f"{platform.processor() or platform.machine()}",
@@ -851,7 +852,7 @@ def write_attacks_only(runs, image_size, wall):
             result = json.load(f)
     for run in runs.values():
         run["config"].update(backbone=FLAGS.backbone, image_size=image_size)
-        run["git_sha"] = saved_model.git_sha()
+        run["git_sha"] = provenance.git_sha()
     runs["hostile"]["wall_s"] = round(time.perf_counter() - wall, 1)
     result.update(runs)
     write_result(result)
@@ -877,7 +878,7 @@ def write_mixed_only(mixed, image_size, wall):
         with open(FLAGS.out) as f:
             result = json.load(f)
     mixed["config"]["image_size"] = image_size
-    mixed["git_sha"] = saved_model.git_sha()
+    mixed["git_sha"] = provenance.git_sha()
     mixed["wall_s"] = round(time.perf_counter() - wall, 1)
     result["mixed"] = mixed
     write_result(result)

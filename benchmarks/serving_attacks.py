@@ -33,13 +33,15 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
+from uhga_tf.saved_model import wire_names
+
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 )
 import hostile_inputs  # noqa: E402 - the catalogue's hostile bytes
 
 TIMEOUT = 60.0
-MODEL = "uhga"
+MODEL = wire_names.DEFAULT_MODEL_NAME
 
 
 def rest_predict(port, encoded, connection=None):

@@ -42,6 +42,7 @@ from uhga_tf import similarity as similarity_lib
 from uhga_tf.models import attention_net
 from uhga_tf.models import hash_layer
 from uhga_tf.training import hash_optimizer as hash_optimizer_lib
+from uhga_tf.training import losses
 from uhga_tf.training import uhga_model
 from bench_env import cpu_model, git_dirty, git_sha
 
@@ -163,7 +164,7 @@ def attention_path(model, batch, matrix, repeats, matmul, flops):
     codes = tf.tanh(z)
     u, v = codes[:B], codes[B:]
     block = tf.gather(tf.gather(matrix, i1), i2, axis=1)
-    _, g = uhga_model.pair_loss_and_grad(u, v, block, positive_weight=10.0)
+    _, g = losses.pair_loss_and_grad(u, v, block, positive_weight=10.0)
     xi = tf.random.normal(u.shape, seed=3) * 1e-3
     net = model.attention_net
     variables = [w.value for w in net.trainable_variables]  # as the step

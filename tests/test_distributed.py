@@ -9,7 +9,8 @@ from uhga_tf import config
 from uhga_tf.models import attention_net
 from uhga_tf.models.hash_layer import HashLayer
 from uhga_tf.training.hash_optimizer import HashOptimizer
-from uhga_tf.training.uhga_model import UHGAModel, pair_loss_and_grad
+from uhga_tf.training.losses import pair_loss_and_grad
+from uhga_tf.training.uhga_model import UHGAModel
 
 N, D, K, B = 32, 6, 4, 4  # B per branch per replica
 

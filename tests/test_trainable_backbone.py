@@ -260,7 +260,7 @@ def test_dropout_mask_is_shared_by_every_pass_of_a_step():
     def lookahead_loss(non_trainable):
         codes, _ = model._forward(out["new_values"], non_trainable, images,
                                   scale)
-        return float(model._loss(codes, 8, similarity_block))
+        return float(model.hashing_loss.value(codes, 8, similarity_block))
 
     assert lookahead_loss(before) == pytest.approx(
         float(out["lookahead_loss"]), rel=1e-12

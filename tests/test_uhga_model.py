@@ -10,7 +10,8 @@ from uhga_tf import config
 from uhga_tf.models import attention_net
 from uhga_tf.models.hash_layer import HashLayer
 from uhga_tf.training.hash_optimizer import HashOptimizer
-from uhga_tf.training.uhga_model import UHGAModel, pair_loss_and_grad
+from uhga_tf.training.losses import pair_loss_and_grad
+from uhga_tf.training.uhga_model import UHGAModel
 
 N, D, K, B = 24, 6, 4, 4
 
@@ -275,7 +276,7 @@ def test_balance_term_gradient_matches_finite_differences():
     model, features = _model(balance_weight=0.7, quantization_weight=0.3)
     codes = tf.constant(
         np.random.default_rng(4).uniform(-0.9, 0.9, size=(2 * B, K)))
-    _, _, _, _, extra = model._code_gradients(
+    _, _, _, _, extra = model.hashing_loss.value_and_code_gradients(
         codes, B, tf.zeros([B, B], tf.int8))
     eps = 1e-6
     flat = codes.numpy().ravel()
@@ -284,9 +285,10 @@ def test_balance_term_gradient_matches_finite_differences():
         plus, minus = flat.copy(), flat.copy()
         plus[i] += eps
         minus[i] -= eps
+        regularizer = model.hashing_loss.regularizer
         numeric[i] = (
-            model._regularizer(tf.constant(plus.reshape(codes.shape)))
-            - model._regularizer(tf.constant(minus.reshape(codes.shape)))
+            regularizer(tf.constant(plus.reshape(codes.shape)))
+            - regularizer(tf.constant(minus.reshape(codes.shape)))
         ).numpy() / (2 * eps)
     np.testing.assert_allclose(extra.numpy().ravel(), numeric, atol=1e-8)
 

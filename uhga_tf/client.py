@@ -24,7 +24,7 @@ from uhga_tf.serving import grpc_client
 FLAGS = flags.FLAGS
 flags.DEFINE_string("server", "localhost:8500", "gRPC address host:port.")
 flags.DEFINE_string(
-    "model_name", grpc_client.DEFAULT_MODEL_NAME, "Model name on the server."
+    "model_name", saved_model.DEFAULT_MODEL_NAME, "Model name on the server."
 )
 flags.DEFINE_string(
     "signature_name",

@@ -20,13 +20,16 @@ from absl import flags
 
 from uhga_tf import cli_errors
 from uhga_tf import retrieval
+from uhga_tf.saved_model import wire_names
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.")
 flags.DEFINE_string("model", None, "SavedModel directory for the queries.")
 flags.DEFINE_string("server", None,
                     "HOST:PORT of a gRPC server encoding the queries.")
-flags.DEFINE_string("model_name", "uhga", "Model name on --server.")
+flags.DEFINE_string(
+    "model_name", wire_names.DEFAULT_MODEL_NAME, "Model name on --server."
+)
 flags.DEFINE_integer("top_k", 10, "Results per query.", lower_bound=1)
 flags.DEFINE_string("out", None, "PNG result grid path (optional).")
 flags.DEFINE_integer("tile_size", 128, "Grid tile size in pixels.",

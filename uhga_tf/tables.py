@@ -19,6 +19,14 @@ from absl import logging
 from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
 from uhga_tf import io_utils
+# Re-exported: the table cells and benchmarks/quality.py name the code
+# references through this module.
+from uhga_tf.baselines.references import ITQ_VARIANTS  # noqa: F401
+from uhga_tf.baselines.references import REFERENCES
+from uhga_tf.baselines.references import SHALLOW_METHODS  # noqa: F401
+from uhga_tf.baselines.references import STRUCTURAL_REFERENCES  # noqa: F401
+from uhga_tf.baselines.references import Reference  # noqa: F401
+from uhga_tf.baselines.references import shallow_codes
 
 CODE_LENGTHS = (16, 32, 64, 128)
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -36,37 +44,6 @@ DEEP_METHODS = {
     "Ours+GA (product)": {"loss": "ga_logistic", "attention": True,
                           **config_lib.PRODUCT_RECIPE},
 }
-SHALLOW_METHODS = {"LSH": "lsh", "SH": "sh", "SpH": "sph", "ITQ": "itq",
-                   "DSH": "dsh", "PCAH": "pcah"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """A code reference: a registered hasher, its options, what it fits on.
-
-    ``fit_set`` "database" fits on the whole unlabelled database, as a user
-    with the collection in hand can (the query set is never seen).
-    """
-
-    hasher: str
-    options: tuple = ()
-    fit_set: str = "train"
-
-
-# The strongest cheap code references (protocol.md §6.6): ITQ in three
-# preparations and two that use the product's kNN graph and clusters
-# without learning (baselines/structural.py). "ITQ (best)" is the ITQ
-# variant with the best validation MAP, chosen in benchmarks/quality.py.
-REFERENCES = {
-    **{name: Reference(key) for name, key in SHALLOW_METHODS.items()},
-    "ITQ (unit)": Reference("itq", (("unit_rows", True),)),
-    "ITQ (unit, database)": Reference(
-        "itq", (("unit_rows", True),), "database"),
-    "Spectral+ITQ": Reference("spectral_itq"),
-    "k-means+LS": Reference("kmeans_ls"),
-}
-ITQ_VARIANTS = ("ITQ", "ITQ (unit)", "ITQ (unit, database)")
-STRUCTURAL_REFERENCES = ("Spectral+ITQ", "k-means+LS")
 TABLE_METHODS = {
     2: ("SSDH", "SSDH+GA", "Ours", "Ours+GA"),
     3: ("LSH", "PCAH", "SH", "SpH", "ITQ", "DSH", "SSDH", "SSDH+GA", "Ours",
@@ -109,18 +86,6 @@ def paper_value(table, method, code_length, dataset):
     return None if row is None else row[column]
 
 
-def shallow_codes(method, code_length, sets, seed,
-                  encode=("query", "database")):
-    """Fit a reference as `REFERENCES` says; codes of the `encode` sets."""
-    from uhga_tf.baselines import base
-
-    reference = REFERENCES[method]
-    hasher = base.get_hasher(
-        reference.hasher, code_length, **dict(reference.options))
-    hasher.fit(sets.features[reference.fit_set], seed=seed)
-    return tuple(hasher.encode(sets.features[name]) for name in encode)
-
-
 def workdir_codes(workdir, sets):
     """Codes from a trained UHGA workdir (`hasher.keras`)."""
     import keras
@@ -157,18 +122,18 @@ def saved_model_codes(model_dir, sets):
     """Codes from an exported SavedModel's `encode_features` signature."""
     import tensorflow as tf
 
-    from uhga_tf import saved_model
+    from uhga_tf.saved_model import wire_names
 
     signature = tf.saved_model.load(model_dir).signatures[
-        saved_model.SIGNATURE_FEATURES
+        wire_names.SIGNATURE_FEATURES
     ]
     out = []
     for name in ("query", "database"):
         features = sets.features[name]
         parts = [
             signature(
-                **{saved_model.INPUT_FEATURES: tf.constant(features[i:i + 4096])}
-            )[saved_model.OUTPUT_CODES]
+                **{wire_names.INPUT_FEATURES: tf.constant(features[i:i + 4096])}
+            )[wire_names.OUTPUT_CODES]
             for i in range(0, len(features), 4096)
         ]
         out.append(np.concatenate([p.numpy() for p in parts]))
@@ -305,7 +270,7 @@ def cell_provenance(base_experiment, sets):
     """
     import hashlib
 
-    from uhga_tf import saved_model
+    from uhga_tf import provenance
     from uhga_tf.evaluation import metrics
 
     inputs = {
@@ -318,9 +283,8 @@ def cell_provenance(base_experiment, sets):
     return {
         "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],
         "data": sets.description,
-        "commit": saved_model.git_sha(),
+        "commit": provenance.git_sha(),
     }
-
 
 
 def summarise(table, cells, results, dataset):

@@ -11,8 +11,8 @@ MATLAB references: willard-yuan/hashing-baseline-for-image-retrieval@8228378
 import numpy as np
 
 from uhga_tf import codes as codes_lib
-from uhga_tf.baselines.base import Hasher
-from uhga_tf.baselines.base import register
+from uhga_tf.baselines.hasher import Hasher
+from uhga_tf.baselines.hasher import register
 
 
 def pca_directions(features, num_components):

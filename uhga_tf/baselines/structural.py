@@ -20,8 +20,8 @@ Both fit on train features only (N x N is never formed) and, like every
 import numpy as np
 
 from uhga_tf import codes as codes_lib
-from uhga_tf.baselines.base import Hasher
-from uhga_tf.baselines.base import register
+from uhga_tf.baselines.hasher import Hasher
+from uhga_tf.baselines.hasher import register
 from uhga_tf.baselines.shallow import itq_rotation
 from uhga_tf.baselines.shallow import pca_directions
 from uhga_tf.similarity import features as features_lib

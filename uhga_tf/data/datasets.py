@@ -40,7 +40,7 @@ from uhga_tf.data.fashion_mnist import (
     read_idx,
 )
 from uhga_tf.data.image_dataset import PARTITIONS, ImageDataset
-from uhga_tf.data.image_folder import IMAGE_EXTENSIONS, load_folder
+from uhga_tf.data.image_folder import FOLDER_EXTENSIONS, load_folder
 from uhga_tf.data.nus_wide import NUS_WIDE_NUM_CONCEPTS, load_nus_wide
 
 DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide")
@@ -52,7 +52,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_SYSTEM_DIR",
-    "IMAGE_EXTENSIONS",
+    "FOLDER_EXTENSIONS",
     "ImageDataset",
     "NUS_WIDE_NUM_CONCEPTS",
     "PARTITIONS",

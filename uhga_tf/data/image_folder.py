@@ -3,7 +3,7 @@ source, and the listing and image checks that cifar10 and nus_wide share.
 
 Folder rules:
 
-- Files whose extension is in `IMAGE_EXTENSIONS` are images. Hidden entries
+- Files whose extension is in `FOLDER_EXTENSIONS` are images. Hidden entries
   (names starting with ".", `__MACOSX`) are ignored, and so are regular files
   directly in the root. Any other file inside a class folder (e.g. `notes.txt`)
   or a nested folder is a `ValueError` naming it: a stray file there usually
@@ -28,7 +28,9 @@ from PIL import Image, UnidentifiedImageError
 from uhga_tf.data import image_header
 from uhga_tf.data.image_dataset import PARTITIONS, ImageDataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# The decoder's extensions less GIF: the folder loader verifies stills only
+# (`_PIL_FORMATS`), so a .gif would be listed and then refused.
+FOLDER_EXTENSIONS = tuple(e for e in image_header.EXTENSIONS if e != ".gif")
 
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "MPO")
 
@@ -197,10 +199,10 @@ def _files_by_class(tree, parts):
                     else "<part>/<class>/<image>"
                 )
             )
-        if not rel.lower().endswith(IMAGE_EXTENSIONS):
+        if not rel.lower().endswith(FOLDER_EXTENSIONS):
             raise ValueError(
                 f"non-image file {tree.location(rel)}: class folders may "
-                f"only hold images with extensions {IMAGE_EXTENSIONS}"
+                f"only hold images with extensions {FOLDER_EXTENSIONS}"
             )
         files_by_class[part][pieces[-2]].append(pieces[-1])
     return files_by_class

@@ -10,6 +10,9 @@ import struct
 
 # 4096 x 4096: ~50 MB of decoded RGB per image.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# 64 Mi pixels per request (~200 MB decoded RGB): the server's default, and
+# what an export's warm-up images must fit.
+DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
 
 # Leading bytes of the formats tf.io.decode_image reads.
 _MAGIC = (
@@ -20,6 +23,8 @@ _MAGIC = (
     (b"BM", "BMP"),
 )
 FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+# File name extensions of FORMATS (lower case), for finding images on disk.
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 # JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
         0xCE, 0xCF}

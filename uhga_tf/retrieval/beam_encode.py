@@ -127,7 +127,7 @@ def list_collection(images):
     (result,) = FileSystems.match([images])
     sources = sorted(
         m.path for m in result.metadata_list
-        if m.path.lower().endswith(pipeline.IMAGE_EXTENSIONS)
+        if m.path.lower().endswith(image_header.EXTENSIONS)
     )
     if not sources:
         raise ValueError(f"no images match {images!r}")

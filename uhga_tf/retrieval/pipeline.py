@@ -21,9 +21,11 @@ from uhga_tf import io_utils
 from uhga_tf.data import image_header
 from uhga_tf.retrieval import result_grid
 from uhga_tf.retrieval.hamming_index import HammingIndex
+from uhga_tf.saved_model import wire_names
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-METADATA_FILE = os.path.join("assets.extra", "uhga_tf.json")
+METADATA_FILE = os.path.join(
+    wire_names.ASSETS_EXTRA, wire_names.METADATA_FILENAME
+)
 
 
 def read_model_metadata(model_dir):
@@ -46,15 +48,13 @@ class SavedModelEncoder:
     def __init__(self, model_dir):
         import tensorflow as tf
 
-        from uhga_tf import saved_model as saved_model_lib
-
         self.model_dir = os.path.abspath(os.fspath(model_dir))
         if not os.path.isfile(os.path.join(self.model_dir, "saved_model.pb")):
             raise FileNotFoundError(f"no SavedModel at {self.model_dir}")
         loaded = tf.saved_model.load(self.model_dir)
         wanted = {
-            saved_model_lib.SIGNATURE_IMAGE_BYTES,
-            saved_model_lib.SIGNATURE_IMAGES,
+            wire_names.SIGNATURE_IMAGE_BYTES,
+            wire_names.SIGNATURE_IMAGES,
         }
         missing = wanted - set(loaded.signatures)
         if missing:
@@ -64,10 +64,10 @@ class SavedModelEncoder:
             )
         self._loaded = loaded  # keeps the signatures' variables alive
         self._serving_default = loaded.signatures[
-            saved_model_lib.SIGNATURE_IMAGE_BYTES
+            wire_names.SIGNATURE_IMAGE_BYTES
         ]
         self._encode_images = loaded.signatures[
-            saved_model_lib.SIGNATURE_IMAGES
+            wire_names.SIGNATURE_IMAGES
         ]
         self.metadata = read_model_metadata(self.model_dir)
         self.code_length = self.metadata.get("code_length")
@@ -80,11 +80,9 @@ class SavedModelEncoder:
         """
         import tensorflow as tf
 
-        from uhga_tf import saved_model as saved_model_lib
-
         batch = tf.constant(list(image_bytes), dtype=tf.string)
         outputs = self._serving_default(
-            **{saved_model_lib.INPUT_IMAGE_BYTES: batch}
+            **{wire_names.INPUT_IMAGE_BYTES: batch}
         )
         return self._check(outputs)
 
@@ -92,17 +90,13 @@ class SavedModelEncoder:
         """Encode uint8 images [n, H, W, 3]."""
         import tensorflow as tf
 
-        from uhga_tf import saved_model as saved_model_lib
-
         batch = tf.constant(np.asarray(images, dtype=np.uint8))
-        outputs = self._encode_images(**{saved_model_lib.INPUT_IMAGES: batch})
+        outputs = self._encode_images(**{wire_names.INPUT_IMAGES: batch})
         return self._check(outputs)
 
     def _check(self, outputs):
-        from uhga_tf import saved_model as saved_model_lib
-
-        codes = outputs[saved_model_lib.OUTPUT_CODES].numpy()
-        packed_codes = outputs[saved_model_lib.OUTPUT_PACKED_CODES].numpy()
+        codes = outputs[wire_names.OUTPUT_CODES].numpy()
+        packed_codes = outputs[wire_names.OUTPUT_PACKED_CODES].numpy()
         if self.code_length is None:
             self.code_length = codes.shape[1]
         if codes.shape[1] != self.code_length:
@@ -135,11 +129,11 @@ def find_images(images_dir):
         paths.extend(
             os.path.join(root, name)
             for name in sorted(files)
-            if name.lower().endswith(IMAGE_EXTENSIONS)
+            if name.lower().endswith(image_header.EXTENSIONS)
         )
     if not paths:
         raise ValueError(
-            f"no {'/'.join(IMAGE_EXTENSIONS)} images under {images_dir}"
+            f"no {'/'.join(image_header.EXTENSIONS)} images under {images_dir}"
         )
     parents = [os.path.dirname(p) for p in paths]
     if all(os.path.dirname(p) == images_dir for p in parents):
@@ -283,7 +277,7 @@ def search_images(
     top_k=10,
     model_dir=None,
     server=None,
-    model_name="uhga",
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     query_label=None,
     max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
 ):
@@ -311,7 +305,6 @@ def search_images(
     image_bytes = [_read_query(p, max_image_pixels) for p in query_paths]
     if server is not None:
         try:
-            from uhga_tf import saved_model as saved_model_lib
             from uhga_tf.serving import grpc_client
         except ImportError as e:
             raise ValueError(
@@ -321,7 +314,7 @@ def search_images(
             server,
             image_bytes,
             model_name=model_name,
-            signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
+            signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
             timeout=10.0,
         )
         packed_codes = np.asarray(packed_codes, dtype=np.uint8)

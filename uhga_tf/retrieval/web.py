@@ -34,10 +34,10 @@ from PIL import Image, UnidentifiedImageError
 from uhga_tf.data import image_header
 from uhga_tf.retrieval import live_index
 from uhga_tf.retrieval import pipeline
+from uhga_tf.saved_model import wire_names
 from uhga_tf.serving import http_server
 from uhga_tf.serving import rest
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 THUMBNAIL_SIZE = 256
 MAX_TOP_K = 100
 
@@ -107,7 +107,7 @@ class SearchService:
         index_dir,
         model_dir=None,
         server=None,
-        model_name="uhga",
+        model_name=wire_names.DEFAULT_MODEL_NAME,
         config=None,
     ):
         if (model_dir is None) == (server is None):

@@ -21,11 +21,8 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import codes as codes_lib
-from uhga_tf import saved_model as saved_model_lib
-
-OUTPUT_KEYS = saved_model_lib.OUTPUT_KEYS
-DEFAULT_MODEL_NAME = saved_model_lib.DEFAULT_MODEL_NAME
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from uhga_tf.saved_model import wire_names
+from uhga_tf.serving.request_checks import MAX_MESSAGE_BYTES
 
 _channels = {}
 _channels_lock = threading.Lock()
@@ -74,10 +71,10 @@ def _for_model(request, model_name, version):
 
 def make_predict_request(
     inputs,
-    model_name=DEFAULT_MODEL_NAME,
-    signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
+    signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
     version=None,
-    output_filter=OUTPUT_KEYS,
+    output_filter=wire_names.OUTPUT_KEYS,
 ):
     """Build a PredictRequest from {input_name: np.ndarray}."""
     request = _for_model(predict_pb2.PredictRequest(), model_name, version)
@@ -91,12 +88,12 @@ def make_predict_request(
 def predict(
     server,
     inputs,
-    model_name=DEFAULT_MODEL_NAME,
-    signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
+    signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
     timeout=10.0,
     channel=None,
     version=None,
-    output_filter=OUTPUT_KEYS,
+    output_filter=wire_names.OUTPUT_KEYS,
 ):
     """Send one Predict call; return {output_name: np.ndarray}.
 
@@ -128,8 +125,8 @@ def _encode(server, inputs, model_name, signature_name, timeout, channel):
 
 
 def _codes_from(outputs):
-    codes = outputs[saved_model_lib.OUTPUT_CODES].astype(np.int8, copy=False)
-    packed_codes = outputs[saved_model_lib.OUTPUT_PACKED_CODES].astype(
+    codes = outputs[wire_names.OUTPUT_CODES].astype(np.int8, copy=False)
+    packed_codes = outputs[wire_names.OUTPUT_PACKED_CODES].astype(
         np.uint8, copy=False
     )
     if not np.array_equal(
@@ -142,8 +139,8 @@ def _codes_from(outputs):
 def encode_images(
     server,
     image_bytes_list,
-    model_name=DEFAULT_MODEL_NAME,
-    signature_name=saved_model_lib.SIGNATURE_IMAGE_BYTES,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
+    signature_name=wire_names.SIGNATURE_IMAGE_BYTES,
     timeout=10.0,
     channel=None,
 ):
@@ -166,7 +163,7 @@ def encode_images(
     batch = np.array(image_bytes_list, dtype=object)
     return _encode(
         server,
-        {saved_model_lib.INPUT_IMAGE_BYTES: batch},
+        {wire_names.INPUT_IMAGE_BYTES: batch},
         model_name,
         signature_name,
         timeout,
@@ -177,8 +174,8 @@ def encode_images(
 def encode_uint8_images(
     server,
     images,
-    model_name=DEFAULT_MODEL_NAME,
-    signature_name=saved_model_lib.SIGNATURE_IMAGES,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
+    signature_name=wire_names.SIGNATURE_IMAGES,
     timeout=10.0,
     channel=None,
 ):
@@ -195,7 +192,7 @@ def encode_uint8_images(
         )
     return _encode(
         server,
-        {saved_model_lib.INPUT_IMAGES: images},
+        {wire_names.INPUT_IMAGES: images},
         model_name,
         signature_name,
         timeout,
@@ -206,8 +203,8 @@ def encode_uint8_images(
 def encode_features(
     server,
     features,
-    model_name=DEFAULT_MODEL_NAME,
-    signature_name=saved_model_lib.SIGNATURE_FEATURES,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
+    signature_name=wire_names.SIGNATURE_FEATURES,
     timeout=10.0,
     channel=None,
 ):
@@ -215,7 +212,7 @@ def encode_features(
     features = np.asarray(features, dtype=np.float32)
     return _encode(
         server,
-        {saved_model_lib.INPUT_FEATURES: features},
+        {wire_names.INPUT_FEATURES: features},
         model_name,
         signature_name,
         timeout,
@@ -225,7 +222,7 @@ def encode_features(
 
 def get_model_metadata(
     server,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     timeout=10.0,
     channel=None,
     version=None,
@@ -269,7 +266,7 @@ def get_model_metadata(
 
 def get_model_status(
     server,
-    model_name=DEFAULT_MODEL_NAME,
+    model_name=wire_names.DEFAULT_MODEL_NAME,
     timeout=10.0,
     channel=None,
     version=None,

@@ -17,7 +17,9 @@ import grpc
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from uhga_tf import saved_model as saved_model_lib
+from uhga_tf.saved_model import versions as versions_lib
+from uhga_tf.saved_model import warmup as warmup_lib
+from uhga_tf.saved_model import wire_names
 from uhga_tf.serving.request_checks import RequestError
 
 _INIT_OP_KEY = "__saved_model_init_op"
@@ -69,12 +71,12 @@ class Servable:
         """Return the PredictRequests in assets.extra (empty if none)."""
         path = os.path.join(
             self.path,
-            saved_model_lib.ASSETS_EXTRA,
-            saved_model_lib.WARMUP_FILENAME,
+            wire_names.ASSETS_EXTRA,
+            wire_names.WARMUP_FILENAME,
         )
         if not os.path.exists(path):
             return []
-        return saved_model_lib.read_warmup_requests(path)
+        return warmup_lib.read_warmup_requests(path)
 
 
 class ModelManager:
@@ -116,7 +118,7 @@ class ModelManager:
         Returns:
             The versions loaded by this call.
         """
-        available = saved_model_lib.list_versions(self.base_path)
+        available = versions_lib.list_versions(self.base_path)
         loaded = []
         chosen = 0
         for version in reversed(available):

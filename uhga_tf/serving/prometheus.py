@@ -26,7 +26,7 @@ import threading
 import prometheus_client
 from prometheus_client import core as prometheus_core
 
-from uhga_tf import saved_model as saved_model_lib
+from uhga_tf.saved_model import wire_names
 
 # Seconds; single images take ~ms, 64-image batches on 2 CPUs ~seconds.
 LATENCY_BUCKETS = (
@@ -120,7 +120,7 @@ class ServingMetrics:
                 version = f"label:{model_spec.version_label}"
         signature = model_spec.signature_name
         if method == "Predict" and not signature:
-            signature = saved_model_lib.SIGNATURE_IMAGE_BYTES
+            signature = wire_names.SIGNATURE_IMAGE_BYTES
         key = self._known(model_spec.name, version, signature)
         with self._lock:
             if OTHER in key:

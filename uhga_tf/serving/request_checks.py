@@ -16,9 +16,10 @@ import numpy as np
 
 from uhga_tf.data import image_header
 
-# 4096 x 4096 per image, 64 Mi pixels per request (~200 MB decoded RGB).
 DEFAULT_MAX_IMAGE_PIXELS = image_header.DEFAULT_MAX_IMAGE_PIXELS
-DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST_PIXELS = image_header.DEFAULT_MAX_REQUEST_PIXELS
+# Largest gRPC message the server and our client accept (each side sets it).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class RequestError(Exception):
@@ -54,7 +55,8 @@ class RequestLimits:
                 )
 
 
-def _invalid(message):
+def invalid_argument(message):
+    """A RequestError with gRPC's INVALID_ARGUMENT (HTTP 400 over REST)."""
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
@@ -70,7 +72,7 @@ def check_encoded_image(encoded, where, limits):
             encoded, limits.max_image_pixels, where
         )
     except image_header.ImageRefused as e:
-        raise _invalid(str(e)) from e
+        raise invalid_argument(str(e)) from e
 
 
 def check_declared_shape(name, shape, limits):
@@ -89,7 +91,7 @@ def check_declared_shape(name, shape, limits):
     for size in shape:
         elements *= max(int(size), 0)
     if elements > 3 * limits.max_request_pixels:
-        raise _invalid(
+        raise invalid_argument(
             f"{name} declares shape {list(shape)} ({elements} values), "
             f"over 3 x max_request_pixels={limits.max_request_pixels}"
         )
@@ -98,14 +100,14 @@ def check_declared_shape(name, shape, limits):
 def _check_pixel_shape(name, shape, limits):
     per_image = int(shape[1]) * int(shape[2])
     if per_image > limits.max_image_pixels:
-        raise _invalid(
+        raise invalid_argument(
             f"{name} holds {shape[1]}x{shape[2]} images "
             f"({per_image} pixels), over max_image_pixels="
             f"{limits.max_image_pixels}"
         )
     total = per_image * int(shape[0])
     if total > limits.max_request_pixels:
-        raise _invalid(
+        raise invalid_argument(
             f"{name} holds {total} pixels, over max_request_pixels="
             f"{limits.max_request_pixels}"
         )
@@ -128,7 +130,7 @@ def check_input_array(name, array, limits):
         for i, encoded in enumerate(array.reshape(-1)):
             total += check_encoded_image(encoded, f"{name}[{i}]", limits)
             if total > limits.max_request_pixels:
-                raise _invalid(
+                raise invalid_argument(
                     f"{name} holds over {total} pixels in its first {i + 1} "
                     f"images, over max_request_pixels="
                     f"{limits.max_request_pixels}"
@@ -141,7 +143,7 @@ def check_input_array(name, array, limits):
         finite = np.isfinite(array)
         if not finite.all():
             row = int(np.argwhere(~finite)[0][0])
-            raise _invalid(
+            raise invalid_argument(
                 f"{name}[{row}] holds NaN or infinite values; expected "
                 "finite features"
             )

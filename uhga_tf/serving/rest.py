@@ -40,10 +40,12 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from uhga_tf.serving import http_server
+from uhga_tf.serving import request_checks
+from uhga_tf.serving.request_checks import invalid_argument
 from uhga_tf.serving import server as server_lib
 
 # A JSON body may carry a base64 gRPC-sized message, plus JSON overhead.
-MAX_BODY_BYTES = server_lib.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
+MAX_BODY_BYTES = request_checks.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
 # Tensors have a handful of dimensions; deeper JSON is an attack on the
 # recursive decoders (Python's json and ours), refused before it recurses.
 MAX_JSON_DEPTH = 32
@@ -88,10 +90,6 @@ def http_status(code):
     return _HTTP_STATUS.get(code, 500)
 
 
-def _invalid(message):
-    return server_lib.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 def _too_deep(document):
     """True if `document` nests lists/objects deeper than MAX_JSON_DEPTH.
 
@@ -131,13 +129,13 @@ def _decode_leaves(value, path):
     if _is_b64(value):
         text = value["b64"]
         if not isinstance(text, str):
-            raise _invalid(f"{path}: 'b64' must hold a string")
+            raise invalid_argument(f"{path}: 'b64' must hold a string")
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise _invalid(f"{path}: invalid base64: {e}") from e
+            raise invalid_argument(f"{path}: invalid base64: {e}") from e
     if isinstance(value, dict):
-        raise _invalid(
+        raise invalid_argument(
             f"{path}: objects other than {{\"b64\": ...}} are not tensor "
             f"values; received keys {sorted(value)}"
         )
@@ -161,7 +159,7 @@ def _tensor_proto(value, dtype, name):
     leaves = list(_leaves(value))
     textual = [v for v in leaves if isinstance(v, (bytes, str))]
     if textual and len(textual) != len(leaves):
-        raise _invalid(f"input {name!r} mixes strings and numbers")
+        raise invalid_argument(f"input {name!r} mixes strings and numbers")
     try:
         if textual or (not leaves and dtype == tf.string):
             encoded = _map_leaves(
@@ -172,11 +170,15 @@ def _tensor_proto(value, dtype, name):
             return tf.make_tensor_proto(array, dtype=tf.string)
         array = np.asarray(value)
     except ValueError as e:
-        raise _invalid(f"input {name!r} is not a rectangular array: {e}") from e
+        raise invalid_argument(
+            f"input {name!r} is not a rectangular array: {e}"
+        ) from e
     if array.dtype == object:
-        raise _invalid(f"input {name!r} is not a rectangular numeric array")
+        raise invalid_argument(
+            f"input {name!r} is not a rectangular numeric array"
+        )
     if dtype == tf.string:
-        raise _invalid(
+        raise invalid_argument(
             f"input {name!r} must be strings or {{\"b64\": ...}} values; "
             f"received numbers"
         )
@@ -185,20 +187,20 @@ def _tensor_proto(value, dtype, name):
             if not np.all(np.isfinite(array)) or np.any(
                 array != np.round(array)
             ):
-                raise _invalid(
+                raise invalid_argument(
                     f"input {name!r} must be {dtype.name}; received "
                     "non-integer JSON numbers"
                 )
         if array.size and (
             array.min() < dtype.min or array.max() > dtype.max
         ):
-            raise _invalid(
+            raise invalid_argument(
                 f"input {name!r} must be {dtype.name} in [{dtype.min}, "
                 f"{dtype.max}]; received values in [{array.min()}, "
                 f"{array.max()}]"
             )
     elif dtype == tf.bool and array.size and array.dtype != np.bool_:
-        raise _invalid(f"input {name!r} must be true/false values")
+        raise invalid_argument(f"input {name!r} must be true/false values")
     return tf.make_tensor_proto(array.astype(dtype.as_numpy_dtype))
 
 
@@ -254,7 +256,7 @@ class RestApi:
         if match["version"] is not None:
             version = http_server.parse_int(match["version"], INT64_MAX)
             if version is None:
-                raise _invalid(
+                raise invalid_argument(
                     f"version must be an integer in [0, {INT64_MAX}]; "
                     f"received {match['version']!r}"
                 )
@@ -272,7 +274,7 @@ class RestApi:
             document = self._parse(body)
             signature = document.get("signature_name")
             if signature is not None and not isinstance(signature, str):
-                raise _invalid("signature_name must be a string")
+                raise invalid_argument("signature_name must be a string")
             request.model_spec.signature_name = (
                 signature or server_lib.DEFAULT_SIGNATURE
             )
@@ -280,7 +282,7 @@ class RestApi:
             if not isinstance(output_filter, list) or not all(
                 isinstance(n, str) for n in output_filter
             ):
-                raise _invalid("output_filter must be a list of names")
+                raise invalid_argument("output_filter must be a list of names")
             request.output_filter.extend(output_filter)
             state["row"] = self._fill_inputs(request, document)
 
@@ -316,13 +318,13 @@ class RestApi:
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _invalid(f"JSON Parse error: {e}") from e
+            raise invalid_argument(f"JSON Parse error: {e}") from e
         except RecursionError as e:
-            raise _invalid(too_deep) from e
+            raise invalid_argument(too_deep) from e
         if not isinstance(document, dict):
-            raise _invalid("the request body must be a JSON object")
+            raise invalid_argument("the request body must be a JSON object")
         if _too_deep(document):
-            raise _invalid(too_deep)
+            raise invalid_argument(too_deep)
         return document
 
     def _signature_inputs(self, request):
@@ -351,7 +353,7 @@ class RestApi:
         """Fill request.inputs; return True for the row format."""
         has_rows, has_columns = "instances" in document, "inputs" in document
         if has_rows == has_columns:
-            raise _invalid(
+            raise invalid_argument(
                 "the request body must hold exactly one of 'instances' "
                 "(row format) and 'inputs' (columnar format)"
             )
@@ -359,7 +361,7 @@ class RestApi:
         if has_rows:
             instances = document["instances"]
             if not isinstance(instances, list):
-                raise _invalid("'instances' must be a list")
+                raise invalid_argument("'instances' must be a list")
             named = bool(instances) and all(
                 isinstance(i, dict) and not _is_b64(i) for i in instances
             )
@@ -367,7 +369,7 @@ class RestApi:
                 keys = set(instances[0])
                 for i, instance in enumerate(instances):
                     if set(instance) != keys:
-                        raise _invalid(
+                        raise invalid_argument(
                             f"instances[{i}] has keys {sorted(instance)}; "
                             f"instances[0] has {sorted(keys)}"
                         )
@@ -382,7 +384,7 @@ class RestApi:
                 values = {None: inputs}
         if None in values:
             if expected is not None and len(expected) != 1:
-                raise _invalid(
+                raise invalid_argument(
                     f"signature {request.model_spec.signature_name!r} has "
                     f"inputs {sorted(expected)}; name them"
                 )

@@ -32,6 +32,20 @@ Each failed request logs one warning line; the server keeps serving.
 Versions are kept by `model_manager.ModelManager`, batching is
 `batcher.Batcher`; this module holds the request path shared by gRPC and
 REST (`ModelServer.handle`).
+
+From a request to its codes, three calls from the front-end's handler:
+
+1. `ModelServer.handle`: called by the gRPC handler (`_handler`) and by
+   `rest.RestApi.predict` (which first turns the JSON into the same
+   `PredictRequest`); counts, logs and maps refusals to status codes;
+2. `ModelServer.predict`: picks the version, runs every check
+   (`_checked_input`, `request_checks`) and builds the response;
+3. the SavedModel's signature function (`servable.functions[signature]`,
+   through `Batcher.run` when batching is on).
+
+The codes themselves are computed inside that signature (decode, resize,
+backbone, hash head and the sign rule: `uhga_tf.saved_model.graph`);
+nothing in this package computes or changes a code bit.
 """
 
 import concurrent.futures
@@ -51,7 +65,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import io_utils
-from uhga_tf import saved_model as saved_model_lib
+from uhga_tf.saved_model import wire_names
 from uhga_tf.serving import prometheus
 from uhga_tf.serving.batcher import Batcher
 from uhga_tf.serving.model_manager import ModelManager
@@ -59,8 +73,7 @@ from uhga_tf.serving import request_checks
 
 RequestError = request_checks.RequestError
 
-DEFAULT_SIGNATURE = saved_model_lib.SIGNATURE_IMAGE_BYTES
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_SIGNATURE = wire_names.SIGNATURE_IMAGE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +98,7 @@ class ServerConfig:
     """
 
     model_base_path: str
-    model_name: str = saved_model_lib.DEFAULT_MODEL_NAME
+    model_name: str = wire_names.DEFAULT_MODEL_NAME
     host: str = "127.0.0.1"
     port: int = 8500
     poll_interval_s: float = 2.0
@@ -196,9 +209,10 @@ class ModelServer:
             self._batcher = Batcher(
                 self.config.max_batch_size, self.config.batch_timeout_ms
             )
+        limit = request_checks.MAX_MESSAGE_BYTES
         options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
         ]
         # gRPC turns SO_REUSEPORT on by default, which lets a second server
         # bind a port that is already serving: bind exclusively instead.
@@ -269,8 +283,7 @@ class ModelServer:
     def _warmup(self, servable):
         requests = servable.warmup_requests()
         for request in requests:
-            signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            self._run(servable, signature, request, list(request.output_filter))
+            self.predict(request, servable=servable)
         if requests:
             logging.info(
                 "Warmed up version %d with %d requests",
@@ -280,22 +293,49 @@ class ModelServer:
 
     # Requests ------------------------------------------------------------
 
-    def predict(self, request):
-        """Answer a PredictRequest or raise RequestError."""
-        servable = self.manager.get(request.model_spec, self.config.model_name)
+    def predict(self, request, servable=None):
+        """Answer a PredictRequest or raise RequestError.
+
+        The codes come from the SavedModel's signature function, called
+        here (through the Batcher when batching is on); `servable` is given
+        only by the warm-up, for a version not yet swapped in.
+        """
+        if servable is None:
+            servable = self.manager.get(
+                request.model_spec, self.config.model_name
+            )
         signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        outputs = self._run(
-            servable, signature, request, list(request.output_filter)
+        output_filter = list(request.output_filter)
+        input_name, array = self._checked_input(
+            servable, signature, request, output_filter
         )
+        try:
+            if self._batcher is not None:
+                outputs = self._batcher.run(
+                    servable, signature, input_name, array
+                )
+            else:
+                outputs = servable.functions[signature](
+                    **{input_name: tf.constant(array)}
+                )
+                outputs = {k: v.numpy() for k, v in outputs.items()}
+        except tf.errors.InvalidArgumentError as e:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                self._locate_error(
+                    servable.signature_defs[signature], input_name, array, e
+                ),
+            ) from e
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.config.model_name
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = signature
-        for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        for key in output_filter or list(outputs):
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
         return response
 
-    def _run(self, servable, signature, request, output_filter):
+    def _checked_input(self, servable, signature, request, output_filter):
+        """Check signature, output_filter and inputs; return (name, array)."""
         if signature not in servable.signature_defs:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -313,23 +353,7 @@ class ModelServer:
                 )
         inputs = self._validate_inputs(signature, signature_def, request)
         (input_name, array), = inputs.items()
-        try:
-            if self._batcher is not None:
-                outputs = self._batcher.run(
-                    servable, signature, input_name, array
-                )
-            else:
-                outputs = servable.functions[signature](
-                    **{input_name: tf.constant(array)}
-                )
-                outputs = {k: v.numpy() for k, v in outputs.items()}
-        except tf.errors.InvalidArgumentError as e:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                self._locate_error(signature_def, input_name, array, e),
-            ) from e
-        keep = output_filter or list(outputs)
-        return {key: outputs[key] for key in keep}
+        return input_name, array
 
     def _validate_inputs(self, signature, signature_def, request):
         expected = signature_def.inputs

@@ -115,7 +115,7 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
         u = tf.constant(relaxed_codes[rows[:half]], tf.float32)
         v = tf.constant(relaxed_codes[rows[half:2 * half]], tf.float32)
         block = self._similarity_rows(rows[:half], rows[half:2 * half])
-        _, grad = model.pair_loss_and_grad(u, v, block)
+        _, grad = model.hashing_loss.pair_terms(u, v, block)
         return attention_net.attention_weights(
             u, v, grad, model.attention_net,
             grad_p=float(model.attention_config.attention_grad_p),

@@ -32,7 +32,7 @@ from uhga_tf import codes as codes_lib
 from uhga_tf import config
 from uhga_tf import io_utils
 from uhga_tf import similarity
-from uhga_tf import tables
+from uhga_tf.baselines import references
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import cosine
 from uhga_tf.evaluation import metrics
@@ -655,7 +655,7 @@ def itq_map(experiment, sets):
     ITQ is fitted on the same train features in a second or two; a learned
     code that does not beat it is not worth training.
     """
-    query_codes, database_codes = tables.shallow_codes(
+    query_codes, database_codes = references.shallow_codes(
         "ITQ (unit)", experiment.model.code_length, sets,
         experiment.train.seed
     )

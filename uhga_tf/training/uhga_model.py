@@ -32,6 +32,7 @@ from uhga_tf import similarity as similarity_lib
 from uhga_tf.models import attention_net as attention_lib
 from uhga_tf.models import hash_layer as hash_layer_lib
 from uhga_tf.training import hash_optimizer as hash_optimizer_lib
+from uhga_tf.training import losses
 
 # Logged under a second name for the dashboards and tests that read it.
 _LOG_ALIASES = {"attention_loss": "lookahead_loss"}
@@ -93,43 +94,6 @@ def _all_reduce_sum(values):
     if context is None or context.num_replicas_in_sync == 1:
         return values
     return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-
-def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
-                       sigmoid_param=0.2, positive_weight=10.0):
-    """Pairwise loss (7) or (22) and G = dL/dQ (8).
-
-    Args:
-        u: [B1, K], v: [B2, K] relaxed codes.
-        similarity_block: [B1, B2] S entries in {-1, 0, +1} (any dtype),
-            or graded in [-1, 1] (float): a labeled entry s asks for
-            P(similar) = (1 + s) / 2 in the logistic loss, s itself in (22).
-
-    Returns:
-        (loss scalar, G [B1, B2]); both differentiable in u, v.
-    """
-    s_entries = tf.cast(similarity_block, u.dtype)
-    q = tf.matmul(u, v, transpose_b=True)
-    if loss == "ga_logistic":
-        labeled = tf.cast(tf.not_equal(s_entries, 0.0), u.dtype)
-        target = labeled * (1.0 + s_entries) / 2.0
-        weight = labeled * (1.0 + (positive_weight - 1.0) * target)  # (6)
-        total = tf.reduce_sum(weight)
-        gq = sigmoid_param * q
-        value = tf.math.divide_no_nan(
-            tf.reduce_sum(weight * (tf.nn.softplus(gq) - target * gq)), total
-        )
-        grad = tf.math.divide_no_nan(
-            sigmoid_param * weight * (tf.sigmoid(gq) - target), total
-        )
-        return value, grad
-    code_length = tf.cast(tf.shape(u)[1], u.dtype)
-    pairs = tf.cast(tf.shape(u)[0] * tf.shape(v)[0], u.dtype)
-    residual = q / code_length - s_entries
-    magnitude = tf.abs(s_entries)
-    value = tf.reduce_sum(magnitude * tf.square(residual)) / pairs  # (22)
-    grad = 2.0 * magnitude * residual / (code_length * pairs)
-    return value, grad
 
 
 @keras.saving.register_keras_serializable(package="uhga_tf")
@@ -351,62 +315,15 @@ class UHGAModel(keras.Model):
         return self._similarity.block(
             index_1, index_2, self._similarity_tensors)
 
-    def _split(self, relaxed_codes, size):
-        if self.pairing == "cross":
-            return relaxed_codes[:size], relaxed_codes[size:]
-        return relaxed_codes, relaxed_codes
+    @property
+    def hashing_loss(self):
+        """The step's loss (`losses.HashingLoss`) under this model's config.
 
-    def _regularizer(self, relaxed_codes):
-        """Quantization and bit-balance terms of the relaxed codes.
-
-        quantization: mean((|u| - 1)^2), the relaxed-to-binary gap;
-        balance: mean over bits of (batch mean of u)^2, zero when every bit
-        is +1 on half the batch (a choice beyond the paper,
-        docs/product_recipe.md).
+        Made on each use, so it always carries the current omega.
         """
-        loss = self.loss_config
-        value = tf.zeros([], relaxed_codes.dtype)
-        if loss.quantization_weight > 0:
-            value += float(loss.quantization_weight) * tf.reduce_mean(
-                tf.square(tf.abs(relaxed_codes) - 1.0)
-            )
-        if loss.balance_weight > 0:
-            value += float(loss.balance_weight) * tf.reduce_mean(
-                tf.square(tf.reduce_mean(relaxed_codes, axis=0))
-            )
-        return value
-
-    def _has_regularizer(self):
-        loss = self.loss_config
-        return loss.quantization_weight > 0 or loss.balance_weight > 0
-
-    def pair_loss_and_grad(self, u, v, similarity_block):
-        """`pair_loss_and_grad` under this model's loss config and omega."""
-        loss = self.loss_config
-        return pair_loss_and_grad(
-            u, v, similarity_block, loss.loss, float(loss.sigmoid_param),
-            self.positive_weight,
+        return losses.HashingLoss(
+            self.loss_config, self.positive_weight, self.pairing
         )
-
-    def _loss(self, relaxed_codes, size, similarity_block):
-        """Loss of [2B or B, K] relaxed codes (value only, differentiable)."""
-        u, v = self._split(relaxed_codes, size)
-        value, _ = self.pair_loss_and_grad(u, v, similarity_block)
-        return value + self._regularizer(relaxed_codes)
-
-    def _code_gradients(self, relaxed_codes, size, similarity_block):
-        """(loss, G, u, v, regularizer gradient or None) for the batch."""
-        u, v = self._split(tf.stop_gradient(relaxed_codes), size)
-        value, grad = self.pair_loss_and_grad(u, v, similarity_block)
-        regularizer_grad = None
-        if self._has_regularizer():
-            c = tf.stop_gradient(relaxed_codes)
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(c)
-                regularizer = self._regularizer(c)
-            value += regularizer
-            regularizer_grad = tape.gradient(regularizer, c)
-        return value, grad, u, v, regularizer_grad
 
     def _combine(self, grad_u, grad_v):
         if self.pairing == "cross":
@@ -526,8 +443,10 @@ class UHGAModel(keras.Model):
                 inputs.values, inputs.non_trainable, inputs.features,
                 inputs.scale,
             )
-        pair_loss, grad, u, v, regularizer_grad = self._code_gradients(
-            relaxed_codes, inputs.size, inputs.similarity_block
+        pair_loss, grad, u, v, regularizer_grad = (
+            self.hashing_loss.value_and_code_gradients(
+                relaxed_codes, inputs.size, inputs.similarity_block
+            )
         )
         attended = None
         if self.attention:
@@ -578,7 +497,7 @@ class UHGAModel(keras.Model):
                 new_values, inputs.non_trainable, inputs.features,
                 inputs.scale,
             )
-            loss = self._loss(
+            loss = self.hashing_loss.value(
                 relaxed_codes, inputs.size, inputs.similarity_block
             )
             scaled_loss = loss / inputs.replicas

@@ -1,0 +1,55 @@
+"""The cheap code references the tables and training compare against.
+
+A reference is a registered shallow hasher, its options and the set it fits
+on; `shallow_codes` fits one and encodes the retrieval sets. Training
+(`training.run.itq_map`) and the paper tables (`uhga_tf.tables`) both call
+it, so it lives here rather than in either of them.
+"""
+
+import dataclasses
+
+SHALLOW_METHODS = {"LSH": "lsh", "SH": "sh", "SpH": "sph", "ITQ": "itq",
+                   "DSH": "dsh", "PCAH": "pcah"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A code reference: a registered hasher, its options, what it fits on.
+
+    ``fit_set`` "database" fits on the whole unlabelled database, as a user
+    with the collection in hand can (the query set is never seen).
+    """
+
+    hasher: str
+    options: tuple = ()
+    fit_set: str = "train"
+
+
+# The strongest cheap code references (protocol.md §6.6): ITQ in three
+# preparations and two that use the product's kNN graph and clusters
+# without learning (baselines/structural.py). "ITQ (best)" is the ITQ
+# variant with the best validation MAP, chosen in benchmarks/quality.py.
+REFERENCES = {
+    **{name: Reference(key) for name, key in SHALLOW_METHODS.items()},
+    "ITQ (unit)": Reference("itq", (("unit_rows", True),)),
+    "ITQ (unit, database)": Reference(
+        "itq", (("unit_rows", True),), "database"),
+    "Spectral+ITQ": Reference("spectral_itq"),
+    "k-means+LS": Reference("kmeans_ls"),
+}
+ITQ_VARIANTS = ("ITQ", "ITQ (unit)", "ITQ (unit, database)")
+STRUCTURAL_REFERENCES = ("Spectral+ITQ", "k-means+LS")
+
+
+def shallow_codes(method, code_length, sets, seed,
+                  encode=("query", "database")):
+    """Fit a reference as `REFERENCES` says; codes of the `encode` sets."""
+    # Imported here: the registry pulls in structural.py (and TensorFlow
+    # through the similarity modules); the names above must stay light.
+    from uhga_tf.baselines import base
+
+    reference = REFERENCES[method]
+    hasher = base.get_hasher(
+        reference.hasher, code_length, **dict(reference.options))
+    hasher.fit(sets.features[reference.fit_set], seed=seed)
+    return tuple(hasher.encode(sets.features[name]) for name in encode)
