@@ -595,34 +595,34 @@ def test_wrong_dtype_is_invalid_argument(batching_server):
     assert "uint8" in details
 
 
-# client -------------------------------------------------------------------
+# encode -------------------------------------------------------------------
 
 
-def test_client_out_in_missing_folder(batching_server, tmp_path):
+def test_encode_out_in_missing_folder(batching_server, tmp_path):
     """defect 6."""
     _, port = batching_server
     image = tmp_path / "a.png"
     image.write_bytes(small_images(1)[0])
     out = tmp_path / "missing" / "codes.npy"
-    code, line = cli("client", f"--server=127.0.0.1:{port}",
+    code, line = cli("encode", f"--server=127.0.0.1:{port}",
                      f"--out={out}", str(image))
-    assert_one_line(code, line, "client", str(out.parent))
+    assert_one_line(code, line, "encode", str(out.parent))
     assert not out.parent.exists()
 
 
-def test_client_image_path_is_a_folder(batching_server, tmp_path):
+def test_encode_image_path_is_a_folder(batching_server, tmp_path):
     """defect 6."""
     _, port = batching_server
-    code, line = cli("client", f"--server=127.0.0.1:{port}", str(tmp_path))
-    assert_one_line(code, line, "client", str(tmp_path), "not a folder")
+    code, line = cli("encode", f"--server=127.0.0.1:{port}", str(tmp_path))
+    assert_one_line(code, line, "encode", str(tmp_path), "not a folder")
 
 
-def test_client_missing_image(batching_server, tmp_path):
+def test_encode_missing_image(batching_server, tmp_path):
     """Already behaved."""
     _, port = batching_server
-    code, line = cli("client", f"--server=127.0.0.1:{port}",
+    code, line = cli("encode", f"--server=127.0.0.1:{port}",
                      str(tmp_path / "none.png"))
-    assert_one_line(code, line, "client", "none.png")
+    assert_one_line(code, line, "encode", "none.png")
 
 
 # index / search / weights ------------------------------------------------

@@ -179,13 +179,14 @@ def _chromium():
 
 
 @pytest.mark.slow
-def _start_search_page(index_dir, model_dir, tmp_path):
-    """Run `uhga_tf.search serve` on a free port; return (process, url)."""
+def _start_search_page(index_dir, model_dir, tmp_path,
+                       command=("uhga_tf.search_page",)):
+    """Run the search page on a free port; return (process, url)."""
     out_path = tmp_path / "page.out"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     with open(out_path, "wb") as out, open(tmp_path / "page.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uhga_tf.search", "serve",
+            [sys.executable, "-m", *command,
              f"--index={index_dir}", f"--model={model_dir}", "--port=0",
              f"--top_k={TOP_K}"],
             cwd=REPO, env=env, stdout=out, stderr=log,
@@ -294,6 +295,28 @@ def test_page_in_headless_chromium(workspace, tmp_path):
             driver.quit()
         _stop(proc)
     assert proc.returncode == 0, (tmp_path / "page.log").read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_search_serve_still_starts_the_page_with_a_notice(workspace,
+                                                          tmp_path):
+    """The old `search serve` spelling runs `search_page` for one release."""
+    _, model_dir, index_dir = workspace
+    proc, url = _start_search_page(index_dir, model_dir, tmp_path,
+                                   command=("uhga_tf.search", "serve"))
+    try:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        status, body = call(port, "GET", "/")
+        assert status == 200 and b"<html" in body.lower()
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0
+    notice = (
+        "uhga_tf: `python -m uhga_tf.search serve` is deprecated and goes "
+        "in the next release; use `python -m uhga_tf.search_page` "
+        "(same flags)"
+    )
+    assert notice in (tmp_path / "page.log").read_text().splitlines()
 
 
 # issue 18: every upload answered -----------------------------------------

@@ -345,7 +345,7 @@ def test_metadata_and_status_errors(served):
     assert server.log_tail(100000).count("GetModelMetadata NOT_FOUND") == 1
 
 
-def test_client_cli_prints_hex_and_writes_npy(served, tmp_path):
+def test_encode_cli_prints_hex_and_writes_npy(served, tmp_path):
     models, server = served
     _, encoded = sample_images(2)
     paths = []
@@ -357,7 +357,7 @@ def test_client_cli_prints_hex_and_writes_npy(served, tmp_path):
     base = [
         sys.executable,
         "-m",
-        "uhga_tf.client",
+        "uhga_tf.encode",
         f"--server={server.address}",
     ]
     result = subprocess.run(
@@ -389,7 +389,7 @@ def test_client_cli_prints_hex_and_writes_npy(served, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "uhga_tf.client: NOT_FOUND: "
+        "uhga_tf.encode: NOT_FOUND: "
     )
 
 

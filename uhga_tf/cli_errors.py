@@ -1,5 +1,6 @@
 """The one error path of every entry point (train, evaluate, reproduce,
-export, serve, client, index, search).
+export, serve, encode, index, search, search_page), and the notice of a
+deprecated spelling.
 
 A user error (a bad value, a missing, unwritable or wrong-kind path, a
 corrupt file) ends the command with one stderr line
@@ -165,3 +166,20 @@ def app_run(verb, main, outputs=None):
         return run(verb, main, argv, outputs=paths)
 
     app.run(wrapped, flags_parser=_flags_parser(verb))
+
+
+def forward_deprecated(old, new_verb, args):
+    """Run `python -m uhga_tf.<new_verb> ARGS` after a one-line notice.
+
+    An old command spelling keeps working for one release. exec, not a
+    child process: the process id stays, so a supervisor's SIGTERM still
+    reaches the command, and the exit status is the command's own.
+    """
+    sys.stderr.write(
+        f"uhga_tf: `{old}` is deprecated and goes in the next release; "
+        f"use `python -m uhga_tf.{new_verb}` (same flags)\n"
+    )
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os.execv(sys.executable,
+             [sys.executable, "-m", f"uhga_tf.{new_verb}", *args])

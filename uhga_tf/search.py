@@ -3,17 +3,13 @@ r"""Print the nearest index images of query images and draw a result grid.
   python -m uhga_tf.search --index=index/ --model=models/uhga/1 \
       QUERY.jpg [QUERY2.jpg ...] --top_k=10 [--out=result.png]
   python -m uhga_tf.search --index=index/ --server=localhost:8500 QUERY.jpg
-  python -m uhga_tf.search serve --index=index/ --model=models/uhga/1 \
-      [--host=127.0.0.1 --port=8080]
 
 Prints, per query, a `query<TAB>PATH<TAB>CLASS` line and then one
 `RANK<TAB>DISTANCE<TAB>SOURCE<TAB>CLASS` line per result (ties broken by
-index order; CLASS is "-" when unknown). `serve` serves the search page
-(`uhga_tf.retrieval.web`) until SIGTERM or Ctrl-C.
+index order; CLASS is "-" when unknown). The search page is its own
+command, `python -m uhga_tf.search_page`; `search serve` still runs it for
+one release, after a deprecation notice.
 """
-
-import signal
-import threading
 
 from absl import app
 from absl import flags
@@ -36,19 +32,16 @@ flags.DEFINE_integer("tile_size", 128, "Grid tile size in pixels.",
                      lower_bound=16)
 flags.DEFINE_string("query_label", None,
                     "Class of the queries (default: parent folder name).")
-flags.DEFINE_string("host", "127.0.0.1",
-                    "serve: interface to bind (loopback).")
-flags.DEFINE_integer("port", 8080, "serve: port; 0 picks a free one.")
-flags.DEFINE_integer("max_upload_bytes", 8 * 1024 * 1024,
-                     "serve: largest accepted upload.", lower_bound=1)
 flags.DEFINE_integer("max_pixels", 16_000_000,
-                     "Largest width * height a query, upload or thumbnail "
-                     "may decode to (every GIF frame counted).",
+                     "Largest width * height a query may decode to (every "
+                     "GIF frame counted).",
                      lower_bound=1)
-flags.DEFINE_float("index_poll_s", 1.0,
-                   "serve: seconds between checks for a changed index "
-                   "(index build/add/remove); 0 never reloads.",
-                   lower_bound=0.0)
+# Accepted only for the deprecated `search serve`, which hands them as
+# given to `uhga_tf.search_page` (that command checks them).
+_PAGE_ONLY_FLAGS = ("host", "port", "max_upload_bytes", "index_poll_s")
+for _name in _PAGE_ONLY_FLAGS:
+    flags.DEFINE_string(_name, None, "Deprecated `search serve` only: see "
+                        "python -m uhga_tf.search_page --help.")
 flags.mark_flags_as_required(["index"])
 flags.register_multi_flags_validator(
     ["model", "server"],
@@ -57,48 +50,23 @@ flags.register_multi_flags_validator(
 )
 
 
-def serve():
-    """Serve the search page until SIGTERM or Ctrl-C."""
-    from uhga_tf.retrieval import web
-
-    config = web.WebConfig(
-        host=FLAGS.host,
-        port=FLAGS.port,
-        top_k=FLAGS.top_k,
-        max_upload_bytes=FLAGS.max_upload_bytes,
-        max_pixels=FLAGS.max_pixels,
-        index_poll_s=FLAGS.index_poll_s,
-    )
-    service = web.SearchService(
-        FLAGS.index,
-        model_dir=FLAGS.model,
-        server=FLAGS.server,
-        model_name=FLAGS.model_name,
-        config=config,
-    )
-    server = web.SearchWebServer(service)
-    port = server.start()
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        del frame
-        signal.signal(signum, signal.SIG_DFL)  # a second signal kills
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    print(f"search page on http://{config.host}:{port}/", flush=True)
-    while not stop.wait(0.5):
-        pass
-    server.stop()
+def _forward_to_search_page():
+    """The deprecated `search serve` spelling: run `uhga_tf.search_page`."""
+    shared = ("index", "model", "server", "model_name", "top_k",
+              "max_pixels")
+    args = [f"--{name}={FLAGS[name].value}" for name in shared
+            if FLAGS[name].present]
+    args += [f"--{name}={FLAGS[name].value}" for name in _PAGE_ONLY_FLAGS
+             if FLAGS[name].value is not None]
+    cli_errors.forward_deprecated("python -m uhga_tf.search serve",
+                                  "search_page", args)
 
 
 def main(argv):
     if argv[1:2] == ["serve"]:
         if len(argv) > 2:
             raise app.UsageError(f"unexpected arguments: {argv[2:]}")
-        serve()
-        return
+        _forward_to_search_page()
     results, index = retrieval.search_images(
         FLAGS.index,
         argv[1:],

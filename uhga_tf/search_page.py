@@ -1,0 +1,87 @@
+r"""Serve the search page over an index until SIGTERM or Ctrl-C.
+
+  python -m uhga_tf.search_page --index=index/ --model=models/uhga/1 \
+      [--host=127.0.0.1 --port=8080 --top_k=10]
+  python -m uhga_tf.search_page --index=index/ --server=localhost:8500
+
+Prints `search page on http://HOST:PORT/` once it listens (`--port=0`
+picks a free port). The page is `uhga_tf.retrieval.web`; an index rebuilt
+or updated by `uhga_tf.index` is picked up within `--index_poll_s`.
+"""
+
+import signal
+import threading
+
+from absl import app
+from absl import flags
+
+from uhga_tf import cli_errors
+from uhga_tf.retrieval import web
+from uhga_tf.saved_model import wire_names
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.")
+flags.DEFINE_string("model", None, "SavedModel directory for the queries.")
+flags.DEFINE_string("server", None,
+                    "HOST:PORT of a gRPC server encoding the queries.")
+flags.DEFINE_string(
+    "model_name", wire_names.DEFAULT_MODEL_NAME, "Model name on --server."
+)
+flags.DEFINE_integer("top_k", 10, "Results per search.", lower_bound=1)
+flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (loopback).")
+flags.DEFINE_integer("port", 8080, "Port; 0 picks a free one.")
+flags.DEFINE_integer("max_upload_bytes", 8 * 1024 * 1024,
+                     "Largest accepted upload.", lower_bound=1)
+flags.DEFINE_integer("max_pixels", 16_000_000,
+                     "Largest width * height an upload or thumbnail may "
+                     "decode to (every GIF frame counted).",
+                     lower_bound=1)
+flags.DEFINE_float("index_poll_s", 1.0,
+                   "Seconds between checks for a changed index (index "
+                   "build/add/remove); 0 never reloads.",
+                   lower_bound=0.0)
+flags.mark_flags_as_required(["index"])
+flags.register_multi_flags_validator(
+    ["model", "server"],
+    lambda f: (f["model"] is None) != (f["server"] is None),
+    message="give exactly one of --model and --server",
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = web.WebConfig(
+        host=FLAGS.host,
+        port=FLAGS.port,
+        top_k=FLAGS.top_k,
+        max_upload_bytes=FLAGS.max_upload_bytes,
+        max_pixels=FLAGS.max_pixels,
+        index_poll_s=FLAGS.index_poll_s,
+    )
+    service = web.SearchService(
+        FLAGS.index,
+        model_dir=FLAGS.model,
+        server=FLAGS.server,
+        model_name=FLAGS.model_name,
+        config=config,
+    )
+    server = web.SearchWebServer(service)
+    port = server.start()
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        del frame
+        signal.signal(signum, signal.SIG_DFL)  # a second signal kills
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"search page on http://{config.host}:{port}/", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+
+
+if __name__ == "__main__":
+    cli_errors.app_run("search_page", main)
