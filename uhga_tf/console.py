@@ -1,11 +1,13 @@
 """A quiet console for the entry points.
 
-By default a run shows its progress bar, our own INFO lines that matter and
-every warning; TensorFlow's C++ start-up chatter (written to file descriptor
-2 before absl's logging is initialised, so `TF_CPP_MIN_LOG_LEVEL` cannot
-hide it) and other libraries' INFO lines (e.g. one `functional_saver.py ...
-Sharding callback duration` per checkpoint) are hidden. `--verbosity=N`
-(absl's flag) or `UHGA_VERBOSE=1` shows everything again.
+By default a run shows its progress bar, the few INFO lines of ours listed
+in `CONSOLE_LINES` and every warning. Our internal INFO lines (e.g. `MAP@k:
+0 of 200 queries empty`), TensorFlow's C++ start-up chatter (written to
+file descriptor 2 before absl's logging is initialised, so
+`TF_CPP_MIN_LOG_LEVEL` cannot hide it) and other libraries' INFO lines
+(e.g. one `functional_saver.py ... Sharding callback duration` per
+checkpoint) are hidden. `--verbosity=N` (absl's flag) or `UHGA_VERBOSE=1`
+shows everything again.
 
 Usage, in an entry point's `main` after flag parsing:
     console.configure(verbose=console.verbose_requested(FLAGS))
@@ -29,11 +31,19 @@ _STARTUP_NOISE = re.compile(
     r"|I\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\] "
     r"|E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit)"
 )
-# Our own INFO lines that only a verbose run shows: (file, message prefix).
-_VERBOSE_ONLY = (
-    ("run.py", "config: "),  # the whole config; <workdir>/config.json has it
-    ("torch_weights.py", "Read "),
-    ("backbone.py", "Built backbone"),
+# The only INFO lines of ours a quiet console shows, as (path under the
+# package, message format prefix): the data/split line, the similarity
+# fractions, progress (feature extraction, a resume), validation and final
+# MAP. Every other INFO line is internal (MAP@k empty-query counts, cache
+# and split files, the config dump, the cluster count, ...) and shows only
+# in a verbose run; warnings always show.
+CONSOLE_LINES = (
+    ("data/retrieval_sets.py", "retrieval sets: "),
+    ("training/run.py", "similarity matrix (%s): "),
+    ("data/feature_cache.py", "Extracting "),
+    ("training/run.py", "resuming from step "),
+    ("training/callbacks.py", "epoch %d: validation MAP"),
+    ("training/run.py", "final MAP "),
 )
 
 
@@ -45,18 +55,18 @@ def verbose_requested(flag_values):
 
 
 class _QuietFilter:
-    """Keep warnings and our own INFO lines that matter; drop the rest."""
+    """Keep warnings and the CONSOLE_LINES; drop every other line."""
 
     def filter(self, record):
         if record.levelno >= std_logging.WARNING:
             return True
         if not record.pathname.startswith(_PACKAGE_DIR):
             return False
-        name = os.path.basename(record.pathname)
+        path = record.pathname[len(_PACKAGE_DIR):].replace(os.sep, "/")
         message = str(record.msg)
-        return not any(
-            name == file and message.startswith(prefix)
-            for file, prefix in _VERBOSE_ONLY
+        return any(
+            path == file and message.startswith(prefix)
+            for file, prefix in CONSOLE_LINES
         )
 
 
