@@ -49,3 +49,42 @@ def test_tf_error_line_keeps_the_op_sentence():
     error = Error(message)
     error.message = message
     assert io_utils.tf_error_line(error) == "Invalid JPEG data or crop window."
+
+
+def test_atomic_directory_renames_a_new_folder_into_place(tmp_path):
+    target = tmp_path / "sub" / "index"
+    with io_utils.atomic_directory(target) as tmp:
+        assert os.path.basename(tmp).startswith(".index.tmp-")
+        (tmp_path / "sub" / os.path.basename(tmp) / "a.bin").write_bytes(b"1")
+        assert not target.exists()  # nothing visible before success
+    assert sorted(os.listdir(tmp_path / "sub")) == ["index"]
+    assert (target / "a.bin").read_bytes() == b"1"
+    # The mode a plain mkdir gives, not mkdtemp's 0700.
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~io_utils.umask()
+
+
+def test_atomic_directory_failure_leaves_the_old_folder(tmp_path):
+    target = tmp_path / "split"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with (pytest.raises(RuntimeError),
+          io_utils.atomic_directory(target, prefix=".tmp-split-") as tmp):
+        (tmp_path / os.path.basename(tmp) / "new.txt").write_text("new")
+        raise RuntimeError("killed mid-write")
+    # An existing folder is refused, not replaced, without merge.
+    with pytest.raises(OSError), io_utils.atomic_directory(target) as tmp:
+        (tmp_path / os.path.basename(tmp) / "new.txt").write_text("new")
+    assert os.listdir(tmp_path) == ["split"]
+    assert os.listdir(target) == ["old.txt"]
+
+
+def test_atomic_directory_merge_replaces_files_and_keeps_others(tmp_path):
+    target = tmp_path / "index"
+    target.mkdir()
+    (target / "index.bin").write_bytes(b"old")
+    (target / ".lock").write_bytes(b"")
+    with io_utils.atomic_directory(target, merge=True) as tmp:
+        (tmp_path / os.path.basename(tmp) / "index.bin").write_bytes(b"new")
+    assert sorted(os.listdir(target)) == [".lock", "index.bin"]
+    assert (target / "index.bin").read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["index"]

@@ -1,15 +1,17 @@
-"""Small helpers every layer shares: atomic files, JSON of numpy values, TF
-error lines.
+"""Small helpers every layer shares: atomic files and folders, JSON of numpy
+values, TF error lines.
 
 A file the project writes (results, configs, caches, plots, saved hashers)
 is written next to its target under a temporary name, flushed to disk and
 renamed into place, so a reader, a resumed run or a kill mid-write never
-sees half a file.
+sees half a file. A folder (a SavedModel version, an index, a split) is
+written the same way with `atomic_directory`.
 """
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -40,6 +42,50 @@ def atomic_path(path, suffix=""):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, prefix=None, merge=False):
+    """Yield a new folder beside `path`; move it to `path` on success.
+
+    When `path` does not exist the folder is renamed into place: one
+    rename, so a reader sees all of it or nothing. A rename cannot replace
+    a folder that holds files, so when `path` exists:
+    - `merge=True` moves each file in with `os.replace` (each file atomic;
+      other files in `path`, e.g. a lock file, stay);
+    - otherwise the rename raises OSError, and the caller decides (refuse,
+      or read what another process stored first).
+    On any exception the temporary folder is removed and `path` is left as
+    it was.
+
+    Args:
+        prefix: the temporary folder's name prefix (default
+            `.<name>.tmp-`); a poller that skips a prefix passes its own.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(
+        prefix=prefix or f".{os.path.basename(path)}.tmp-", dir=parent
+    )
+    # mkdtemp makes 0700; the folder gets the mode a plain mkdir gives.
+    os.chmod(tmp, 0o777 & ~umask())
+    try:
+        yield tmp
+        if merge and os.path.isdir(path):
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        else:
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def umask():
+    """The process umask (set and restored at once: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path, data):

@@ -37,13 +37,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 from absl import logging
 
 from uhga_tf import config
+from uhga_tf import io_utils
 
 SPLIT_PROTOCOLS = config.SPLIT_PROTOCOLS
 SPLIT_SETS = ("query", "train", "database", "validation")
@@ -559,28 +558,22 @@ def load_or_create_split(
         "sizes": split.sizes(),
         "order": "ascending dataset index",
     }
-    os.makedirs(split_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-split-", dir=split_dir)
     try:
-        for name in SPLIT_SETS:
-            _write_indices(
-                os.path.join(tmp, f"{name}.txt"), getattr(split, name)
-            )
-        with open(os.path.join(tmp, "split.json"), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not os.path.isdir(target):
-                raise
-            # Another process stored it first: use theirs.
-            logging.info("Split %s appeared concurrently; reading it.", target)
-            return _read_split(
-                target, protocol, seed, options, fingerprint, len(labels)
-            )
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+        with io_utils.atomic_directory(target, prefix=".tmp-split-") as tmp:
+            for name in SPLIT_SETS:
+                _write_indices(
+                    os.path.join(tmp, f"{name}.txt"), getattr(split, name)
+                )
+            with open(os.path.join(tmp, "split.json"), "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        # Another process stored it first: use theirs.
+        logging.info("Split %s appeared concurrently; reading it.", target)
+        return _read_split(
+            target, protocol, seed, options, fingerprint, len(labels)
+        )
     logging.info("Wrote split %s: %s", target, split.sizes())
     return split
 

@@ -21,15 +21,14 @@ also the order the SavedModel emits and faiss reads.
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 from absl import logging
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import io_utils
 from uhga_tf.evaluation import ranking
 from uhga_tf.io_utils import to_builtin
 from uhga_tf.retrieval.inverted_lists import InvertedLists
@@ -331,27 +330,11 @@ class HammingIndex:
                 f"index directory {directory} is a file; expected a folder "
                 "or a path that does not exist yet"
             )
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp_dir = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(directory)}.tmp-", dir=parent
-        )
-        # mkdtemp makes 0700; the index folder gets the usual umask mode.
-        os.chmod(tmp_dir, 0o777 & ~_umask())
-        try:
-            with open(os.path.join(tmp_dir, FILE_NAME), "wb") as f:
-                f.write(self._serialize())
-                f.flush()
-                os.fsync(f.fileno())
-            if not os.path.exists(directory):
-                os.replace(tmp_dir, directory)
-            else:
-                os.replace(
-                    os.path.join(tmp_dir, FILE_NAME),
-                    os.path.join(directory, FILE_NAME),
-                )
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        with (io_utils.atomic_directory(directory, merge=True) as tmp_dir,
+              open(os.path.join(tmp_dir, FILE_NAME), "wb") as f):
+            f.write(self._serialize())
+            f.flush()
+            os.fsync(f.fileno())
         logging.info("Saved HammingIndex of %d items (%d bits) to %s",
                      len(self), self.code_length, directory)
 
@@ -537,13 +520,6 @@ class HammingIndex:
 _FIELD_TYPES = (("code_length", int), ("count", int), ("metadata_bytes", int),
                 ("payload_bytes", int), ("payload_crc32", int),
                 ("info", dict))
-
-
-def _umask():
-    """The process umask (set and restored at once: there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _parse(data, path):

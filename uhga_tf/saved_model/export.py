@@ -12,8 +12,6 @@ leaves only a temporary directory, which the next export does not reuse.
 import datetime
 import json
 import os
-import secrets
-import shutil
 
 from absl import logging
 import keras
@@ -21,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from uhga_tf import codes as codes_lib
+from uhga_tf import io_utils
 from uhga_tf import provenance
 from uhga_tf.saved_model import graph
 from uhga_tf.saved_model import versions
@@ -183,21 +182,15 @@ def _write_extras(directory, info, warmup_images):
 
 
 def _write_version(archive, target, info, warmup_images, checks):
-    """Write, check and move a version into place as one directory rename.
+    """Write, check and move a version into place as one folder rename.
 
-    The SavedModel is a folder, so `io_utils.atomic_path` (one file) does
-    not fit: the archive goes to a `.tmp-<version>-<random>` folder beside
-    `target`, is reloaded and checked, then renamed; on any failure the
-    temporary folder is removed and `target` never appears.
+    The archive goes to a `.tmp-<version>-*` folder beside `target` (the
+    version poller skips that prefix), is reloaded and checked, then
+    renamed; on any failure `target` never appears.
     """
-    export_dir = os.path.dirname(target)
     version = os.path.basename(target)
-    temp = os.path.join(
-        export_dir,
-        f"{versions.TEMP_PREFIX}{version}-{secrets.token_hex(4)}",
-    )
-    renamed = False
-    try:
+    prefix = f"{versions.TEMP_PREFIX}{version}-"
+    with io_utils.atomic_directory(target, prefix=prefix) as temp:
         archive.write_out(temp, verbose=False)
         _write_extras(temp, info, warmup_images)
         _check_reloaded(temp, checks)
@@ -206,11 +199,6 @@ def _write_version(archive, target, info, warmup_images, checks):
                 f"version {version} appeared at {target} during the export; "
                 "refusing to overwrite it"
             )
-        os.rename(temp, target)
-        renamed = True
-    finally:
-        if not renamed:
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 def export_saved_model(
