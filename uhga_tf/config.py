@@ -57,7 +57,8 @@ PRODUCT_RECIPE = {
 }
 
 
-def _choice(name, value, choices):
+def check_choice(name, value, choices):
+    """Raise ValueError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(
             f"{name} must be one of {', '.join(choices)}; received "
@@ -195,16 +196,16 @@ class DataConfig:
     class_decay: float = 1.0
 
     def __post_init__(self):
-        _choice("dataset", self.dataset, DATASETS)
+        check_choice("dataset", self.dataset, DATASETS)
         class_ids(self.classes)
         if not 0.0 < self.class_decay <= 1.0:
             raise ValueError(
                 "class_decay must be in (0, 1]; received "
                 f"class_decay={self.class_decay!r}"
             )
-        _choice("data_source", self.data_source, DATA_SOURCES)
-        _choice("split", self.split, SPLIT_PROTOCOLS)
-        _choice("query_pool", self.query_pool, QUERY_POOLS)
+        check_choice("data_source", self.data_source, DATA_SOURCES)
+        check_choice("split", self.split, SPLIT_PROTOCOLS)
+        check_choice("query_pool", self.query_pool, QUERY_POOLS)
         if self.split == "ga_lists" and not self.split_list_dir:
             raise ValueError(
                 "split=ga_lists needs split_list_dir (folder with test.txt, "
@@ -251,7 +252,7 @@ class ModelConfig:
 
     def __post_init__(self):
         codes.check_code_length(self.code_length)
-        _choice("hash_head", self.hash_head, HASH_HEADS)
+        check_choice("hash_head", self.hash_head, HASH_HEADS)
         _positive("image_size", self.image_size, allow_zero=True)
         _positive("hash_hidden", self.hash_hidden)
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -322,7 +323,7 @@ class SimilarityConfig:
 
     def __post_init__(self):
         _canonicalize(self)
-        _choice("similarity", self.similarity, SIMILARITY_MODES)
+        check_choice("similarity", self.similarity, SIMILARITY_MODES)
         _positive("similarity_knn", self.similarity_knn)
         if self.similarity_clusters != 0:
             _at_least("similarity_clusters", self.similarity_clusters, 2)
@@ -390,13 +391,13 @@ class LossConfig:
     scale_power: float = 0.5
 
     def __post_init__(self):
-        _choice("loss", self.loss, LOSSES)
+        check_choice("loss", self.loss, LOSSES)
         _positive("sigmoid_param", self.sigmoid_param)
         _canonicalize(self)
-        _choice("pairing", self.pairing, PAIRINGS)
+        check_choice("pairing", self.pairing, PAIRINGS)
         _positive("quantization_weight", self.quantization_weight, True)
         _positive("balance_weight", self.balance_weight, True)
-        _choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
+        check_choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
         _positive("scale_step", self.scale_step)
 
 
@@ -423,7 +424,7 @@ class AttentionConfig:
     attention_chunk_rows: int = 0
 
     def __post_init__(self):
-        _choice("lookahead", self.lookahead, LOOKAHEADS)
+        check_choice("lookahead", self.lookahead, LOOKAHEADS)
         _positive("attention_hidden", self.attention_hidden)
         _positive("attention_grad_p", self.attention_grad_p)
         _positive("attention_budget", self.attention_budget)
@@ -481,7 +482,7 @@ class TrainConfig:
                 f"momentum must be in [0, 1); received momentum={self.momentum}"
             )
         _positive("weight_decay", self.weight_decay, True)
-        _choice("strategy", self.strategy, STRATEGIES)
+        check_choice("strategy", self.strategy, STRATEGIES)
         _positive("checkpoint_every_steps", self.checkpoint_every_steps)
         _positive("keep_checkpoints", self.keep_checkpoints)
         _positive("eval_every_epochs", self.eval_every_epochs)
@@ -505,8 +506,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _positive("top_k", self.top_k, allow_zero=True)
-        _choice("ap_denominator", self.ap_denominator, AP_DENOMINATORS)
-        _choice("empty_query", self.empty_query, EMPTY_QUERY)
+        check_choice("ap_denominator", self.ap_denominator, AP_DENOMINATORS)
+        check_choice("empty_query", self.empty_query, EMPTY_QUERY)
         _positive("hamming_radius", self.hamming_radius, allow_zero=True)
 
 

@@ -42,13 +42,6 @@ DEFAULT_PRECISION_AT = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000,
                         5000)
 
 
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(
-            f"{name} must be one of {list(allowed)}; received {name}={value!r}"
-        )
-
-
 def _check_hamming_radius(hamming_radius, code_length):
     return ranking.check_int_in_range(
         "hamming_radius", hamming_radius, 0, code_length, "the code_length"
@@ -256,8 +249,8 @@ def mean_average_precision(query_codes, database_codes, query_labels,
         ValueError: invalid codes or labels, mismatched sizes, top_k outside
             [1, n_database], unknown ap_denominator or empty_query.
     """
-    _check_choice("ap_denominator", ap_denominator, AP_DENOMINATORS)
-    _check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
+    config.check_choice("ap_denominator", ap_denominator, AP_DENOMINATORS)
+    config.check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     top_k = ranking.validate_top_k(top_k, inputs.num_database)
@@ -317,7 +310,7 @@ def tie_aware_map(query_codes, database_codes, query_labels, database_labels,
     Raises:
         ValueError: as `mean_average_precision`.
     """
-    _check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
+    config.check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     stats = _collect(inputs, histograms=True)
@@ -379,8 +372,8 @@ def precision_recall_curve(query_codes, database_codes, query_labels,
         dict with `hamming_radius` (list 0..K), `precision` and `recall`
         (lists of K+1 floats, the means over queries).
     """
-    _check_choice("empty_radius", empty_radius, EMPTY_RADIUS_RULES)
-    _check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
+    config.check_choice("empty_radius", empty_radius, EMPTY_RADIUS_RULES)
+    config.check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     stats = _collect(inputs, histograms=True)
@@ -408,8 +401,8 @@ def precision_recall_within_radius(query_codes, database_codes,
         dict with `precision`, `recall` and `empty_radius_share` (the share of
         queries with no database item within the radius).
     """
-    _check_choice("empty_radius", empty_radius, EMPTY_RADIUS_RULES)
-    _check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
+    config.check_choice("empty_radius", empty_radius, EMPTY_RADIUS_RULES)
+    config.check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     hamming_radius = _check_hamming_radius(hamming_radius, inputs.code_length)
@@ -479,9 +472,9 @@ def evaluate_codes(query_codes, database_codes, query_labels,
         for each k in `map_at` below the database size (most published
         tables quote MAP@1000; one extra pass each).
     """
-    _check_choice("ap_denominator", ap_denominator, AP_DENOMINATORS)
-    _check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
-    _check_choice("empty_radius", empty_radius, EMPTY_RADIUS_RULES)
+    config.check_choice("ap_denominator", ap_denominator, AP_DENOMINATORS)
+    config.check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
+    config.check_choice("empty_radius", empty_radius, EMPTY_RADIUS_RULES)
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     num_database = inputs.num_database
