@@ -3,17 +3,18 @@
 The reference a hash code has to approach: the same relevance and AP
 conventions as `metrics.mean_average_precision` (stable ties by database
 index, `retrieved` denominator, empty queries score 0), but ranked by the
-float features the codes are learned from.
+float features the codes are learned from. Relevance and the stable order
+are `evaluation.ranking`'s, the ones the Hamming metrics use.
+
+The AP sums stay here: `metrics` adds only the relevant precisions, this
+module a whole row with zeros between them. The two agree to ~1e-14 but
+not bit for bit, and `cosine_map` is in every results.json, which must
+not move for the same seed.
 """
 
 import numpy as np
 
-
-def _relevance(query_labels, database_labels):
-    if query_labels.ndim == 1:
-        return query_labels[:, None] == database_labels[None, :]
-    return (query_labels.astype(np.int32) @ database_labels.T.astype(
-        np.int32)) > 0
+from uhga_tf.evaluation import ranking
 
 
 def _unit(features, mean):
@@ -49,6 +50,9 @@ def cosine_metrics(
         {"map_all", "map_<k>" for k in map_at, "p_<n>" for n in
         precision_at}; k or n equal to the database size is "all".
     """
+    query_labels, database_labels = ranking.validate_label_pair(
+        query_labels, database_labels, len(query_features),
+        len(database_features))
     query = _unit(query_features, mean)
     database = _unit(database_features, mean)
     num_database = len(database)
@@ -57,8 +61,8 @@ def cosine_metrics(
     hits_at = {n: [] for n in precision_at}
     for start in range(0, len(query), batch_size):
         sims = query[start:start + batch_size] @ database.T
-        order = np.argsort(-sims, axis=1, kind="stable")
-        rel = _relevance(
+        order = ranking.stable_order(-sims)
+        rel = ranking.relevance_unchecked(
             query_labels[start:start + batch_size], database_labels)
         rel = np.take_along_axis(rel, order, axis=1).astype(np.float64)
         hits = np.cumsum(rel, axis=1)

@@ -95,10 +95,11 @@ def check_int_in_range(name, value, low, high, bound, kind="an int"):
 
 
 def stable_order(distances):
-    """Stable counting sort of each row of `distances`.
+    """Stable sort of each row of `distances`.
 
     Args:
-        distances: uint8/uint16 [n_query, n_database].
+        distances: [n_query, n_database]: uint8/uint16 Hamming distances,
+            or floats (cosine ranking sorts negated similarities).
 
     Returns:
         int64 [n_query, n_database]: database indices ordered by
