@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import zipfile
 
 import keras
 import numpy as np
@@ -15,6 +14,7 @@ import tensorflow as tf
 import model_fixtures
 from uhga_tf import codes as codes_lib
 from uhga_tf import codes_tf
+from uhga_tf import config as config_lib
 from uhga_tf import saved_model
 from uhga_tf.serving import model_manager
 
@@ -342,9 +342,10 @@ def test_killed_export_is_invisible_to_the_server(tmp_path):
     assert manager.poll() == [2]
 
 
-def test_read_checkpoint_config_names_missing_key(tmp_path):
+def test_checkpoint_config_names_missing_key(tmp_path):
+    keys = saved_model.CHECKPOINT_CONFIG_KEYS
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        saved_model.read_checkpoint_config(str(tmp_path))
+        config_lib.load_experiment(str(tmp_path), required=keys)
     config = {
         "data": {"dataset": "cifar10"},
         "model": {
@@ -355,20 +356,23 @@ def test_read_checkpoint_config_names_missing_key(tmp_path):
     }
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match="'model.code_length'"):
-        saved_model.read_checkpoint_config(str(tmp_path))
-    config["model"]["code_length"] = 64
+    # Not required, a missing key reads as its default; required, refused.
+    assert config_lib.load_experiment(str(tmp_path)).model.code_length == 64
+    with pytest.raises(ValueError, match="lacks the key 'model.code_length'"):
+        config_lib.load_experiment(str(tmp_path), required=keys)
+    config["model"]["code_length"] = 32
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
+    experiment = config_lib.load_experiment(str(tmp_path), required=keys)
+    assert experiment.model.code_length == 32
+    assert experiment.data.dataset == "cifar10"
+    out = str(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no hasher.keras"):
-        saved_model.read_checkpoint_config(str(tmp_path))
+        saved_model.export_from_checkpoint(str(tmp_path), out)
     open(tmp_path / "hasher.keras", "wb").close()
     with pytest.raises(ValueError, match="hasher.keras is damaged"):
-        saved_model.read_checkpoint_config(str(tmp_path))
-    zipfile.ZipFile(tmp_path / "hasher.keras", "w").close()
-    _, values = saved_model.read_checkpoint_config(str(tmp_path))
-    assert values["model.code_length"] == 64
-    assert values["data.dataset"] == "cifar10"
+        saved_model.export_from_checkpoint(str(tmp_path), out)
+    assert not os.path.exists(out)
 
 
 def test_export_cli_reports_user_errors(tmp_path):

@@ -628,14 +628,31 @@ def experiment_from_dict(nested):
     return experiment_from_flat(flat)
 
 
-def load_experiment(workdir):
-    """Read `<workdir>/config.json` written by a training run."""
+def load_experiment(workdir, required=()):
+    """Read `<workdir>/config.json` written by a training run.
+
+    Args:
+        required: dotted keys (`"model.code_length"`) the file itself must
+            hold; a missing one would otherwise read as its default, which
+            is wrong for what a run has learned (its code length, its
+            backbone).
+
+    Raises:
+        FileNotFoundError: no config.json in workdir.
+        ValueError: a corrupt file, an invalid field, or the first
+            `required` key the file lacks.
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"no config.json in {workdir!r}: not a uhga_tf training workdir"
-        )
-    return experiment_from_dict(read_json(path))
+        raise FileNotFoundError(f"no config.json in {workdir}")
+    nested = read_json(path)
+    for key in required:
+        node = nested
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"{path} lacks the key {key!r}")
+            node = node[part]
+    return experiment_from_dict(nested)
 
 
 def check_writable_dir(path, flag):

@@ -59,7 +59,6 @@ _LAZY = {
     "export_saved_model": "export",
     "CHECKPOINT_CONFIG_KEYS": "checkpoint",
     "export_from_checkpoint": "checkpoint",
-    "read_checkpoint_config": "checkpoint",
 }
 
 __all__ = [

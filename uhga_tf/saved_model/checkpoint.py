@@ -5,7 +5,6 @@ import zipfile
 
 import keras
 
-from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
 from uhga_tf.saved_model import export as export_lib
 from uhga_tf.saved_model import graph
@@ -13,7 +12,8 @@ from uhga_tf.saved_model import versions
 from uhga_tf.saved_model import warmup
 from uhga_tf.saved_model import wire_names
 
-# Keys of <workdir>/config.json that `export_from_checkpoint` needs.
+# Keys <workdir>/config.json must hold itself (not as defaults) for
+# `export_from_checkpoint`.
 CHECKPOINT_CONFIG_KEYS = (
     "data.dataset",
     "model.backbone",
@@ -25,41 +25,13 @@ HASHER_FILENAME = "hasher.keras"
 CONFIG_FILENAME = "config.json"
 
 
-def read_checkpoint_config(checkpoint_dir):
-    """Read `<checkpoint_dir>/config.json`; return the fields export needs.
-
-    Returns:
-        (config dict, {dotted key: value} for CHECKPOINT_CONFIG_KEYS).
-
-    Raises:
-        FileNotFoundError: when config.json or hasher.keras is missing.
-        ValueError: naming the first missing or malformed key.
-    """
-    path = os.path.join(checkpoint_dir, CONFIG_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_FILENAME} in {checkpoint_dir}")
-    config = config_lib.read_json(path)
-    values = {}
-    for key in CHECKPOINT_CONFIG_KEYS:
-        node = config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ValueError(f"{path} lacks the key {key!r}")
-            node = node[part]
-        values[key] = node
-    codes_lib.check_code_length(values["model.code_length"])
-    image_size = values["model.image_size"]
-    if isinstance(image_size, bool) or not isinstance(image_size, int):
-        raise ValueError(
-            f"{path}: model.image_size must be an integer; received "
-            f"{image_size!r}"
-        )
+def _check_hasher_file(checkpoint_dir):
+    """Refuse a missing or damaged hasher.keras before anything is built."""
     hasher_path = os.path.join(checkpoint_dir, HASHER_FILENAME)
     if not os.path.isfile(hasher_path):
         raise FileNotFoundError(f"no {HASHER_FILENAME} in {checkpoint_dir}")
     if not zipfile.is_zipfile(hasher_path):
         raise ValueError(_damaged_hasher(hasher_path))
-    return config, values
 
 
 def _damaged_hasher(path):
@@ -110,45 +82,44 @@ def export_from_checkpoint(
         versions.check_version(version)
     if warmup_images is not None:
         warmup.check_warmup_images(warmup_images)
-    config, values = read_checkpoint_config(checkpoint_dir)
+    experiment = config_lib.load_experiment(
+        checkpoint_dir, required=CHECKPOINT_CONFIG_KEYS)
+    model = experiment.model
+    _check_hasher_file(checkpoint_dir)
     # Registers the hash layer classes before the hasher is deserialised.
     from uhga_tf.models import backbone as backbone_lib
     from uhga_tf.models import hash_layer
 
-    trainable_backbone = bool(
-        config.get("model", {}).get("trainable_backbone", False)
-    )
-    if trainable_backbone:
+    if model.trainable_backbone:
         backbone, hasher = hash_layer.split_image_hasher(
             _load_hasher(checkpoint_dir)
         )
         image_size = int(backbone.input_shape[1])
     else:
         backbone = backbone_lib.build_backbone(
-            values["model.backbone"],
-            weights=values["model.backbone_weights"],
-            image_size=values["model.image_size"],
+            model.backbone,
+            weights=model.backbone_weights,
+            image_size=model.image_size,
         )
         hasher = _load_hasher(checkpoint_dir)
-        image_size = values["model.image_size"]
+        image_size = model.image_size
     _, code_length = graph.probe_dims(backbone, hasher, image_size)
-    if code_length != values["model.code_length"]:
+    if code_length != model.code_length:
         raise ValueError(
             f"the hasher in {checkpoint_dir} emits code_length={code_length} "
-            f"but config.json says model.code_length="
-            f"{values['model.code_length']}"
+            f"but config.json says model.code_length={model.code_length}"
         )
     metadata = {
-        "backbone": values["model.backbone"],
+        "backbone": model.backbone,
         "backbone_weights": (
-            "fine-tuned (hasher.keras)" if trainable_backbone
-            else values["model.backbone_weights"]
+            "fine-tuned (hasher.keras)" if model.trainable_backbone
+            else model.backbone_weights
         ),
-        "trainable_backbone": trainable_backbone,
-        "training_data": values["data.dataset"],
+        "trainable_backbone": model.trainable_backbone,
+        "training_data": experiment.data.dataset,
         "checkpoint": os.path.abspath(checkpoint_dir),
         "model_name": model_name,
-        "config": config,
+        "config": experiment.to_dict(),
     }
     return export_lib.export_saved_model(
         backbone,
