@@ -4,6 +4,7 @@ from absl import flags
 
 from uhga_tf import cli_errors
 from uhga_tf import config
+from uhga_tf.saved_model import wire_names
 
 _DEFINE = {
     bool: flags.DEFINE_bool,
@@ -28,6 +29,28 @@ def config_values(flag_values=flags.FLAGS, only=None):
         for name, *_ in config.flag_specs()
         if (only is None or name in only) and name in flag_values
     }
+
+
+def define_query_flags(flag_values=flags.FLAGS):
+    """--index and how queries are encoded (exactly one of --model and
+    --server): the flags `search` and `search_page` share."""
+    flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("model", None,
+                        "SavedModel directory for the queries.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("server", None,
+                        "HOST:PORT of a gRPC server encoding the queries.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("model_name", wire_names.DEFAULT_MODEL_NAME,
+                        "Model name on --server.", flag_values=flag_values)
+    flags.mark_flags_as_required(["index"], flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ["model", "server"],
+        lambda f: (f["model"] is None) != (f["server"] is None),
+        message="give exactly one of --model and --server",
+        flag_values=flag_values,
+    )
 
 
 def exit_on_user_error(verb, fn, *args, **kwargs):

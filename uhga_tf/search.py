@@ -15,17 +15,11 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
+from uhga_tf import flags_util
 from uhga_tf import retrieval
-from uhga_tf.saved_model import wire_names
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.")
-flags.DEFINE_string("model", None, "SavedModel directory for the queries.")
-flags.DEFINE_string("server", None,
-                    "HOST:PORT of a gRPC server encoding the queries.")
-flags.DEFINE_string(
-    "model_name", wire_names.DEFAULT_MODEL_NAME, "Model name on --server."
-)
+flags_util.define_query_flags()
 flags.DEFINE_integer("top_k", 10, "Results per query.", lower_bound=1)
 flags.DEFINE_string("out", None, "PNG result grid path (optional).")
 flags.DEFINE_integer("tile_size", 128, "Grid tile size in pixels.",
@@ -42,12 +36,6 @@ _PAGE_ONLY_FLAGS = ("host", "port", "max_upload_bytes", "index_poll_s")
 for _name in _PAGE_ONLY_FLAGS:
     flags.DEFINE_string(_name, None, "Deprecated `search serve` only: see "
                         "python -m uhga_tf.search_page --help.")
-flags.mark_flags_as_required(["index"])
-flags.register_multi_flags_validator(
-    ["model", "server"],
-    lambda f: (f["model"] is None) != (f["server"] is None),
-    message="give exactly one of --model and --server",
-)
 
 
 def _forward_to_search_page():

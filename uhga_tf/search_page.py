@@ -16,17 +16,11 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
+from uhga_tf import flags_util
 from uhga_tf.retrieval import web
-from uhga_tf.saved_model import wire_names
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("index", None, "Index directory from uhga_tf.index.")
-flags.DEFINE_string("model", None, "SavedModel directory for the queries.")
-flags.DEFINE_string("server", None,
-                    "HOST:PORT of a gRPC server encoding the queries.")
-flags.DEFINE_string(
-    "model_name", wire_names.DEFAULT_MODEL_NAME, "Model name on --server."
-)
+flags_util.define_query_flags()
 flags.DEFINE_integer("top_k", 10, "Results per search.", lower_bound=1)
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (loopback).")
 flags.DEFINE_integer("port", 8080, "Port; 0 picks a free one.")
@@ -40,12 +34,6 @@ flags.DEFINE_float("index_poll_s", 1.0,
                    "Seconds between checks for a changed index (index "
                    "build/add/remove); 0 never reloads.",
                    lower_bound=0.0)
-flags.mark_flags_as_required(["index"])
-flags.register_multi_flags_validator(
-    ["model", "server"],
-    lambda f: (f["model"] is None) != (f["server"] is None),
-    message="give exactly one of --model and --server",
-)
 
 
 def main(argv):
