@@ -29,7 +29,7 @@ import urllib.parse
 
 from absl import logging
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from uhga_tf.data import image_header
 from uhga_tf.retrieval import live_index
@@ -141,12 +141,10 @@ class SearchService:
         return min(top_k, len(index))
 
     def check_upload(self, data):
-        """Refuse an upload over the byte limit or refused by the decode guard.
+        """Refuse anything the decode guard or the decoders refuse.
 
-        The one upload check of serving and the page (`image_header.
-        check_decodable`), so the encoder only ever sees images whose every
-        frame fits `max_pixels`; bytes it then cannot decode come back from
-        the encoder as a 400 (`_model_encoder`, `_server_encoder`).
+        `image_header.check_decodable` runs first, so PIL and TensorFlow
+        only ever see images whose every frame fits `max_pixels`.
         """
         if len(data) > self.config.max_upload_bytes:
             raise SearchError(
@@ -161,6 +159,12 @@ class SearchService:
         except image_header.ImageRefused as e:
             too_large = isinstance(e, image_header.ImageTooLarge)
             raise SearchError(413 if too_large else 400, str(e)) from e
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError,
+                Image.DecompressionBombError) as e:
+            raise SearchError(400, f"upload is not an image: {e}") from e
 
     def search_upload(self, data, top_k=None):
         """Rank the index for an uploaded encoded image."""
