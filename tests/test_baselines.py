@@ -249,3 +249,19 @@ def test_unit_rows_option_makes_itq_scale_free():
     np.testing.assert_array_equal(a.encode(x), b.encode(scaled))
     plain = base.get_hasher("itq", 16).fit(x, seed=0)
     assert not np.array_equal(plain.encode(x), plain.encode(scaled))
+
+
+def test_structure_hash_map_is_the_kmeans_ls_code_as_one_affine_map():
+    """hash_init=structure: the hash layer starts at k-means+LS's codes."""
+    from uhga_tf.baselines import structural
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(8, 64))
+    x = centres[np.repeat(np.arange(8), 60)] + 0.6 * rng.normal(
+        size=(480, 64))
+    kernel, bias = structural.structure_hash_map(x, 8, seed=3)
+    z = x @ kernel + bias
+    reference = base.get_hasher("kmeans_ls", 8, unit_rows=False).fit(x, 3)
+    np.testing.assert_array_equal(np.where(z >= 0, 1, -1),
+                                  reference.encode(x))
+    np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-4)

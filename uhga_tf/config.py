@@ -41,6 +41,8 @@ EMPTY_QUERY = ("zero", "skip")
 # choices beyond the paper (docs/product_recipe.md). Picked on the
 # validation split by benchmarks/sweep.py (benchmarks/results/sweeps/);
 # configs/cifar.flags spells the same values out.
+HASH_INITS = ("random", "structure")
+
 PRODUCT_RECIPE = {
     "similarity": "manifold",
     "similarity_knn": 20,
@@ -238,6 +240,11 @@ class ModelConfig:
         feature_centring: subtract the train-feature mean and divide by the
             per-dimension RMS inside the model (beyond the paper,
             docs/product_recipe.md).
+        hash_init: `random` (GA-init, the paper) or `structure`: start the
+            dense hash layer from the closed-form k-means+LS map of the
+            train features (multiscale k-means pseudo-labels, ridge least
+            squares, PCA, ITQ rotation; no labels, no class count), then
+            train it with the pairwise loss (beyond the paper).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -249,10 +256,12 @@ class ModelConfig:
     trainable_backbone: bool = False
     dropout_rate: float = 0.0
     feature_centring: bool = False
+    hash_init: str = "random"
 
     def __post_init__(self):
         codes.check_code_length(self.code_length)
         check_choice("hash_head", self.hash_head, HASH_HEADS)
+        check_choice("hash_init", self.hash_init, HASH_INITS)
         _positive("image_size", self.image_size, allow_zero=True)
         _positive("hash_hidden", self.hash_hidden)
         if not 0.0 <= self.dropout_rate < 1.0:

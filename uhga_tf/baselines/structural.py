@@ -115,3 +115,25 @@ class KMeansLS(_StructuralHasher):
             for column in assignments.T
         ], axis=1)
         self._fit_head(features, one_hot - one_hot.mean(axis=0), rng)
+
+
+def structure_hash_map(features, code_length, seed):
+    """An affine hash map from the k-means+LS reference, for `hash_init`.
+
+    Fits `KMeansLS` (no unit rows: the map acts on ``features`` exactly as
+    given, e.g. the hash layer's centred input) and folds its centring,
+    projection and rotation into one (kernel [D, K], bias [K]) with
+    sign(features @ kernel + bias) equal to its codes. Each bit is scaled
+    to unit standard deviation over ``features`` so the tanh relaxation
+    starts unsaturated.
+    """
+    from uhga_tf.baselines.base import get_hasher
+
+    hasher = get_hasher("kmeans_ls", code_length, unit_rows=False).fit(
+        features, seed)
+    kernel = hasher.projection @ hasher.rotation
+    bias = -hasher.mean @ kernel
+    spread = np.std(features @ kernel + bias, axis=0)
+    spread = np.maximum(spread, 1e-12)
+    return (kernel / spread).astype(np.float32), (bias / spread).astype(
+        np.float32)

@@ -404,9 +404,13 @@ def build_hasher(experiment, inputs):
     keras.utils.set_random_seed(experiment.train.seed)
     feature_dim = inputs.sets.feature_dim
     if not model_cfg.trainable_backbone:
-        return hash_layer.build_hasher(
+        hasher = hash_layer.build_hasher(
             feature_dim, model_cfg.code_length, **head
         )
+        if model_cfg.hash_init == "structure":
+            _structure_init(hasher, inputs.train_features, centring,
+                            experiment.train.seed)
+        return hasher
     backbone = image_inputs.build_backbone(model_cfg)
     if backbone.output_shape[-1] != feature_dim:
         raise ValueError(
@@ -418,6 +422,23 @@ def build_hasher(experiment, inputs):
     return hash_layer.build_image_hasher(
         backbone, model_cfg.code_length, **head
     )
+
+
+def _structure_init(hasher, train_features, centring, seed):
+    """Start the dense hash layer at the k-means+LS map (`hash_init`)."""
+    from uhga_tf.baselines import structural
+
+    layer = hasher.get_layer("hash_layer")
+    if layer.hash_head != "dense":
+        raise ValueError("hash_init=structure needs hash_head=dense")
+    features = np.asarray(train_features, dtype=np.float64)
+    if centring is not None:
+        features = (features - centring[0]) / centring[1]
+    kernel, bias = structural.structure_hash_map(
+        features, layer.code_length, seed)
+    layer.kernel.assign(kernel)
+    layer.bias.assign(bias)
+    logging.info("hash layer starts at the k-means+LS map (hash_init)")
 
 
 def build_model(experiment, inputs, matrix, strategy):
