@@ -216,7 +216,7 @@ def test_hasher_init_does_not_depend_on_a_feature_cache_hit(tmp_path):
         ({"similarity": "knn", "similarity_knn": 120},
          "similarity_knn must be in [1, N) = [1, 120)"),
         ({"similarity": "manifold", "similarity_clusters": 121},
-         "similarity_clusters must be in [2, N] = [2, 120]"),
+         "or in [2, N] = [2, 120]"),
     ],
 )
 def test_structured_similarity_parameters_checked_against_n(

@@ -127,10 +127,7 @@ def structure_hash_map(features, code_length, seed):
     to unit standard deviation over ``features`` so the tanh relaxation
     starts unsaturated.
     """
-    from uhga_tf.baselines.base import get_hasher
-
-    hasher = get_hasher("kmeans_ls", code_length, unit_rows=False).fit(
-        features, seed)
+    hasher = KMeansLS(code_length, unit_rows=False).fit(features, seed)
     kernel = hasher.projection @ hasher.rotation
     bias = -hasher.mean @ kernel
     spread = np.std(features @ kernel + bias, axis=0)
