@@ -550,8 +550,11 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
             assignments=multiscale_assignments(ids, scales, runs, seed),
             shares=shares,
         )
+    # The train graph: manifold clusters in its embedding; a count read
+    # from it needs it only when not read from a row sample.
     ids = nearest_neighbours(unit, knn)[0] if (
-        similarity == "manifold" or clusters == AUTO_CLUSTERS) else None
+        similarity == "manifold" or (clusters == AUTO_CLUSTERS
+                                     and len(unit) <= COUNT_SAMPLE)) else None
     if clusters != AUTO_CLUSTERS and span == 1.0:
         # A fixed count: every run clusters the same space.
         space = (spectral_embedding(ids, clusters, seed)
