@@ -431,9 +431,10 @@ def _structure_init(hasher, train_features, centring, seed):
     layer = hasher.get_layer("hash_layer")
     if layer.hash_head != "dense":
         raise ValueError("hash_init=structure needs hash_head=dense")
-    features = np.asarray(train_features, dtype=np.float64)
+    features = np.asarray(train_features, dtype=np.float32)
     if centring is not None:
-        features = (features - centring[0]) / centring[1]
+        # The hash layer's own input: the model's centring layer, not a copy.
+        features = np.asarray(hasher.get_layer("feature_centring")(features))
     kernel, bias = structural.structure_hash_map(
         features, layer.code_length, seed)
     layer.kernel.assign(kernel)
