@@ -410,3 +410,25 @@ def test_tie_aware_headline_equals_deterministic_map_without_ties():
     # Relevant at distances 0, 3, ..., 15: AP = mean(i / (3 i - 2)).
     expected = np.mean([i / (3 * i - 2) for i in range(1, 7)])
     assert result["map"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_map_at_in_one_pass_equals_separate_passes():
+    """evaluate_codes computes every MAP@k in the pass of its top_k; each
+    equals `mean_average_precision` at that k alone, bit for bit (a k past
+    top_k widens the pass, one equal to it is not repeated)."""
+    rng = np.random.default_rng(3)
+    query_codes = np.where(rng.random((25, 16)) < 0.5, -1, 1).astype(np.int8)
+    database_codes = np.where(rng.random((300, 16)) < 0.5, -1, 1).astype(
+        np.int8)
+    query_labels = rng.integers(0, 4, 25)
+    database_labels = rng.integers(0, 4, 300)
+    data = (query_codes, database_codes, query_labels, database_labels)
+    for denominator in metrics.AP_DENOMINATORS:
+        result = metrics.evaluate_codes(
+            *data, top_k=50, map_at=(5, 50, 120, 300, 1000),
+            ap_denominator=denominator, precision_at=(10,))
+        assert list(result["map_at"]) == [5, 50, 120]
+        for k in (5, 50, 120):
+            assert result["map_at"][k] == metrics.mean_average_precision(
+                *data, top_k=k, ap_denominator=denominator), (denominator, k)
+        assert result["map"] == result["map_at"][50]

@@ -1,20 +1,16 @@
 """MAP of ranking by cosine similarity of real-valued features.
 
-The reference a hash code has to approach: the same relevance and AP
-conventions as `metrics.mean_average_precision` (stable ties by database
-index, `retrieved` denominator, empty queries score 0), but ranked by the
-float features the codes are learned from. Relevance and the stable order
-are `evaluation.ranking`'s, the ones the Hamming metrics use.
-
-The AP sums stay here: `metrics` adds only the relevant precisions, this
-module a whole row with zeros between them. The two agree to ~1e-14 but
-not bit for bit, and `cosine_map` is in every results.json, which must
-not move for the same seed.
+The reference a hash code has to approach: the float features the codes are
+learned from, ranked by cosine similarity. Only the distances differ from
+the Hamming metrics: `_CosineBatches` hands negated similarities to
+`metrics.ranked_metrics`, so relevance, the stable order (ties by database
+index), AP (`retrieved` denominator, empty queries score 0) and P@n are the
+code the Hamming MAP uses.
 """
 
 import numpy as np
 
-from uhga_tf.evaluation import ranking
+from uhga_tf.evaluation import metrics
 
 
 def _unit(features, mean):
@@ -23,9 +19,23 @@ def _unit(features, mean):
         np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
+class _CosineBatches(metrics.QueryBatches):
+    """Query batches of cosine ranking: distance = -cosine similarity."""
+
+    def __init__(self, query_features, database_features, query_labels,
+                 database_labels, mean, batch_size):
+        self.query = _unit(query_features, mean)
+        self.database = _unit(database_features, mean)
+        super().__init__(query_labels, database_labels, len(self.query),
+                         len(self.database), batch_size)
+
+    def distances(self, start, stop):
+        return -(self.query[start:stop] @ self.database.T)
+
+
 def cosine_map(
     query_features, database_features, query_labels, database_labels,
-    top_k=None, batch_size=256,
+    top_k=None, batch_size=None,
 ):
     """MAP@top_k (all when None) of cosine ranking; empty queries score 0."""
     num_database = len(database_features)
@@ -38,46 +48,31 @@ def cosine_map(
 
 def cosine_metrics(
     query_features, database_features, query_labels, database_labels, *,
-    mean=0.0, map_at=(1000,), precision_at=(100,), batch_size=256,
+    mean=0.0, map_at=(1000,), precision_at=(100,), batch_size=None,
 ):
     """MAP@ALL, MAP@k and P@n of cosine ranking after subtracting `mean`.
 
     `mean` = 0 ranks the raw features; a train (or database) mean gives
     cosine ranking of centred features, the geometry the hash head sees
-    when `feature_centring` is on.
+    when `feature_centring` is on. A k above the database size is MAP@ALL.
+    `batch_size` queries per batch; None sizes batches as the Hamming
+    metrics do (`ranking.query_batch_size`).
 
     Returns:
         {"map_all", "map_<k>" for k in map_at, "p_<n>" for n in
-        precision_at}; k or n equal to the database size is "all".
+        precision_at}; a k equal to the database size is "all".
+
+    Raises:
+        ValueError: invalid labels, mismatched sizes, or an n outside
+            [1, database size].
     """
-    query_labels, database_labels = ranking.validate_label_pair(
-        query_labels, database_labels, len(query_features),
-        len(database_features))
-    query = _unit(query_features, mean)
-    database = _unit(database_features, mean)
-    num_database = len(database)
+    batches = _CosineBatches(query_features, database_features, query_labels,
+                             database_labels, mean, batch_size)
+    num_database = batches.num_database
     cutoffs = sorted({num_database, *[min(k, num_database) for k in map_at]})
-    aps = {k: [] for k in cutoffs}
-    hits_at = {n: [] for n in precision_at}
-    for start in range(0, len(query), batch_size):
-        sims = query[start:start + batch_size] @ database.T
-        order = ranking.stable_order(-sims)
-        rel = ranking.relevance_unchecked(
-            query_labels[start:start + batch_size], database_labels)
-        rel = np.take_along_axis(rel, order, axis=1).astype(np.float64)
-        hits = np.cumsum(rel, axis=1)
-        precision = hits / np.arange(1, num_database + 1)
-        for k in cutoffs:
-            retrieved = hits[:, k - 1]
-            aps[k].append(np.where(
-                retrieved > 0,
-                (precision[:, :k] * rel[:, :k]).sum(axis=1)
-                / np.maximum(retrieved, 1), 0.0))
-        for n in precision_at:
-            hits_at[n].append(hits[:, n - 1] / n)
-    name = lambda k: "all" if k == num_database else str(k)  # noqa: E731
-    out = {f"map_{name(k)}": float(np.concatenate(v).mean())
-           for k, v in aps.items()}
-    out.update({f"p_{n}": float(np.concatenate(v).mean())
-                for n, v in hits_at.items()})
+    maps, precisions = metrics.ranked_metrics(
+        batches, map_at=cutoffs, precision_at=tuple(precision_at))
+    out = {f"map_{'all' if k == num_database else k}": maps[k]
+           for k in cutoffs}
+    out.update({f"p_{n}": precisions[n] for n in precision_at})
     return out

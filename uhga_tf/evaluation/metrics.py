@@ -64,25 +64,27 @@ def _check_n_values(n_values, num_database):
     return [int(v) for v in values]
 
 
-class _Inputs:
-    """Validated inputs plus the distance kernel for one evaluation."""
+class QueryBatches:
+    """Query batches of one ranking: what the AP and P@n code here reads.
 
-    def __init__(self, query_codes, database_codes, query_labels,
-                 database_labels):
-        self.query_codes, self.database_codes = ranking.validate_code_pair(
-            query_codes, database_codes
-        )
-        self.num_query = self.query_codes.shape[0]
-        self.num_database = self.database_codes.shape[0]
-        self.code_length = self.query_codes.shape[1]
+    A subclass defines `distances(start, stop)`: float or integer
+    [stop - start, num_database], smaller first, sorted by
+    `ranking.stable_order` (ties by database index). The Hamming metrics
+    (`_Inputs`) and cosine ranking (`cosine`) differ only there, so MAP@k
+    and P@n of both come from the same `_collect`.
+    """
+
+    def __init__(self, query_labels, database_labels, num_query,
+                 num_database, batch_size=None):
+        self.num_query = num_query
+        self.num_database = num_database
         self.query_labels, self.database_labels = (
             ranking.validate_label_pair(
-                query_labels, database_labels, self.num_query,
-                self.num_database,
+                query_labels, database_labels, num_query, num_database,
             )
         )
-        self.kernel = ranking.DistanceKernel(self.database_codes)
-        self.batch_size = ranking.query_batch_size(self.num_database)
+        self.batch_size = batch_size or ranking.query_batch_size(
+            num_database)
 
     def spans(self):
         """(start, stop) of each query batch."""
@@ -92,12 +94,32 @@ class _Inputs:
         ]
 
     def batch(self, start, stop):
-        """(distances, relevance) of queries [start, stop)."""
-        distances = self.kernel(self.query_codes[start:stop])
+        """(distances, relevance bool) of queries [start, stop)."""
         rel = ranking.relevance_unchecked(
             self.query_labels[start:stop], self.database_labels
         )
-        return distances, rel
+        return self.distances(start, stop), rel
+
+    def distances(self, start, stop):
+        raise NotImplementedError
+
+
+class _Inputs(QueryBatches):
+    """Validated codes and labels plus the Hamming distance kernel."""
+
+    def __init__(self, query_codes, database_codes, query_labels,
+                 database_labels):
+        self.query_codes, self.database_codes = ranking.validate_code_pair(
+            query_codes, database_codes
+        )
+        super().__init__(query_labels, database_labels,
+                         self.query_codes.shape[0],
+                         self.database_codes.shape[0])
+        self.code_length = self.query_codes.shape[1]
+        self.kernel = ranking.DistanceKernel(self.database_codes)
+
+    def distances(self, start, stop):
+        return self.kernel(self.query_codes[start:stop])
 
 
 def _histograms(distances, rel, code_length):
@@ -128,27 +150,35 @@ def _relevant_positions(rel_sorted):
     return hits, starts, ranks, positions
 
 
-def _collect(inputs, *, top_k=None, histograms=False, precision_at=()):
+def _collect(inputs, *, map_at=(), histograms=False, precision_at=()):
     """One pass over the query batches; per-query raw statistics.
 
-    Returns a dict with, per query: `num_relevant` [Q]; with top_k:
-    `ap_sum` [Q] (sum over relevant items in the top_k of i / t_i) and
-    `retrieved` [Q] (relevant items in the top_k); with histograms:
-    `counts` and `relevant` [Q, K+1]; with precision_at: `hits_at`
-    [Q, len(precision_at)] (relevant items among the first n).
+    Args:
+        inputs: a `QueryBatches`.
+        map_at: AP cut-offs k in [1, num_database] (each computed in this
+            one pass; the AP sums of a k are bit for bit those of a pass
+            with that k alone).
+
+    Returns a dict with, per query: `num_relevant` [Q]; with map_at:
+    `ap_sum` [Q, len(map_at)] (sum over relevant items in the top k of
+    i / t_i) and `retrieved` [Q, len(map_at)] (relevant items in the top
+    k); with histograms: `counts` and `relevant` [Q, K+1]; with
+    precision_at: `hits_at` [Q, len(precision_at)] (relevant items among
+    the first n).
     """
     num_query = inputs.num_query
     out = {"num_relevant": np.zeros(num_query, dtype=np.int64)}
-    if top_k is not None:
-        out["ap_sum"] = np.zeros(num_query, dtype=np.float64)
-        out["retrieved"] = np.zeros(num_query, dtype=np.int64)
+    if map_at:
+        out["ap_sum"] = np.zeros((num_query, len(map_at)), dtype=np.float64)
+        out["retrieved"] = np.zeros((num_query, len(map_at)), dtype=np.int64)
     if histograms:
         shape = (num_query, inputs.code_length + 1)
         out["counts"] = np.zeros(shape, dtype=np.int64)
         out["relevant"] = np.zeros(shape, dtype=np.int64)
     if precision_at:
         out["hits_at"] = np.zeros((num_query, len(precision_at)), np.int64)
-    width = max([top_k or 0] + list(precision_at))
+    deepest = max(map_at, default=0)
+    width = max([deepest] + list(precision_at))
 
     def process(start, stop):
         distances, rel = inputs.batch(start, stop)
@@ -167,19 +197,24 @@ def _collect(inputs, *, top_k=None, histograms=False, precision_at=()):
         rel_sorted = np.empty(order.shape, dtype=bool)
         for row in range(order.shape[0]):
             np.take(rel[row], order[row], out=rel_sorted[row])
-        if top_k is not None:
-            top = rel_sorted if top_k == width else rel_sorted[:, :top_k]
+        if map_at:
+            top = rel_sorted if deepest == width else rel_sorted[:, :deepest]
             hits, starts, ranks, positions = _relevant_positions(top)
             precisions = ranks / positions
             ap_sum = out["ap_sum"]
-            # np.sum per query keeps the summation order of a per-query
-            # reference (sum of cumulative precisions) bit for bit.
-            for row in np.flatnonzero(hits):
-                begin = starts[row]
-                ap_sum[start + row] = np.sum(
-                    precisions[begin:begin + hits[row]]
-                )
-            out["retrieved"][start:stop] = hits
+            for column, top_k in enumerate(map_at):
+                # The relevant items of the top k are the first `within`
+                # of the row's hits: a shorter cut-off sums a prefix.
+                within = hits if top_k == deepest else np.count_nonzero(
+                    top[:, :top_k], axis=1)
+                # np.sum per query keeps the summation order of a per-query
+                # reference (sum of cumulative precisions) bit for bit.
+                for row in np.flatnonzero(within):
+                    begin = starts[row]
+                    ap_sum[start + row, column] = np.sum(
+                        precisions[begin:begin + within[row]]
+                    )
+                out["retrieved"][start:stop, column] = within
         if precision_at:
             cumulative = np.cumsum(rel_sorted[:, : max(precision_at)],
                                    axis=1, dtype=np.int64)
@@ -207,18 +242,20 @@ def _mean_over_queries(values, keep):
     return float(np.mean(values[keep]))
 
 
-def _average_precision(stats, top_k, ap_denominator, empty_query):
-    """Per-query stable AP, the kept mask and the number of empty queries."""
+def _average_precision(stats, column, top_k, ap_denominator, empty_query):
+    """Per-query stable AP@top_k (`map_at[column]` of `_collect`), the kept
+    mask and the number of empty queries."""
     num_relevant = stats["num_relevant"]
     if ap_denominator == "retrieved":
-        denominator = stats["retrieved"]
+        denominator = stats["retrieved"][:, column]
     elif ap_denominator == "min_rk":
         denominator = np.minimum(num_relevant, top_k)
     else:
         denominator = num_relevant
     empty = denominator == 0
     ap = np.zeros(num_relevant.shape[0], dtype=np.float64)
-    np.divide(stats["ap_sum"], denominator, out=ap, where=~empty)
+    np.divide(stats["ap_sum"][:, column], denominator, out=ap,
+              where=~empty)
     keep = ~empty if empty_query == "skip" else np.ones_like(empty)
     return ap, keep, int(np.count_nonzero(empty))
 
@@ -254,13 +291,58 @@ def mean_average_precision(query_codes, database_codes, query_labels,
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     top_k = ranking.validate_top_k(top_k, inputs.num_database)
-    stats = _collect(inputs, top_k=top_k)
-    ap, keep, num_empty = _average_precision(
-        stats, top_k, ap_denominator, empty_query
-    )
-    logging.info("MAP@%d: %d of %d queries empty (%s)", top_k, num_empty,
-                 inputs.num_query, empty_query)
-    return _mean_over_queries(ap, keep)
+    maps, _ = ranked_metrics(inputs, map_at=(top_k,),
+                             ap_denominator=ap_denominator,
+                             empty_query=empty_query)
+    return maps[top_k]
+
+
+def ranked_metrics(batches, *, map_at=(), precision_at=(),
+                   ap_denominator="retrieved", empty_query="zero"):
+    """MAP@k and mean P@n of one ranking, in one pass over its batches.
+
+    The one AP and P@n of this module, for any `QueryBatches`: Hamming
+    distances of codes here, negated cosine similarities of float features
+    in `cosine`. Conventions as `mean_average_precision` and
+    `precision_at_n` (stable ranking, ties by database index).
+
+    Args:
+        batches: a `QueryBatches`.
+        map_at: cut-offs k, ints in [1, num_database].
+        precision_at: n, ints in [1, num_database].
+
+    Returns:
+        ({k: MAP@k}, {n: mean P@n}).
+
+    Raises:
+        ValueError: a k or n outside [1, num_database], unknown
+            ap_denominator or empty_query.
+    """
+    config.check_choice("ap_denominator", ap_denominator, AP_DENOMINATORS)
+    config.check_choice("empty_query", empty_query, EMPTY_QUERY_RULES)
+    num_database = batches.num_database
+    map_at = tuple(dict.fromkeys(
+        ranking.validate_top_k(k, num_database) for k in map_at))
+    if precision_at:
+        precision_at = _check_n_values(precision_at, num_database)
+    stats = _collect(batches, map_at=map_at, precision_at=precision_at)
+    maps, _ = _maps(stats, map_at, ap_denominator, empty_query)
+    precisions = (_precision_at_means(stats, precision_at)
+                  if precision_at else {})
+    return maps, precisions
+
+
+def _maps(stats, map_at, ap_denominator, empty_query):
+    """({k: MAP@k}, {k: empty queries}) from the `ap_sum` of `_collect`."""
+    maps, empties = {}, {}
+    for column, top_k in enumerate(map_at):
+        ap, keep, empties[top_k] = _average_precision(
+            stats, column, top_k, ap_denominator, empty_query
+        )
+        logging.info("MAP@%d: %d of %d queries empty (%s)", top_k,
+                     empties[top_k], ap.shape[0], empty_query)
+        maps[top_k] = _mean_over_queries(ap, keep)
+    return maps, empties
 
 
 def harmonic_table(n):
@@ -435,8 +517,7 @@ def precision_at_n(query_codes, database_codes, query_labels,
     inputs = _Inputs(query_codes, database_codes, query_labels,
                      database_labels)
     n_values = _check_n_values(n_values, inputs.num_database)
-    stats = _collect(inputs, precision_at=n_values)
-    return _precision_at_means(stats, n_values)
+    return ranked_metrics(inputs, precision_at=n_values)[1]
 
 
 def _precision_at_means(stats, n_values):
@@ -481,12 +562,14 @@ def evaluate_codes(query_codes, database_codes, query_labels,
     top_k = ranking.validate_top_k(top_k, num_database)
     hamming_radius = _check_hamming_radius(hamming_radius, inputs.code_length)
     precision_at = _precision_at_within(precision_at, num_database)
-    stats = _collect(inputs, top_k=top_k, histograms=True,
+    # Every MAP@k in one pass: each k's AP sums are those of its own pass.
+    extra_map_at = [ranking.validate_top_k(k, num_database)
+                    for k in (map_at or ()) if k < num_database]
+    cutoffs = tuple(dict.fromkeys([top_k, *extra_map_at]))
+    stats = _collect(inputs, map_at=cutoffs, histograms=True,
                      precision_at=precision_at)
-    ap, keep, num_empty = _average_precision(
-        stats, top_k, ap_denominator, empty_query
-    )
-    map_value = _mean_over_queries(ap, keep)
+    maps, empties = _maps(stats, cutoffs, ap_denominator, empty_query)
+    map_value, num_empty = maps[top_k], empties[top_k]
     map_tie_aware = None
     if tie_aware and top_k == num_database:
         map_tie_aware = _tie_aware_mean(stats, num_database, empty_query)
@@ -513,11 +596,7 @@ def evaluate_codes(query_codes, database_codes, query_labels,
         "precision_at_n": (
             _precision_at_means(stats, precision_at) if precision_at else {}
         ),
-        "map_at": _map_at(
-            map_at, num_database, query_codes, database_codes, query_labels,
-            database_labels, ap_denominator=ap_denominator,
-            empty_query=empty_query,
-        ),
+        "map_at": {k: _json_float(maps[k]) for k in extra_map_at},
         "top_k": top_k,
         "code_length": inputs.code_length,
         "num_query": inputs.num_query,
@@ -542,13 +621,3 @@ def _precision_at_within(precision_at, num_database):
     if precision_at:
         precision_at = _check_n_values(precision_at, num_database)
     return precision_at
-
-
-def _map_at(map_at, num_database, *data, **options):
-    """{k: MAP@k} for each k in `map_at` below the database size."""
-    return {
-        int(k): _json_float(
-            mean_average_precision(*data, top_k=k, **options)
-        )
-        for k in (map_at or ()) if k < num_database
-    }
