@@ -1,15 +1,19 @@
 """Table reproduction and the evaluate entry point, on synthetic features."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
 from train_fixtures import write_feature_file
 from uhga_tf import config
 from uhga_tf import tables
+from uhga_tf.data import retrieval_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +66,71 @@ def test_table3_cells_markdown_json_and_resume(tmp_path):
         tables.shallow_codes = original
     assert calls == []
     assert again.split("\n", 6)[6] == markdown.split("\n", 6)[6]
+
+
+def _legacy_inputs(experiment, description):
+    """The digest cells were keyed by before locations were normalised."""
+    from uhga_tf.evaluation import metrics
+
+    text = json.dumps({
+        "data": description, "experiment": experiment.to_dict(),
+        "product_recipe": config.PRODUCT_RECIPE,
+        "protocol": metrics.PROTOCOL_VERSION,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_cell_inputs_ignore_where_a_run_is_written(tmp_path):
+    sets = types.SimpleNamespace(description="toy data, seed-shuffled")
+    experiment = _experiment(tmp_path)
+    digest = tables.cell_provenance(experiment, sets)["inputs"]
+    moved = dataclasses.replace(
+        experiment, workdir=str(tmp_path / "elsewhere"), logdir="tb",
+        progress=True,
+        data=dataclasses.replace(experiment.data, data_dir="other.npz",
+                                 cache_dir="/tmp/other_cache"))
+    assert tables.cell_provenance(moved, sets)["inputs"] == digest
+    # Everything else still counts, bookkeeping that can move numbers too.
+    for section, field, value in (
+        ("train", "learning_rate", 1e-3),
+        ("train", "checkpoint_every_steps", 7),
+        ("train", "eval_every_epochs", 1),
+        ("eval", "hamming_radius", 3),
+        ("data", "skip_corrupt", True),
+    ):
+        changed = dataclasses.replace(experiment, **{
+            section: dataclasses.replace(getattr(experiment, section),
+                                         **{field: value})})
+        assert tables.cell_provenance(changed, sets)["inputs"] != digest, (
+            field)
+    assert tables.cell_provenance(
+        experiment, types.SimpleNamespace(description="other data")
+    )["inputs"] != digest
+    # At the default locations the digest is the one cells already carry.
+    default = config.at_default_locations(experiment)
+    assert default.workdir == "workdir" and default.data.cache_dir == "cache"
+    assert default.data.data_dir == "" and default.logdir == ""
+    assert default.progress is True
+    assert digest == _legacy_inputs(default, sets.description)
+    assert digest != _legacy_inputs(experiment, sets.description)
+
+
+def test_a_cell_is_reread_from_another_workdir(tmp_path, monkeypatch):
+    experiment = _experiment(tmp_path)
+    sets = retrieval_sets.load_retrieval_sets(
+        experiment.data, experiment.model, experiment.train.seed,
+        progress=False)
+    cell = tables.Cell(3, "LSH", 16, 0)
+    cells_dir = str(tmp_path / "cells")
+    # As stored: JSON turns the int keys of precision_at_n into strings.
+    first = json.loads(json.dumps(
+        tables.run_cell(cell, experiment, sets, cells_dir)))
+    monkeypatch.setattr(tables, "shallow_codes", None)  # no recomputation
+    moved = dataclasses.replace(
+        experiment, workdir=str(tmp_path / "run2"), progress=True,
+        data=dataclasses.replace(experiment.data,
+                                 cache_dir=str(tmp_path / "cache2")))
+    assert tables.run_cell(cell, moved, sets, cells_dir) == first
 
 
 def test_paper_numbers_sit_beside_ours():

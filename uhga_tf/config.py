@@ -637,6 +637,40 @@ def experiment_from_dict(nested):
     return experiment_from_flat(flat)
 
 
+# Fields that say where a run reads and writes and how it reports, never
+# what it computes. Stored results (table cells, sweep cells) are keyed
+# with them at their defaults, so the same experiment run from another
+# folder reads them back:
+# - workdir: the run's folder (checkpoints, config.json, hasher.keras);
+# - logdir: TensorBoard events only;
+# - progress: progress bars only (tqdm, the Keras verbosity);
+# - data_dir: where the images are read from; which files were read is
+#   recorded beside the key (`RetrievalSets.description` names the resolved
+#   source, e.g. zip:/.../cifar10-jpeg.zip);
+# - cache_dir: where split index files and cached features live; splits
+#   are drawn from the seed and features keyed by backbone, split and
+#   preprocessing, so every cache folder holds the same arrays.
+# Not here, although they look like bookkeeping: checkpoint_every_steps and
+# keep_checkpoints (a resumed run restarts from the checkpoint kept, and
+# without op determinism its numbers depend on where), eval_every_epochs
+# (the validation history is part of a result), strategy and deterministic
+# (the arithmetic), data_source and skip_corrupt (which images are read).
+LOCATION_FIELDS = {
+    "data": ("data_dir", "cache_dir"),
+    "": ("workdir", "logdir", "progress"),
+}
+
+
+def at_default_locations(experiment):
+    """`experiment` with every `LOCATION_FIELDS` field at its default."""
+    data = dataclasses.replace(experiment.data, **{
+        name: getattr(DataConfig, name) for name in LOCATION_FIELDS["data"]
+    })
+    return dataclasses.replace(experiment, data=data, **{
+        name: getattr(ExperimentConfig, name) for name in LOCATION_FIELDS[""]
+    })
+
+
 def load_experiment(workdir, required=()):
     """Read `<workdir>/config.json` written by a training run.
 

@@ -266,7 +266,11 @@ def cell_provenance(base_experiment, sets):
 
     ``inputs`` (the data and its database order, the experiment's flags,
     the product recipe and the evaluation protocol) decides staleness;
-    ``commit`` records the code it ran on.
+    ``commit`` records the code it ran on. The flags are hashed with
+    `config.LOCATION_FIELDS` (workdir, logdir, progress, data_dir,
+    cache_dir) at their defaults: where a run is written or its data read
+    from does not change a cell, and cells run at the defaults keep the
+    digest they had before.
     """
     import hashlib
 
@@ -275,7 +279,8 @@ def cell_provenance(base_experiment, sets):
 
     inputs = {
         "data": sets.description,
-        "experiment": base_experiment.to_dict(),
+        "experiment": config_lib.at_default_locations(
+            base_experiment).to_dict(),
         "product_recipe": config_lib.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }
