@@ -19,8 +19,11 @@ plus cosine ranking of raw and of centred float features. The database is
 stored in one seed-shuffled order and MAP@ALL is the tie-aware one (no label
 can move it); MAP@1000 and P@100 are computed on that order. "ITQ (best)"
 is the ITQ variant with the best *validation* MAP at that length (the query
-set never chooses anything). Cells are stored under --results_dir/cells and
-reread only when their recorded inputs match.
+set never chooses anything). Cells are stored under
+--results_dir/cells/<name>/ (benchmarks/results/cells/<name>/ by default, not
+docs/results/cells/ where `python -m uhga_tf.reproduce` keeps its own: the two
+run rows such as ITQ from different flags, and in one folder each made the
+other's cells stale) and reread only when their recorded inputs match.
 
 JSON (merged into --out under --name): ``<metric>.<method>.<bits>.mean``
 for metric in map_all, map_1000, p_100 (and map_all_stable);
@@ -58,7 +61,8 @@ flags.DEFINE_list(
 flags.DEFINE_string("product", "Ours+GA (product)",
                     "The row whose margins are reported.")
 flags.DEFINE_string("name", "", "Entry name in --out (default: dataset).")
-flags.DEFINE_string("results_dir", "docs/results", "Cells live under here.")
+flags.DEFINE_string("results_dir", "benchmarks/results",
+                    "Cells live under <results_dir>/cells/<name>/.")
 flags.DEFINE_string(
     "out", "benchmarks/results/quality.json", "JSON to merge into.")
 FLAGS = flags.FLAGS

@@ -1,5 +1,6 @@
 """Table reproduction and the evaluate entry point, on synthetic features."""
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -131,6 +132,37 @@ def test_a_cell_is_reread_from_another_workdir(tmp_path, monkeypatch):
         data=dataclasses.replace(experiment.data,
                                  cache_dir=str(tmp_path / "cache2")))
     assert tables.run_cell(cell, moved, sets, cells_dir) == first
+
+
+def _results_dir_default(path):
+    """The default of --results_dir in a command's source."""
+    tree = ast.parse(open(os.path.join(REPO, path)).read())
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "DEFINE_string"
+                and node.args[0].value == "results_dir"):
+            return node.args[1].value
+    raise AssertionError(f"no --results_dir in {path}")
+
+
+def test_quality_and_reproduce_keep_their_cells_apart():
+    """Both store cells under <results_dir>/cells/<collection>/ and both
+    have ITQ rows: their default folders differ, and every stored cell
+    folder is where its own command looks."""
+    assert _results_dir_default("uhga_tf/reproduce.py") == "docs/results"
+    assert _results_dir_default("benchmarks/quality.py") == (
+        "benchmarks/results")
+    with open(os.path.join(REPO, "benchmarks/results/quality.json")) as f:
+        quality_entries = set(json.load(f))
+    table_datasets = {
+        name.split("_table")[0]
+        for name in os.listdir(os.path.join(REPO, "docs/results"))
+        if "_table" in name and name.endswith(".json")
+    }
+    assert set(os.listdir(os.path.join(REPO, "docs/results/cells"))) <= (
+        table_datasets)
+    assert set(os.listdir(os.path.join(REPO, "benchmarks/results/cells"))) <= (
+        quality_entries)
 
 
 def test_paper_numbers_sit_beside_ours():
