@@ -23,7 +23,8 @@ set never chooses anything). Cells are stored under
 --results_dir/cells/<name>/ (benchmarks/results/cells/<name>/ by default, not
 docs/results/cells/ where `python -m uhga_tf.reproduce` keeps its own: the two
 run rows such as ITQ from different flags, and in one folder each made the
-other's cells stale) and reread only when their recorded inputs match.
+other's cells stale) and reread only when their recorded inputs match;
+`python benchmarks/check_cells.py` counts the cells a rerun would read back.
 
 JSON (merged into --out under --name): ``<metric>.<method>.<bits>.mean``
 for metric in map_all, map_1000, p_100 (and map_all_stable);
