@@ -258,12 +258,11 @@ def _check_upload_and_click(driver, url, workspace, tmp_path):
         f"#1 · d = {distances[0]}"
     )
     assert labels[0] == "blue" and distances[0] == 0
-    screenshot = tmp_path / "example_search_page.png"
+    # The README's picture comes from docs/page_screenshot.py (real
+    # images, the demo's model); this one only proves the page renders.
+    screenshot = tmp_path / "search_page.png"
     driver.save_screenshot(str(screenshot))
     assert Image.open(screenshot).size[0] > 0
-    if os.environ.get("UHGA_UPDATE_SCREENSHOT"):
-        shutil.copy(screenshot, os.path.join(
-            REPO, "docs", "example_search_page.png"))  # fmt: skip
     # Clicking a result searches from that item.
     item_id = tiles[2].get_attribute("data-id")
     tiles[2].click()
