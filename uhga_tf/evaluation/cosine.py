@@ -12,6 +12,14 @@ import numpy as np
 
 from uhga_tf.evaluation import metrics
 
+# Queries per similarity product. The float32 product's rounding depends on
+# the number of rows per call (BLAS blocking), and ties between near-equal
+# similarities follow it: 256 is the batch every stored cosine_map was
+# computed with, so results.json stays bit for bit the same. One batch holds
+# about 30 bytes per (query, database item): 450 MB at 59,000 items; batches
+# run on up to ceil(queries / 256) threads.
+BATCH_SIZE = 256
+
 
 def _unit(features, mean):
     features = features - mean
@@ -35,7 +43,7 @@ class _CosineBatches(metrics.QueryBatches):
 
 def cosine_map(
     query_features, database_features, query_labels, database_labels,
-    top_k=None, batch_size=None,
+    top_k=None, batch_size=BATCH_SIZE,
 ):
     """MAP@top_k (all when None) of cosine ranking; empty queries score 0."""
     num_database = len(database_features)
@@ -48,15 +56,14 @@ def cosine_map(
 
 def cosine_metrics(
     query_features, database_features, query_labels, database_labels, *,
-    mean=0.0, map_at=(1000,), precision_at=(100,), batch_size=None,
+    mean=0.0, map_at=(1000,), precision_at=(100,), batch_size=BATCH_SIZE,
 ):
     """MAP@ALL, MAP@k and P@n of cosine ranking after subtracting `mean`.
 
     `mean` = 0 ranks the raw features; a train (or database) mean gives
     cosine ranking of centred features, the geometry the hash head sees
     when `feature_centring` is on. A k above the database size is MAP@ALL.
-    `batch_size` queries per batch; None sizes batches as the Hamming
-    metrics do (`ranking.query_batch_size`).
+    `batch_size` queries per similarity product (see BATCH_SIZE).
 
     Returns:
         {"map_all", "map_<k>" for k in map_at, "p_<n>" for n in
