@@ -4,14 +4,18 @@ r"""Serving throughput and latency of the embedded gRPC server.
       [--image_size=224] [--clients=8] [--requests_per_client=500]
       [--batch_size=32] [--batched_requests_per_client=10] [--max_seconds=90]
   python benchmarks/serving.py --attacks_only [--backbone=tiny]
+  python benchmarks/serving.py --attacks_only --model_base_path=models/uhga
 
 Exports a model (the real EfficientNet-Lite0 backbone from
 `uhga_tf.models.backbone` with an untrained seeded hash head, or a tiny
-two-conv stand-in), measures the in-process SavedModel (`serving_default` on
-JPEG bytes) and then `python -m uhga_tf.serve` on loopback: `clients`
-threads each sending single-image requests, then requests of `batch_size`
-images. Served codes are checked against the in-process SavedModel; a
-mismatch counts as an error. Each phase stops after `max_seconds`.
+two-conv stand-in), or with --model_base_path serves the newest version of an
+export that `uhga_tf.export` wrote (a trained model, e.g. the demo's; its
+`uhga_tf.json` is recorded in each run's `config.model`), measures the
+in-process SavedModel (`serving_default` on JPEG bytes) and then `python -m
+uhga_tf.serve` on loopback: `clients` threads each sending single-image
+requests, then requests of `batch_size` images. Served codes are checked
+against the in-process SavedModel; a mismatch counts as an error. Each phase
+stops after `max_seconds`.
 
 Writes benchmarks/results/serving.json. Top-level keys: `errors` (all
 phases), `p50_ms`/`p99_ms` (single-image requests), `images_per_s` (batched
@@ -120,6 +124,12 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
     "rest_rounds", 2, "REST-vs-gRPC rounds of four legs (gRPC, REST, REST, "
     "gRPC) per request size."
+)
+flags.DEFINE_string(
+    "model_base_path", None,
+    "Serve the newest version of this `uhga_tf.export` base path (a "
+    "trained model) instead of exporting a seeded one; --backbone and "
+    "--image_size then come from its uhga_tf.json.",
 )
 flags.DEFINE_string(
     "out", "benchmarks/results/serving.json", "Where to write the JSON."
@@ -597,6 +607,26 @@ def export_model(tmp, image_size, images):
     return base, path
 
 
+def existing_model(base):
+    """(base, newest version path, its uhga_tf.json) of an export."""
+    found = saved_model.list_versions(base)
+    if not found:
+        raise ValueError(f"no version under --model_base_path={base}")
+    path = os.path.join(base, str(found[-1]))
+    with open(os.path.join(path, saved_model.ASSETS_EXTRA,
+                           saved_model.METADATA_FILENAME)) as f:
+        metadata = json.load(f)
+    return base, path, metadata
+
+
+def model_record(path, metadata):
+    """What `config.model` says about a served export."""
+    keys = ("backbone", "backbone_weights", "image_size", "code_length",
+            "training_data", "checkpoint", "git_sha", "created_utc")
+    return {"path": os.path.abspath(path),
+            **{k: metadata[k] for k in keys if k in metadata}}
+
+
 def request_sets(images):
     """Single-image requests (one per image) and 8 batches of batch_size."""
     singles = [[b] for b in images]
@@ -682,6 +712,11 @@ def run_config(image_size):
     }
 
 
+def device_line():
+    return (f"CPU ({os.cpu_count()} cores, shared), "
+            f"{platform.processor() or platform.machine()}")
+
+
 def summarise(measured, image_size, wall):
     """The result JSON of a full run (see the module docstring)."""
     single, batched = measured["single"], measured["batched"]
@@ -708,8 +743,7 @@ def summarise(measured, image_size, wall):
         "mixed": measured["mixed"],
         "git_sha": provenance.git_sha(),
         "tensorflow_version": tf.__version__,
-        "device": f"CPU ({os.cpu_count()} cores, shared), "
-        f"{platform.processor() or platform.machine()}",
+        "device": device_line(),
         "wall_s": round(time.perf_counter() - wall, 1),
     }
     comparison = measured["comparison"]
@@ -781,18 +815,30 @@ def print_tables(result, image_size):
 def main(argv):
     del argv
     wall = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     image_size = FLAGS.image_size or (
         32 if FLAGS.backbone == "tiny" else 224
     )
     images = jpeg_images(max(64, FLAGS.batch_size))
+    served = None
     with tempfile.TemporaryDirectory(prefix="uhga_bench_") as tmp:
-        base, path = export_model(tmp, image_size, images)
+        if FLAGS.model_base_path:
+            base, path, metadata = existing_model(FLAGS.model_base_path)
+            image_size = int(metadata["image_size"])
+            served = model_record(path, metadata)
+        else:
+            base, path = export_model(tmp, image_size, images)
+        if FLAGS.attacks_only:
+            runs = attack_runs(base, tmp, images, load_signature(path))
+            load = {"start": round(load_at_start, 2),
+                    "end": round(os.getloadavg()[0], 2)}
+            return write_attacks_only(runs, image_size, wall, served, load)
+        if served is not None:
+            raise app.UsageError(
+                "--model_base_path is supported with --attacks_only only")
         if FLAGS.mixed_only:
             mixed = mixed_run(base, tmp, images, load_signature(path))
             return write_mixed_only(mixed, image_size, wall)
-        if FLAGS.attacks_only:
-            runs = attack_runs(base, tmp, images, load_signature(path))
-            return write_attacks_only(runs, image_size, wall)
         measured = measure(base, path, tmp, images)
     result = summarise(measured, image_size, wall)
     write_result(result)
@@ -845,14 +891,26 @@ def attack_runs(base, tmp, images, fn):
     return {"hostile": hostile, "slowloris": slowloris}
 
 
-def write_attacks_only(runs, image_size, wall):
+def write_attacks_only(runs, image_size, wall, served=None, load=None):
     result = {}
     if os.path.exists(FLAGS.out):
         with open(FLAGS.out) as f:
             result = json.load(f)
     for run in runs.values():
-        run["config"].update(backbone=FLAGS.backbone, image_size=image_size)
+        if served is None:
+            run["config"].update(backbone=FLAGS.backbone,
+                                 image_size=image_size)
+        else:
+            run["config"].update(backbone=served["backbone"],
+                                 image_size=image_size, model=served)
+        run["command"] = " ".join(
+            ["python", "benchmarks/serving.py", *sys.argv[1:]])
         run["git_sha"] = provenance.git_sha()
+        run["tensorflow_version"] = tf.__version__
+        run["device"] = result.get("device") or device_line()
+        # The 1-minute load average of the whole machine (other jobs
+        # included) before the hostile run and after the slowloris run.
+        run["load_avg_1m"] = load
     runs["hostile"]["wall_s"] = round(time.perf_counter() - wall, 1)
     result.update(runs)
     write_result(result)

@@ -45,11 +45,12 @@ INT64_MAX = 2**63 - 1
 # Helpers ------------------------------------------------------------------
 
 
-def cli(verb, *args, timeout=120):
+def cli(verb, *args, timeout=120, preexec_fn=None):
     """Run `python -m uhga_tf.<verb>`; return (exit code, last stderr line)."""
     result = subprocess.run(
         [sys.executable, "-m", f"uhga_tf.{verb}", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        preexec_fn=preexec_fn,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
              "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
@@ -1197,9 +1198,157 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
         cli_errors.run("export", write_until_full,
                        outputs=[str(export_dir)])
     assert str(info.value) == (
-        f"uhga_tf.export: {export_dir}/.tmp-1/variables; No space left on "
-        "device")
+        f"uhga_tf.export: No space left on device ({export_dir}/.tmp-1/"
+        "variables): expected free disk space")
     assert not export_dir.exists()
+
+
+# A full disk for real: a small tmpfs (root) and RLIMIT_FSIZE (anyone).
+
+
+def _mount_tmpfs(path, size):
+    """Mount a tmpfs of `size` at `path`; return None, or why not."""
+    if not sys.platform.startswith("linux"):
+        return "tmpfs is Linux only"
+    mount = shutil.which("mount")
+    if mount is None:
+        return "no mount command"
+    result = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if result.returncode:
+        return (f"mount -t tmpfs needs root with CAP_SYS_ADMIN "
+                f"({result.stderr.strip()})")
+    return None
+
+
+def _limit_file_size(limit):
+    """A preexec_fn: the child's writes past `limit` bytes fail (EFBIG)."""
+    import resource
+    import signal
+
+    def limit_in_child():
+        # Ignored, SIGXFSZ no longer kills: write() returns EFBIG instead.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_in_child
+
+
+@pytest.fixture(params=["tmpfs", "rlimit_fsize"])
+def small_disk(request, tmp_path):
+    """make(size) -> (folder, preexec_fn, words of the expected line).
+
+    tmpfs: a real file system of `size` bytes mounted on the folder; the
+    child's writes fail with ENOSPC ("No space left on device") exactly as
+    on a full disk. Skipped, with the mount's reason, where mounting is not
+    allowed (not root, or a container without CAP_SYS_ADMIN); `.ci/run` runs
+    as root.
+    rlimit_fsize: a plain folder, and the child runs under RLIMIT_FSIZE
+    (`ulimit -f`) of 8 KiB with SIGXFSZ ignored, so the kernel fails any
+    write past 8 KiB in any file with EFBIG ("File too large") part-way
+    through it, as ENOSPC does. Needs no privilege: every Linux run has it.
+    It proves the same error path (a real write() failing in TF's C++ file
+    system and in Python, a partial file on disk), not free space itself.
+    """
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if request.param == "rlimit_fsize":
+        import resource
+
+        if not hasattr(resource, "RLIMIT_FSIZE"):
+            pytest.skip("no RLIMIT_FSIZE on this platform")
+
+        def make(size):
+            del size
+            return folder, _limit_file_size(8 * 1024), (
+                "File too large", "ulimit -f")
+
+        yield make
+        return
+
+    mounted = []
+
+    def make(size):
+        reason = _mount_tmpfs(folder, size)
+        if reason is not None:
+            pytest.skip(reason)
+        mounted.append(folder)
+        return folder, None, ("No space left on device",
+                              "expected free disk space")
+
+    yield make
+    for path in mounted:
+        if subprocess.run(["umount", str(path)]).returncode:
+            subprocess.run(["umount", "-l", str(path)])
+
+
+def _debris(folder):
+    """Files and folders under `folder` that no finished write leaves:
+    TF's `_temp` checkpoint folders and `.tempstate` files, our `.tmp`
+    names (atomic_path, atomic_directory)."""
+    found = []
+    for directory, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            if ("_temp" in name or ".tempstate" in name
+                    or name.startswith(".") or ".tmp" in name):
+                found.append(os.path.join(directory, name))
+    return found
+
+
+def test_train_on_a_full_disk_keeps_whole_checkpoints_only(
+    tmp_path, small_disk
+):
+    """issue 18 item 6, on a real full file system: training whose
+    --workdir fills up ended in a ResourceExhaustedError line naming TF's
+    temporary file ("{{function_node ...}} .../ckpt-6_temp/part-...
+    .tempstate...") or, for EFBIG, an OutOfRangeError traceback, and left
+    `ckpt-6_temp/` behind. Now: one line naming the checkpoint it was
+    writing and what is expected; the whole checkpoints stay (a rerun with
+    space resumes from them), nothing half-written does."""
+    disk, preexec_fn, words = small_disk("48k")
+    workdir = disk / "run"
+    code, line = cli("train", *tiny_train_args(tmp_path, workdir=workdir),
+                     timeout=600, preexec_fn=preexec_fn)
+    ckpt_dir = workdir / "checkpoints"
+    assert_one_line(code, line, "train", f"({ckpt_dir}{os.sep}ckpt-",
+                    *words)
+    assert _debris(workdir) == []
+    whole = (_checkpoint_numbers(ckpt_dir)
+             if (ckpt_dir / "checkpoint").exists() else [])
+    failed = int(line.split(f"{ckpt_dir}{os.sep}ckpt-")[1].split(")")[0])
+    assert failed not in whole, (failed, whole)
+    allowed = {"checkpoint"} | {f"ckpt-{n}.index" for n in whole} | {
+        f"ckpt-{n}.data-00000-of-00001" for n in whole}
+    assert set(os.listdir(ckpt_dir)) <= allowed, os.listdir(ckpt_dir)
+
+
+def test_export_onto_a_full_disk_leaves_nothing(
+    trained_workdir, tmp_path, small_disk
+):
+    """issue 18 item 6, on a real full file system: an export that does
+    not fit ended in a traceback (EFBIG) and left an empty export_dir.
+    Now: one line naming the version it was writing and what is expected,
+    and no export_dir, temporary folder or partial file on the disk."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_workdir / "run" / "hasher.keras", run)
+    with open(trained_workdir / "run" / "config.json") as f:
+        config = json.load(f)
+    # The tiny run's 16-d features fit the 16-d tiny backbone (~160 KB
+    # export: saved_model.pb alone is over 64 KiB).
+    config["model"].update(backbone="tiny_cnn", image_size=32)
+    with open(run / "config.json", "w") as f:
+        json.dump(config, f)
+    disk, preexec_fn, words = small_disk("64k")
+    export_dir = disk / "models"
+    code, line = cli("export", f"--checkpoint={run}",
+                     f"--export_dir={export_dir}", timeout=600,
+                     preexec_fn=preexec_fn)
+    assert_one_line(code, line, "export", f"({export_dir / '1'})", *words)
+    assert not export_dir.exists()
+    assert os.listdir(disk) == []
 
 
 def _toy_split(tmp_path, name="toy", classes=10):

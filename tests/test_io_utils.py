@@ -88,3 +88,60 @@ def test_atomic_directory_merge_replaces_files_and_keeps_others(tmp_path):
     assert sorted(os.listdir(target)) == [".lock", "index.bin"]
     assert (target / "index.bin").read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["index"]
+
+
+def test_failed_write_names_the_target_not_the_temporary_file(tmp_path):
+    """A write() refused for space names no file; the message names the
+    path the caller asked for (the temporary one is gone)."""
+    import errno
+
+    path = tmp_path / "config.json"
+    with pytest.raises(OSError) as info:
+        with io_utils.atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.filename == str(path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_tf_file_error_maps_tf_temporary_names_back():
+    """TF's own "<path>; <strerror>" with its temporary names: the
+    checkpoint prefix and the file it was writing."""
+    import errno
+
+    import tensorflow as tf
+
+    error = tf.errors.ResourceExhaustedError(
+        None, None,
+        "{{function_node __wrapped__SaveV2_dtypes_24_device_/job:localhost/"
+        "replica:0/task:0/device:CPU:0}} /w/run/checkpoints/ckpt-6_temp/"
+        "part-00000-of-00001.data-00000-of-00001.tempstate1696; No space "
+        "left on device [Op:SaveV2]")
+    assert io_utils.tf_file_error(error) == (
+        errno.ENOSPC, "No space left on device", "/w/run/checkpoints/ckpt-6")
+    big = tf.errors.OutOfRangeError(None, None, "/w/my_temp/x; File too large")
+    assert io_utils.tf_file_error(big) == (
+        errno.EFBIG, "File too large", "/w/my_temp/x")
+    # Not a file error: an iterator's end, a shape mismatch.
+    assert io_utils.tf_file_error(
+        tf.errors.OutOfRangeError(None, None, "End of sequence")) is None
+    assert io_utils.tf_file_error(ValueError("x; File too large")) is None
+
+
+def test_failed_tf_write_in_a_folder_names_the_target(tmp_path):
+    """A TF file error inside atomic_directory's temporary folder becomes
+    an OSError naming the target folder, with the TF error as its cause."""
+    import errno
+
+    import tensorflow as tf
+
+    target = tmp_path / "1"
+    with pytest.raises(OSError) as info:
+        with io_utils.atomic_directory(target, prefix=".tmp-1-") as temp:
+            raise tf.errors.ResourceExhaustedError(
+                None, None,
+                f"{temp}/variables/variables_temp/part-00000-of-00001.data-"
+                "00000-of-00001.tempstate12; No space left on device")
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(target)
+    assert isinstance(info.value.__cause__, tf.errors.ResourceExhaustedError)
+    assert os.listdir(tmp_path) == []

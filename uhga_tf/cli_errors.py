@@ -24,6 +24,8 @@ import sys
 from absl import app
 from absl import flags
 
+from uhga_tf import io_utils
+
 # What the user should give instead, per OSError errno.
 _EXPECTED = {
     errno.ENOENT: "an existing path",
@@ -34,6 +36,8 @@ _EXPECTED = {
     errno.EPERM: "a path this user may read and write",
     errno.EROFS: "a writable file system",
     errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk quota",
+    errno.EFBIG: "a file size within this process's limit (ulimit -f)",
     errno.EADDRINUSE: "a free port",
 }
 
@@ -65,6 +69,12 @@ def _protobuf_errors():
     return (message.DecodeError,)
 
 
+def is_user_error(error):
+    """A user error (one line, exit 1) rather than a bug (traceback)."""
+    return (isinstance(error, user_error_types())
+            or io_utils.tf_file_error(error) is not None)
+
+
 def user_error_types():
     """The exception types treated as user errors (not bugs)."""
     return (
@@ -85,6 +95,11 @@ def describe(error):
         return f"{what} ({error.filename}): expected {expected}"
     if isinstance(error, UnicodeDecodeError):
         return f"not a text file ({error.reason}): expected UTF-8 text"
+    file_error = io_utils.tf_file_error(error)
+    if file_error is not None:
+        number, reason, path = file_error
+        expected = _EXPECTED.get(number, "a usable path")
+        return f"{reason} ({path}): expected {expected}"
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(error, tf.errors.OpError):
         lines = [x for x in str(error.message).splitlines() if x.strip()]
@@ -122,7 +137,9 @@ def run(verb, fn, *args, outputs=(), **kwargs):
     before = _existing(outputs)
     try:
         return fn(*args, **kwargs)
-    except user_error_types() as e:
+    except Exception as e:  # bugs are re-raised unchanged below
+        if not is_user_error(e):
+            raise
         for path in sorted(set(_existing(outputs)) - before, reverse=True):
             _remove(path)
         sys.exit(f"uhga_tf.{verb}: {describe(e)}")

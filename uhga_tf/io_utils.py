@@ -9,12 +9,80 @@ written the same way with `atomic_directory`.
 """
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
+
+# TF reports a failed file operation as "<path>; <strerror>" (its IOError)
+# under a status code of its own choosing (ENOSPC: RESOURCE_EXHAUSTED,
+# EFBIG: OUT_OF_RANGE), wrapped in "{{function_node ...}}" and "[Op:...]".
+_TF_WRAPPER_RE = re.compile(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\]$")
+_TF_FILE_ERROR_RE = re.compile(r"^(?P<path>.+); (?P<reason>[^;]+)$")
+_TF_ERRNOS = {
+    os.strerror(number): number
+    for number in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                   errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                   errno.EDQUOT, errno.EFBIG, errno.EIO)
+}
+# A failed write() names no file; these say the file system refused it.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# TF's own temporary names: a sharded checkpoint is written under
+# `<prefix>_temp*/part-*` before it is merged, a file as
+# `<name>.tempstate<digits>` before it is renamed.
+_TF_TEMP_DIR_RE = re.compile(r"_temp(_[0-9a-f]+)?/part-\d+-of-\d+[^/]*$")
+_TF_TEMP_FILE_RE = re.compile(r"\.tempstate\d+$")
+
+
+def tf_file_error(error):
+    """(errno, strerror, path) of a TF op error about a file, else None.
+
+    The path is the one the caller asked TF to write: TF's temporary names
+    are mapped back to it (`ckpt-6_temp/part-00000-of-00001...` ->
+    `ckpt-6`, `x.tempstate123` -> `x`).
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(error, tf.errors.OpError):
+        return None
+    lines = [x for x in str(error.message).splitlines() if x.strip()]
+    if not lines:
+        return None
+    match = _TF_FILE_ERROR_RE.match(
+        _TF_WRAPPER_RE.sub("", lines[-1].strip()))
+    if match is None or match.group("reason") not in _TF_ERRNOS:
+        return None
+    path = _TF_TEMP_FILE_RE.sub("", match.group("path").strip())
+    path = _TF_TEMP_DIR_RE.sub("", path)
+    reason = match.group("reason")
+    return _TF_ERRNOS[reason], reason, path
+
+
+def _inside(path, folder):
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def _naming_target(error, tmp, target):
+    """`error` naming `target` when it names `tmp` (or nothing), else None.
+
+    A failed write under a temporary name (a full disk, a file-size
+    limit) is reported for the path the caller asked for: the temporary
+    one is removed before anyone reads the message.
+    """
+    if isinstance(error, OSError):
+        if (error.filename is None and error.errno in _WRITE_ERRNOS) or (
+                error.filename is not None and _inside(error.filename, tmp)):
+            error.filename = target
+        return None
+    found = tf_file_error(error)
+    if found is None or not _inside(found[2], tmp):
+        return None
+    return OSError(found[0], found[1], target)
 
 
 @contextlib.contextmanager
@@ -39,6 +107,11 @@ def atomic_path(path, suffix=""):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        renamed = _naming_target(e, tmp, path)
+        if renamed is not None:
+            raise renamed from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -77,6 +150,11 @@ def atomic_directory(path, prefix=None, merge=False):
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         else:
             os.rename(tmp, path)
+    except Exception as e:
+        renamed = _naming_target(e, tmp, path)
+        if renamed is not None:
+            raise renamed from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

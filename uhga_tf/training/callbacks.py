@@ -18,6 +18,7 @@ from uhga_tf import codes as codes_lib
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import metrics
 from uhga_tf.models import attention_net
+from uhga_tf.training import checkpoints
 
 
 class CheckpointCallback(keras.callbacks.Callback):
@@ -36,16 +37,24 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _step(self):
         return int(self.model.step.numpy())
 
+    def _save(self, step):
+        try:
+            self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError):
+            # A full disk: keep the whole checkpoints, not the half one.
+            checkpoints.remove_partial(self.manager, step)
+            raise
+
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
         if step % self.every_steps == 0:
-            self.manager.save(checkpoint_number=step)
+            self._save(step)
 
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
         latest = self.manager.latest_checkpoint
         if not latest or not latest.endswith(f"-{step}"):
-            self.manager.save(checkpoint_number=step)
+            self._save(step)
 
 
 class CodeStatisticsCallback(keras.callbacks.Callback):

@@ -6,6 +6,7 @@ the run resumes from the previous complete one. A checkpoint that reads but
 does not fit the model is a checkpoint of another model: a ValueError.
 """
 
+import glob
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ from absl import logging
 import tensorflow as tf
 
 DAMAGED_DIRNAME = "damaged"
+# tf.train.CheckpointManager's default checkpoint_name (run.py keeps it).
+CHECKPOINT_NAME = "ckpt"
 _NUMBER_RE = re.compile(r"-(\d+)$")
 
 
@@ -46,6 +49,30 @@ def _set_aside(path, ckpt_dir):
                 os.path.join(target, name),
             )
     return target
+
+
+def remove_partial(manager, number):
+    """Remove what a failed `manager.save(checkpoint_number=number)` left.
+
+    A save that fails part-way (a full disk, a file-size limit) leaves
+    TF's `<prefix>_temp*/` folder and possibly a data file without its
+    index; the `checkpoint` state file still names only whole checkpoints,
+    so the files are debris. An earlier whole checkpoint of the same number
+    is kept.
+    """
+    prefix = os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{number}")
+    if any(os.path.abspath(p) == os.path.abspath(prefix)
+           for p in manager.checkpoints):
+        return
+    pattern = glob.escape(prefix)
+    for path in glob.glob(pattern + "_temp*") + glob.glob(pattern + ".*"):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
 def drop_damaged(ckpt_dir):
