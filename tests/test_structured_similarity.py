@@ -203,6 +203,42 @@ def test_multiscale_grades_pairs_by_how_fine_they_stay_together():
         1 - fractions["unlabeled"])
 
 
+def test_coassociation_is_two_times_the_joined_share_minus_one():
+    features, group, sub = _hierarchy()
+    structure = _build("coassociation", features, similarity_cluster_size=10,
+                       similarity_runs=2)
+    ids = structure.assignments
+    rows = np.arange(len(ids))
+    joined = (ids[:, None, :] == ids[None, :, :]).mean(axis=-1)
+    s = _dense(structure)
+    np.testing.assert_allclose(s, 2.0 * joined - 1.0, atol=1e-6)
+    # Every pair labelled; the hierarchy read without a count: same
+    # subgroup > same group only > different groups.
+    same_group = group[:, None] == group[None, :]
+    same_sub = same_group & (sub[:, None] == sub[None, :])
+    off = ~np.eye(len(rows), dtype=bool)
+    fine = s[same_sub & off].mean()
+    coarse = s[same_group & ~same_sub].mean()
+    apart = s[~same_group].mean()
+    assert fine > coarse + 0.2 and coarse > apart + 0.2, (fine, coarse, apart)
+    assert apart < -0.7
+
+
+def test_coassociation_cosine_mix_adds_centred_cosine():
+    features, _, _ = _hierarchy()
+    plain = _build("coassociation", features, similarity_cluster_size=10,
+                   similarity_runs=2)
+    mixed = _build("coassociation", features, similarity_cluster_size=10,
+                   similarity_runs=2, similarity_cosine_mix=0.25)
+    np.testing.assert_array_equal(plain.assignments, mixed.assignments)
+    centred = features - features.mean(axis=0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    expected = 0.75 * _dense(plain) + 0.25 * unit @ unit.T
+    np.testing.assert_allclose(_dense(mixed), expected, atol=1e-5)
+    # The stored structure grows by the unit rows only (N x D float32).
+    assert mixed.nbytes - plain.nbytes == unit.size * 4
+
+
 def test_modularity_of_two_triangles_joined_by_an_edge():
     # Edges: triangle 0-1-2, triangle 3-4-5, bridge 2-3 (m = 7). Split into
     # the triangles: each keeps 3 of 7 edges and half of the degree sum,

@@ -314,3 +314,22 @@ def test_graded_entries_are_soft_logistic_targets():
     _, pulled = pair_loss_and_grad(code, 2 * code,
                                    np.array([[s + 0.1]], np.float32))
     assert float(pulled.numpy()[0, 0]) < -1e-3  # wants q larger
+
+
+def test_l2_loss_weighs_every_pair_and_ssdh_l2_weighs_by_magnitude():
+    # Two pairs, K = 2: q = [[2, 0]] -> q / K = [1, 0]; S = [0.5, 0].
+    u = tf.constant([[1.0, 1.0]], tf.float64)
+    v = tf.constant([[1.0, 1.0], [1.0, -1.0]], tf.float64)
+    s = np.array([[0.5, 0.0]])
+    value, grad = pair_loss_and_grad(u, v, s, loss="l2")
+    # ((1 - 0.5)^2 + 0^2) / 2 pairs; G = 2 r / (K pairs) = [0.25, 0].
+    assert float(value) == pytest.approx(0.125)
+    np.testing.assert_allclose(grad.numpy(), [[0.25, 0.0]])
+    s = np.array([[0.5, -0.5]])
+    value, grad = pair_loss_and_grad(u, v, s, loss="l2")
+    assert float(value) == pytest.approx((0.25 + 0.25) / 2)
+    np.testing.assert_allclose(grad.numpy(), [[0.25, 0.25]])
+    # (22) weighs each pair by |s|: half of l2's loss here.
+    value, grad = pair_loss_and_grad(u, v, s, loss="ssdh_l2")
+    assert float(value) == pytest.approx(0.125)
+    np.testing.assert_allclose(grad.numpy(), [[0.125, 0.125]])

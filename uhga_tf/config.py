@@ -26,9 +26,10 @@ SPLIT_PROTOCOLS = (
 QUERY_POOLS = ("test", "all")
 HASH_HEADS = ("dense", "mlp")
 SIMILARITY_MODES = (
-    "ssdh", "threshold", "knn", "cluster", "manifold", "multiscale"
+    "ssdh", "threshold", "knn", "cluster", "manifold", "multiscale",
+    "coassociation",
 )
-LOSSES = ("ga_logistic", "ssdh_l2")
+LOSSES = ("ga_logistic", "ssdh_l2", "l2")
 PAIRINGS = ("cross", "within")
 SCALE_SCHEDULES = ("sqrt_step", "none")
 LOOKAHEADS = ("jvp", "second_order")
@@ -44,17 +45,17 @@ EMPTY_QUERY = ("zero", "skip")
 HASH_INITS = ("random", "structure")
 
 PRODUCT_RECIPE = {
-    "similarity": "manifold",
+    "similarity": "coassociation",
     "similarity_knn": 20,
-    "similarity_clusters": 0,
-    "similarity_cluster_span": 1.5,
-    "similarity_runs": 10,
+    "similarity_cluster_size": 20,
+    "similarity_runs": 3,
+    "loss": "l2",
     "feature_centring": True,
     "positive_weight": "auto",
     "quantization_weight": 0.0,
     "epochs": 30,
     "lr_step_epochs": 30,
-    "learning_rate": 0.0005,
+    "learning_rate": 0.02,
     "attention_learning_rate": 0.05,
 }
 
@@ -312,6 +313,10 @@ class SimilarityConfig:
             in a share a of the clusterings gets S = 1 - g (1 - a), so the
             finer the scales that keep it together, the closer it is pulled;
             0 = every similar pair +1.
+        similarity_cosine_mix: `coassociation` (S = 2 a - 1 for a pair
+            joined in a share a of the multiscale clusterings, every pair
+            labelled), m in [0, 1): S = (1 - m)(2 a - 1) + m cos of the
+            centred train rows; 0 = the ladder alone.
     """
 
     similarity: str = "ssdh"
@@ -329,6 +334,7 @@ class SimilarityConfig:
     similarity_negative_share: float = 0.25
     similarity_grading: float = 0.0
     similarity_cluster_span: float = 1.0
+    similarity_cosine_mix: float = 0.0
 
     def __post_init__(self):
         _canonicalize(self)
@@ -340,6 +346,10 @@ class SimilarityConfig:
                   1.0)
         _positive("similarity_runs", self.similarity_runs)
         _positive("similarity_cluster_size", self.similarity_cluster_size)
+        if not 0.0 <= self.similarity_cosine_mix < 1.0:
+            raise ValueError(
+                "similarity_cosine_mix must be in [0, 1); received "
+                f"similarity_cosine_mix={self.similarity_cosine_mix!r}")
         if not 0.0 <= self.similarity_grading <= 1.0:
             raise ValueError(
                 "similarity_grading must be in [0, 1]; received "
@@ -374,7 +384,8 @@ class LossConfig:
     """Pairwise loss, method.md §7 and §14.
 
     Attributes:
-        loss: `ga_logistic` (eq. 7) or `ssdh_l2` (eq. 22).
+        loss: `ga_logistic` (eq. 7), `ssdh_l2` (eq. 22) or `l2` (eq. 22
+            on every pair, weight 1; for the graded `coassociation` S).
         sigmoid_param: gamma of eq. (7).
         positive_weight: omega of eq. (6), a float > 0, or `auto` =
             #(S=-1) / #(S=+1) (stored as None, null in config.json).

@@ -55,13 +55,14 @@ from absl import logging
 from uhga_tf.similarity import entries
 from uhga_tf.similarity import features as features_lib
 
-STRUCTURED_MODES = ("knn", "cluster", "manifold", "multiscale")
+STRUCTURED_MODES = (
+    "knn", "cluster", "manifold", "multiscale", "coassociation")
 # similarity_clusters = 0: read the count from the kNN graph (modularity).
 AUTO_CLUSTERS = 0
 # Rows of the kNN graph the count is read from (a seeded sample beyond).
 COUNT_SAMPLE = 10000
 # Modes whose S entries are graded in [-1, 1] (float32), not {-1, 0, +1}.
-GRADED_MODES = ("multiscale",)
+GRADED_MODES = ("multiscale", "coassociation")
 RADIUS_SAMPLE = 4096
 
 
@@ -87,6 +88,9 @@ class StructuredSimilarity:
     unit_features: Optional[np.ndarray] = None
     assignments: Optional[np.ndarray] = None
     shares: tuple = (0.5, 0.25, 0.0)  # positive, negative share; grading
+    # coassociation: weight of the centred cosine in S (unit_features are
+    # then the centred train rows, normalised).
+    cosine_mix: float = 0.0
     fractions: dict = dataclasses.field(default_factory=dict)
     # cluster/manifold: the clusters of each k-means run, and (count read
     # from the graph) the modularity of every candidate count.
@@ -124,8 +128,13 @@ class StructuredSimilarity:
     def tensors(self):
         """The structure as TF constants (build once, inside the model)."""
         if self.assignments is not None:
-            return {"assignments": tf.constant(self.assignments),
-                    "shares": tf.constant(self.shares, tf.float32)}
+            tensors = {"assignments": tf.constant(self.assignments),
+                       "shares": tf.constant(self.shares, tf.float32)}
+            if self.cosine_mix > 0:
+                tensors["unit_features"] = tf.constant(self.unit_features)
+                tensors["cosine_mix"] = tf.constant(self.cosine_mix,
+                                                    tf.float32)
+            return tensors
         return {
             "neighbours": tf.constant(self.neighbours),
             "radius": tf.constant(self.radius),
@@ -157,6 +166,8 @@ def similarity_block(mode, tensors, index_1, index_2):
         b = tf.gather(ids, index_2)[None, :, :]
         # The share of (scale, run) clusterings that join the pair.
         agree = tf.reduce_mean(tf.cast(tf.equal(a, b), tf.float32), axis=-1)
+        if mode == "coassociation":
+            return _coassociation_entries(agree, tensors, index_1, index_2)
         shares = tensors["shares"]  # positive share, negative share, grading
         # Joined in most clusterings: similar, and (graded) the more so the
         # finer the scales that keep the pair together, so near neighbours
@@ -198,6 +209,24 @@ def similarity_block(mode, tensors, index_1, index_2):
     return (
         tf.cast(positive, tf.int8) - tf.cast(negative, tf.int8)
     )
+
+
+def _coassociation_entries(agree, tensors, index_1, index_2):
+    """S = 2 a - 1 for a pair joined in a share a of the clusterings.
+
+    Every pair is labelled: coarse scales separate kinds, fine scales order
+    the near neighbours inside them (a pair kept together up to the finest
+    scale gets +1). With ``cosine_mix`` m > 0, S = (1 - m)(2 a - 1) + m cos
+    of the centred rows, which orders pairs the ladder cannot tell apart.
+    """
+    entries_ = 2.0 * agree - 1.0
+    if "cosine_mix" not in tensors:
+        return entries_
+    features = tensors["unit_features"]
+    cosine = tf.matmul(tf.gather(features, index_1),
+                       tf.gather(features, index_2), transpose_b=True)
+    mix = tensors["cosine_mix"]
+    return (1.0 - mix) * entries_ + mix * cosine
 
 
 def nearest_neighbours(unit, k):
@@ -425,6 +454,7 @@ def build_structured_similarity(
     similarity_negative_share=0.25,
     similarity_grading=0.0,
     similarity_cluster_span=1.0,
+    similarity_cosine_mix=0.0,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -448,6 +478,8 @@ def build_structured_similarity(
             clusterings is similar, in at most the second dissimilar.
         similarity_grading: multiscale, g in [0, 1]: a similar pair joined
             in a share a of the clusterings gets 1 - g (1 - a), not 1.
+        similarity_cosine_mix: coassociation, m in [0, 1): S = (1 - m)
+            (2 a - 1) + m cos(centred rows); 0 = the ladder alone.
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -473,6 +505,11 @@ def build_structured_similarity(
          float(similarity_grading)),
         float(similarity_cluster_span),
     )
+    if similarity == "coassociation" and similarity_cosine_mix > 0:
+        centred = features - features.mean(axis=0)
+        structure = dataclasses.replace(
+            structure, cosine_mix=float(similarity_cosine_mix),
+            unit_features=features_lib.unit_rows(centred))
     fractions = estimate_fractions(structure, seed)
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
         missing = (
@@ -505,7 +542,7 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
     features = features_lib.check_features(
         features, min_rows=2, nonzero_rows=True)
     n = len(features)
-    if (similarity in ("knn", "manifold", "multiscale")
+    if (similarity in ("knn", "manifold", "multiscale", "coassociation")
             or clusters == AUTO_CLUSTERS) and not 1 <= knn < n:
         raise ValueError(
             f"similarity_knn must be in [1, N) = [1, {n}) for {n} train "
@@ -542,7 +579,7 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
             radius=row_radius(unit, quantile, seed),
             unit_features=unit,
         )
-    if similarity == "multiscale":
+    if similarity in ("multiscale", "coassociation"):
         ids, _ = nearest_neighbours(unit, knn)
         scales = cluster_scales(len(unit), cluster_size)
         return StructuredSimilarity(

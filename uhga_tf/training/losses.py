@@ -12,7 +12,11 @@ import tensorflow as tf
 
 def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
                        sigmoid_param=0.2, positive_weight=10.0):
-    """Pairwise loss (7) or (22) and G = dL/dQ (8).
+    """Pairwise loss (7), (22) or ``l2`` and G = dL/dQ (8).
+
+    ``l2`` is (22) with every pair weighted 1: for a graded S with no
+    unlabeled entries (`coassociation`), where (22)'s |s| weight would drop
+    the pairs the clusterings split evenly and skew the fit.
 
     Args:
         u: [B1, K], v: [B2, K] relaxed codes.
@@ -41,7 +45,8 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
     code_length = tf.cast(tf.shape(u)[1], u.dtype)
     pairs = tf.cast(tf.shape(u)[0] * tf.shape(v)[0], u.dtype)
     residual = q / code_length - s_entries
-    magnitude = tf.abs(s_entries)
+    magnitude = (tf.ones_like(s_entries) if loss == "l2"
+                 else tf.abs(s_entries))
     value = tf.reduce_sum(magnitude * tf.square(residual)) / pairs  # (22)
     grad = 2.0 * magnitude * residual / (code_length * pairs)
     return value, grad
