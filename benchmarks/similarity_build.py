@@ -2,10 +2,11 @@
 
     python benchmarks/similarity_build.py --data_dir=../shared/data
 
-Builds `knn`, `cluster`, `manifold` (C = 10), `manifold_auto` (the product
-recipe: no class count, the count read from the kNN graph, runs over
-[C, 1.5 C]) and `multiscale` S (the ladder 2 ... 1024 clusters that
-N = 50,000 and `similarity_cluster_size` = 40 give, 3 runs each) on the
+Builds `knn`, `cluster`, `manifold` (C = 10), `manifold_auto` (no class
+count, the count read from the kNN graph, runs over [C, 1.5 C]),
+`multiscale` S (the ladder 2 ... 1024 clusters that N = 50,000 and
+`similarity_cluster_size` = 40 give, 3 runs each) and `coassociation` (the
+product recipe: the ladder 2 ... 2048 that cluster size 20 gives) on the
 features of CIFAR-10's whole train part (50,000 images, the cached
 EfficientNet-Lite0 features at 160 px), each in a fresh subprocess so its
 peak resident memory is its own. Target (issue 10): <= 5 minutes and <= 2 GB
@@ -23,15 +24,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = ("knn", "cluster", "manifold", "manifold_auto", "multiscale")
+MODES = ("knn", "cluster", "manifold", "manifold_auto", "multiscale",
+         "coassociation")
 PARAMS = dict(similarity_knn=20, similarity_clusters=10, similarity_runs=10,
               similarity_dissimilar_quantile=0.3)
 # The product recipe's manifold S: the count read from the kNN graph
 # (modularity over 2 ... 64 candidate counts), runs spread over [C, 1.5 C].
 MODE_PARAMS_AUTO = dict(similarity_clusters=0, similarity_cluster_span=1.5)
-# The product recipe's multiscale S: no cluster count, 3 runs per scale.
+# The multiscale ladders: no cluster count, 3 runs per scale
+# (coassociation: the product recipe's values).
 MODE_PARAMS = {"multiscale": dict(similarity_runs=3,
                                   similarity_cluster_size=40),
+               "coassociation": dict(similarity_runs=3,
+                                     similarity_cluster_size=20),
                "manifold_auto": MODE_PARAMS_AUTO}
 
 

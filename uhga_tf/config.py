@@ -281,7 +281,8 @@ class SimilarityConfig:
             (the paper's reading), or a structured S beyond the paper
             (docs/product_recipe.md): `knn` (mutual kNN), `cluster` (k-means ensemble) or
             `manifold` (k-means ensemble in the spectral embedding of
-            the kNN graph).
+            the kNN graph), `multiscale` or `coassociation` (k-means at 2,
+            4, 8, ... clusters in that embedding; the product recipe).
         similarity_lambda: alpha = beta = lambda, the Table-1 parameter
             [inferred].
         ssdh_alpha: overrides alpha when set (unset or negative = use
@@ -301,7 +302,7 @@ class SimilarityConfig:
             granularity, dissimilar = separated at every one); 1 = all C.
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (`knn`, `manifold`).
-        similarity_cluster_size: `multiscale` only: the k-means ensemble
+        similarity_cluster_size: `multiscale`, `coassociation`: the ensemble
             runs at 2, 4, 8, ... clusters while the mean cluster holds at
             least this many train items (no class count needed).
         similarity_positive_share: `multiscale`: a pair that the same

@@ -16,6 +16,12 @@ labels), but label a pair by the *neighbourhood structure* around it:
   score) was tried first and dropped: on CIFAR-10 features its top-k equals
   the plain kNN's (same label precision, same MAP).
 
+* ``multiscale`` and ``coassociation``: k-means in the spectral embedding
+  at 2, 4, 8, ... clusters (the ladder follows N, never a class count),
+  ``similarity_runs`` seeds per scale. ``multiscale`` thresholds the share
+  of clusterings that join a pair; ``coassociation`` (the product recipe)
+  labels every pair with S = 2 a - 1, a the joined share, graded in [-1, 1].
+
 Dissimilar: in ``knn`` mode, farther apart than both rows'
 ``similarity_dissimilar_quantile`` distance quantile (per-row radius); in
 ``cluster``/``manifold`` mode, in different clusters in every run. Everything else is
