@@ -31,8 +31,9 @@ def _run(tmp_path, data, name, attention):
         workdir=str(tmp_path / name), code_length=16,
         global_batch_size=32, epochs=2, eval_every_epochs=1,
         learning_rate=0.01, progress=False, attention=attention,
-        similarity="multiscale", similarity_knn=10,
-        similarity_cluster_size=10, similarity_runs=2,
+        # The product recipe's S and loss (no class count anywhere).
+        similarity="coassociation", similarity_knn=10,
+        similarity_cluster_size=10, similarity_runs=2, loss="l2",
         feature_centring=True, positive_weight="auto",
     ))
     result = run_lib.run_experiment(experiment)
