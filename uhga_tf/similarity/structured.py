@@ -437,9 +437,13 @@ def cluster_assignments(unit, clusters, runs, seed, iterations=25):
 
     ids = np.empty((len(unit), runs), dtype=np.int32)
     for run in range(runs):
+        # min_points_per_centroid only gates faiss's "please provide at
+        # least 39 k points" warning (fine ladder scales have fewer); the
+        # clustering itself is unchanged.
         kmeans = faiss.Kmeans(
             unit.shape[1], clusters, niter=iterations, spherical=True,
             seed=int(seed) * 1000 + run, verbose=False,
+            min_points_per_centroid=1,
         )
         kmeans.train(unit)
         _, assigned = kmeans.index.search(unit, 1)
