@@ -199,22 +199,7 @@ def _collect(inputs, *, map_at=(), histograms=False, precision_at=()):
             np.take(rel[row], order[row], out=rel_sorted[row])
         if map_at:
             top = rel_sorted if deepest == width else rel_sorted[:, :deepest]
-            hits, starts, ranks, positions = _relevant_positions(top)
-            precisions = ranks / positions
-            ap_sum = out["ap_sum"]
-            for column, top_k in enumerate(map_at):
-                # The relevant items of the top k are the first `within`
-                # of the row's hits: a shorter cut-off sums a prefix.
-                within = hits if top_k == deepest else np.count_nonzero(
-                    top[:, :top_k], axis=1)
-                # np.sum per query keeps the summation order of a per-query
-                # reference (sum of cumulative precisions) bit for bit.
-                for row in np.flatnonzero(within):
-                    begin = starts[row]
-                    ap_sum[start + row, column] = np.sum(
-                        precisions[begin:begin + within[row]]
-                    )
-                out["retrieved"][start:stop, column] = within
+            _ap_columns(top, map_at, out, start, stop)
         if precision_at:
             cumulative = np.cumsum(rel_sorted[:, : max(precision_at)],
                                    axis=1, dtype=np.int64)
@@ -232,6 +217,28 @@ def _collect(inputs, *, map_at=(), histograms=False, precision_at=()):
         for span in spans:
             process(*span)
     return out
+
+
+def _ap_columns(top, map_at, out, start, stop):
+    """AP sums and retrieved counts of rows [start, stop) at every cut-off,
+    from `top`, the rows' relevance in rank order down to max(map_at)."""
+    deepest = top.shape[1]
+    hits, starts, ranks, positions = _relevant_positions(top)
+    precisions = ranks / positions
+    ap_sum = out["ap_sum"]
+    for column, top_k in enumerate(map_at):
+        # The relevant items of the top k are the first `within` of the
+        # row's hits: a shorter cut-off sums a prefix.
+        within = hits if top_k >= deepest else np.count_nonzero(
+            top[:, :top_k], axis=1)
+        # np.sum per query keeps the summation order of a per-query
+        # reference (sum of cumulative precisions) bit for bit.
+        for row in np.flatnonzero(within):
+            begin = starts[row]
+            ap_sum[start + row, column] = np.sum(
+                precisions[begin:begin + within[row]]
+            )
+        out["retrieved"][start:stop, column] = within
 
 
 def _mean_over_queries(values, keep):

@@ -522,29 +522,9 @@ _FIELD_TYPES = (("code_length", int), ("count", int), ("metadata_bytes", int),
                 ("info", dict))
 
 
-def _parse(data, path):
-    """Validate a serialized index; return (header dict, payload bytes)."""
-    if len(data) < _PREAMBLE.size or data[:len(_MAGIC)] != _MAGIC:
-        raise ValueError(
-            f"{path} is not a uhga_tf Hamming index file (bad magic "
-            f"{data[:len(_MAGIC)]!r}; expected {_MAGIC!r})"
-        )
-    _, version, header_len = _PREAMBLE.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has index format version {version}; this uhga_tf "
-            f"reads version {FORMAT_VERSION}"
-        )
-    body = data[_PREAMBLE.size:]
-    if len(body) < header_len:
-        raise ValueError(
-            f"{path} is truncated: header needs {header_len} bytes, file "
-            f"has {len(body)}"
-        )
-    try:
-        header = json.loads(body[:header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} has a corrupt header: {e}") from e
+def _check_header_fields(header, path):
+    """One line naming the file for a header that is not an object, lacks a
+    field or holds one of the wrong type (never a TypeError later)."""
     if not isinstance(header, dict):
         raise ValueError(
             f"corrupt index header ({path}): expected a JSON object"
@@ -568,6 +548,32 @@ def _parse(data, path):
             f"corrupt index header ({path}): {', '.join(wrong)}; expected "
             "non-negative integers and an object for info"
         )
+
+
+def _parse(data, path):
+    """Validate a serialized index; return (header dict, payload bytes)."""
+    if len(data) < _PREAMBLE.size or data[:len(_MAGIC)] != _MAGIC:
+        raise ValueError(
+            f"{path} is not a uhga_tf Hamming index file (bad magic "
+            f"{data[:len(_MAGIC)]!r}; expected {_MAGIC!r})"
+        )
+    _, version, header_len = _PREAMBLE.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has index format version {version}; this uhga_tf "
+            f"reads version {FORMAT_VERSION}"
+        )
+    body = data[_PREAMBLE.size:]
+    if len(body) < header_len:
+        raise ValueError(
+            f"{path} is truncated: header needs {header_len} bytes, file "
+            f"has {len(body)}"
+        )
+    try:
+        header = json.loads(body[:header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} has a corrupt header: {e}") from e
+    _check_header_fields(header, path)
     if header.get("bit_order") != BIT_ORDER:
         raise ValueError(
             f"{path} has bit_order={header.get('bit_order')!r}; expected "

@@ -516,11 +516,21 @@ def build_structured_similarity(
         float(similarity_cluster_span),
     )
     if similarity == "coassociation" and similarity_cosine_mix > 0:
-        centred = features - features.mean(axis=0)
-        structure = dataclasses.replace(
-            structure, cosine_mix=float(similarity_cosine_mix),
-            unit_features=features_lib.unit_rows(centred))
+        structure = _with_cosine_mix(structure, features,
+                                     similarity_cosine_mix)
     fractions = estimate_fractions(structure, seed)
+    _check_fractions(fractions, similarity)
+    structure = dataclasses.replace(structure, fractions=fractions)
+    logging.info(
+        "similarity matrix (%s): %.1f MB stored, fractions %s",
+        similarity, structure.nbytes / 1e6,
+        {k: round(v, 4) for k, v in fractions.items()},
+    )
+    return structure
+
+
+def _check_fractions(fractions, similarity):
+    """Refuse an S with no similar or no dissimilar sampled pair."""
     if fractions["positive_offdiagonal"] == 0 or fractions["negative"] == 0:
         missing = (
             "similar" if fractions["positive_offdiagonal"] == 0
@@ -532,13 +542,13 @@ def build_structured_similarity(
             "similarity_clusters, similarity_runs or "
             "similarity_dissimilar_quantile"
         )
-    structure = dataclasses.replace(structure, fractions=fractions)
-    logging.info(
-        "similarity matrix (%s): %.1f MB stored, fractions %s",
-        similarity, structure.nbytes / 1e6,
-        {k: round(v, 4) for k, v in fractions.items()},
-    )
-    return structure
+
+
+def _with_cosine_mix(structure, features, mix):
+    """The structure with the centred unit rows that the cosine mix reads."""
+    centred = features - features.mean(axis=0)
+    return dataclasses.replace(structure, cosine_mix=float(mix),
+                               unit_features=features_lib.unit_rows(centred))
 
 
 def _check_structured_arguments(features, similarity, knn, clusters, runs,
