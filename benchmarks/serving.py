@@ -52,9 +52,7 @@ import http.client
 import json
 import os
 import platform
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -70,6 +68,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from uhga_tf import child_process
 from uhga_tf import io_utils
 from uhga_tf import provenance
 from uhga_tf import saved_model
@@ -199,50 +198,31 @@ def in_process_images_per_s(path, images, batch_size, max_seconds):
 
 
 def start_server(base, log_dir, enable_batching=None, rest=False):
+    """`uhga_tf.serve` on free ports: (process, gRPC address, REST port)."""
     if enable_batching is None:
         enable_batching = FLAGS.enable_batching
     out_path = os.path.join(log_dir, "server.out")
-    log = open(os.path.join(log_dir, "server.log"), "wb")
-    out = open(out_path, "wb")
-    cmd = [
-        sys.executable, "-m", "uhga_tf.serve",
-        f"--model_base_path={base}", "--port=0",
+    log_path = os.path.join(log_dir, "server.log")
+    args = [
+        "uhga_tf.serve", f"--model_base_path={base}", "--port=0",
         f"--max_batch_size={max(64, FLAGS.batch_size)}",
     ]  # fmt: skip
     if rest:
-        cmd.append("--rest_api_port=0")
+        args.append("--rest_api_port=0")
     if enable_batching:
-        cmd.append("--enable_batching")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited; see " + log.name)
-        with open(out_path) as f:
-            line = f.readline()
-        if line.startswith("serving ") and line.endswith("\n"):
-            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
-            if not rest:
-                return proc, address, None
-            with open(out_path) as f:
-                rest = [
-                    x for x in f.read().splitlines() if x.startswith("rest ")
-                ]
-            if rest:
-                return proc, address, int(rest[0].rsplit(":", 1)[1])
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start; see " + log.name)
+        args.append("--enable_batching")
+    proc = child_process.start(args, out_path, log_path)
 
+    def ready(text):
+        address = child_process.grpc_address(text)
+        port = child_process.rest_port(text) if rest else None
+        if address is None or (rest and port is None):
+            return None
+        return address, port
 
-def stop_server(proc):
-    """SIGTERM the server; kill it if it has not exited after 30 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    address, port = child_process.wait_for_output(
+        proc, out_path, log_path, ready, 180, poll_s=0.2)
+    return proc, address, port
 
 
 def run_clients(worker):
@@ -437,7 +417,7 @@ def mixed_run(base, tmp, images, fn):
         rss = peak_rss_mb(proc.pid)
     finally:
         channel.close()
-        stop_server(proc)
+        child_process.stop(proc, grace_s=30)
     return {
         "failed_good_requests": mixed["failed_good_requests"],
         "p99_good_ms": mixed["p99_good_ms"],
@@ -664,7 +644,7 @@ def measure_served(base, tmp, singles, batches, expected):
             )  # fmt: skip
     finally:
         channel.close()
-        stop_server(proc)
+        child_process.stop(proc, grace_s=30)
     return single, batched, comparison
 
 
@@ -887,7 +867,7 @@ def attack_runs(base, tmp, images, fn):
         )
     finally:
         channel.close()
-        stop_server(proc)
+        child_process.stop(proc, grace_s=30)
     return {"hostile": hostile, "slowloris": slowloris}
 
 

@@ -15,14 +15,14 @@ example), waits until every tile has its thumbnail and saves the window as
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
+
+from uhga_tf import child_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -77,34 +77,13 @@ def run_command(*args):
 def start_page(index_dir, log_path):
     """`uhga_tf.search_page` on a free port: (process, url)."""
     out_path = log_path + ".out"
-    with open(out_path, "wb") as out, open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uhga_tf.search_page",
-             f"--index={index_dir}", f"--model={FLAGS.model}", "--port=0",
-             f"--top_k={FLAGS.top_k}"],
-            cwd=REPO, stdout=out, stderr=log,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log_path) as f:
-                raise RuntimeError(f"search_page exited: {f.read()[-2000:]}")
-        with open(out_path) as f:
-            line = f.read()
-        if line.endswith("\n"):  # the page prints its URL once it serves
-            return proc, line.split()[-1]
-        time.sleep(0.2)
-    stop(proc)
-    raise RuntimeError(f"search_page printed no URL in {TIMEOUT_S} s")
-
-
-def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    proc = child_process.start(
+        ["uhga_tf.search_page", f"--index={index_dir}",
+         f"--model={FLAGS.model}", "--port=0", f"--top_k={FLAGS.top_k}"],
+        out_path, log_path, cwd=REPO)
+    return proc, child_process.wait_for_output(
+        proc, out_path, log_path, child_process.page_url, TIMEOUT_S,
+        poll_s=0.2)
 
 
 def screenshot(url, query, out):
@@ -155,7 +134,7 @@ def main(argv):
         try:
             tiles = screenshot(url, query, FLAGS.out)
         finally:
-            stop(proc)
+            child_process.stop(proc)
     print(f"wrote {FLAGS.out}; tiles: {' | '.join(tiles)}")
 
 

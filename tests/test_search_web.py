@@ -8,11 +8,7 @@ codes (stable on distance, then index order).
 import io
 import os
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 
 import numpy as np
@@ -23,6 +19,7 @@ from PIL import Image
 import hostile_inputs
 import http_fixtures
 import model_fixtures
+from uhga_tf import child_process
 from uhga_tf import codes as codes_lib
 from uhga_tf import retrieval
 from uhga_tf import saved_model
@@ -182,38 +179,13 @@ def _chromium():
 def _start_search_page(index_dir, model_dir, tmp_path,
                        command=("uhga_tf.search_page",)):
     """Run the search page on a free port; return (process, url)."""
-    out_path = tmp_path / "page.out"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    with open(out_path, "wb") as out, open(tmp_path / "page.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *command,
-             f"--index={index_dir}", f"--model={model_dir}", "--port=0",
-             f"--top_k={TOP_K}"],
-            cwd=REPO, env=env, stdout=out, stderr=log,
-        )  # fmt: skip
-    deadline = time.monotonic() + 90
-    url = None
-    try:
-        while url is None and time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "page.log").read_text()
-            line = out_path.read_text()
-            if line.endswith("\n"):
-                url = line.split()[-1]
-            time.sleep(0.1)
-    except BaseException:
-        _stop(proc)
-        raise
-    return proc, url
-
-
-def _stop(proc):
-    """SIGTERM the search page; kill it if it has not exited after 20 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    out_path, log_path = tmp_path / "page.out", tmp_path / "page.log"
+    proc = child_process.start(
+        [*command, f"--index={index_dir}", f"--model={model_dir}",
+         "--port=0", f"--top_k={TOP_K}"],
+        out_path, log_path, cwd=REPO, env={"CUDA_VISIBLE_DEVICES": ""})
+    return proc, child_process.wait_for_output(
+        proc, out_path, log_path, child_process.page_url, 90)
 
 
 def _headless_chrome(webdriver, browser, driver_path):
@@ -292,7 +264,7 @@ def test_page_in_headless_chromium(workspace, tmp_path):
     finally:
         if driver is not None:
             driver.quit()
-        _stop(proc)
+        child_process.stop(proc)
     assert proc.returncode == 0, (tmp_path / "page.log").read_text()[-2000:]
 
 
@@ -308,7 +280,7 @@ def test_search_serve_still_starts_the_page_with_a_notice(workspace,
         status, body = call(port, "GET", "/")
         assert status == 200 and b"<html" in body.lower()
     finally:
-        _stop(proc)
+        child_process.stop(proc)
     assert proc.returncode == 0
     notice = (
         "uhga_tf: `python -m uhga_tf.search serve` is deprecated and goes "

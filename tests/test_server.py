@@ -7,7 +7,6 @@ every server is stopped (SIGTERM, then SIGKILL) even when a test fails.
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 import model_fixtures
+from uhga_tf import child_process
 from uhga_tf import codes as codes_lib
 from uhga_tf import saved_model
 from uhga_tf.serving import grpc_client
@@ -66,63 +66,26 @@ class ServerProcess:
 
     def __init__(self, base_path, log_dir, *extra_flags):
         self.log_path = os.path.join(log_dir, "server.log")
-        self._out_path = os.path.join(log_dir, "server.out")
-        self._log = open(self.log_path, "wb")
-        self._out = open(self._out_path, "wb")
-        env = {
-            **os.environ,
-            "CUDA_VISIBLE_DEVICES": "",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        }
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uhga_tf.serve",
-                f"--model_base_path={base_path}",
-                "--model_name=uhga",
-                "--port=0",
-                f"--poll_interval_s={POLL_INTERVAL_S}",
-                f"--max_batch_size={MAX_BATCH_SIZE}",
-                "--num_versions=2",
-                *extra_flags,
-            ],
-            stdout=self._out,
-            stderr=self._log,
-            env=env,
-        )
-        self.address = self._wait_for_port()
+        out_path = os.path.join(log_dir, "server.out")
+        self.proc = child_process.start(
+            ["uhga_tf.serve", f"--model_base_path={base_path}",
+             "--model_name=uhga", "--port=0",
+             f"--poll_interval_s={POLL_INTERVAL_S}",
+             f"--max_batch_size={MAX_BATCH_SIZE}", "--num_versions=2",
+             *extra_flags],
+            out_path, self.log_path, env={"CUDA_VISIBLE_DEVICES": ""})
+        self.address = child_process.wait_for_output(
+            self.proc, out_path, self.log_path, child_process.grpc_address,
+            START_TIMEOUT_S)
         self.channel = grpc.insecure_channel(self.address)
 
-    def _wait_for_port(self):
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_tail()}")
-            with open(self._out_path) as f:
-                line = f.readline()
-            if line.startswith("serving ") and line.endswith("\n"):
-                return "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not start: {self.log_tail()}")
-
     def log_tail(self, chars=3000):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")[-chars:]
+        return child_process.log_tail(self.log_path, chars)
 
     def terminate(self, timeout=20):
         """SIGTERM; return the exit code (SIGKILL if it does not stop)."""
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self._out.close()
-        return self.proc.returncode
+        return child_process.stop(self.proc, grace_s=timeout)
 
 
 @contextlib.contextmanager
