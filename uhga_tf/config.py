@@ -51,6 +51,7 @@ PRODUCT_RECIPE = {
     "similarity_runs": 3,
     "loss": "l2",
     "feature_centring": True,
+    "dropout_rate": 0.2,
     "positive_weight": "auto",
     "quantization_weight": 0.0,
     "epochs": 30,
