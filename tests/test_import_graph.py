@@ -132,3 +132,51 @@ def test_no_import_cycle_in_the_package():
             "import cycles between uhga_tf modules (lazy imports "
             "included): " + "; ".join(" <-> ".join(c) for c in cycles)
         )
+
+
+def public_constants(source):
+    """{NAME: re-exported?} for module-level UPPER_CASE assignments.
+
+    `NAME = other.NAME` (same name, taken from another module) re-exports
+    one constant and is not a second definition.
+    """
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        for target in targets:
+            if (isinstance(target, ast.Name) and target.id.isupper()
+                    and not target.id.startswith("_")):
+                found[target.id] = (isinstance(value, ast.Attribute)
+                                    and value.attr == target.id)
+    return found
+
+
+def duplicate_constants(sources):
+    """{NAME: [modules]} for names two modules define (not re-export)."""
+    owners = {}
+    for module, source in sources.items():
+        for name, reexport in public_constants(source).items():
+            if not reexport and name != "FLAGS":  # absl's per-command FLAGS
+                owners.setdefault(name, []).append(module)
+    return {name: sorted(m) for name, m in owners.items() if len(m) > 1}
+
+
+def test_duplicate_constants_sees_two_definitions():
+    sources = {"a": "X = (1, 2)\nY = 3\nFLAGS = 1\n",
+               "b": "import a\nX = ('x',)\nY = a.Y\nFLAGS = 2\n"}
+    assert public_constants(sources["b"]) == {"X": False, "Y": True,
+                                              "FLAGS": False}
+    assert duplicate_constants(sources) == {"X": ["a", "b"]}
+
+
+def test_no_two_modules_define_the_same_public_constant():
+    sources = {}
+    for module, path in _module_files().items():
+        with open(path) as f:
+            sources[module] = f.read()
+    assert duplicate_constants(sources) == {}

@@ -43,13 +43,15 @@ from uhga_tf.data.image_dataset import PARTITIONS, ImageDataset
 from uhga_tf.data.image_folder import FOLDER_EXTENSIONS, load_folder
 from uhga_tf.data.nus_wide import NUS_WIDE_NUM_CONCEPTS, load_nus_wide
 
-DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide")
+# The datasets with images (config.DATASETS less `features`, a cache of
+# features with no images behind it).
+IMAGE_DATASETS = tuple(d for d in config.DATASETS if d != "features")
 SOURCES = config.DATA_SOURCES
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_ZIP",
-    "DATASETS",
+    "IMAGE_DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_SYSTEM_DIR",
     "FOLDER_EXTENSIONS",
@@ -96,7 +98,7 @@ def load_dataset(
     *,
     num_concepts=None,
 ) -> ImageDataset:
-    """Load dataset `name` (one of `DATASETS`).
+    """Load dataset `name` (one of `IMAGE_DATASETS`).
 
     Args:
         name: "cifar10", "fashion_mnist", "folder" or "nus_wide".
@@ -111,10 +113,10 @@ def load_dataset(
             `skipped`) instead of raising.
         num_concepts: nus_wide only: concepts kept (default 21).
     """
-    if name not in DATASETS:
+    if name not in IMAGE_DATASETS:
         raise ValueError(
             f"unknown dataset; received name={name!r}, expected one of "
-            f"{DATASETS}"
+            f"{IMAGE_DATASETS}"
         )
     if source not in SOURCES:
         raise ValueError(

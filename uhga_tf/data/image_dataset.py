@@ -19,7 +19,7 @@ class ImageDataset:
     """Images with labels and the source's official train/test partition.
 
     Attributes:
-        name: one of `datasets.DATASETS`.
+        name: one of `datasets.IMAGE_DATASETS`.
         labels: int64 [N] class ids (single-label) or uint8 [N, C] multi-hot.
         class_names: C names; label `i` is `class_names[i]`.
         partition: object [N] of "train" / "test", the source's official

@@ -23,7 +23,7 @@ import numpy as np
 from uhga_tf.similarity import dense
 from uhga_tf.similarity import entries
 from uhga_tf.similarity import structured
-from uhga_tf.similarity.dense import SIMILARITY_MODES  # noqa: F401
+from uhga_tf.similarity.dense import DENSE_MODES  # noqa: F401
 from uhga_tf.similarity.dense import SimilarityMatrix
 from uhga_tf.similarity.dense import build_similarity_matrix  # noqa: F401
 from uhga_tf.similarity.dense import cosine_distance_histogram  # noqa: F401

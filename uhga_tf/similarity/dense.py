@@ -30,7 +30,7 @@ from uhga_tf.similarity import features as features_lib
 NUM_BINS = 100
 BIN_WIDTH = 0.01
 BIN_START = -1e-8
-SIMILARITY_MODES = ("ssdh", "threshold")
+DENSE_MODES = ("ssdh", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +250,9 @@ def build_similarity_matrix(
     Returns:
         SimilarityMatrix; memory O(N * block_size) float64 + N^2 int8.
     """
-    if similarity not in SIMILARITY_MODES:
+    if similarity not in DENSE_MODES:
         raise ValueError(
-            f"similarity must be one of {SIMILARITY_MODES}; received "
+            f"similarity must be one of {DENSE_MODES}; received "
             f"similarity={similarity!r}"
         )
     _check_nonnegative("similarity_lambda", similarity_lambda)
