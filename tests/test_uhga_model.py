@@ -227,7 +227,7 @@ def test_fit_in_graph_and_checkpoint_restores_step_and_momenta(tmp_path):
     assert int(model.step) == 3
     np.testing.assert_array_equal(model.hash_optimizer.momenta[0].numpy(),
                                   momentum)
-    codes = model.encode(tf.constant(features[:3])).numpy()
+    codes = model.relaxed_codes(tf.constant(features[:3])).numpy()
     assert codes.shape == (3, K) and np.all(np.abs(codes) < 1)
 
 

@@ -259,7 +259,7 @@ class UHGAModel(keras.Model):
         return list(self._trackers.values())
 
     def call(self, features, training=False):
-        return self.encode(features, training=training)
+        return self.relaxed_codes(features, training=training)
 
     def current_scale(self, step=None):
         """s_t at ``step`` (default: the step variable, at least 1)."""
@@ -273,7 +273,7 @@ class UHGAModel(keras.Model):
             loss.scale_power,
         )
 
-    def encode(self, features, training=False):
+    def relaxed_codes(self, features, training=False):
         """Relaxed codes tanh(s_t z) [b, K] at the current scale."""
         logits = self.hasher(features, training=training)
         return tf.tanh(tf.cast(self.current_scale(), logits.dtype) * logits)
