@@ -20,6 +20,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import hamming_oracle
 from uhga_tf.evaluation import cosine
 from uhga_tf.evaluation import metrics
 
@@ -91,9 +92,8 @@ def test_codes_as_features_give_the_hamming_metrics():
     the unit rows +-1/4, so every similarity is exact), so the numbers are
     the Hamming metrics' bit for bit."""
     rng = np.random.default_rng(1)
-    query_codes = np.where(rng.random((30, 16)) < 0.5, -1, 1).astype(np.int8)
-    database_codes = np.where(rng.random((200, 16)) < 0.5, -1, 1).astype(
-        np.int8)
+    query_codes = hamming_oracle.random_codes(rng, 30, 16)
+    database_codes = hamming_oracle.random_codes(rng, 200, 16)
     query_labels = rng.integers(0, 3, 30)
     database_labels = rng.integers(0, 3, 200)
     out = cosine.cosine_metrics(

@@ -289,7 +289,7 @@ def test_evaluate_codes_agrees_with_the_functions():
 
 def test_perfect_codes_give_map_one():
     rng = np.random.default_rng(0)
-    class_codes = np.where(rng.random((10, 16)) < 0.5, -1, 1).astype(np.int8)
+    class_codes = hamming_oracle.random_codes(rng, 10, 16)
     database_labels = np.arange(200) % 10
     query_labels = np.arange(30) % 10
     data = (class_codes[query_labels], class_codes[database_labels],
@@ -302,8 +302,8 @@ def test_random_codes_give_chance_map():
     # 10 balanced classes, random 32-bit codes: MAP ~ 0.1 (measured 0.1025,
     # tie-aware 0.1025).
     rng = np.random.default_rng(0)
-    query = np.where(rng.random((200, 32)) < 0.5, -1, 1).astype(np.int8)
-    database = np.where(rng.random((3000, 32)) < 0.5, -1, 1).astype(np.int8)
+    query = hamming_oracle.random_codes(rng, 200, 32)
+    database = hamming_oracle.random_codes(rng, 3000, 32)
     data = (query, database, np.arange(200) % 10, np.arange(3000) % 10)
     assert abs(metrics.mean_average_precision(*data) - 0.1) < 0.02
     assert abs(metrics.tie_aware_map(*data) - 0.1) < 0.02
@@ -417,9 +417,8 @@ def test_map_at_in_one_pass_equals_separate_passes():
     equals `mean_average_precision` at that k alone, bit for bit (a k past
     top_k widens the pass, one equal to it is not repeated)."""
     rng = np.random.default_rng(3)
-    query_codes = np.where(rng.random((25, 16)) < 0.5, -1, 1).astype(np.int8)
-    database_codes = np.where(rng.random((300, 16)) < 0.5, -1, 1).astype(
-        np.int8)
+    query_codes = hamming_oracle.random_codes(rng, 25, 16)
+    database_codes = hamming_oracle.random_codes(rng, 300, 16)
     query_labels = rng.integers(0, 4, 25)
     database_labels = rng.integers(0, 4, 300)
     data = (query_codes, database_codes, query_labels, database_labels)

@@ -86,6 +86,18 @@ def _naming_target(error, tmp, target):
 
 
 @contextlib.contextmanager
+def _errors_naming(tmp, target):
+    """Re-raise what fails under `tmp` as naming `target` (_naming_target)."""
+    try:
+        yield
+    except Exception as e:
+        renamed = _naming_target(e, tmp, target)
+        if renamed is not None:
+            raise renamed from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path, suffix=""):
     """Yield a temporary path next to `path`; rename it into place on success.
 
@@ -103,15 +115,11 @@ def atomic_path(path, suffix=""):
     )
     os.close(fd)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        renamed = _naming_target(e, tmp, path)
-        if renamed is not None:
-            raise renamed from e
-        raise
+        with _errors_naming(tmp, path):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -144,17 +152,14 @@ def atomic_directory(path, prefix=None, merge=False):
     # mkdtemp makes 0700; the folder gets the mode a plain mkdir gives.
     os.chmod(tmp, 0o777 & ~umask())
     try:
-        yield tmp
-        if merge and os.path.isdir(path):
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        else:
-            os.rename(tmp, path)
-    except Exception as e:
-        renamed = _naming_target(e, tmp, path)
-        if renamed is not None:
-            raise renamed from e
-        raise
+        with _errors_naming(tmp, path):
+            yield tmp
+            if merge and os.path.isdir(path):
+                for name in sorted(os.listdir(tmp)):
+                    os.replace(os.path.join(tmp, name),
+                               os.path.join(path, name))
+            else:
+                os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
