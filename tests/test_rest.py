@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import time
 
 import grpc
 import numpy as np
@@ -20,6 +19,7 @@ import tensorflow as tf
 
 import http_fixtures
 import test_server as grpc_tests
+from uhga_tf import child_process
 from uhga_tf import saved_model
 from uhga_tf.serving import grpc_client
 from uhga_tf.serving import rest
@@ -35,16 +35,9 @@ class RestServerProcess(grpc_tests.ServerProcess):
 
     def __init__(self, base_path, log_dir, *extra_flags):
         super().__init__(base_path, log_dir, "--rest_api_port=0", *extra_flags)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with open(self._out_path) as f:
-                lines = f.read().splitlines()
-            rest_lines = [line for line in lines if line.startswith("rest ")]
-            if rest_lines:
-                self.rest_port = int(rest_lines[0].rsplit(":", 1)[1])
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"no REST port: {self.log_tail()}")
+        self.rest_port = child_process.wait_for_output(
+            self.proc, self.out_path, self.log_path, child_process.rest_port,
+            30)
 
     def call(self, method, path, body=None):
         """Return (HTTP status, parsed JSON or text) of one request."""

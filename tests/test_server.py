@@ -66,16 +66,16 @@ class ServerProcess:
 
     def __init__(self, base_path, log_dir, *extra_flags):
         self.log_path = os.path.join(log_dir, "server.log")
-        out_path = os.path.join(log_dir, "server.out")
+        self.out_path = os.path.join(log_dir, "server.out")
         self.proc = child_process.start(
             ["uhga_tf.serve", f"--model_base_path={base_path}",
              "--model_name=uhga", "--port=0",
              f"--poll_interval_s={POLL_INTERVAL_S}",
              f"--max_batch_size={MAX_BATCH_SIZE}", "--num_versions=2",
              *extra_flags],
-            out_path, self.log_path, env={"CUDA_VISIBLE_DEVICES": ""})
+            self.out_path, self.log_path, env={"CUDA_VISIBLE_DEVICES": ""})
         self.address = child_process.wait_for_output(
-            self.proc, out_path, self.log_path, child_process.grpc_address,
+            self.proc, self.out_path, self.log_path, child_process.grpc_address,
             START_TIMEOUT_S)
         self.channel = grpc.insecure_channel(self.address)
 
