@@ -9,6 +9,7 @@ picks a free port). The page is `uhga_tf.retrieval.web`; an index rebuilt
 or updated by `uhga_tf.index` is picked up within `--index_poll_s`.
 """
 
+import dataclasses
 import signal
 import threading
 
@@ -39,14 +40,11 @@ flags.DEFINE_float("index_poll_s", 1.0,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = web.WebConfig(
-        host=FLAGS.host,
-        port=FLAGS.port,
-        top_k=FLAGS.top_k,
-        max_upload_bytes=FLAGS.max_upload_bytes,
-        max_pixels=FLAGS.max_pixels,
-        index_poll_s=FLAGS.index_poll_s,
-    )
+    # Every WebConfig field is a flag of the same name.
+    config = web.WebConfig(**{
+        field.name: FLAGS[field.name].value
+        for field in dataclasses.fields(web.WebConfig)
+    })
     service = web.SearchService(
         FLAGS.index,
         model_dir=FLAGS.model,
