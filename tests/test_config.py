@@ -41,6 +41,8 @@ def test_every_field_is_one_flag():
         ({"similarity": "spectral"}, "similarity must be one of"),
         ({"positive_weight": "many"}, "positive_weight must be"),
         ({"dataset": "mnist"}, "dataset must be one of"),
+        ({"train_size": -1}, "train_size must be an int >= 0"),
+        ({"similarity_centring": 1.5}, "similarity_centring must be in"),
         ({"code_lenght": 64}, "unknown config fields: code_lenght"),
     ],
 )

@@ -36,3 +36,29 @@ def test_collection_subset_keeps_classes_and_decays_sizes():
     assert suffix == "" and len(rows) == 4000
     with pytest.raises(ValueError, match="no images: \\[7\\]"):
         retrieval_sets.collection_subset(labels, "1,7", 1.0, 0)
+
+
+def test_train_from_database_is_a_label_blind_seeded_draw():
+    sets = {"train": np.arange(5), "query": np.arange(300, 310),
+            "validation": np.arange(20, 40), "database": np.arange(300)}
+    same, note = retrieval_sets.train_from_database(sets, 0, seed=0)
+    assert same is sets and note == ""
+    drawn, note = retrieval_sets.train_from_database(sets, 100, seed=0)
+    again, _ = retrieval_sets.train_from_database(sets, 100, seed=0)
+    other, _ = retrieval_sets.train_from_database(sets, 100, seed=1)
+    train = drawn["train"]
+    assert len(train) == 100 and len(np.unique(train)) == 100
+    # From the database, never a validation query; sorted, seeded.
+    assert not np.isin(train, sets["validation"]).any()
+    assert np.isin(train, sets["database"]).all()
+    np.testing.assert_array_equal(train, np.sort(train))
+    np.testing.assert_array_equal(train, again["train"])
+    assert not np.array_equal(train, other["train"])
+    assert note == ", train = 100 images drawn from the database"
+    for name in ("query", "validation", "database"):
+        assert drawn[name] is sets[name]
+    # A collection smaller than train_size is used whole (280 rows).
+    whole, note = retrieval_sets.train_from_database(sets, 10_000, seed=0)
+    np.testing.assert_array_equal(
+        whole["train"], np.setdiff1d(np.arange(300), np.arange(20, 40)))
+    assert note == ", train = 280 images drawn from the database"

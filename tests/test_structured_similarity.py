@@ -239,6 +239,43 @@ def test_coassociation_cosine_mix_adds_centred_cosine():
     assert mixed.nbytes - plain.nbytes == unit.size * 4
 
 
+def test_row_agreement_is_the_mean_cluster_share():
+    # Column 0: clusters {0, 1}, {2, 3}; column 1: {0}, {1, 2, 3}.
+    ids = np.array([[0, 0], [0, 1], [1, 1], [1, 1]])
+    np.testing.assert_allclose(
+        ss.row_agreement(ids), [(2 / 4 + 1 / 4) / 2, (2 / 4 + 3 / 4) / 2,
+                                (2 / 4 + 3 / 4) / 2, (2 / 4 + 3 / 4) / 2])
+
+
+def test_coassociation_centring_blends_the_chance_corrected_share():
+    features, group, _ = _hierarchy()
+    plain = _build("coassociation", features, similarity_cluster_size=10,
+                   similarity_runs=2)
+    full = _build("coassociation", features, similarity_cluster_size=10,
+                  similarity_runs=2, similarity_centring=1.0)
+    half = _build("coassociation", features, similarity_cluster_size=10,
+                  similarity_runs=2, similarity_centring=0.5)
+    ids = plain.assignments
+    np.testing.assert_array_equal(ids, full.assignments)
+    joined = (ids[:, None, :] == ids[None, :, :]).mean(axis=-1)
+    rows = ss.row_agreement(ids).astype(np.float64)
+    chance = rows.mean()
+    centred = (joined - rows[:, None] - rows[None, :] + chance) / (
+        1 - chance)
+    np.testing.assert_allclose(_dense(full), centred, atol=1e-5)
+    np.testing.assert_allclose(
+        _dense(half), 0.5 * (2 * joined - 1) + 0.5 * centred, atol=1e-5)
+    # Doubly centred: every row and the whole S average to zero, where
+    # 2 a - 1 averages far below (most pairs split at coarse scales); the
+    # hierarchy's order survives (same group above different groups).
+    s = _dense(full)
+    np.testing.assert_allclose(s.mean(axis=1), 0.0, atol=1e-5)
+    assert _dense(plain).mean() < -0.3
+    same_group = group[:, None] == group[None, :]
+    assert s[same_group].mean() > s[~same_group].mean() + 0.5
+    assert full.nbytes - plain.nbytes == 4 * len(ids)
+
+
 def test_modularity_of_two_triangles_joined_by_an_edge():
     # Edges: triangle 0-1-2, triangle 3-4-5, bridge 2-3 (m = 7). Split into
     # the triangles: each keeps 3 of 7 edges and half of the degree sum,

@@ -47,14 +47,15 @@ HASH_INITS = ("random", "structure")
 PRODUCT_RECIPE = {
     "similarity": "coassociation",
     "similarity_knn": 20,
-    "similarity_cluster_size": 20,
+    "similarity_cluster_size": 80,
     "similarity_runs": 3,
+    "similarity_centring": 0.5,
     "loss": "l2",
     "feature_centring": True,
     "dropout_rate": 0.2,
     "positive_weight": "auto",
     "quantization_weight": 0.0,
-    "epochs": 30,
+    "epochs": 8,
     "lr_step_epochs": 30,
     "learning_rate": 0.02,
     "attention_learning_rate": 0.05,
@@ -186,6 +187,10 @@ class DataConfig:
         class_decay: keep a share decay^c of class c's images (1 = all):
             an imbalanced collection, e.g. 0.7071 keeps 6,000 ... 265
             CIFAR-10 images per class.
+        train_size: 0 trains on the split's train set; N > 0 trains on up
+            to N images drawn (seeded, label-blind) from the database minus
+            the validation queries: the collection a user searches, which
+            they hold without labels (product recipe, beyond the paper).
     """
 
     dataset: str = "cifar10"
@@ -198,9 +203,15 @@ class DataConfig:
     skip_corrupt: bool = False
     classes: str = ""
     class_decay: float = 1.0
+    train_size: int = 0
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
+        if not isinstance(self.train_size, int) or self.train_size < 0:
+            raise ValueError(
+                "train_size must be an int >= 0 (0: the split's train "
+                f"set); received train_size={self.train_size!r}"
+            )
         class_ids(self.classes)
         if not 0.0 < self.class_decay <= 1.0:
             raise ValueError(
@@ -319,6 +330,12 @@ class SimilarityConfig:
             joined in a share a of the multiscale clusterings, every pair
             labelled), m in [0, 1): S = (1 - m)(2 a - 1) + m cos of the
             centred train rows; 0 = the ladder alone.
+        similarity_centring: `coassociation`, c in [0, 1]: S = (1 - c)
+            (2 a - 1) + c (a - r_i - r_j + r) / (1 - r); the second term is
+            the share a less what chance gives a pair of rows with their
+            cluster sizes (r_i: row i's mean share, r: their mean), so an
+            unrelated pair asks for orthogonal codes, not opposite ones
+            (balanced K-bit codes cannot be opposite on average).
     """
 
     similarity: str = "ssdh"
@@ -337,6 +354,7 @@ class SimilarityConfig:
     similarity_grading: float = 0.0
     similarity_cluster_span: float = 1.0
     similarity_cosine_mix: float = 0.0
+    similarity_centring: float = 0.0
 
     def __post_init__(self):
         _canonicalize(self)
@@ -352,6 +370,10 @@ class SimilarityConfig:
             raise ValueError(
                 "similarity_cosine_mix must be in [0, 1); received "
                 f"similarity_cosine_mix={self.similarity_cosine_mix!r}")
+        if not 0.0 <= self.similarity_centring <= 1.0:
+            raise ValueError(
+                "similarity_centring must be in [0, 1]; received "
+                f"similarity_centring={self.similarity_centring!r}")
         if not 0.0 <= self.similarity_grading <= 1.0:
             raise ValueError(
                 "similarity_grading must be in [0, 1]; received "

@@ -77,6 +77,24 @@ def shuffle_database(index_sets, seed):
     return {**index_sets, "database": database[order]}
 
 
+def train_from_database(index_sets, train_size, seed):
+    """The sets with `train` redrawn from the database: up to `train_size`
+    rows of database minus validation queries, one seeded draw that never
+    reads a label (the images a user holds and searches). Returns
+    (index_sets, a description suffix); unchanged for train_size = 0.
+    """
+    if not train_size:
+        return index_sets, ""
+    validation = np.asarray(index_sets["validation"])
+    database = np.asarray(index_sets["database"])
+    pool = np.sort(database[~np.isin(database, validation)])
+    size = min(int(train_size), len(pool))
+    rng = np.random.default_rng([DATABASE_ORDER_SEED, seed, 2])
+    train = np.sort(rng.choice(pool, size, replace=False)).astype(np.int64)
+    return ({**index_sets, "train": train},
+            f", train = {size} images drawn from the database")
+
+
 def collection_subset(labels, classes, class_decay, seed):
     """Dataset rows of the collection that `classes`/`class_decay` define.
 
@@ -151,6 +169,8 @@ def load_retrieval_sets(data, model, seed, progress=True):
     index_sets = shuffle_database(
         {name: keep[np.asarray(getattr(split, name))] for name in SETS},
         seed)
+    index_sets, train_note = train_from_database(
+        index_sets, data.train_size, seed)
     # One cache entry for the union keeps a protocol's sets consistent and
     # lets a second protocol on the same images reuse nothing by accident.
     union = np.unique(np.concatenate(list(index_sets.values())))
@@ -181,6 +201,7 @@ def load_retrieval_sets(data, model, seed, progress=True):
             f"weights={model.backbone_weights} "
             f"image_size={model.image_size or 'default'}, {DATABASE_ORDER}"
             + (f", collection{collection}" if collection else "")
+            + train_note
         ),
         image_dataset=image_dataset,
     )
@@ -226,7 +247,8 @@ def _from_feature_file(data, seed):
             query_pool=data.query_pool,
         )
         index_sets = {name: np.asarray(getattr(split, name)) for name in SETS}
-    index_sets = shuffle_database(index_sets, seed)
+    index_sets, train_note = train_from_database(
+        shuffle_database(index_sets, seed), data.train_size, seed)
     for name, idx in index_sets.items():
         if idx.size == 0 or idx.min() < 0 or idx.max() >= len(features):
             raise ValueError(
@@ -238,7 +260,7 @@ def _from_feature_file(data, seed):
         labels={n: labels[idx] for n, idx in index_sets.items()},
         indices=index_sets,
         feature_dim=features.shape[1],
-        description=f"features from {path}, {DATABASE_ORDER}",
+        description=f"features from {path}, {DATABASE_ORDER}{train_note}",
     )
     _log_sizes(sets)
     return sets

@@ -97,6 +97,10 @@ class StructuredSimilarity:
     # coassociation: weight of the centred cosine in S (unit_features are
     # then the centred train rows, normalised).
     cosine_mix: float = 0.0
+    # coassociation, centred: float32 [N] each row's mean share with all
+    # rows (what chance joins it in), or None; the centred S's weight.
+    row_agreement: Optional[np.ndarray] = None
+    centring: float = 0.0
     fractions: dict = dataclasses.field(default_factory=dict)
     # cluster/manifold: the clusters of each k-means run, and (count read
     # from the graph) the modularity of every candidate count.
@@ -113,7 +117,7 @@ class StructuredSimilarity:
     def nbytes(self):
         """Bytes of the stored structure (O(N k + N D) or O(N R))."""
         arrays = (self.neighbours, self.radius, self.unit_features,
-                  self.assignments)
+                  self.assignments, self.row_agreement)
         return sum(a.nbytes for a in arrays if a is not None)
 
     def summary(self):
@@ -140,6 +144,9 @@ class StructuredSimilarity:
                 tensors["unit_features"] = tf.constant(self.unit_features)
                 tensors["cosine_mix"] = tf.constant(self.cosine_mix,
                                                     tf.float32)
+            if self.row_agreement is not None:
+                tensors["row_agreement"] = tf.constant(self.row_agreement)
+                tensors["centring"] = tf.constant(self.centring, tf.float32)
             return tensors
         return {
             "neighbours": tf.constant(self.neighbours),
@@ -226,6 +233,14 @@ def _coassociation_entries(agree, tensors, index_1, index_2):
     of the centred rows, which orders pairs the ladder cannot tell apart.
     """
     entries_ = 2.0 * agree - 1.0
+    if "row_agreement" in tensors:
+        rows = tensors["row_agreement"]
+        chance = tf.reduce_mean(rows)
+        centred = (agree - tf.gather(rows, index_1)[:, None]
+                   - tf.gather(rows, index_2)[None, :] + chance) / (
+                       1.0 - chance)
+        weight = tensors["centring"]
+        entries_ = (1.0 - weight) * entries_ + weight * centred
     if "cosine_mix" not in tensors:
         return entries_
     features = tensors["unit_features"]
@@ -465,6 +480,7 @@ def build_structured_similarity(
     similarity_grading=0.0,
     similarity_cluster_span=1.0,
     similarity_cosine_mix=0.0,
+    similarity_centring=0.0,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -490,6 +506,9 @@ def build_structured_similarity(
             in a share a of the clusterings gets 1 - g (1 - a), not 1.
         similarity_cosine_mix: coassociation, m in [0, 1): S = (1 - m)
             (2 a - 1) + m cos(centred rows); 0 = the ladder alone.
+        similarity_centring: coassociation, c in [0, 1]: the weight of
+            the centred share (a - r_i - r_j + r) / (1 - r) in S
+            (`row_agreement`); 0 = S = 2 a - 1.
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -515,6 +534,10 @@ def build_structured_similarity(
          float(similarity_grading)),
         float(similarity_cluster_span),
     )
+    if similarity == "coassociation" and similarity_centring > 0:
+        structure = dataclasses.replace(
+            structure, row_agreement=row_agreement(structure.assignments),
+            centring=float(similarity_centring))
     if similarity == "coassociation" and similarity_cosine_mix > 0:
         structure = _with_cosine_mix(structure, features,
                                      similarity_cosine_mix)
@@ -527,6 +550,16 @@ def build_structured_similarity(
         {k: round(v, 4) for k, v in fractions.items()},
     )
     return structure
+
+
+def row_agreement(assignments):
+    """float32 [N]: each row's share a with all N rows, averaged: the mean
+    over clusterings of its cluster's size / N (the self pair included)."""
+    assignments = np.asarray(assignments)
+    num_items = len(assignments)
+    shares = [np.bincount(column)[column] / num_items
+              for column in assignments.T]
+    return np.mean(shares, axis=0).astype(np.float32)
 
 
 def _check_fractions(fractions, similarity):
