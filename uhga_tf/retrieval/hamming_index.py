@@ -31,6 +31,7 @@ from uhga_tf import codes as codes_lib
 from uhga_tf import io_utils
 from uhga_tf.evaluation import ranking
 from uhga_tf.io_utils import to_builtin
+from uhga_tf.retrieval import metadata_columns as columns_lib
 from uhga_tf.retrieval.inverted_lists import InvertedLists
 
 BIT_ORDER = "packbits-msb-first"
@@ -78,7 +79,7 @@ class HammingIndex:
         self.info = dict(info or {})
         self._packed_codes = np.zeros((0, self.code_size), np.uint8)
         self._ids = np.zeros((0,), np.int64)
-        self._metadata = {}
+        self._metadata = {}  # name -> columns_lib.MetadataColumn
         self._faiss_index = None
         self._numpy_kernel = None
         self._lists = None  # InvertedLists when kind == "ivf"
@@ -192,9 +193,9 @@ class HammingIndex:
         columns = _metadata_columns(metadata, len(ids))
         n_old = len(self._ids)
         for name in set(columns) - set(self._metadata):
-            self._metadata[name] = [None] * n_old
-        for name, values in self._metadata.items():
-            values.extend(columns.get(name, [None] * len(ids)))
+            self._metadata[name] = columns_lib.MetadataColumn.of_nones(n_old)
+        for name, column in self._metadata.items():
+            column.extend(columns.get(name, [None] * len(ids)))
         if self._lists is None:
             self._packed_codes = np.concatenate([self._packed_codes, packed])
         self._ids = np.concatenate([self._ids, ids])
@@ -227,8 +228,8 @@ class HammingIndex:
         if self._lists is None:
             self._packed_codes = self._packed_codes[keep]
         self._ids = self._ids[keep]
-        for name, values in self._metadata.items():
-            self._metadata[name] = [values[i] for i in positions]
+        for column in self._metadata.values():
+            column.keep(positions)
         self._faiss_index = None  # rebuilt lazily, in the new order
         self._numpy_kernel = None
         self._id_order = None
@@ -248,8 +249,10 @@ class HammingIndex:
                 f"ids not in the index: {ids[~found][:5].tolist()}"
             )
         positions = order[where]
+        columns = {name: column.values(name)
+                   for name, column in self._metadata.items()}
         return [
-            {name: values[p] for name, values in self._metadata.items()}
+            {name: values[p] for name, values in columns.items()}
             for p in positions
         ]
 
@@ -374,14 +377,14 @@ class HammingIndex:
             np.int64
         )
         meta_end = ids_end + header["metadata_bytes"]
-        index._metadata = json.loads(payload[ids_end:meta_end].decode("utf-8"))
+        index._metadata = columns_lib.decode_columns(
+            payload[ids_end:meta_end], header.get("metadata_columns"), n,
+            path)
         if header.get("kind", "flat") == "ivf":
             index._lists = InvertedLists.from_bytes(
                 payload[meta_end:], header["nlist"], code_size,
                 index._packed_codes, header["nprobe"])
             index._packed_codes = None
-        if any(len(v) != n for v in index._metadata.values()):
-            raise ValueError(f"{path} is corrupt: metadata length != {n}")
         logging.info("Loaded HammingIndex of %d items (%d bits) from %s",
                      n, index.code_length, path)
         return index
@@ -487,7 +490,7 @@ class HammingIndex:
         return results
 
     def _serialize(self):
-        metadata = json.dumps(self._metadata).encode("utf-8")
+        metadata, layout = columns_lib.encode_columns(self._metadata)
         lists = b"" if self._lists is None else self._lists.to_bytes()
         payload = b"".join([
             self._codes().tobytes(),
@@ -506,6 +509,7 @@ class HammingIndex:
             "bit_order": BIT_ORDER,
             "count": len(self),
             "metadata_bytes": len(metadata),
+            "metadata_columns": layout,
             "payload_bytes": len(payload),
             "payload_crc32": zlib.crc32(payload),
             "info": self.info,
