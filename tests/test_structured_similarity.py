@@ -224,12 +224,16 @@ def test_coassociation_is_two_times_the_joined_share_minus_one():
     assert apart < -0.7
 
 
+def _ladder(features, **kwargs):
+    """The coassociation S of `_hierarchy` features (2 runs per scale)."""
+    return _build("coassociation", features, similarity_cluster_size=10,
+                  similarity_runs=2, **kwargs)
+
+
 def test_coassociation_cosine_mix_adds_centred_cosine():
     features, _, _ = _hierarchy()
-    plain = _build("coassociation", features, similarity_cluster_size=10,
-                   similarity_runs=2)
-    mixed = _build("coassociation", features, similarity_cluster_size=10,
-                   similarity_runs=2, similarity_cosine_mix=0.25)
+    plain = _ladder(features)
+    mixed = _ladder(features, similarity_cosine_mix=0.25)
     np.testing.assert_array_equal(plain.assignments, mixed.assignments)
     centred = features - features.mean(axis=0)
     unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
@@ -249,12 +253,9 @@ def test_row_agreement_is_the_mean_cluster_share():
 
 def test_coassociation_centring_blends_the_chance_corrected_share():
     features, group, _ = _hierarchy()
-    plain = _build("coassociation", features, similarity_cluster_size=10,
-                   similarity_runs=2)
-    full = _build("coassociation", features, similarity_cluster_size=10,
-                  similarity_runs=2, similarity_centring=1.0)
-    half = _build("coassociation", features, similarity_cluster_size=10,
-                  similarity_runs=2, similarity_centring=0.5)
+    plain = _ladder(features)
+    full = _ladder(features, similarity_centring=1.0)
+    half = _ladder(features, similarity_centring=0.5)
     ids = plain.assignments
     np.testing.assert_array_equal(ids, full.assignments)
     joined = (ids[:, None, :] == ids[None, :, :]).mean(axis=-1)
