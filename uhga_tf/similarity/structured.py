@@ -534,13 +534,9 @@ def build_structured_similarity(
          float(similarity_grading)),
         float(similarity_cluster_span),
     )
-    if similarity == "coassociation" and similarity_centring > 0:
-        structure = dataclasses.replace(
-            structure, row_agreement=row_agreement(structure.assignments),
-            centring=float(similarity_centring))
-    if similarity == "coassociation" and similarity_cosine_mix > 0:
-        structure = _with_cosine_mix(structure, features,
-                                     similarity_cosine_mix)
+    if similarity == "coassociation":
+        structure = _graded_options(structure, features, similarity_centring,
+                                    similarity_cosine_mix)
     fractions = estimate_fractions(structure, seed)
     _check_fractions(fractions, similarity)
     structure = dataclasses.replace(structure, fractions=fractions)
@@ -577,11 +573,19 @@ def _check_fractions(fractions, similarity):
         )
 
 
-def _with_cosine_mix(structure, features, mix):
-    """The structure with the centred unit rows that the cosine mix reads."""
-    centred = features - features.mean(axis=0)
-    return dataclasses.replace(structure, cosine_mix=float(mix),
-                               unit_features=features_lib.unit_rows(centred))
+def _graded_options(structure, features, centring, mix):
+    """The coassociation structure with what its centring (row agreement)
+    and cosine mix (the centred unit rows) read, where they are on."""
+    if centring > 0:
+        structure = dataclasses.replace(
+            structure, row_agreement=row_agreement(structure.assignments),
+            centring=float(centring))
+    if mix > 0:
+        centred = features - features.mean(axis=0)
+        structure = dataclasses.replace(
+            structure, cosine_mix=float(mix),
+            unit_features=features_lib.unit_rows(centred))
+    return structure
 
 
 def _check_structured_arguments(features, similarity, knn, clusters, runs,
