@@ -21,10 +21,18 @@ def git_sha():
         return "unknown"
 
 
+# Outputs, not inputs: a benchmark rewrites its own stored cells and JSON
+# while it runs, and that alone must not mark its result as dirty.
+RESULT_DIRS = ("benchmarks/results", "docs/results")
+
+
 def git_dirty():
-    """Whether tracked files differ from HEAD (None outside a checkout)."""
+    """Whether tracked files other than stored results differ from HEAD
+    (None outside a checkout)."""
+    excluded = [f":(exclude,top){path}" for path in RESULT_DIRS]
     try:
-        return bool(_git("status", "--porcelain", "--untracked-files=no"))
+        return bool(_git("status", "--porcelain", "--untracked-files=no",
+                         "--", ":/", *excluded))
     except (OSError, subprocess.CalledProcessError):
         return None
 
