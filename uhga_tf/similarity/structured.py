@@ -145,7 +145,10 @@ class StructuredSimilarity:
                 tensors["cosine_mix"] = tf.constant(self.cosine_mix,
                                                     tf.float32)
             if self.row_agreement is not None:
-                tensors["row_agreement"] = tf.constant(self.row_agreement)
+                rows = tf.constant(self.row_agreement)
+                tensors["row_agreement"] = rows
+                # Made once with the constants, not in every S block.
+                tensors["chance"] = tf.reduce_mean(rows)
                 tensors["centring"] = tf.constant(self.centring, tf.float32)
             return tensors
         return {
@@ -234,8 +237,7 @@ def _coassociation_entries(agree, tensors, index_1, index_2):
     """
     entries_ = 2.0 * agree - 1.0
     if "row_agreement" in tensors:
-        rows = tensors["row_agreement"]
-        chance = tf.reduce_mean(rows)
+        rows, chance = tensors["row_agreement"], tensors["chance"]
         centred = (agree - tf.gather(rows, index_1)[:, None]
                    - tf.gather(rows, index_2)[None, :] + chance) / (
                        1.0 - chance)
