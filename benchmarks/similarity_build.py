@@ -6,7 +6,7 @@ Builds `knn`, `cluster`, `manifold` (C = 10), `manifold_auto` (no class
 count, the count read from the kNN graph, runs over [C, 1.5 C]),
 `multiscale` S (the ladder 2 ... 1024 clusters that N = 50,000 and
 `similarity_cluster_size` = 40 give, 3 runs each) and `coassociation` (the
-product recipe: the ladder 2 ... 2048 that cluster size 20 gives) on the
+product recipe's S with its values from `config.PRODUCT_RECIPE`) on the
 features of CIFAR-10's whole train part (50,000 images, the cached
 EfficientNet-Lite0 features at 160 px), each in a fresh subprocess so its
 peak resident memory is its own. Target (issue 10): <= 5 minutes and <= 2 GB
@@ -23,6 +23,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
+from uhga_tf import config  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("knn", "cluster", "manifold", "manifold_auto", "multiscale",
          "coassociation")
@@ -32,18 +34,20 @@ PARAMS = dict(similarity_knn=20, similarity_clusters=10, similarity_runs=10,
 # (modularity over 2 ... 64 candidate counts), runs spread over [C, 1.5 C].
 MODE_PARAMS_AUTO = dict(similarity_clusters=0, similarity_cluster_span=1.5)
 # The multiscale ladders: no cluster count, 3 runs per scale
-# (coassociation: the product recipe's values).
+# (coassociation: the product recipe's values, read so they never go stale).
 MODE_PARAMS = {"multiscale": dict(similarity_runs=3,
                                   similarity_cluster_size=40),
-               "coassociation": dict(similarity_runs=3,
-                                     similarity_cluster_size=20),
+               "coassociation": {
+                   key: config.PRODUCT_RECIPE[key]
+                   for key in ("similarity_knn", "similarity_runs",
+                               "similarity_cluster_size",
+                               "similarity_centring")},
                "manifold_auto": MODE_PARAMS_AUTO}
 
 
 def _train_part_features(data_dir):
     import numpy as np
 
-    from uhga_tf import config
     from uhga_tf.data import retrieval_sets
 
     experiment = config.experiment_from_flat(
