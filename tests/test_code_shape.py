@@ -2,7 +2,7 @@
 
 import ast
 
-from test_import_graph import _module_files
+from package_modules import module_files
 
 MAX_LINES = 80
 
@@ -25,7 +25,7 @@ def test_long_functions_counts_lines():
 
 def test_no_function_over_80_lines():
     found = []
-    for module, path in sorted(_module_files().items()):
+    for module, path in sorted(module_files().items()):
         with open(path) as f:
             found += [(module, *item) for item in long_functions(f.read())]
     assert found == []

@@ -10,27 +10,10 @@ implicit import of a module's parent package is not an edge: a package
 """
 
 import ast
-import os
 
 import pytest
 
-PACKAGE = "uhga_tf"
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def _module_files():
-    """Return {dotted module name: path} for every .py file in PACKAGE."""
-    modules = {}
-    for directory, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(directory, name)
-            parts = os.path.relpath(path, ROOT)[: -len(".py")].split(os.sep)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            modules[".".join(parts)] = path
-    return modules
+from package_modules import module_files
 
 
 def _absolute(module, node, is_package):
@@ -73,7 +56,7 @@ def _imports(module, path, modules):
 
 def import_graph():
     """Return {module: set of uhga_tf modules it imports}."""
-    modules = _module_files()
+    modules = module_files()
     return {
         module: _imports(module, path, modules)
         for module, path in modules.items()
@@ -176,7 +159,7 @@ def test_duplicate_constants_sees_two_definitions():
 
 def test_no_two_modules_define_the_same_public_constant():
     sources = {}
-    for module, path in _module_files().items():
+    for module, path in module_files().items():
         with open(path) as f:
             sources[module] = f.read()
     assert duplicate_constants(sources) == {}
