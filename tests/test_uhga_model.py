@@ -333,21 +333,3 @@ def test_l2_loss_weighs_every_pair_and_ssdh_l2_weighs_by_magnitude():
     value, grad = pair_loss_and_grad(u, v, s, loss="ssdh_l2")
     assert float(value) == pytest.approx(0.125)
     np.testing.assert_allclose(grad.numpy(), [[0.125, 0.125]])
-
-
-def test_l2_near_weight_weighs_pairs_with_positive_s_more():
-    # Same two pairs, S = [0.5, -0.5], residuals r = q / K - S = [0.5, 0.5].
-    # near_weight 2: weights [1 + 2 * 0.5, 1] = [2, 1], weighted mean.
-    u = tf.constant([[1.0, 1.0]], tf.float64)
-    v = tf.constant([[1.0, 1.0], [1.0, -1.0]], tf.float64)
-    s = np.array([[0.5, -0.5]])
-    value, grad = pair_loss_and_grad(u, v, s, loss="l2", near_weight=2.0)
-    assert float(value) == pytest.approx((2 * 0.25 + 0.25) / 3)
-    # G = 2 w r / (K * sum w) = [2 * 2 * 0.5 / 6, 2 * 0.5 / 6].
-    np.testing.assert_allclose(grad.numpy(), [[1 / 3, 1 / 6]])
-    # The positive pair's pull is twice the negative pair's push.
-    assert grad.numpy()[0, 0] == pytest.approx(2 * grad.numpy()[0, 1])
-    with pytest.raises(ValueError, match="near_weight weighs the l2 loss"):
-        config.LossConfig(loss="ga_logistic", near_weight=1.0)
-    with pytest.raises(ValueError, match="near_weight"):
-        config.LossConfig(loss="l2", near_weight=-1.0)

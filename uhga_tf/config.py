@@ -414,10 +414,6 @@ class LossConfig:
         positive_weight: omega of eq. (6), a float > 0, or `auto` =
             #(S=-1) / #(S=+1) (stored as None, null in config.json).
         pairing: `cross` (two shuffled branches) or `within`.
-        near_weight: `l2` only, w >= 0: a pair with S > 0 is weighted
-            1 + w S (the loss is then the weighted mean), so the near pairs
-            that order the top of the list count more (beyond the paper);
-            0 = every pair weighted 1.
         quantization_weight: weight of mean((|u| - 1)^2); 0 = off.
         balance_weight: weight of the bit-balance term mean_k (batch mean
             of u_k)^2 (beyond the paper, docs/product_recipe.md); 0 = off.
@@ -431,7 +427,6 @@ class LossConfig:
         default=10.0, metadata={"flag": (str, "10")}
     )
     pairing: str = "cross"
-    near_weight: float = 0.0
     quantization_weight: float = 0.0
     balance_weight: float = 0.0
     scale_schedule: str = "sqrt_step"
@@ -444,11 +439,6 @@ class LossConfig:
         _positive("sigmoid_param", self.sigmoid_param)
         _canonicalize(self)
         check_choice("pairing", self.pairing, PAIRINGS)
-        _positive("near_weight", self.near_weight, True)
-        if self.near_weight and self.loss != "l2":
-            raise ValueError(
-                "near_weight weighs the l2 loss only; received "
-                f"near_weight={self.near_weight!r} with loss={self.loss!r}")
         _positive("quantization_weight", self.quantization_weight, True)
         _positive("balance_weight", self.balance_weight, True)
         check_choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)

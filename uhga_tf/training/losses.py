@@ -11,16 +11,12 @@ import tensorflow as tf
 
 
 def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
-                       sigmoid_param=0.2, positive_weight=10.0,
-                       near_weight=0.0):
+                       sigmoid_param=0.2, positive_weight=10.0):
     """Pairwise loss (7), (22) or ``l2`` and G = dL/dQ (8).
 
     ``l2`` is (22) with every pair weighted 1: for a graded S with no
     unlabeled entries (`coassociation`), where (22)'s |s| weight would drop
-    the pairs the clusterings split evenly and skew the fit. With
-    ``near_weight`` w > 0 a pair with s > 0 is weighted 1 + w s and the loss
-    is the weighted mean: the near pairs decide the top of the list, and
-    they are few among all pairs.
+    the pairs the clusterings split evenly and skew the fit.
 
     Args:
         u: [B1, K], v: [B2, K] relaxed codes.
@@ -49,13 +45,8 @@ def pair_loss_and_grad(u, v, similarity_block, loss="ga_logistic",
     code_length = tf.cast(tf.shape(u)[1], u.dtype)
     pairs = tf.cast(tf.shape(u)[0] * tf.shape(v)[0], u.dtype)
     residual = q / code_length - s_entries
-    if loss == "l2" and near_weight:
-        magnitude = 1.0 + near_weight * tf.nn.relu(s_entries)
-        pairs = tf.reduce_sum(magnitude)
-    elif loss == "l2":
-        magnitude = tf.ones_like(s_entries)
-    else:
-        magnitude = tf.abs(s_entries)
+    magnitude = (tf.ones_like(s_entries) if loss == "l2"
+                 else tf.abs(s_entries))
     value = tf.reduce_sum(magnitude * tf.square(residual)) / pairs  # (22)
     grad = 2.0 * magnitude * residual / (code_length * pairs)
     return value, grad
@@ -108,7 +99,7 @@ class HashingLoss:
         loss = self.loss_config
         return pair_loss_and_grad(
             u, v, similarity_block, loss.loss, float(loss.sigmoid_param),
-            self.positive_weight, float(loss.near_weight),
+            self.positive_weight,
         )
 
     def regularizer(self, relaxed_codes):
