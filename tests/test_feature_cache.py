@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from uhga_tf.data import feature_cache
 from uhga_tf.models import backbone as backbone_lib
+from uhga_tf.models import lite_runtime
 
 KEY = {"dataset": "toy", "indices_sha256": "abc", "image_size": 32}
 
@@ -194,6 +195,81 @@ def test_extract_features_matches_direct_call(capsys):
         feature_cache.extract_features(model, dataset, 12, progress=False)
     with pytest.raises(ValueError, match="num_examples=8"):
         feature_cache.extract_features(model, dataset, 8, progress=False)
+
+
+def test_tflite_runtime_equals_tensorflow_up_to_rounding():
+    model = _tiny_backbone()
+    images = np.random.default_rng(1).uniform(0, 255, (10, 8, 8, 3))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        images.astype(np.float32)
+    ).batch(4)  # 4, 4 and a short last batch of 2 (padded)
+    reference = feature_cache.extract_features(
+        model, dataset, 10, progress=False, runtime="tensorflow"
+    )
+    lite = feature_cache.extract_features(
+        model, dataset, 10, progress=False, runtime="tflite"
+    )
+    np.testing.assert_allclose(lite, reference, rtol=1e-5, atol=1e-4)
+    # Converted once, for the first batch's size.
+    assert list(feature_cache._LITE_PREDICTORS[model]) == [4]
+
+    predictor = lite_runtime.LitePredictor(model, batch_size=4)
+    np.testing.assert_allclose(
+        predictor(images[:3]), reference[:3], rtol=1e-5, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="exceeds the converted batch_size=4"):
+        predictor(images[:5])
+    with pytest.raises(ValueError, match="runtime='onnx'"):
+        feature_cache.extract_features(model, dataset, 10, runtime="onnx")
+
+
+def test_auto_runtime_uses_tflite_from_a_size_and_falls_back(monkeypatch):
+    images = np.random.default_rng(2).uniform(0, 255, (6, 8, 8, 3))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        images.astype(np.float32)
+    ).batch(3)
+    small = _tiny_backbone()
+    feature_cache.extract_features(small, dataset, 6, progress=False)
+    assert small not in feature_cache._LITE_PREDICTORS  # 6 < 1,000 images
+
+    monkeypatch.setattr(feature_cache, "LITE_MIN_EXAMPLES", 6)
+    large = _tiny_backbone()
+    feature_cache.extract_features(large, dataset, 6, progress=False)
+    assert feature_cache._LITE_PREDICTORS[large][3] is not None
+
+    def no_kernel(model, batch_size):
+        raise RuntimeError("TFLite cannot convert backbone: no kernel")
+
+    monkeypatch.setattr(lite_runtime, "LitePredictor", no_kernel)
+    unconvertible = _tiny_backbone()
+    features = feature_cache.extract_features(
+        unconvertible, dataset, 6, progress=False
+    )  # auto: TensorFlow instead
+    np.testing.assert_allclose(
+        features, unconvertible(images).numpy(), rtol=1e-5, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="runtime='tflite' cannot run"):
+        feature_cache.extract_features(
+            _tiny_backbone(), dataset, 6, progress=False, runtime="tflite"
+        )
+
+    class Garbage:  # a converter bug: features that are not the model's
+        batch_size = 3
+
+        def __call__(self, batch):
+            return np.zeros((len(batch), 4), np.float32)
+
+    monkeypatch.setattr(
+        lite_runtime, "LitePredictor", lambda model, batch_size: Garbage()
+    )
+    checked = _tiny_backbone()
+    features = feature_cache.extract_features(
+        checked, dataset, 6, progress=False
+    )  # the first batch disagrees with TensorFlow: TensorFlow throughout
+    np.testing.assert_allclose(
+        features, checked(images).numpy(), rtol=1e-5, atol=1e-4
+    )
+    assert feature_cache._LITE_PREDICTORS[checked][3] is None
 
 
 class _FakeImageDataset:
