@@ -1,13 +1,16 @@
 r"""EfficientNet-Lite0 feature extraction speed and feature-cache reload time.
 
   python benchmarks/features.py [--num_images=256] [--batch_size=64]
+      [--runtimes=tensorflow,tflite]
 
 Expected wall time ~1-2 min on 2 cores. Images: the first `num_images` of
 the CIFAR-10 test set read from /work/shared/data/cifar10/cifar10-jpeg.zip
 (zipfile + PIL; resized in the graph to each input size), or random uint8
 images when the zip is absent (the JSON says which). Throughput is
 `extract_features` (the tf.function'ed predict step the cache uses) after one
-warm-up batch. The cache row writes a 60,000 x 1280 float32 array with
+warm-up batch, once per runtime (`tensorflow`: a tf.function; `tflite`:
+the backbone converted to TFLite, XNNPACK kernels; the warm-up, which
+converts, is timed as `warmup_s`). The cache row writes a 60,000 x 1280 float32 array with
 `load_or_compute` and times the reload (digest check included). Prints a
 Markdown table and writes benchmarks/results/features.json. On a shared
 machine read `images/CPU-s` (images per CPU-second this process received)
@@ -16,6 +19,7 @@ beside images/s; the 1-minute load average before each row is recorded.
 
 import argparse
 import io
+import itertools
 import os
 import platform
 import sys
@@ -66,7 +70,7 @@ def load_images(num_images):
     return images, f"{len(images)} CIFAR-10 test JPEGs from {path}"
 
 
-def throughput(images, image_size, batch_size):
+def throughput(images, image_size, batch_size, runtime):
     backbone = backbone_lib.build_backbone(
         "efficientnet_lite0", image_size=image_size
     )
@@ -82,17 +86,20 @@ def throughput(images, image_size, batch_size):
         )
 
     warmup = dataset().take(1)
+    start = time.perf_counter()
     feature_cache.extract_features(
-        backbone, warmup, min(batch_size, len(images)), progress=False
+        backbone, warmup, min(batch_size, len(images)), progress=False,
+        runtime=runtime,
     )
+    warmup_s = time.perf_counter() - start
     start, cpu_start = time.perf_counter(), time.process_time()
     features = feature_cache.extract_features(
-        backbone, dataset(), len(images), progress=False
+        backbone, dataset(), len(images), progress=False, runtime=runtime,
     )
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     assert features.shape == (len(images), 1280)
-    return len(images) / seconds, seconds, cpu_seconds
+    return len(images) / seconds, seconds, cpu_seconds, warmup_s
 
 
 def cache_reload(num_rows, feature_dim):
@@ -120,6 +127,10 @@ def parse_args():
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--cache_rows", type=int, default=60_000)
     parser.add_argument(
+        "--runtimes", default="tensorflow,tflite",
+        help="comma-separated extract_features runtimes to time",
+    )
+    parser.add_argument(
         "--note", default="2 CPU cores shared with other engineers' jobs",
         help="conditions of the run, stored in the JSON",
     )
@@ -129,15 +140,16 @@ def parse_args():
     return parser.parse_args()
 
 
-def measure_throughput(images, batch_size):
-    """One row per IMAGE_SIZES entry: images/s and CPU use of extraction."""
+def measure_throughput(images, batch_size, runtimes):
+    """One row per runtime and IMAGE_SIZES entry: images/s and CPU use."""
     rows = []
-    for image_size in IMAGE_SIZES:
+    for runtime, image_size in itertools.product(runtimes, IMAGE_SIZES):
         load_before = os.getloadavg()[0]
-        images_per_s, seconds, cpu_seconds = throughput(
-            images, image_size, batch_size
+        images_per_s, seconds, cpu_seconds, warmup_s = throughput(
+            images, image_size, batch_size, runtime
         )
         rows.append({
+            "runtime": runtime,
             "image_size": image_size,
             "images_per_s": round(images_per_s, 1),
             "ms_per_image": round(1000.0 / images_per_s, 2),
@@ -149,6 +161,7 @@ def measure_throughput(images, batch_size):
             "load_average_1min_before": round(load_before, 2),
             "num_images": len(images),
             "batch_size": batch_size,
+            "warmup_s": round(warmup_s, 2),
         })
     return rows
 
@@ -168,16 +181,17 @@ def measure_cache(cache_rows):
 
 def print_tables(rows, cache):
     print(
-        "| backbone | image_size | images/s | ms/image | images/CPU-s |"
-        " load avg |"
+        "| backbone | runtime | image_size | images/s | ms/image |"
+        " images/CPU-s | load avg | warm-up s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| efficientnet_lite0 | {row['image_size']} | "
+            f"| efficientnet_lite0 | {row['runtime']} | {row['image_size']} | "
             f"{row['images_per_s']:.1f} | {row['ms_per_image']:.2f} | "
             f"{row['images_per_cpu_s']:.1f} | "
-            f"{row['load_average_1min_before']:.1f} |"
+            f"{row['load_average_1min_before']:.1f} | "
+            f"{row['warmup_s']:.1f} |"
         )
     print()
     print("| feature cache | rows x dim | MB | write s | load s |")
@@ -193,7 +207,9 @@ def main():
     args = parse_args()
     wall_start = time.perf_counter()
     images, image_note = load_images(args.num_images)
-    rows = measure_throughput(images, args.batch_size)
+    rows = measure_throughput(
+        images, args.batch_size, args.runtimes.split(",")
+    )
     cache = measure_cache(args.cache_rows)
     print_tables(rows, cache)
     result = {

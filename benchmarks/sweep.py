@@ -84,7 +84,7 @@ def run_cell(overrides, experiment, sets, sweep_dir):
     """Train one cell; its row (validation and query MAP) or its error."""
     from uhga_tf.training import run as run_lib
 
-    key = cell_id(experiment.to_dict())
+    key = cell_id(config.digest_dict(experiment))
     experiment = dataclasses.replace(
         experiment, workdir=os.path.join(sweep_dir, "runs", key),
         progress=False,
@@ -120,7 +120,7 @@ def run_cells(experiments, sweep_dir):
     )
     rows = []
     for overrides, experiment in tqdm(experiments, desc="sweep", unit="cell"):
-        path = os.path.join(cells_dir, cell_id(experiment.to_dict()) + ".json")
+        path = os.path.join(cells_dir, cell_id(config.digest_dict(experiment)) + ".json")
         if os.path.exists(path):
             with open(path) as f:
                 rows.append(json.load(f))

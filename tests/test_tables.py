@@ -70,11 +70,14 @@ def test_table3_cells_markdown_json_and_resume(tmp_path):
 
 
 def _legacy_inputs(experiment, description):
-    """The digest cells were keyed by before locations were normalised."""
+    """The digest cells were keyed by before locations were normalised
+    (and before `config.ADDED_FIELDS` existed)."""
     from uhga_tf.evaluation import metrics
 
+    values = experiment.to_dict()
+    del values["model"]["feature_runtime"]
     text = json.dumps({
-        "data": description, "experiment": experiment.to_dict(),
+        "data": description, "experiment": values,
         "product_recipe": config.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }, sort_keys=True, default=str)
@@ -98,6 +101,7 @@ def test_cell_inputs_ignore_where_a_run_is_written(tmp_path):
         ("train", "eval_every_epochs", 1),
         ("eval", "hamming_radius", 3),
         ("data", "skip_corrupt", True),
+        ("model", "feature_runtime", "tflite"),  # an added field, off default
     ):
         changed = dataclasses.replace(experiment, **{
             section: dataclasses.replace(getattr(experiment, section),

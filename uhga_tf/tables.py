@@ -279,8 +279,8 @@ def cell_provenance(base_experiment, sets):
 
     inputs = {
         "data": sets.description,
-        "experiment": config_lib.at_default_locations(
-            base_experiment).to_dict(),
+        "experiment": config_lib.digest_dict(
+            config_lib.at_default_locations(base_experiment)),
         "product_recipe": config_lib.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }

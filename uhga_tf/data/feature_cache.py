@@ -39,13 +39,10 @@ _FORMAT_VERSION = 1
 # backbone -> its traced predict step, so repeated extractions with one
 # backbone (query, database, train sets) trace the graph once.
 _PREDICT_STEPS = weakref.WeakKeyDictionary()
-# backbone -> {batch size: LitePredictor or None}, converted once each.
+# backbone -> {batch size: LitePredictor}, converted once each.
 _LITE_PREDICTORS = weakref.WeakKeyDictionary()
 
-RUNTIMES = ("auto", "tensorflow", "tflite")
-# `auto` converts to TFLite from this many images on: converting
-# EfficientNet-Lite0 takes about 5 s, what TFLite saves on ~1,000 images.
-LITE_MIN_EXAMPLES = 1000
+RUNTIMES = ("tensorflow", "tflite")
 # Largest difference from TensorFlow on the first batch, relative to the
 # largest feature, before TFLite is trusted; rounding gives about 1e-5.
 LITE_TOLERANCE = 1e-3
@@ -214,53 +211,36 @@ def _predict_step(backbone):
     return step
 
 
-def _lite_predictor(backbone, batch_size):
-    per_size = _LITE_PREDICTORS.setdefault(backbone, {})
-    if batch_size not in per_size:
-        per_size[batch_size] = lite_runtime.try_lite_predictor(
-            backbone, batch_size
-        )
-    return per_size[batch_size]
-
-
 def _checked_lite_predictor(backbone, batch, predict_step):
-    """The TFLite predictor, once its first batch matched TensorFlow's."""
-    lite = _lite_predictor(backbone, int(batch.shape[0]))
-    if lite is None:
-        return None
+    """The TFLite predictor, once its first batch matched TensorFlow's.
+
+    Raises:
+        ValueError: TFLite is missing, cannot convert the backbone, or its
+            features differ from TensorFlow's by more than rounding.
+    """
+    batch_size = int(batch.shape[0])
+    per_size = _LITE_PREDICTORS.setdefault(backbone, {})
+    if batch_size in per_size:
+        return per_size[batch_size]
+    try:
+        lite = lite_runtime.LitePredictor(backbone, batch_size)
+    except RuntimeError as e:
+        raise ValueError(f"feature_runtime='tflite': {e}") from e
     expected = predict_step(batch).numpy()
     scale = max(float(np.abs(expected).max()), 1.0)
     error = float(np.abs(lite(batch.numpy()) - expected).max())
     if not error <= LITE_TOLERANCE * scale:  # also catches NaN
-        logging.warning(
-            "TFLite features differ from TensorFlow's by %.3g (scale %.3g); "
-            "extracting with TensorFlow", error, scale,
+        raise ValueError(
+            f"feature_runtime='tflite': TFLite features differ from "
+            f"TensorFlow's by {error:.3g} (largest feature {scale:.3g}) on "
+            "the first batch; use feature_runtime='tensorflow'"
         )
-        _LITE_PREDICTORS[backbone][int(batch.shape[0])] = None
-        return None
+    per_size[batch_size] = lite
     return lite
 
 
-def _resolve_runtime(runtime, num_examples):
-    if runtime not in RUNTIMES:
-        raise ValueError(
-            f"runtime must be one of {RUNTIMES}; received runtime={runtime!r}"
-        )
-    if runtime == "tflite" and not lite_runtime.available():
-        raise ValueError(
-            "runtime='tflite' needs TFLite, which this TensorFlow lacks; "
-            "use runtime='tensorflow' or 'auto'"
-        )
-    if runtime == "auto":
-        use_lite = (
-            num_examples >= LITE_MIN_EXAMPLES and lite_runtime.available()
-        )
-        return "tflite" if use_lite else "tensorflow"
-    return runtime
-
-
 def extract_features(
-    backbone, dataset, num_examples, progress=True, runtime="auto",
+    backbone, dataset, num_examples, progress=True, runtime="tensorflow",
 ):
     """Run `backbone` over `dataset` in inference mode.
 
@@ -270,27 +250,27 @@ def extract_features(
             tuples whose first element is that).
         num_examples: how many images the dataset yields in total.
         progress: show a tqdm bar in images/s.
-        runtime: `tensorflow` (a tf.function), `tflite` (the backbone
-            converted to TFLite, XNNPACK kernels; about twice as fast on
-            CPU, equal up to float rounding, see `lite_runtime`) or `auto`
-            (TFLite for `LITE_MIN_EXAMPLES` images or more when this
-            TensorFlow has it and it converts the backbone, else
-            TensorFlow).
+        runtime: `tensorflow` (a tf.function) or `tflite` (the backbone
+            converted to TFLite, XNNPACK kernels: about twice as fast on
+            CPU, equal up to float rounding; see `lite_runtime`). TFLite's
+            first batch is checked against TensorFlow's.
 
     Returns:
         features: float32 `[num_examples, D]` in dataset order.
 
     Raises:
         ValueError: when the dataset yields a different number of images,
-            or for an unknown runtime.
+            for an unknown runtime, or when TFLite cannot run the backbone.
     """
     num_examples = int(num_examples)
     if num_examples < 0:
         raise ValueError(
             f"num_examples must be >= 0; received num_examples={num_examples}"
         )
-    requested, runtime = runtime, _resolve_runtime(runtime, num_examples)
-    logging.info("Feature extraction runtime: %s", runtime)
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"runtime must be one of {RUNTIMES}; received runtime={runtime!r}"
+        )
 
     predict_step = _predict_step(backbone)
     feature_dim = backbone.output_shape[-1]
@@ -307,13 +287,6 @@ def extract_features(
             if runtime == "tflite" and lite is None:
                 # The first batch is the largest: convert for its size.
                 lite = _checked_lite_predictor(backbone, batch, predict_step)
-                if lite is None and requested == "tflite":
-                    raise ValueError(
-                        "runtime='tflite' cannot run this backbone (see the "
-                        "warning above); use runtime='tensorflow'"
-                    )
-                if lite is None:
-                    runtime = "tensorflow"
             if lite is not None and batch.shape[0] <= lite.batch_size:
                 batch_features = lite(batch.numpy())
             else:
@@ -337,13 +310,17 @@ def extract_features(
 
 def feature_cache_key(
     image_dataset, indices, backbone_name, backbone_weights="default",
-    image_size=None,
+    image_size=None, runtime="tensorflow",
 ):
     """Return the cache key of `load_or_extract_features` (a JSON dict)."""
     if backbone_name not in backbone_lib.BACKBONES:
         raise ValueError(
             f"unknown backbone; received backbone_name={backbone_name!r}, "
             f"expected one of {sorted(backbone_lib.BACKBONES)}"
+        )
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"runtime must be one of {RUNTIMES}; received runtime={runtime!r}"
         )
     spec = backbone_lib.BACKBONES[backbone_name]
     indices = np.asarray(indices)
@@ -354,7 +331,7 @@ def feature_cache_key(
         )
     indices = indices.astype("<i8")
     size = spec.default_image_size if image_size is None else int(image_size)
-    return {
+    key = {
         "dataset": str(image_dataset.name),
         "source": str(image_dataset.source),
         "num_indices": int(indices.size),
@@ -368,12 +345,15 @@ def feature_cache_key(
         "feature_layer": spec.feature_layer,
         "format_version": _FORMAT_VERSION,
     }
+    if runtime != "tensorflow":  # keys of TensorFlow features predate this
+        key["runtime"] = runtime
+    return key
 
 
 def load_or_extract_features(
     image_dataset, indices, *, backbone_name,
     backbone_weights="default", image_size=None, cache_dir, batch_size=64,
-    progress=True, runtime="auto",
+    progress=True, runtime="tensorflow",
 ):
     """Backbone features of `image_dataset[indices]`, cached on disk.
 
@@ -387,15 +367,18 @@ def load_or_extract_features(
         cache_dir: directory of the cache.
         batch_size: extraction batch size (not part of the key).
         progress: show a tqdm bar while extracting.
-        runtime: as in `extract_features` (not part of the key: the
-            runtimes agree up to float rounding).
+        runtime: as in `extract_features`. The runtimes agree up to float
+            rounding, which can still move what is computed from the
+            features (a sign, an iteration of ITQ), so `tflite` features
+            are cached under their own key.
 
     Returns:
         features: float32 `[N, D]`, row i for `indices[i]`.
     """
     indices = np.asarray(indices)
     key = feature_cache_key(
-        image_dataset, indices, backbone_name, backbone_weights, image_size
+        image_dataset, indices, backbone_name, backbone_weights, image_size,
+        runtime,
     )
     num_examples = int(image_dataset.num_examples)
     if indices.size and (indices.min() < 0 or indices.max() >= num_examples):

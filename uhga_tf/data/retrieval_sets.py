@@ -186,6 +186,7 @@ def load_retrieval_sets(data, model, seed, progress=True):
         image_size=model.image_size or None,
         cache_dir=os.path.join(data.cache_dir, "features"),
         progress=progress,
+        runtime=model.feature_runtime,
     )
     position = np.searchsorted(union, np.arange(image_dataset.num_examples))
     sets = RetrievalSets(
@@ -199,7 +200,12 @@ def load_retrieval_sets(data, model, seed, progress=True):
             f"{data.dataset} ({image_dataset.source}), split={data.split} "
             f"seed={seed}, backbone={model.backbone} "
             f"weights={model.backbone_weights} "
-            f"image_size={model.image_size or 'default'}, {DATABASE_ORDER}"
+            f"image_size={model.image_size or 'default'}"
+            # Stored descriptions predate the runtime: it is named only when
+            # it is not TensorFlow.
+            + (f" runtime={model.feature_runtime}"
+               if model.feature_runtime != "tensorflow" else "")
+            + f", {DATABASE_ORDER}"
             + (f", collection{collection}" if collection else "")
             + train_note
         ),

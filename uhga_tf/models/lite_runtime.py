@@ -3,7 +3,8 @@
 Feature extraction only runs the backbone forward. On 2 CPU cores the TFLite
 interpreter (XNNPACK, float32) runs EfficientNet-Lite0 at 160 px about twice
 as fast as a `tf.function` (`benchmarks/features.py` has both rows), which
-halves the first run of `configs/cifar.flags`. Its outputs equal
+halves the feature extraction of a first `configs/cifar.flags` run
+(`--feature_runtime=tflite`). Its outputs equal
 TensorFlow's up to float rounding: summation order differs, as it already
 does between TensorFlow on CPUs with different instruction sets. The
 exported SavedModel keeps the TensorFlow backbone.
@@ -18,7 +19,6 @@ import warnings
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 # The public converter keeps Keras 3 variables as TFLite resource variables,
 # which the interpreter reads uninitialised (garbage features, no error);
 # a graph with the weights folded in as constants converts correctly.
@@ -128,12 +128,3 @@ class LitePredictor:
         self._interpreter.set_tensor(self._input, images)
         self._interpreter.invoke()
         return np.array(self._interpreter.get_tensor(self._output)[:n])
-
-
-def try_lite_predictor(model, batch_size):
-    """A `LitePredictor`, or None (logged) when TFLite cannot run `model`."""
-    try:
-        return LitePredictor(model, batch_size)
-    except RuntimeError as e:
-        logging.warning("Feature extraction falls back to TensorFlow: %s", e)
-        return None
