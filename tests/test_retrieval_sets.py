@@ -62,3 +62,24 @@ def test_train_from_database_is_a_label_blind_seeded_draw():
     np.testing.assert_array_equal(
         whole["train"], np.setdiff1d(np.arange(300), np.arange(20, 40)))
     assert note == ", train = 280 images drawn from the database"
+
+
+def test_description_names_the_feature_runtime_only_off_tensorflow():
+    from uhga_tf import config
+
+    data = config.DataConfig(dataset="cifar10", split="uhga")
+    model = config.ModelConfig(image_size=160)
+    note = ", train = 20000 images drawn from the database"
+    source = "zip:/data/cifar10-jpeg.zip"
+    # Word for word what the stored cells record (their digests cover it).
+    assert retrieval_sets._describe(data, model, source, 0, "", note) == (
+        "cifar10 (zip:/data/cifar10-jpeg.zip), split=uhga seed=0, "
+        "backbone=efficientnet_lite0 weights=default image_size=160, "
+        "database in seed-shuffled order, train = 20000 images drawn from "
+        "the database"
+    )
+    lite = config.ModelConfig(image_size=160, feature_runtime="tflite")
+    assert "image_size=160 runtime=tflite, database" in (
+        retrieval_sets._describe(data, lite, source, 0, "", note))
+    with pytest.raises(ValueError, match="feature_runtime"):
+        config.ModelConfig(feature_runtime="onnx")

@@ -196,23 +196,28 @@ def load_retrieval_sets(data, model, seed, progress=True):
         labels={n: image_dataset.labels[idx] for n, idx in index_sets.items()},
         indices=index_sets,
         feature_dim=features.shape[1],
-        description=(
-            f"{data.dataset} ({image_dataset.source}), split={data.split} "
-            f"seed={seed}, backbone={model.backbone} "
-            f"weights={model.backbone_weights} "
-            f"image_size={model.image_size or 'default'}"
-            # Stored descriptions predate the runtime: it is named only when
-            # it is not TensorFlow.
-            + (f" runtime={model.feature_runtime}"
-               if model.feature_runtime != "tensorflow" else "")
-            + f", {DATABASE_ORDER}"
-            + (f", collection{collection}" if collection else "")
-            + train_note
-        ),
+        description=_describe(
+            data, model, image_dataset.source, seed, collection, train_note),
         image_dataset=image_dataset,
     )
     _log_sizes(sets)
     return sets
+
+
+def _describe(data, model, source, seed, collection, train_note):
+    """The provenance line of image sets (`RetrievalSets.description`)."""
+    # Stored descriptions predate the feature runtime: it is named only
+    # when it is not TensorFlow.
+    runtime = (f" runtime={model.feature_runtime}"
+               if model.feature_runtime != "tensorflow" else "")
+    return (
+        f"{data.dataset} ({source}), split={data.split} seed={seed}, "
+        f"backbone={model.backbone} weights={model.backbone_weights} "
+        f"image_size={model.image_size or 'default'}{runtime}, "
+        f"{DATABASE_ORDER}"
+        + (f", collection{collection}" if collection else "")
+        + train_note
+    )
 
 
 def _from_feature_file(data, seed):
