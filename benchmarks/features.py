@@ -59,8 +59,9 @@ def load_images(num_images):
         by_class = {}
         for name in names:
             by_class.setdefault(name.split("/")[1], []).append(name)
+        per_class = -(-num_images // len(by_class))  # ceil
         picked = [
-            files[i] for i in range(num_images)
+            files[i] for i in range(per_class)
             for files in by_class.values()
         ][:num_images]
         images = np.stack([
