@@ -321,6 +321,26 @@ def test_load_or_extract_features(tmp_path):
     assert key["preprocessing"] == "(x - 127) / 128"
     assert key["feature_layer"] == "global_average_pool"
 
+
+def test_each_runtime_has_its_cache_entry_and_batch_size(tmp_path):
+    dataset = _FakeImageDataset()
+    indices = np.array([5, 0, 7, 3, 11])
+    kwargs = dict(
+        backbone_name="efficientnet_lite0", image_size=32,
+        cache_dir=tmp_path, progress=False,
+    )
+    features = feature_cache.load_or_extract_features(
+        dataset, indices, **kwargs
+    )
+    lite = feature_cache.load_or_extract_features(
+        dataset, indices, runtime="tflite", **kwargs
+    )
+    # The batch the stored TensorFlow features were extracted with, and
+    # TFLite's faster one; two cache entries, equal up to rounding.
+    assert [call[2] for call in dataset.calls] == [256, 64]
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".npz")]) == 2
+    np.testing.assert_allclose(lite, features, rtol=1e-4, atol=1e-4)
+
     with pytest.raises(ValueError, match=r"\[0, 12\)"):
         feature_cache.load_or_extract_features(dataset, [0, 12], **kwargs)
     with pytest.raises(ValueError, match="backbone_name='resnet18'"):
