@@ -80,11 +80,10 @@ def cell_id(values):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_cell(overrides, experiment, sets, sweep_dir):
-    """Train one cell; its row (validation and query MAP) or its error."""
+def run_cell(overrides, experiment, sets, sweep_dir, key):
+    """Train cell `key`; its row (validation and query MAP) or its error."""
     from uhga_tf.training import run as run_lib
 
-    key = cell_id(config.digest_dict(experiment))
     experiment = dataclasses.replace(
         experiment, workdir=os.path.join(sweep_dir, "runs", key),
         progress=False,
@@ -120,12 +119,13 @@ def run_cells(experiments, sweep_dir):
     )
     rows = []
     for overrides, experiment in tqdm(experiments, desc="sweep", unit="cell"):
-        path = os.path.join(cells_dir, cell_id(config.digest_dict(experiment)) + ".json")
+        key = cell_id(config.digest_dict(experiment))
+        path = os.path.join(cells_dir, key + ".json")
         if os.path.exists(path):
             with open(path) as f:
                 rows.append(json.load(f))
             continue
-        row = run_cell(overrides, experiment, sets, sweep_dir)
+        row = run_cell(overrides, experiment, sets, sweep_dir, key)
         io_utils.write_json_atomic(path, row)
         rows.append(row)
     return rows

@@ -36,6 +36,7 @@ LOOKAHEADS = ("jvp", "second_order")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 AP_DENOMINATORS = ("retrieved", "min_rk", "all")
 EMPTY_QUERY = ("zero", "skip")
+FEATURE_RUNTIMES = ("tensorflow", "tflite")
 
 
 # The product recipe: the best codes we learn inside UHGA's framework, with
@@ -43,7 +44,6 @@ EMPTY_QUERY = ("zero", "skip")
 # validation split by benchmarks/sweep.py (benchmarks/results/sweeps/);
 # configs/cifar.flags spells the same values out.
 HASH_INITS = ("random", "structure")
-FEATURE_RUNTIMES = ("tensorflow", "tflite")
 
 PRODUCT_RECIPE = {
     "similarity": "coassociation",

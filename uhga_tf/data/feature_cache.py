@@ -29,6 +29,7 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
+from uhga_tf import config
 from uhga_tf import io_utils
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.models import lite_runtime
@@ -42,7 +43,6 @@ _PREDICT_STEPS = weakref.WeakKeyDictionary()
 # backbone -> {batch size: LitePredictor}, converted once each.
 _LITE_PREDICTORS = weakref.WeakKeyDictionary()
 
-RUNTIMES = ("tensorflow", "tflite")
 # Extraction batch per runtime: TFLite runs fastest at 64 on 2 cores.
 BATCH_SIZES = {"tensorflow": 256, "tflite": 64}
 # Largest difference from TensorFlow on the first batch, relative to the
@@ -269,10 +269,7 @@ def extract_features(
         raise ValueError(
             f"num_examples must be >= 0; received num_examples={num_examples}"
         )
-    if runtime not in RUNTIMES:
-        raise ValueError(
-            f"runtime must be one of {RUNTIMES}; received runtime={runtime!r}"
-        )
+    config.check_choice("runtime", runtime, config.FEATURE_RUNTIMES)
 
     predict_step = _predict_step(backbone)
     feature_dim = backbone.output_shape[-1]
@@ -289,7 +286,7 @@ def extract_features(
             if runtime == "tflite" and lite is None:
                 # The first batch is the largest: convert for its size.
                 lite = _checked_lite_predictor(backbone, batch, predict_step)
-            if lite is not None and batch.shape[0] <= lite.batch_size:
+            if lite is not None:
                 batch_features = lite(batch.numpy())
             else:
                 batch_features = predict_step(batch).numpy()
@@ -320,10 +317,7 @@ def feature_cache_key(
             f"unknown backbone; received backbone_name={backbone_name!r}, "
             f"expected one of {sorted(backbone_lib.BACKBONES)}"
         )
-    if runtime not in RUNTIMES:
-        raise ValueError(
-            f"runtime must be one of {RUNTIMES}; received runtime={runtime!r}"
-        )
+    config.check_choice("runtime", runtime, config.FEATURE_RUNTIMES)
     spec = backbone_lib.BACKBONES[backbone_name]
     indices = np.asarray(indices)
     if indices.ndim != 1 or indices.dtype.kind not in "iu":

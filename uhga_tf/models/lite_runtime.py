@@ -28,23 +28,12 @@ from tensorflow.python.framework.convert_to_constants import (
 
 
 def _interpreter_class():
-    """TFLite's Interpreter: LiteRT's package first, else `tf.lite`."""
+    """TFLite's Interpreter: LiteRT's package first, else `tf.lite`'s."""
     try:
         from ai_edge_litert.interpreter import Interpreter
         return Interpreter
     except ImportError:
-        pass
-    lite = getattr(tf, "lite", None)
-    return getattr(lite, "Interpreter", None)
-
-
-def available():
-    """True when this TensorFlow can convert and run TFLite models."""
-    lite = getattr(tf, "lite", None)
-    return (
-        getattr(lite, "TFLiteConverter", None) is not None
-        and _interpreter_class() is not None
-    )
+        return getattr(getattr(tf, "lite", None), "Interpreter", None)
 
 
 def _num_threads():
@@ -72,7 +61,8 @@ class LitePredictor:
     """
 
     def __init__(self, model, batch_size, num_threads=None):
-        if not available():
+        interpreter_class = _interpreter_class()
+        if interpreter_class is None or not hasattr(tf, "lite"):
             raise RuntimeError(
                 "TFLite is not available in this TensorFlow build "
                 f"({tf.__version__}); use runtime='tensorflow'"
@@ -103,7 +93,7 @@ class LitePredictor:
         with warnings.catch_warnings():
             # tf.lite.Interpreter warns that it moves to LiteRT.
             warnings.simplefilter("ignore")
-            self._interpreter = _interpreter_class()(
+            self._interpreter = interpreter_class(
                 model_content=flatbuffer,
                 num_threads=num_threads or _num_threads(),
             )
