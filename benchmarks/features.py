@@ -3,14 +3,15 @@ r"""EfficientNet-Lite0 feature extraction speed and feature-cache reload time.
   python benchmarks/features.py [--num_images=256] [--batch_size=64]
       [--runtimes=tensorflow,tflite]
 
-Expected wall time ~1-2 min on 2 cores. Images: the first `num_images` of
-the CIFAR-10 test set read from /work/shared/data/cifar10/cifar10-jpeg.zip
-(zipfile + PIL; resized in the graph to each input size), or random uint8
-images when the zip is absent (the JSON says which). Throughput is
-`extract_features` (the tf.function'ed predict step the cache uses) after one
-warm-up batch, once per runtime (`tensorflow`: a tf.function; `tflite`:
-the backbone converted to TFLite, XNNPACK kernels; the warm-up, which
-converts, is timed as `warmup_s`). The cache row writes a 60,000 x 1280 float32 array with
+Expected wall time ~2-4 min on 2 cores (~8 min at --num_images=1024).
+Images: the first `num_images` of the CIFAR-10 test set read from
+/work/shared/data/cifar10/cifar10-jpeg.zip (zipfile + PIL; resized in the
+graph to each input size), or random uint8 images when the zip is absent
+(the JSON says which). Throughput is `extract_features`, the cache's
+extraction, once per runtime (`tensorflow`: a tf.function; `tflite`: the
+backbone converted to TFLite, XNNPACK kernels) after one warm-up batch,
+which for `tflite` includes the conversion and is timed as `warmup_s`.
+The cache row writes a 60,000 x 1280 float32 array with
 `load_or_compute` and times the reload (digest check included). Prints a
 Markdown table and writes benchmarks/results/features.json. On a shared
 machine read `images/CPU-s` (images per CPU-second this process received)
