@@ -43,9 +43,45 @@ def test_every_field_is_one_flag():
         ({"dataset": "mnist"}, "dataset must be one of"),
         ({"train_size": -1}, "train_size must be an int >= 0"),
         ({"similarity_centring": 1.5}, "similarity_centring must be in"),
+        ({"similarity_centring": "half"}, "similarity_centring must be a"),
         ({"code_lenght": 64}, "unknown config fields: code_lenght"),
     ],
 )
 def test_bad_values_name_the_field(values, fragment):
     with pytest.raises(ValueError, match=fragment):
         config.experiment_from_flat(values)
+
+
+@pytest.mark.parametrize(
+    "code_length, centring",
+    [(8, 0.0), (16, 0.0), (32, 0.25), (64, 0.5), (128, 0.5), (1024, 0.5)],
+)
+def test_auto_centring_follows_the_code_length(code_length, centring):
+    experiment = config.experiment_from_flat(
+        {"code_length": code_length, "similarity_centring": "auto"})
+    assert experiment.similarity.similarity_centring == centring
+
+
+def test_auto_centring_is_stored_as_its_number():
+    # A stored config must rerun exactly, and a cell computed with the
+    # number before `auto` existed keeps its digest.
+    auto = config.experiment_from_flat(
+        {"code_length": 64, "similarity_centring": "auto"})
+    explicit = config.experiment_from_flat(
+        {"code_length": 64, "similarity_centring": 0.5})
+    assert auto == explicit
+    assert auto.to_dict()["similarity"]["similarity_centring"] == 0.5
+    short = config.experiment_from_flat(
+        {"code_length": 16, "similarity_centring": "auto"})
+    assert config.experiment_from_dict(short.to_dict()) == short
+
+
+def test_auto_centring_needs_a_code_length():
+    import numpy as np
+
+    from uhga_tf import similarity
+
+    section = config.SimilarityConfig(
+        similarity="coassociation", similarity_centring="auto")
+    with pytest.raises(ValueError, match="follows the code length"):
+        similarity.build(section, np.ones((8, 4), np.float32), seed=0)

@@ -50,7 +50,7 @@ PRODUCT_RECIPE = {
     "similarity_knn": 20,
     "similarity_cluster_size": 80,
     "similarity_runs": 3,
-    "similarity_centring": 0.5,
+    "similarity_centring": "auto",
     "loss": "l2",
     "feature_centring": True,
     "dropout_rate": 0.2,
@@ -119,6 +119,40 @@ def _positive_weight(name, value):
     return float(value)
 
 
+def _similarity_centring(name, value):
+    """c of the co-association S: None means `auto` (resolved from the code
+    length by `ExperimentConfig`); "auto" and numeric strings (the flag's
+    text) are read as such."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError as e:
+            raise ValueError(
+                "similarity_centring must be a number in [0, 1] or 'auto'; "
+                f"received similarity_centring={value!r}"
+            ) from e
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            "similarity_centring must be in [0, 1] or 'auto'; received "
+            f"similarity_centring={value!r}")
+    return float(value)
+
+
+def centring_for_code_length(code_length):
+    """`similarity_centring=auto`: 0 up to 16 bits, 0.25 at 32, 0.5 from 64.
+
+    The centred S asks unrelated pairs for orthogonal codes. Long codes have
+    room for many mutually orthogonal groups, and the centred target then
+    orders the top of the list; 16 bits do not, and asking unrelated pairs
+    for opposite codes separates the coarse kinds better (validation sweeps
+    trust_length_centring*, docs/product_recipe.md section 1g).
+    """
+    steps = math.log2(max(int(code_length), 16) / 16)
+    return 0.25 * min(steps, 2.0)
+
+
 # Fields whose stored or flag form differs from the config value: name ->
 # function(name, value) returning the config value.
 _CANONICAL = {
@@ -127,6 +161,7 @@ _CANONICAL = {
     "similarity_threshold": _unset_if_negative,
     "dissimilarity_threshold": _unset_if_negative,
     "positive_weight": _positive_weight,
+    "similarity_centring": _similarity_centring,
 }
 
 
@@ -345,7 +380,10 @@ class SimilarityConfig:
             the share a less what chance gives a pair of rows with their
             cluster sizes (r_i: row i's mean share, r: their mean), so an
             unrelated pair asks for orthogonal codes, not opposite ones
-            (balanced K-bit codes cannot be opposite on average).
+            (balanced K-bit codes cannot be opposite on average);
+            `auto` (None) = `centring_for_code_length` of the experiment's
+            code length, resolved when the `ExperimentConfig` is built, so
+            stored configs hold the number.
     """
 
     similarity: str = "ssdh"
@@ -364,7 +402,9 @@ class SimilarityConfig:
     similarity_grading: float = 0.0
     similarity_cluster_span: float = 1.0
     similarity_cosine_mix: float = 0.0
-    similarity_centring: float = 0.0
+    similarity_centring: typing.Optional[float] = dataclasses.field(
+        default=0.0, metadata={"flag": (str, "0")}
+    )
 
     def __post_init__(self):
         _canonicalize(self)
@@ -380,10 +420,6 @@ class SimilarityConfig:
             raise ValueError(
                 "similarity_cosine_mix must be in [0, 1); received "
                 f"similarity_cosine_mix={self.similarity_cosine_mix!r}")
-        if not 0.0 <= self.similarity_centring <= 1.0:
-            raise ValueError(
-                "similarity_centring must be in [0, 1]; received "
-                f"similarity_centring={self.similarity_centring!r}")
         if not 0.0 <= self.similarity_grading <= 1.0:
             raise ValueError(
                 "similarity_grading must be in [0, 1]; received "
@@ -595,6 +631,11 @@ class ExperimentConfig:
                 _finite(field.name, getattr(values, field.name))
         if not self.workdir:
             raise ValueError("workdir must be a path; received ''")
+        if self.similarity.similarity_centring is None:
+            object.__setattr__(self, "similarity", dataclasses.replace(
+                self.similarity,
+                similarity_centring=centring_for_code_length(
+                    self.model.code_length)))
         per_branch = self.train.global_batch_size
         if self.loss.pairing == "cross":
             if per_branch % 2:

@@ -42,6 +42,11 @@ def build(config, features, seed):
         features: float [N, D] train features (cosine distances only).
         seed: seeds k-means runs and samples (structured modes).
     """
+    if config.similarity_centring is None:
+        raise ValueError(
+            "similarity_centring='auto' follows the code length: build S "
+            "from an ExperimentConfig's similarity section (which holds the "
+            "number) or pass a number in [0, 1]")
     if config.similarity in STRUCTURED_MODES:
         return structured.build_structured_similarity(
             features, seed=seed,

@@ -365,7 +365,11 @@ def graph_cluster_count(ids, max_clusters, seed, runs=3):
         # should not count against its count.
         scores[clusters] = max(
             modularity(graph, column) for column in assigned.T)
-    best = max(scores, key=lambda c: (scores[c], -c))
+    # A larger count must win by more than float rounding: a k-means run
+    # that leaves a cluster empty reproduces the smaller count's partition,
+    # and its modularity then differs only in the summation order (which
+    # the CPU's vector width decides).
+    best = max(scores, key=lambda c: (round(scores[c], 9), -c))
     return best, scores, vectors
 
 
