@@ -102,9 +102,9 @@ def _unset_if_negative(name, value):
     return float(value)
 
 
-def _positive_weight(name, value):
-    """omega of eq. (6): None means `auto`; "auto" and numeric strings (the
-    flag's text, config.json files of older runs) are read as such."""
+def _number_or_auto(name, value, wanted):
+    """None for `auto` (None, "auto"); a float for a number or its text (the
+    flag's text, config.json files of older runs)."""
     if value is None or value == "auto":
         return None
     if isinstance(value, str):
@@ -112,32 +112,28 @@ def _positive_weight(name, value):
             value = float(value)
         except ValueError as e:
             raise ValueError(
-                "positive_weight must be a positive number or 'auto'; "
-                f"received positive_weight={value!r}"
+                f"{name} must be {wanted} or 'auto'; received "
+                f"{name}={value!r}"
             ) from e
-    _positive(name, value)
     return float(value)
+
+
+def _positive_weight(name, value):
+    """omega of eq. (6): None means `auto` (#(S=-1) / #(S=+1))."""
+    value = _number_or_auto(name, value, "a positive number")
+    if value is not None:
+        _positive(name, value)
+    return value
 
 
 def _similarity_centring(name, value):
-    """c of the co-association S: None means `auto` (resolved from the code
-    length by `ExperimentConfig`); "auto" and numeric strings (the flag's
-    text) are read as such."""
-    if value is None or value == "auto":
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError as e:
-            raise ValueError(
-                "similarity_centring must be a number in [0, 1] or 'auto'; "
-                f"received similarity_centring={value!r}"
-            ) from e
-    if not 0.0 <= value <= 1.0:
+    """c of the co-association S: None means `auto`, resolved from the code
+    length by `ExperimentConfig`."""
+    value = _number_or_auto(name, value, "a number in [0, 1]")
+    if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(
-            "similarity_centring must be in [0, 1] or 'auto'; received "
-            f"similarity_centring={value!r}")
-    return float(value)
+            f"{name} must be in [0, 1] or 'auto'; received {name}={value!r}")
+    return value
 
 
 def centring_for_code_length(code_length):
