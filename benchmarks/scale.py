@@ -5,10 +5,11 @@ r"""Scale: Beam encoding, sublinear search, in-place updates, a live page.
 
 Expected wall time ~10 to 15 min on 2 cores (beam 1.5 min on an AVX-512
 Xeon, about 7 on an AMD EPYC; sublinear ~5, update and live ~1). Beam
-start-up costs seconds, so fewer images measure start-up more than
-throughput (3,000 images on the Xeon: 0.64x in-process, 12,000: 1.11x). Writes benchmarks/results/scale.json (parts run are updated,
-the others kept). Nothing is downloaded; images are written to a temporary
-folder from /usr/share/datasets/fashion-mnist and deleted afterwards.
+worker start-up costs seconds, so a small --n_images measures start-up
+more than throughput (README, "More images than one machine"). Writes
+benchmarks/results/scale.json (parts run are updated, the others kept).
+Nothing is downloaded; images are written to a temporary folder from
+/usr/share/datasets/fashion-mnist and deleted afterwards.
 
 - beam: an EfficientNet-Lite0 (96 px) + seeded Dense(64) SavedModel;
   n_images Fashion-MNIST PNGs plus one bad file per 100 (three kinds).
