@@ -57,7 +57,8 @@ flags.DEFINE_list("code_lengths", ["16", "32", "64", "128"], "Code lengths.")
 flags.DEFINE_list(
     "methods",
     ["Ours (product)", "Ours+GA (product)", "ITQ", "ITQ (unit)",
-     "ITQ (unit, database)", "Spectral+ITQ", "k-means+LS"],
+     "ITQ (unit, database)", "Spectral+ITQ", "k-means+LS",
+     "Spectral+ITQ (k=10)", "k-means+LS (k=10)"],
     "Rows (table methods).")
 flags.DEFINE_string("product", "Ours+GA (product)",
                     "The row whose margins are reported.")
