@@ -14,7 +14,8 @@
 On one split of the flag file's collection, for each code length and seed:
 the product recipe with and without gradient attention, and every code
 reference of `tables.REFERENCES` (ITQ raw / on unit rows / fitted on the
-database, spectral embedding + ITQ, k-means pseudo-labels + least squares),
+database, spectral embedding + ITQ, k-means pseudo-labels + least squares,
+the last two on the 20-NN and on the 10-NN graph),
 plus cosine ranking of raw and of centred float features. The database is
 stored in one seed-shuffled order and MAP@ALL is the tie-aware one (no label
 can move it); MAP@1000 and P@100 are computed on that order. "ITQ (best)"
