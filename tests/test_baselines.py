@@ -240,6 +240,28 @@ def test_structural_references_recover_clusters(name, floor):
     np.testing.assert_array_equal(again.encode(x), codes)
 
 
+def test_every_reference_row_builds_its_hasher_with_its_options():
+    """A misspelt option in `REFERENCES` fails here, not after a long run;
+    the 10-NN rows differ from their 20-NN twins only where they say."""
+    from uhga_tf.baselines import references
+
+    for name, reference in references.REFERENCES.items():
+        hasher = base.get_hasher(reference.hasher, 16,
+                                 **dict(reference.options))
+        assert reference.fit_set in ("train", "database"), name
+        for key, value in reference.options:
+            assert hasher.options[key] == value, (name, key)
+    assert set(references.STRUCTURAL_REFERENCES) <= set(references.REFERENCES)
+    near = base.get_hasher("kmeans_ls", 16, **dict(
+        references.REFERENCES["k-means+LS (k=10)"].options)).options
+    far = base.get_hasher("kmeans_ls", 16).options
+    assert (near["knn"], near["cluster_size"]) == (10, 80)
+    assert (far["knn"], far["cluster_size"]) == (20, 40)
+    assert {k: v for k, v in near.items() if k not in ("knn", "cluster_size")
+            } == {k: v for k, v in far.items()
+                  if k not in ("knn", "cluster_size")}
+
+
 def test_unit_rows_option_makes_itq_scale_free():
     rng = np.random.default_rng(1)
     x = np.abs(rng.normal(size=(200, 32)))
