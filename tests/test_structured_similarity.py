@@ -346,3 +346,20 @@ def test_a_large_train_set_reads_its_count_from_a_row_sample(monkeypatch):
     s = _dense(structure)
     same = labels[:, None] == labels[None, :]
     assert same[s == 1].mean() >= 0.95
+
+
+def test_sampled_block_in_row_steps_equals_one_block(monkeypatch):
+    """The fractions' sample is computed a few rows a step (memory); the
+    block and the fractions equal those of one call."""
+    features, _, _ = _hierarchy()
+    structure = _ladder(features, similarity_centring=0.5)
+    n = structure.num_items
+    rows, cols = entries.sample_pairs(n, 0)
+    whole = structure.block(rows, cols).numpy()
+    monkeypatch.setattr(entries, "SAMPLE_ROWS_PER_STEP", 7)
+    r, c, stepped = entries.sampled_block(structure, n, 0)
+    np.testing.assert_array_equal(r, rows)
+    np.testing.assert_array_equal(c, cols)
+    np.testing.assert_array_equal(stepped, whole)
+    assert n % 7 != 0 and stepped.shape == (len(rows), len(cols))
+    assert ss.estimate_fractions(structure, 0) == structure.fractions

@@ -29,7 +29,7 @@ from uhga_tf.similarity.dense import build_similarity_matrix  # noqa: F401
 from uhga_tf.similarity.dense import cosine_distance_histogram  # noqa: F401
 from uhga_tf.similarity.entries import entry_fractions  # noqa: F401
 from uhga_tf.similarity.entries import label_agreement  # noqa: F401
-from uhga_tf.similarity.entries import sample_pairs  # noqa: F401
+from uhga_tf.similarity.entries import sampled_block  # noqa: F401
 from uhga_tf.similarity.structured import STRUCTURED_MODES
 from uhga_tf.similarity.structured import StructuredSimilarity  # noqa: F401
 

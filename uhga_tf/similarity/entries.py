@@ -48,6 +48,27 @@ def sample_pairs(num_items, seed, size=FRACTION_SAMPLE):
     )
 
 
+# Rows of the sampled block computed at once: a graded S compares every
+# (scale, run) clustering of each pair, so one [2048, 2048, clusterings]
+# comparison of a ladder with 10 runs per scale held about 1 GB.
+SAMPLE_ROWS_PER_STEP = 256
+
+
+def sampled_block(similarity, num_items, seed):
+    """(rows, cols, S block as numpy) on `sample_pairs`, a few rows a step.
+
+    ``similarity`` is any matrix with ``block(index_1, index_2)``; every
+    entry depends on its own pair only, so the block equals one call's.
+    """
+    rows, cols = sample_pairs(num_items, seed)
+    block = np.concatenate([
+        np.asarray(similarity.block(
+            rows[start:start + SAMPLE_ROWS_PER_STEP], cols))
+        for start in range(0, len(rows), SAMPLE_ROWS_PER_STEP)
+    ])
+    return rows, cols, block
+
+
 def label_agreement(block, labels_1, labels_2):
     """Diagnostics only: how often S agrees with the class labels.
 

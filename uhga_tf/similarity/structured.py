@@ -710,8 +710,8 @@ def _count_from_graph(unit, ids, knn, cluster_size, seed):
 
 def estimate_fractions(structure, seed):
     """Fractions of S entries over a sample of pairs (all pairs if small)."""
-    rows, cols = entries.sample_pairs(structure.num_items, seed)
-    block = structure.block(rows, cols).numpy()
+    rows, cols, block = entries.sampled_block(
+        structure, structure.num_items, seed)
     off_diagonal = rows[:, None] != cols[None, :]
     return {
         **entries.entry_fractions(block),

@@ -664,8 +664,8 @@ def similarity_diagnostics(matrix, train_labels, seed):
     """
     if train_labels is None or len(train_labels) == 0:
         return {}
-    rows, cols = similarity.sample_pairs(len(train_labels), seed)
-    block = matrix.block(rows, cols).numpy()
+    rows, cols, block = similarity.sampled_block(
+        matrix, len(train_labels), seed)
     return similarity.label_agreement(
         block, train_labels[rows], train_labels[cols]
     )
