@@ -33,15 +33,23 @@ PARAMS = dict(similarity_knn=20, similarity_clusters=10, similarity_runs=10,
 # The product recipe's manifold S: the count read from the kNN graph
 # (modularity over 2 ... 64 candidate counts), runs spread over [C, 1.5 C].
 MODE_PARAMS_AUTO = dict(similarity_clusters=0, similarity_cluster_span=1.5)
+
+
+def _product_similarity(code_length=64):
+    """The product recipe's S values, as an experiment at `code_length` (the
+    64 bits of configs/cifar.flags) resolves them: `auto` becomes a number."""
+    experiment = config.experiment_from_flat(
+        {**config.PRODUCT_RECIPE, "code_length": code_length})
+    return {key: getattr(experiment.similarity, key)
+            for key in ("similarity_knn", "similarity_runs",
+                        "similarity_cluster_size", "similarity_centring")}
+
+
 # The multiscale ladders: no cluster count, 3 runs per scale
 # (coassociation: the product recipe's values, read so they never go stale).
 MODE_PARAMS = {"multiscale": dict(similarity_runs=3,
                                   similarity_cluster_size=40),
-               "coassociation": {
-                   key: config.PRODUCT_RECIPE[key]
-                   for key in ("similarity_knn", "similarity_runs",
-                               "similarity_cluster_size",
-                               "similarity_centring")},
+               "coassociation": _product_similarity(),
                "manifold_auto": MODE_PARAMS_AUTO}
 
 

@@ -363,3 +363,28 @@ def test_sampled_block_in_row_steps_equals_one_block(monkeypatch):
     np.testing.assert_array_equal(stepped, whole)
     assert n % 7 != 0 and stepped.shape == (len(rows), len(cols))
     assert ss.estimate_fractions(structure, 0) == structure.fractions
+
+
+def test_the_build_benchmark_builds_the_product_s_with_numbers():
+    """benchmarks/similarity_build.py reads the recipe's S values with
+    `auto` resolved (a bare "auto" once broke the benchmark)."""
+    import importlib.util
+    import os
+
+    from uhga_tf import config
+
+    path = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks", "similarity_build.py")
+    spec = importlib.util.spec_from_file_location("similarity_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = module.MODE_PARAMS["coassociation"]
+    assert values["similarity_centring"] == config.centring_for_code_length(
+        64) == 0.5
+    assert values["similarity_runs"] == config.PRODUCT_RECIPE[
+        "similarity_runs"]
+    features, _, _ = _hierarchy()
+    structure = ss.build_structured_similarity(
+        features, similarity="coassociation", seed=0,
+        **{**module.PARAMS, **values, "similarity_cluster_size": 10})
+    assert structure.fractions["negative"] > 0
