@@ -120,6 +120,32 @@ def test_cell_inputs_ignore_where_a_run_is_written(tmp_path):
     assert digest != _legacy_inputs(experiment, sets.description)
 
 
+def test_a_product_cell_hashes_the_centring_resolved_at_its_length(
+        tmp_path, monkeypatch):
+    sets = types.SimpleNamespace(description="toy data, seed-shuffled")
+    base = _experiment(tmp_path, code_length=64)
+    product = tables.Cell(3, "Ours (product)", 16, 0)
+    reference = tables.Cell(3, "ITQ", 16, 0)
+    # The base resolves `auto` at its own 64 bits; the cell at its 16.
+    assert tables.cell_experiment(product, base).similarity \
+        .similarity_centring == 0.0
+    assert tables.cell_experiment(
+        dataclasses.replace(product, code_length=64), base
+    ).similarity.similarity_centring == 0.5
+    assert tables.cell_experiment(reference, base) is None
+
+    def inputs(cell):
+        return tables.cell_provenance(
+            base, sets, tables.cell_experiment(cell, base))["inputs"]
+
+    before = inputs(product), inputs(reference)
+    # Another rule for `auto` stales the product cell it changes, and only it.
+    monkeypatch.setattr(config, "centring_for_code_length", lambda k: 0.75)
+    assert inputs(product) != before[0]
+    assert inputs(reference) == before[1]
+    assert inputs(reference) == tables.cell_provenance(base, sets)["inputs"]
+
+
 def test_a_cell_is_reread_from_another_workdir(tmp_path, monkeypatch):
     experiment = _experiment(tmp_path)
     sets = retrieval_sets.load_retrieval_sets(
