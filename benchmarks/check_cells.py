@@ -6,8 +6,8 @@ For every entry of benchmarks/results/quality.json (cells under
 benchmarks/results/cells/<name>/) and every docs/results/<dataset>_table<N>.json
 (cells under docs/results/cells/<dataset>/): rebuild the base experiment
 from the recorded command's flags, digest it with the recorded data
-description and (deep cells) the experiment each cell trains, as
-`tables.run_cell` does, and count the cells the
+description and each cell's own settings, as `tables.cell_provenance`
+does, and count the cells the
 command runs as `reread` (recorded inputs match), `stale` (other flags,
 recipe or protocol), `unrecorded` (written before cells recorded their
 inputs) or `missing`. Reads only: no data, no features, no training.
@@ -65,8 +65,7 @@ def count(cells, cells_dir, base, description):
     sets = types.SimpleNamespace(description=description)
     counts = collections.Counter()
     for cell in cells:
-        expected = tables.cell_provenance(
-            base, sets, tables.cell_experiment(cell, base))["inputs"]
+        expected = tables.cell_provenance(base, sets, cell)["inputs"]
         path = os.path.join(cells_dir, cell.key + ".json")
         if not os.path.exists(path):
             counts["missing"] += 1

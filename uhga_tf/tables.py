@@ -26,6 +26,7 @@ from uhga_tf.baselines.references import REFERENCES
 from uhga_tf.baselines.references import SHALLOW_METHODS  # noqa: F401
 from uhga_tf.baselines.references import STRUCTURAL_REFERENCES  # noqa: F401
 from uhga_tf.baselines.references import Reference  # noqa: F401
+from uhga_tf.baselines.references import reference_settings
 from uhga_tf.baselines.references import shallow_codes
 
 CODE_LENGTHS = (16, 32, 64, 128)
@@ -212,8 +213,7 @@ def table_cells(table, code_lengths, seeds, methods=None):
 def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     """Run one cell (or read its stored result); return the result dict."""
     path = os.path.join(cells_dir, cell.key + ".json")
-    experiment = cell_experiment(cell, base_experiment, cells_dir, progress)
-    provenance = cell_provenance(base_experiment, sets, experiment)
+    provenance = cell_provenance(base_experiment, sets, cell)
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
@@ -223,6 +223,7 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     start = time.time()
     from uhga_tf.training import run as run_lib
 
+    experiment = cell_experiment(cell, base_experiment, cells_dir, progress)
     if experiment is None:
         query_codes, database_codes, validation_codes = shallow_codes(
             cell.method, cell.code_length, sets, cell.seed,
@@ -271,7 +272,7 @@ def cell_experiment(cell, base_experiment, cells_dir="", progress=False):
     return config_lib.experiment_from_flat(flat)
 
 
-def cell_provenance(base_experiment, sets, experiment=None):
+def cell_provenance(base_experiment, sets, cell=None):
     """What a stored cell came from; a cell whose inputs differ is rerun.
 
     ``inputs`` (the data and its database order, the experiment's flags,
@@ -280,10 +281,12 @@ def cell_provenance(base_experiment, sets, experiment=None):
     `config.LOCATION_FIELDS` (workdir, logdir, progress, data_dir,
     cache_dir) at their defaults: where a run is written or its data read
     from does not change a cell, and cells run at the defaults keep the
-    digest they had before. A deep cell also hashes the experiment it
-    trains (`cell_experiment`), so a value resolved from its code length
-    (such as ``similarity_centring=auto``) is part of its inputs: a changed
-    rule reruns the cells it changes.
+    digest they had before. With a ``cell``, a deep cell also hashes the
+    experiment it trains (`cell_experiment`), so a value resolved from its
+    code length (``similarity_centring=auto``) is among its inputs, and a
+    code reference hashes its hasher, options (defaults included) and fit
+    set (`references.reference_settings`): a changed rule or default
+    reruns the cells it changes.
     """
     import hashlib
 
@@ -297,9 +300,12 @@ def cell_provenance(base_experiment, sets, experiment=None):
         "product_recipe": config_lib.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }
-    if experiment is not None:
+    if cell is not None and cell.method in REFERENCES:
+        inputs["reference"] = reference_settings(cell.method)
+    elif cell is not None:
         inputs["cell_experiment"] = config_lib.digest_dict(
-            config_lib.at_default_locations(experiment))
+            config_lib.at_default_locations(
+                cell_experiment(cell, base_experiment)))
     text = json.dumps(inputs, sort_keys=True, default=str)
     return {
         "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],
