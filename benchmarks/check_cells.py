@@ -6,7 +6,8 @@ For every entry of benchmarks/results/quality.json (cells under
 benchmarks/results/cells/<name>/) and every docs/results/<dataset>_table<N>.json
 (cells under docs/results/cells/<dataset>/): rebuild the base experiment
 from the recorded command's flags, digest it with the recorded data
-description as `tables.cell_provenance` does, and count the cells the
+description and each cell's own settings, as `tables.cell_provenance`
+does, and count the cells the
 command runs as `reread` (recorded inputs match), `stale` (other flags,
 recipe or protocol), `unrecorded` (written before cells recorded their
 inputs) or `missing`. Reads only: no data, no features, no training.
@@ -61,10 +62,10 @@ def _parse(values, command):
 
 def count(cells, cells_dir, base, description):
     """Counter of reread / stale / unrecorded / missing over `cells`."""
-    expected = tables.cell_provenance(
-        base, types.SimpleNamespace(description=description))["inputs"]
+    sets = types.SimpleNamespace(description=description)
     counts = collections.Counter()
     for cell in cells:
+        expected = tables.cell_provenance(base, sets, cell)["inputs"]
         path = os.path.join(cells_dir, cell.key + ".json")
         if not os.path.exists(path):
             counts["missing"] += 1

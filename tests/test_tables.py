@@ -120,6 +120,51 @@ def test_cell_inputs_ignore_where_a_run_is_written(tmp_path):
     assert digest != _legacy_inputs(experiment, sets.description)
 
 
+def test_a_product_cell_hashes_the_centring_resolved_at_its_length(
+        tmp_path, monkeypatch):
+    sets = types.SimpleNamespace(description="toy data, seed-shuffled")
+    base = _experiment(tmp_path, code_length=64)
+    product = tables.Cell(3, "Ours (product)", 16, 0)
+    reference = tables.Cell(3, "ITQ", 16, 0)
+    # The base resolves `auto` at its own 64 bits; the cell at its 16.
+    assert tables.cell_experiment(product, base).similarity \
+        .similarity_centring == 0.0
+    assert tables.cell_experiment(
+        dataclasses.replace(product, code_length=64), base
+    ).similarity.similarity_centring == 0.5
+    assert tables.cell_experiment(reference, base) is None
+
+    def inputs(cell):
+        return tables.cell_provenance(base, sets, cell)["inputs"]
+
+    before = inputs(product), inputs(reference)
+    assert tables.cell_provenance(base, sets)["inputs"] not in before
+    # Another rule for `auto` stales the product cell it changes, and only it.
+    monkeypatch.setattr(config, "centring_for_code_length", lambda k: 0.75)
+    assert inputs(product) != before[0]
+    assert inputs(reference) == before[1]
+
+
+def test_a_reference_cell_hashes_its_options_defaults_included(
+        tmp_path, monkeypatch):
+    from uhga_tf.baselines import structural
+
+    sets = types.SimpleNamespace(description="toy data, seed-shuffled")
+    base = _experiment(tmp_path)
+    cells = [tables.Cell(3, method, 16, 0)
+             for method in ("k-means+LS", "ITQ (unit)", "ITQ")]
+    before = [tables.cell_provenance(base, sets, c)["inputs"] for c in cells]
+    assert len(set(before)) == 3
+    settings = tables.reference_settings("ITQ (unit, database)")
+    assert settings["fit_set"] == "database"
+    assert settings["options"]["unit_rows"] is True
+    # A changed default of one hasher stales that reference's cells only.
+    monkeypatch.setattr(structural.KMeansLS, "DEFAULT_OPTIONS", {
+        **structural.KMeansLS.DEFAULT_OPTIONS, "knn": 7})
+    after = [tables.cell_provenance(base, sets, c)["inputs"] for c in cells]
+    assert after[0] != before[0] and after[1:] == before[1:]
+
+
 def test_a_cell_is_reread_from_another_workdir(tmp_path, monkeypatch):
     experiment = _experiment(tmp_path)
     sets = retrieval_sets.load_retrieval_sets(

@@ -26,6 +26,7 @@ from uhga_tf.baselines.references import REFERENCES
 from uhga_tf.baselines.references import SHALLOW_METHODS  # noqa: F401
 from uhga_tf.baselines.references import STRUCTURAL_REFERENCES  # noqa: F401
 from uhga_tf.baselines.references import Reference  # noqa: F401
+from uhga_tf.baselines.references import reference_settings
 from uhga_tf.baselines.references import shallow_codes
 
 CODE_LENGTHS = (16, 32, 64, 128)
@@ -212,7 +213,7 @@ def table_cells(table, code_lengths, seeds, methods=None):
 def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     """Run one cell (or read its stored result); return the result dict."""
     path = os.path.join(cells_dir, cell.key + ".json")
-    provenance = cell_provenance(base_experiment, sets)
+    provenance = cell_provenance(base_experiment, sets, cell)
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
@@ -220,39 +221,18 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
             return stored
         logging.info("%s: stored cell is stale (other inputs); rerun", path)
     start = time.time()
-    if cell.method in REFERENCES:
+    from uhga_tf.training import run as run_lib
+
+    experiment = cell_experiment(cell, base_experiment, cells_dir, progress)
+    if experiment is None:
         query_codes, database_codes, validation_codes = shallow_codes(
             cell.method, cell.code_length, sets, cell.seed,
             encode=("query", "database", "validation"))
         result = evaluate_method(
             query_codes, database_codes, sets, base_experiment.eval)
-        from uhga_tf.training import run as run_lib
-
         result.update(run_lib.validation_metrics(
             validation_codes, database_codes, sets))
     else:
-        from uhga_tf.training import run as run_lib
-
-        flat = {}
-        for section in base_experiment.to_dict().values():
-            if isinstance(section, dict):
-                flat.update(section)
-        flat.update(
-            workdir=os.path.join(cells_dir, "runs", cell.key),
-            logdir="", progress=progress,
-        )
-        if cell.table == 1:
-            flat.update(DEEP_METHODS["Ours+GA"])
-            flat["similarity_lambda"] = float(cell.method)
-        else:
-            flat.update(DEEP_METHODS[cell.method])
-        if not is_product(cell.method):
-            learning_rate, attention_lr = CIFAR_RATES.get(
-                cell.code_length, CIFAR_RATES[64])
-            flat.update(learning_rate=learning_rate,
-                        attention_learning_rate=attention_lr)
-        flat.update(code_length=cell.code_length, seed=cell.seed)
-        experiment = config_lib.experiment_from_flat(flat)
         result = run_lib.run_experiment(experiment, sets=sets)
     result.update(
         cell=dataclasses.asdict(cell), cell_wall_time_s=time.time() - start,
@@ -261,7 +241,38 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     return result
 
 
-def cell_provenance(base_experiment, sets):
+def cell_experiment(cell, base_experiment, cells_dir="", progress=False):
+    """The experiment a deep cell trains; None for a code reference.
+
+    The base flags with the method's overrides, the cell's code length and
+    seed. Fields that follow the code length (``similarity_centring=auto``)
+    are resolved here, per cell, and not at the base's length.
+    """
+    if cell.method in REFERENCES:
+        return None
+    flat = {}
+    for section in base_experiment.to_dict().values():
+        if isinstance(section, dict):
+            flat.update(section)
+    flat.update(
+        workdir=os.path.join(cells_dir, "runs", cell.key),
+        logdir="", progress=progress,
+    )
+    if cell.table == 1:
+        flat.update(DEEP_METHODS["Ours+GA"])
+        flat["similarity_lambda"] = float(cell.method)
+    else:
+        flat.update(DEEP_METHODS[cell.method])
+    if not is_product(cell.method):
+        learning_rate, attention_lr = CIFAR_RATES.get(
+            cell.code_length, CIFAR_RATES[64])
+        flat.update(learning_rate=learning_rate,
+                    attention_learning_rate=attention_lr)
+    flat.update(code_length=cell.code_length, seed=cell.seed)
+    return config_lib.experiment_from_flat(flat)
+
+
+def cell_provenance(base_experiment, sets, cell=None):
     """What a stored cell came from; a cell whose inputs differ is rerun.
 
     ``inputs`` (the data and its database order, the experiment's flags,
@@ -270,7 +281,12 @@ def cell_provenance(base_experiment, sets):
     `config.LOCATION_FIELDS` (workdir, logdir, progress, data_dir,
     cache_dir) at their defaults: where a run is written or its data read
     from does not change a cell, and cells run at the defaults keep the
-    digest they had before.
+    digest they had before. With a ``cell``, a deep cell also hashes the
+    experiment it trains (`cell_experiment`), so a value resolved from its
+    code length (``similarity_centring=auto``) is among its inputs, and a
+    code reference hashes its hasher, options (defaults included) and fit
+    set (`references.reference_settings`): a changed rule or default
+    reruns the cells it changes.
     """
     import hashlib
 
@@ -284,6 +300,12 @@ def cell_provenance(base_experiment, sets):
         "product_recipe": config_lib.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }
+    if cell is not None and cell.method in REFERENCES:
+        inputs["reference"] = reference_settings(cell.method)
+    elif cell is not None:
+        inputs["cell_experiment"] = config_lib.digest_dict(
+            config_lib.at_default_locations(
+                cell_experiment(cell, base_experiment)))
     text = json.dumps(inputs, sort_keys=True, default=str)
     return {
         "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],

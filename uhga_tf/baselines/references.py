@@ -49,6 +49,17 @@ STRUCTURAL_REFERENCES = ("Spectral+ITQ", "k-means+LS", "Spectral+ITQ (k=10)",
                          "k-means+LS (k=10)")
 
 
+def reference_settings(method):
+    """What a reference fits with: hasher, every option, the fit set."""
+    from uhga_tf.baselines import base
+
+    reference = REFERENCES[method]
+    defaults = base.HASHERS[reference.hasher].DEFAULT_OPTIONS
+    return {"hasher": reference.hasher,
+            "options": {**defaults, **dict(reference.options)},
+            "fit_set": reference.fit_set}
+
+
 def shallow_codes(method, code_length, sets, seed,
                   encode=("query", "database")):
     """Fit a reference as `REFERENCES` says; codes of the `encode` sets."""
