@@ -49,7 +49,7 @@ PRODUCT_RECIPE = {
     "similarity": "coassociation",
     "similarity_knn": 20,
     "similarity_cluster_size": 80,
-    "similarity_runs": 3,
+    "similarity_runs": 10,
     "similarity_centring": "auto",
     "loss": "l2",
     "feature_centring": True,
