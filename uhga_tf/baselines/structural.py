@@ -82,6 +82,9 @@ class _StructuralHasher(Hasher):
     def _encode(self, features):
         return codes_lib.binarize(features @ self.projection @ self.rotation)
 
+    def linear_map(self):
+        return self.projection @ self.rotation
+
 
 @register
 class SpectralITQ(_StructuralHasher):
