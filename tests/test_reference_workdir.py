@@ -171,3 +171,33 @@ def test_fit_reference_cli_prints_the_validation_metrics(tmp_path):
     assert again.returncode == 1
     assert again.stderr.strip().splitlines()[-1].startswith(
         "uhga_tf.fit_reference: workdir")
+
+
+def test_structure_init_fits_on_the_similarity_graph_options():
+    """hash_init=structure passes the kNN graph's k and the cluster size
+    through: the start map gives those k-means+LS codes, not the defaults'."""
+    from uhga_tf.baselines import structural
+
+    x = _clustered(seed=4) + 0.05
+    mean, scale = hash_layer.centring_statistics(x, unit_rows=True)
+    centring = hash_layer.FeatureCentring(mean, scale, unit_rows=True)
+    layer_input = np.asarray(centring(x.astype("float32")), np.float64)
+    kernel, bias = structural.structure_hash_map(
+        layer_input, 8, 3, knn=5, cluster_size=10)
+    start = codes_lib.binarize(layer_input @ kernel + bias)
+    reference = base.get_hasher(
+        "kmeans_ls", 8, knn=5, cluster_size=10, unit_rows=False).fit(
+            layer_input, 3)
+    np.testing.assert_array_equal(start, reference.encode(layer_input))
+    defaults = base.get_hasher("kmeans_ls", 8, unit_rows=False).fit(
+        layer_input, 3)
+    assert not np.array_equal(start, defaults.encode(layer_input))
+
+
+def test_feature_unit_rows_needs_feature_centring():
+    from uhga_tf import config
+
+    with pytest.raises(ValueError, match="feature_unit_rows needs"):
+        config.ModelConfig(feature_unit_rows=True)
+    assert config.ModelConfig(feature_unit_rows=True,
+                              feature_centring=True).feature_unit_rows

@@ -149,11 +149,15 @@ class FeatureCentring(keras.layers.Layer):
         return config
 
 
-def centring_statistics(features):
-    """(mean [D], scale) of train features for `FeatureCentring`."""
+def centring_statistics(features, unit_rows=False):
+    """(mean [D], scale) of train features for `FeatureCentring` (of their
+    L2-normalised rows with ``unit_rows``)."""
     import numpy as np
 
     features = np.asarray(features, dtype=np.float64)
+    if unit_rows:
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        features = features / np.maximum(norms, 1e-12)
     mean = features.mean(axis=0)
     # One scalar: the RMS of the centred features over all dimensions, so
     # each input is O(1) on average and the fan-in init gives
@@ -249,6 +253,7 @@ def build_image_hasher(
     hidden_units=1024,
     dropout_rate=0.0,
     centring=None,
+    unit_rows=False,
 ):
     """Build the end-to-end hasher: images -> backbone -> head -> z.
 
@@ -264,7 +269,8 @@ def build_image_hasher(
         z [b, code_length]; its layers are the input, `backbone` and the
         ``hash_head`` sub-model (`split_image_hasher` recovers the two).
     ``centring`` = (mean, scale) of the frozen features puts a
-    `FeatureCentring` at the head's input.
+    `FeatureCentring` at the head's input (``unit_rows`` as in
+    `build_hasher`).
     """
     shape = tuple(backbone.input_shape[1:])
     if len(shape) != 3 or shape[-1] != 3 or None in shape:
@@ -298,6 +304,7 @@ def build_image_hasher(
         dropout_rate=dropout_rate,
         name=HASH_HEAD_NAME,
         centring=centring,
+        unit_rows=unit_rows,
     )
     images = keras.Input(shape=shape, name="images")
     z = head(backbone(images))
