@@ -63,6 +63,17 @@ PRODUCT_RECIPE = {
 }
 
 
+# On top of PRODUCT_RECIPE: start the hash layer at k-means+LS on the 10-NN
+# graph of L2-normalised rows and train on from there at a lower rate
+# (docs/product_recipe.md §1i; validation sweeps, not yet the recipe).
+KMEANS_LS_START = {
+    "hash_init": "structure",
+    "feature_unit_rows": True,
+    "similarity_knn": 10,
+    "learning_rate": 0.005,
+}
+
+
 def check_choice(name, value, choices):
     """Raise ValueError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
