@@ -47,30 +47,21 @@ HASH_INITS = ("random", "structure")
 
 PRODUCT_RECIPE = {
     "similarity": "coassociation",
-    "similarity_knn": 20,
+    "similarity_knn": 10,
     "similarity_cluster_size": 80,
     "similarity_runs": 10,
-    "similarity_centring": "auto",
+    "similarity_centring": 1.0,
     "loss": "l2",
     "feature_centring": True,
+    "feature_unit_rows": True,
+    "hash_init": "structure",
     "dropout_rate": 0.2,
     "positive_weight": "auto",
     "quantization_weight": 0.0,
     "epochs": 8,
     "lr_step_epochs": 30,
-    "learning_rate": 0.02,
+    "learning_rate": 0.0005,
     "attention_learning_rate": 0.05,
-}
-
-
-# On top of PRODUCT_RECIPE: start the hash layer at k-means+LS on the 10-NN
-# graph of L2-normalised rows and train on from there at a lower rate
-# (docs/product_recipe.md §1i; validation sweeps, not yet the recipe).
-KMEANS_LS_START = {
-    "hash_init": "structure",
-    "feature_unit_rows": True,
-    "similarity_knn": 10,
-    "learning_rate": 0.005,
 }
 
 

@@ -44,11 +44,6 @@ DEEP_METHODS = {
                        **config_lib.PRODUCT_RECIPE},
     "Ours+GA (product)": {"loss": "ga_logistic", "attention": True,
                           **config_lib.PRODUCT_RECIPE},
-    # A variant measured beside the recipe (docs/product_recipe.md §1i): the
-    # hash layer starts at k-means+LS on the 10-NN graph of unit rows.
-    "Ours from k-means+LS (product)": {
-        "loss": "ga_logistic", "attention": False,
-        **config_lib.PRODUCT_RECIPE, **config_lib.KMEANS_LS_START},
 }
 TABLE_METHODS = {
     2: ("SSDH", "SSDH+GA", "Ours", "Ours+GA"),
