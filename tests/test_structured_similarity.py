@@ -379,10 +379,13 @@ def test_the_build_benchmark_builds_the_product_s_with_numbers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     values = module.MODE_PARAMS["coassociation"]
-    assert values["similarity_centring"] == config.centring_for_code_length(
-        64) == 0.5
-    assert values["similarity_runs"] == config.PRODUCT_RECIPE[
-        "similarity_runs"]
+    assert isinstance(values["similarity_centring"], float)
+    for key in ("similarity_runs", "similarity_knn",
+                "similarity_cluster_size"):
+        assert values[key] == config.PRODUCT_RECIPE[key]
+    with_auto = config.experiment_from_flat(
+        {**config.PRODUCT_RECIPE, "similarity_centring": "auto"})
+    assert with_auto.similarity.similarity_centring == 0.5
     features, _, _ = _hierarchy()
     structure = ss.build_structured_similarity(
         features, similarity="coassociation", seed=0,

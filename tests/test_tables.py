@@ -126,6 +126,10 @@ def test_a_product_cell_hashes_the_centring_resolved_at_its_length(
     base = _experiment(tmp_path, code_length=64)
     product = tables.Cell(3, "Ours (product)", 16, 0)
     reference = tables.Cell(3, "ITQ", 16, 0)
+    # A recipe that follows the code length (the shipped one fixes c).
+    monkeypatch.setitem(tables.DEEP_METHODS, "Ours (product)", {
+        **tables.DEEP_METHODS["Ours (product)"],
+        "similarity_centring": "auto"})
     # The base resolves `auto` at its own 64 bits; the cell at its 16.
     assert tables.cell_experiment(product, base).similarity \
         .similarity_centring == 0.0

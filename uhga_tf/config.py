@@ -47,18 +47,20 @@ HASH_INITS = ("random", "structure")
 
 PRODUCT_RECIPE = {
     "similarity": "coassociation",
-    "similarity_knn": 20,
+    "similarity_knn": 10,
     "similarity_cluster_size": 80,
     "similarity_runs": 10,
-    "similarity_centring": "auto",
+    "similarity_centring": 1.0,
     "loss": "l2",
     "feature_centring": True,
+    "feature_unit_rows": True,
+    "hash_init": "structure",
     "dropout_rate": 0.2,
     "positive_weight": "auto",
     "quantization_weight": 0.0,
     "epochs": 8,
     "lr_step_epochs": 30,
-    "learning_rate": 0.02,
+    "learning_rate": 0.0005,
     "attention_learning_rate": 0.05,
 }
 
@@ -285,11 +287,16 @@ class ModelConfig:
         feature_centring: subtract the train-feature mean and divide by the
             per-dimension RMS inside the model (beyond the paper,
             docs/product_recipe.md).
+        feature_unit_rows: L2-normalise each feature row in front of the
+            centring (needs `feature_centring`): the cosine geometry the
+            similarity matrix and the structural references use (beyond the
+            paper).
         hash_init: `random` (GA-init, the paper) or `structure`: start the
             dense hash layer from the closed-form k-means+LS map of the
-            train features (multiscale k-means pseudo-labels, ridge least
-            squares, PCA, ITQ rotation; no labels, no class count), then
-            train it with the pairwise loss (beyond the paper).
+            train features on the similarity matrix's kNN graph and cluster
+            size (multiscale k-means pseudo-labels, ridge least squares,
+            PCA, ITQ rotation; no labels, no class count), then train it
+            with the pairwise loss (beyond the paper).
         feature_runtime: how the frozen backbone runs to extract features:
             `tensorflow`, or `tflite` (TFLite's XNNPACK kernels, about
             twice as fast on CPU; features equal up to float rounding,
@@ -306,6 +313,7 @@ class ModelConfig:
     trainable_backbone: bool = False
     dropout_rate: float = 0.0
     feature_centring: bool = False
+    feature_unit_rows: bool = False
     hash_init: str = "random"
     feature_runtime: str = "tensorflow"
 
@@ -322,6 +330,11 @@ class ModelConfig:
             raise ValueError(
                 "dropout_rate must be in [0, 1); received "
                 f"dropout_rate={self.dropout_rate!r}"
+            )
+        if self.feature_unit_rows and not self.feature_centring:
+            raise ValueError(
+                "feature_unit_rows needs feature_centring; received "
+                "feature_unit_rows=True, feature_centring=False"
             )
 
 

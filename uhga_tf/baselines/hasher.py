@@ -142,6 +142,18 @@ class Hasher:
     def _encode(self, features):
         raise NotImplementedError
 
+    def linear_map(self):
+        """Kernel [D, K] with codes = sgn(centred rows @ kernel).
+
+        Only hashers that encode by one matrix product and a sign have one
+        (ITQ, the structural references); it is what lets a fitted hasher
+        become a Keras hasher and a SavedModel (`keras_hasher`).
+        """
+        raise ValueError(
+            f"{self.name} does not encode by one matrix product and a sign, "
+            "so it has no linear map to export"
+        )
+
     def save(self, path):
         """Write name, code_length, options and fitted arrays to an .npz."""
         if not self.fitted:

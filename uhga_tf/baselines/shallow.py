@@ -260,6 +260,9 @@ class ITQ(Hasher):
     def _encode(self, features):
         return codes_lib.binarize(features @ self.pca @ self.rotation)
 
+    def linear_map(self):
+        return self.pca @ self.rotation
+
 
 def itq_rotation(projected, rng, iterations):
     """ITQ's orthogonal R for projected data V [n, K] (Gong et al. 2013).

@@ -82,6 +82,9 @@ class _StructuralHasher(Hasher):
     def _encode(self, features):
         return codes_lib.binarize(features @ self.projection @ self.rotation)
 
+    def linear_map(self):
+        return self.projection @ self.rotation
+
 
 @register
 class SpectralITQ(_StructuralHasher):
@@ -117,17 +120,20 @@ class KMeansLS(_StructuralHasher):
         self._fit_head(features, one_hot - one_hot.mean(axis=0), rng)
 
 
-def structure_hash_map(features, code_length, seed):
+def structure_hash_map(features, code_length, seed, **options):
     """An affine hash map from the k-means+LS reference, for `hash_init`.
 
-    Fits `KMeansLS` (no unit rows: the map acts on ``features`` exactly as
-    given, e.g. the hash layer's centred input) and folds its centring,
+    Fits `KMeansLS` with ``options`` (e.g. knn, cluster_size; no unit rows:
+    the map acts on ``features`` exactly as given, the hash layer's input,
+    which is already unit-row and centred with `feature_unit_rows`) and
+    folds its centring,
     projection and rotation into one (kernel [D, K], bias [K]) with
     sign(features @ kernel + bias) equal to its codes. Each bit is scaled
     to unit standard deviation over ``features`` so the tanh relaxation
     starts unsaturated.
     """
-    hasher = KMeansLS(code_length, unit_rows=False).fit(features, seed)
+    hasher = KMeansLS(code_length, **{**options, "unit_rows": False}).fit(
+        features, seed)
     kernel = hasher.projection @ hasher.rotation
     bias = -hasher.mean @ kernel
     spread = np.std(features @ kernel + bias, axis=0)

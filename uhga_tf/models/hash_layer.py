@@ -106,13 +106,16 @@ class FeatureCentring(keras.layers.Layer):
     at init puts every bit far to one side. The train-feature mean and the
     per-dimension RMS of the centred train features are stored as non-trainable
     weights, so the SavedModel, the server and the index apply the same
-    centring with no extra step.
+    centring with no extra step. ``unit_rows`` L2-normalises each row first
+    (cosine geometry, as the structural references fit; the statistics are
+    then those of the unit rows).
     """
 
-    def __init__(self, mean=None, scale=1.0, **kwargs):
+    def __init__(self, mean=None, scale=1.0, unit_rows=False, **kwargs):
         super().__init__(**kwargs)
         self._initial_mean = mean
         self._initial_scale = float(scale)
+        self.unit_rows = bool(unit_rows)
 
     def build(self, input_shape):
         dim = int(input_shape[-1])
@@ -130,6 +133,9 @@ class FeatureCentring(keras.layers.Layer):
         )
 
     def call(self, features):
+        if self.unit_rows:
+            norms = keras.ops.norm(features, axis=-1, keepdims=True)
+            features = features / keras.ops.maximum(norms, 1e-12)
         return (features - self.mean) / self.scale
 
     def compute_output_shape(self, input_shape):
@@ -138,14 +144,20 @@ class FeatureCentring(keras.layers.Layer):
     def get_config(self):
         # The statistics are weights: a reloaded model gets them from the
         # weights file, not from the config.
-        return super().get_config()
+        config = super().get_config()
+        config.update(unit_rows=self.unit_rows)
+        return config
 
 
-def centring_statistics(features):
-    """(mean [D], scale) of train features for `FeatureCentring`."""
+def centring_statistics(features, unit_rows=False):
+    """(mean [D], scale) of train features for `FeatureCentring` (of their
+    L2-normalised rows with ``unit_rows``)."""
     import numpy as np
 
     features = np.asarray(features, dtype=np.float64)
+    if unit_rows:
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        features = features / np.maximum(norms, 1e-12)
     mean = features.mean(axis=0)
     # One scalar: the RMS of the centred features over all dimensions, so
     # each input is O(1) on average and the fan-in init gives
@@ -162,6 +174,7 @@ def build_hasher(
     dropout_rate=0.0,
     name="hasher",
     centring=None,
+    unit_rows=False,
 ):
     """Build the hashing network: features [b, D] -> z [b, K] (pre-tanh).
 
@@ -172,7 +185,7 @@ def build_hasher(
     one mask, and assigns the advanced state once at the end (method.md
     §11; tests/test_trainable_backbone.py). ``centring`` = (mean [D],
     scale), from `centring_statistics` of the train features, puts a fixed
-    `FeatureCentring` first.
+    `FeatureCentring` first (``unit_rows``: of L2-normalised rows).
     """
     if not isinstance(feature_dim, int) or feature_dim < 1:
         raise ValueError(
@@ -188,7 +201,8 @@ def build_hasher(
     x = features
     if centring is not None:
         mean, scale = centring
-        x = FeatureCentring(mean, scale, name="feature_centring")(x)
+        x = FeatureCentring(mean, scale, unit_rows=unit_rows,
+                            name="feature_centring")(x)
     if dropout_rate > 0:
         x = keras.layers.Dropout(dropout_rate, name="feature_dropout")(x)
     z = HashLayer(
@@ -198,6 +212,35 @@ def build_hasher(
         name="hash_layer",
     )(x)
     return keras.Model(features, z, name=name)
+
+
+def linear_hasher(kernel, mean, unit_rows=False):
+    """A closed-form linear hash map as a hasher: z = (rows(x) - mean) @ kernel.
+
+    The same layers as `build_hasher` (a `FeatureCentring` with scale 1, a
+    dense `HashLayer` with zero bias), so a fitted reference such as
+    k-means+LS (its `linear_map`, `mean` and ``unit_rows`` option) exports,
+    serves and indexes exactly like a trained head. Float32 here against the
+    reference's float64: a code can differ where a bit's value is within
+    rounding of zero.
+    """
+    import numpy as np
+
+    kernel = np.asarray(kernel, dtype=np.float32)
+    mean = np.asarray(mean, dtype=np.float32)
+    if kernel.ndim != 2 or mean.shape != (kernel.shape[0],):
+        raise ValueError(
+            "kernel must be [D, K] and mean [D]; received kernel shape "
+            f"{kernel.shape}, mean shape {mean.shape}"
+        )
+    hasher = build_hasher(
+        kernel.shape[0], kernel.shape[1], centring=(mean, 1.0),
+        unit_rows=unit_rows,
+    )
+    layer = hasher.get_layer("hash_layer")
+    layer.kernel.assign(kernel)
+    layer.bias.assign(np.zeros(kernel.shape[1], dtype=np.float32))
+    return hasher
 
 
 HASH_HEAD_NAME = "hash_head"
@@ -210,6 +253,7 @@ def build_image_hasher(
     hidden_units=1024,
     dropout_rate=0.0,
     centring=None,
+    unit_rows=False,
 ):
     """Build the end-to-end hasher: images -> backbone -> head -> z.
 
@@ -225,7 +269,8 @@ def build_image_hasher(
         z [b, code_length]; its layers are the input, `backbone` and the
         ``hash_head`` sub-model (`split_image_hasher` recovers the two).
     ``centring`` = (mean, scale) of the frozen features puts a
-    `FeatureCentring` at the head's input.
+    `FeatureCentring` at the head's input (``unit_rows`` as in
+    `build_hasher`).
     """
     shape = tuple(backbone.input_shape[1:])
     if len(shape) != 3 or shape[-1] != 3 or None in shape:
@@ -259,6 +304,7 @@ def build_image_hasher(
         dropout_rate=dropout_rate,
         name=HASH_HEAD_NAME,
         centring=centring,
+        unit_rows=unit_rows,
     )
     images = keras.Input(shape=shape, name="images")
     z = head(backbone(images))

@@ -390,7 +390,8 @@ def build_hasher(experiment, inputs):
     """The hash network: hash head on features, or backbone + head."""
     model_cfg = experiment.model
     centring = (
-        hash_layer.centring_statistics(inputs.train_features)
+        hash_layer.centring_statistics(
+            inputs.train_features, unit_rows=model_cfg.feature_unit_rows)
         if model_cfg.feature_centring else None
     )
     head = dict(
@@ -398,6 +399,7 @@ def build_hasher(experiment, inputs):
         hidden_units=model_cfg.hash_hidden,
         dropout_rate=model_cfg.dropout_rate,
         centring=centring,
+        unit_rows=model_cfg.feature_unit_rows,
     )
     # Building a backbone for feature extraction draws from the global seed;
     # reseed so the hash layer's init does not depend on a cache hit.
@@ -409,7 +411,7 @@ def build_hasher(experiment, inputs):
         )
         if model_cfg.hash_init == "structure":
             _structure_init(hasher, inputs.train_features, centring,
-                            experiment.train.seed)
+                            experiment)
         return hasher
     backbone = image_inputs.build_backbone(model_cfg)
     if backbone.output_shape[-1] != feature_dim:
@@ -424,8 +426,9 @@ def build_hasher(experiment, inputs):
     )
 
 
-def _structure_init(hasher, train_features, centring, seed):
-    """Start the dense hash layer at the k-means+LS map (`hash_init`)."""
+def _structure_init(hasher, train_features, centring, experiment):
+    """Start the dense hash layer at the k-means+LS map (`hash_init`) on
+    the similarity matrix's kNN graph and cluster size."""
     from uhga_tf.baselines import structural
 
     layer = hasher.get_layer("hash_layer")
@@ -436,7 +439,9 @@ def _structure_init(hasher, train_features, centring, seed):
         # The hash layer's own input: the model's centring layer, not a copy.
         features = np.asarray(hasher.get_layer("feature_centring")(features))
     kernel, bias = structural.structure_hash_map(
-        features, layer.code_length, seed)
+        features, layer.code_length, experiment.train.seed,
+        knn=experiment.similarity.similarity_knn,
+        cluster_size=experiment.similarity.similarity_cluster_size)
     layer.kernel.assign(kernel)
     layer.bias.assign(bias)
     logging.info("hash layer starts at the k-means+LS map (hash_init)")
