@@ -105,8 +105,15 @@ def run_cell(overrides, experiment, sets, sweep_dir, key):
     }
 
 
-def run_cells(experiments, sweep_dir):
-    """Rows of every cell: read back when stored, else trained and stored."""
+def run_cells(experiments, sweep_dir, split_seed):
+    """Rows of every cell: read back when stored, else trained and stored.
+
+    Every cell shares one split, drawn with `split_seed` (the base flags'
+    seed), as benchmarks/quality.py does: a grid over ``seed`` varies the
+    training seed only. A split drawn with another seed has other
+    validation queries, and some of them are the base split's reported
+    queries.
+    """
     from tqdm import tqdm
 
     from uhga_tf.data import retrieval_sets
@@ -115,7 +122,7 @@ def run_cells(experiments, sweep_dir):
     os.makedirs(cells_dir, exist_ok=True)
     first = experiments[0][1]
     sets = retrieval_sets.load_retrieval_sets(
-        first.data, first.model, first.train.seed, progress=True
+        first.data, first.model, split_seed, progress=True
     )
     rows = []
     for overrides, experiment in tqdm(experiments, desc="sweep", unit="cell"):
@@ -159,7 +166,7 @@ def main(argv):
             "sweep", config.experiment_from_flat, values))
         for overrides, values in cells(base, grid)
     ]
-    rows = run_cells(experiments, sweep_dir)
+    rows = run_cells(experiments, sweep_dir, base["seed"])
     ranked = sorted(
         (r for r in rows if "error" not in r),
         key=lambda r: -r["validation_map"],

@@ -1,7 +1,7 @@
 """A fitted reference written as a workdir that `uhga_tf.export` reads.
 
-The README sends users to k-means+LS (k=10) for the first screen of results.
-To serve it they need what a trained run leaves: ``config.json`` (the
+The README sends users to k-means+LS (k=10) for 16-bit codes and for codes
+without training. To serve it they need what a trained run leaves: ``config.json`` (the
 experiment: data, backbone, image size, code length) and ``hasher.keras``
 (features -> z). A reference that encodes by one matrix product and a sign
 (`Hasher.linear_map`) becomes such a hasher (`hash_layer.linear_hasher`),
