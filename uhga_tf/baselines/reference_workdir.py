@@ -15,6 +15,7 @@ import numpy as np
 from uhga_tf import config as config_lib
 from uhga_tf import io_utils
 from uhga_tf.baselines.references import REFERENCES
+from uhga_tf.baselines.references import fit_reference
 from uhga_tf.baselines.references import reference_settings
 
 RESULT_FILENAME = "reference.json"
@@ -38,11 +39,14 @@ def fit_reference_workdir(experiment, method, sets=None):
         ValueError: unknown method, one with no linear map, or a workdir
             that already holds a run.
     """
+    choices = exportable_references()
     if method not in REFERENCES:
         raise ValueError(
-            f"method must be one of {exportable_references()}; received "
-            f"method={method!r}"
-        )
+            f"method must be one of {choices}; received method={method!r}")
+    if method not in choices:
+        raise ValueError(
+            f"{method} does not encode by one matrix product and a sign, so "
+            f"it cannot become a hasher; choose one of {choices}")
     workdir = experiment.workdir
     config_lib.check_writable_dir(workdir, "workdir")
     taken = [name for name in ("config.json", "hasher.keras")
@@ -54,26 +58,16 @@ def fit_reference_workdir(experiment, method, sets=None):
         )
     # Imported here: TensorFlow and the data stack load only once the
     # arguments have passed.
-    from uhga_tf.baselines import base
     from uhga_tf.data import retrieval_sets
     from uhga_tf.models import hash_layer
     from uhga_tf.training import run as run_lib
 
-    settings = reference_settings(method)
-    hasher = base.get_hasher(
-        settings["hasher"], experiment.model.code_length,
-        **dict(REFERENCES[method].options))
-    if type(hasher).linear_map is base.Hasher.linear_map:
-        raise ValueError(
-            f"{method} does not encode by one matrix product and a sign, so "
-            "it cannot become a hasher; choose one of "
-            f"{exportable_references()}"
-        )
     if sets is None:
         sets = retrieval_sets.load_retrieval_sets(
             experiment.data, experiment.model, experiment.train.seed,
             progress=experiment.progress)
-    hasher.fit(sets.features[settings["fit_set"]], seed=experiment.train.seed)
+    hasher = fit_reference(
+        method, experiment.model.code_length, sets, experiment.train.seed)
     model = hash_layer.linear_hasher(
         hasher.linear_map(), hasher.mean, hasher.options["unit_rows"])
     database_codes = run_lib.encode(model, sets.features["database"])
@@ -82,7 +76,7 @@ def fit_reference_workdir(experiment, method, sets=None):
     validation_codes = run_lib.encode(model, sets.features["validation"])
     result = {
         "method": method,
-        "settings": settings,
+        "settings": reference_settings(method),
         "code_length": experiment.model.code_length,
         "seed": experiment.train.seed,
         "data": sets.description,
@@ -99,7 +93,6 @@ def fit_reference_workdir(experiment, method, sets=None):
     io_utils.write_json_atomic(
         os.path.join(workdir, "config.json"), experiment.to_dict())
     return result
-
 
 
 def exportable_references():

@@ -67,8 +67,15 @@ def shallow_codes(method, code_length, sets, seed,
     # through the similarity modules); the names above must stay light.
     from uhga_tf.baselines import base
 
+    hasher = fit_reference(method, code_length, sets, seed)
+    return tuple(hasher.encode(sets.features[name]) for name in encode)
+
+
+def fit_reference(method, code_length, sets, seed):
+    """The reference's hasher as `REFERENCES` says, fitted on its fit set."""
+    from uhga_tf.baselines import base
+
     reference = REFERENCES[method]
     hasher = base.get_hasher(
         reference.hasher, code_length, **dict(reference.options))
-    hasher.fit(sets.features[reference.fit_set], seed=seed)
-    return tuple(hasher.encode(sets.features[name]) for name in encode)
+    return hasher.fit(sets.features[reference.fit_set], seed=seed)

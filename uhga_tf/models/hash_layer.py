@@ -154,10 +154,11 @@ def centring_statistics(features, unit_rows=False):
     L2-normalised rows with ``unit_rows``)."""
     import numpy as np
 
+    from uhga_tf.similarity import features as features_lib
+
     features = np.asarray(features, dtype=np.float64)
     if unit_rows:
-        norms = np.linalg.norm(features, axis=1, keepdims=True)
-        features = features / np.maximum(norms, 1e-12)
+        features = features_lib.unit_rows(features, np.float64)
     mean = features.mean(axis=0)
     # One scalar: the RMS of the centred features over all dimensions, so
     # each input is O(1) on average and the fan-in init gives
