@@ -109,9 +109,10 @@ class Hasher:
 
     def _center(self, features):
         if self.options["unit_rows"]:
+            from uhga_tf.similarity import features as features_lib
+
             # Cosine geometry: the features' norms carry no similarity.
-            norms = np.linalg.norm(features, axis=1, keepdims=True)
-            features = features / np.maximum(norms, 1e-12)
+            features = features_lib.unit_rows(features, dtype=features.dtype)
         return features - self.mean
 
     def fit(self, features, seed):
