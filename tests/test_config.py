@@ -76,6 +76,29 @@ def test_auto_centring_is_stored_as_its_number():
     assert config.experiment_from_dict(short.to_dict()) == short
 
 
+@pytest.mark.parametrize(
+    "code_length, learning_rate",
+    [(8, 6.25e-5), (16, 1.25e-4), (32, 2.5e-4), (64, 5e-4), (128, 5e-4)],
+)
+def test_auto_learning_rate_follows_the_code_length(code_length,
+                                                    learning_rate):
+    experiment = config.experiment_from_flat(
+        {"code_length": code_length, "learning_rate": "auto"})
+    assert experiment.train.learning_rate == pytest.approx(learning_rate)
+    # Stored as its number, so a saved config reruns exactly.
+    assert config.experiment_from_dict(experiment.to_dict()) == experiment
+    assert experiment.to_dict()["train"]["learning_rate"] == learning_rate
+
+
+def test_learning_rate_flag_text_and_bad_values():
+    assert config.experiment_from_flat(
+        {"learning_rate": "0.02"}).train.learning_rate == 0.02
+    for text, fragment in (("fast", "or 'auto'"), ("0", "> 0"),
+                           ("-1e-3", "> 0"), ("nan", "finite")):
+        with pytest.raises(ValueError, match=fragment):
+            config.experiment_from_flat({"learning_rate": text})
+
+
 def test_auto_centring_needs_a_code_length():
     import numpy as np
 
