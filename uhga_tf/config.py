@@ -150,10 +150,11 @@ def _learning_rate(name, value):
 def learning_rate_for_code_length(code_length):
     """`learning_rate=auto`: 5e-4 from 64 bits on, in proportion below.
 
-    The product starts at the k-means+LS map and refines it. At short codes
-    the same step moves each bit further from that start than training can
-    repay: on CIFAR-10 validation (3 seeds) 16 bits score 0.442 / 0.557 /
-    0.556 (MAP@ALL / MAP@1000 / P@100) at 5e-4 and better at a quarter of it
+    The product starts at the k-means+LS map and refines it. The pairwise
+    loss compares q_ij / K with s_ij, so one step moves a short code's
+    normalised inner products further from that start: on CIFAR-10
+    validation (3 seeds) 16 bits score 0.442 / 0.557 / 0.556 (MAP@ALL /
+    MAP@1000 / P@100) at 5e-4 and 0.453 / 0.566 / 0.563 at a quarter of it
     (docs/product_recipe.md section 1j, sweeps length_rule_*).
     """
     return 5e-4 * min(int(code_length), 64) / 64
