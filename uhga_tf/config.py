@@ -120,8 +120,10 @@ def _number_or_auto(name, value, wanted):
     return float(value)
 
 
-def _positive_weight(name, value):
-    """omega of eq. (6): None means `auto` (#(S=-1) / #(S=+1))."""
+def _positive_or_auto(name, value):
+    """A number > 0, or None for `auto`: positive_weight (omega of eq. (6);
+    auto is #(S=-1) / #(S=+1)) and learning_rate (auto follows the code
+    length, resolved by `ExperimentConfig`)."""
     value = _number_or_auto(name, value, "a positive number")
     if value is not None:
         _positive(name, value)
@@ -135,15 +137,6 @@ def _similarity_centring(name, value):
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(
             f"{name} must be in [0, 1] or 'auto'; received {name}={value!r}")
-    return value
-
-
-def _learning_rate(name, value):
-    """eta_0 of the hash network: None means `auto`, resolved from the code
-    length by `ExperimentConfig`."""
-    value = _number_or_auto(name, value, "a number > 0")
-    if value is not None:
-        _positive(name, value)
     return value
 
 
@@ -180,9 +173,9 @@ _CANONICAL = {
     "ssdh_beta": _unset_if_negative,
     "similarity_threshold": _unset_if_negative,
     "dissimilarity_threshold": _unset_if_negative,
-    "positive_weight": _positive_weight,
+    "positive_weight": _positive_or_auto,
     "similarity_centring": _similarity_centring,
-    "learning_rate": _learning_rate,
+    "learning_rate": _positive_or_auto,
 }
 
 
