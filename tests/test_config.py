@@ -1,6 +1,7 @@
 """Config validation and the flat-flag round trip."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -108,3 +109,27 @@ def test_auto_centring_needs_a_code_length():
         similarity="coassociation", similarity_centring="auto")
     with pytest.raises(ValueError, match="follows the code length"):
         similarity.build(section, np.ones((8, 4), np.float32), seed=0)
+
+
+_CONFIGS = sorted(
+    (pathlib.Path(__file__).parents[1] / "configs").rglob("*.flags"))
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=lambda p: p.name
+                         if p.parent.name == "configs"
+                         else f"{p.parent.name}/{p.name}")
+def test_every_shipped_flag_file_parses_to_a_config(path):
+    # A stray line in a flag file becomes a positional argument and stops
+    # absl's parsing there, so `train` refuses the whole file; every line
+    # must be a comment or a known flag, and the result a valid config.
+    from absl import flags
+
+    from uhga_tf import flags_util
+
+    flag_values = flags.FlagValues()
+    flags_util.define_config_flags(flag_values)
+    rest = flag_values(["train", f"--flagfile={path}"])
+    assert rest == ["train"]
+    experiment = config.experiment_from_flat(
+        flags_util.config_values(flag_values))
+    assert experiment.model.code_length % 8 == 0
