@@ -409,6 +409,12 @@ class SimilarityConfig:
             `auto` (None) = `centring_for_code_length` of the experiment's
             code length, resolved when the `ExperimentConfig` is built, so
             stored configs hold the number.
+        similarity_learned_share: `multiscale`, `coassociation`, in [0, 1]:
+            the coarsest share of the ladder's scales (ceil(share x scales))
+            is clustered by linear softmax heads trained on the kNN graph's
+            pairs (SCAN-style, `similarity.learned_clusters`) instead of
+            k-means in its spectral embedding; with `hash_init=structure`
+            the start's pseudo-labels too; 0 = all k-means.
     """
 
     similarity: str = "ssdh"
@@ -430,10 +436,21 @@ class SimilarityConfig:
     similarity_centring: typing.Optional[float] = dataclasses.field(
         default=0.0, metadata={"flag": (str, "0")}
     )
+    similarity_learned_share: float = 0.0
 
     def __post_init__(self):
         _canonicalize(self)
         check_choice("similarity", self.similarity, SIMILARITY_MODES)
+        if not 0.0 <= self.similarity_learned_share <= 1.0:
+            raise ValueError(
+                "similarity_learned_share must be in [0, 1]; received "
+                f"similarity_learned_share={self.similarity_learned_share!r}")
+        if self.similarity_learned_share and self.similarity not in (
+                "multiscale", "coassociation"):
+            raise ValueError(
+                "similarity_learned_share > 0 needs similarity=multiscale or"
+                f" coassociation (a ladder); received similarity="
+                f"{self.similarity!r}")
         _positive("similarity_knn", self.similarity_knn)
         if self.similarity_clusters != 0:
             _at_least("similarity_clusters", self.similarity_clusters, 2)
@@ -783,7 +800,8 @@ LOCATION_FIELDS = {
 # experiment. At its default each one does what the code did before it
 # existed, so `digest_dict` leaves it out there and those results keep
 # their digests; any other value is digested like every field.
-ADDED_FIELDS = {"model": ("feature_runtime",)}
+ADDED_FIELDS = {"model": ("feature_runtime",),
+                "similarity": ("similarity_learned_share",)}
 
 
 def digest_dict(experiment):

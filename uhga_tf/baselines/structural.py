@@ -106,13 +106,19 @@ class KMeansLS(_StructuralHasher):
     """Multiscale k-means pseudo-labels, least-squares head, ITQ, sign."""
 
     name = "kmeans_ls"
+    # The product's start may learn its coarse clusters
+    # (`structure_hash_map`); the reference itself never does.
+    learned_share = 0.0
 
     def _fit(self, features, rng):
         ids = self._neighbours(features)
         scales = structured.cluster_scales(
             len(features), self.options["cluster_size"])
         assignments = structured.multiscale_assignments(
-            ids, scales, self.options["runs"], int(rng.integers(1000)))
+            ids, scales, self.options["runs"], int(rng.integers(1000)),
+            features=(features_lib.unit_rows(features.astype(np.float32))
+                      if self.learned_share else None),
+            learned_share=self.learned_share)
         one_hot = np.concatenate([
             np.eye(int(column.max()) + 1)[column]
             for column in assignments.T
@@ -120,7 +126,8 @@ class KMeansLS(_StructuralHasher):
         self._fit_head(features, one_hot - one_hot.mean(axis=0), rng)
 
 
-def structure_hash_map(features, code_length, seed, **options):
+def structure_hash_map(features, code_length, seed, learned_share=0.0,
+                       **options):
     """An affine hash map from the k-means+LS reference, for `hash_init`.
 
     Fits `KMeansLS` with ``options`` (e.g. knn, cluster_size; no unit rows:
@@ -130,10 +137,12 @@ def structure_hash_map(features, code_length, seed, **options):
     projection and rotation into one (kernel [D, K], bias [K]) with
     sign(features @ kernel + bias) equal to its codes. Each bit is scaled
     to unit standard deviation over ``features`` so the tanh relaxation
-    starts unsaturated.
+    starts unsaturated. ``learned_share`` > 0 learns the ladder's coarsest
+    scales as `similarity_learned_share` does for S.
     """
-    hasher = KMeansLS(code_length, **{**options, "unit_rows": False}).fit(
-        features, seed)
+    hasher = KMeansLS(code_length, **{**options, "unit_rows": False})
+    hasher.learned_share = float(learned_share)
+    hasher.fit(features, seed)
     kernel = hasher.projection @ hasher.rotation
     bias = -hasher.mean @ kernel
     spread = np.std(features @ kernel + bias, axis=0)

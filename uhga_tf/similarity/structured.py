@@ -435,20 +435,36 @@ def cluster_scales(num_items, cluster_size):
 MAX_EMBEDDING = 64
 
 
-def multiscale_assignments(ids, scales, runs, seed):
-    """k-means ids at every scale in the spectral embedding, int32 [N, S R].
+def multiscale_assignments(ids, scales, runs, seed, features=None,
+                           learned_share=0.0):
+    """Cluster ids at every scale of the ladder, int32 [N, S R].
 
     Scale C clusters the rows of the top min(C, 64) eigenvectors of the kNN
-    graph (Ng, Jordan and Weiss: C clusters, C eigenvectors), ``runs``
-    seeds each.
+    graph by k-means (Ng, Jordan and Weiss: C clusters, C eigenvectors),
+    ``runs`` seeds each. ``learned_share`` in [0, 1]: the coarsest
+    ceil(share S) scales are learned from the graph on ``features`` instead
+    (`learned_clusters`; the share of a ladder that follows N, never a
+    class count), ``runs`` heads each.
     """
-    vectors = spectral_embedding(
-        ids, min(max(scales), MAX_EMBEDDING), seed, ordered=True)
+    learned = int(np.ceil(float(learned_share) * len(scales) - 1e-9))
+    if learned and features is None:
+        raise ValueError("learned_share > 0 needs the features")
     columns = []
-    for position, clusters in enumerate(scales):
-        space = features_lib.unit_rows(vectors[:, :max(clusters, 2)])
-        columns.append(cluster_assignments(
-            space, clusters, runs, (seed % 1000) * 100 + position))
+    if learned:
+        from uhga_tf.similarity import learned_clusters
+
+        columns.append(learned_clusters.learned_assignments(
+            features, ids, [c for c in scales[:learned] for _ in range(runs)],
+            seed))
+    if learned < len(scales):
+        vectors = spectral_embedding(
+            ids, min(max(scales), MAX_EMBEDDING), seed, ordered=True)
+        for position, clusters in enumerate(scales):
+            if position < learned:
+                continue
+            space = features_lib.unit_rows(vectors[:, :max(clusters, 2)])
+            columns.append(cluster_assignments(
+                space, clusters, runs, (seed % 1000) * 100 + position))
     return np.concatenate(columns, axis=1)
 
 
@@ -487,6 +503,7 @@ def build_structured_similarity(
     similarity_cluster_span=1.0,
     similarity_cosine_mix=0.0,
     similarity_centring=0.0,
+    similarity_learned_share=0.0,
     seed=0,
 ):
     """Build the compact structure of a structured similarity mode.
@@ -515,6 +532,10 @@ def build_structured_similarity(
         similarity_centring: coassociation, c in [0, 1]: the weight of
             the centred share (a - r_i - r_j + r) / (1 - r) in S
             (`row_agreement`); 0 = S = 2 a - 1.
+        similarity_learned_share: multiscale, coassociation, in [0, 1]:
+            the coarsest share of the ladder's scales is clustered by heads
+            learned on the kNN graph (`learned_clusters`), the rest by
+            k-means; 0 = all k-means.
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -528,6 +549,10 @@ def build_structured_similarity(
         features, similarity, similarity_knn, similarity_clusters,
         similarity_runs, similarity_dissimilar_quantile,
     )
+    if not 0.0 <= similarity_learned_share <= 1.0:
+        raise ValueError(
+            "similarity_learned_share must be in [0, 1]; received "
+            f"similarity_learned_share={similarity_learned_share!r}")
     if not similarity_cluster_span >= 1.0:
         raise ValueError(
             "similarity_cluster_span must be >= 1; received "
@@ -539,6 +564,7 @@ def build_structured_similarity(
         (float(similarity_positive_share), float(similarity_negative_share),
          float(similarity_grading)),
         float(similarity_cluster_span),
+        learned_share=float(similarity_learned_share),
     )
     if similarity == "coassociation":
         structure = _graded_options(structure, features, similarity_centring,
@@ -632,7 +658,7 @@ def _check_structured_arguments(features, similarity, knn, clusters, runs,
 
 
 def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
-                     cluster_size, shares, span):
+                     cluster_size, shares, span, learned_share=0.0):
     """The StructuredSimilarity of a mode, without fractions."""
     if similarity == "knn":
         ids, _ = nearest_neighbours(unit, knn)
@@ -647,7 +673,9 @@ def _build_structure(unit, similarity, knn, clusters, runs, quantile, seed,
         scales = cluster_scales(len(unit), cluster_size)
         return StructuredSimilarity(
             mode=similarity,
-            assignments=multiscale_assignments(ids, scales, runs, seed),
+            assignments=multiscale_assignments(
+                ids, scales, runs, seed, features=unit,
+                learned_share=learned_share),
             shares=shares,
         )
     # The train graph: manifold clusters in its embedding; a count read

@@ -441,7 +441,8 @@ def _structure_init(hasher, train_features, centring, experiment):
     kernel, bias = structural.structure_hash_map(
         features, layer.code_length, experiment.train.seed,
         knn=experiment.similarity.similarity_knn,
-        cluster_size=experiment.similarity.similarity_cluster_size)
+        cluster_size=experiment.similarity.similarity_cluster_size,
+        learned_share=experiment.similarity.similarity_learned_share)
     layer.kernel.assign(kernel)
     layer.bias.assign(bias)
     logging.info("hash layer starts at the k-means+LS map (hash_init)")
