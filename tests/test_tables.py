@@ -75,7 +75,9 @@ def _legacy_inputs(experiment, description):
     from uhga_tf.evaluation import metrics
 
     values = experiment.to_dict()
-    del values["model"]["feature_runtime"]
+    for section, names in config.ADDED_FIELDS.items():
+        for name in names:
+            del values[section][name]
     text = json.dumps({
         "data": description, "experiment": values,
         "product_recipe": config.PRODUCT_RECIPE,
@@ -108,6 +110,12 @@ def test_cell_inputs_ignore_where_a_run_is_written(tmp_path):
                                          **{field: value})})
         assert tables.cell_provenance(changed, sets)["inputs"] != digest, (
             field)
+    ladder = dataclasses.replace(experiment, similarity=dataclasses.replace(
+        experiment.similarity, similarity="coassociation"))
+    learned = dataclasses.replace(ladder, similarity=dataclasses.replace(
+        ladder.similarity, similarity_learned_share=0.5))
+    assert (tables.cell_provenance(learned, sets)["inputs"]
+            != tables.cell_provenance(ladder, sets)["inputs"])
     assert tables.cell_provenance(
         experiment, types.SimpleNamespace(description="other data")
     )["inputs"] != digest

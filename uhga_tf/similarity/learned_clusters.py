@@ -45,7 +45,6 @@ def learned_assignments(features, ids, counts, seed, epochs=EPOCHS):
     Returns:
         int32 [N, len(counts)], column h holding ids in [0, counts[h]).
     """
-    import keras
     import tensorflow as tf
 
     features = np.asarray(features, dtype=np.float32)
@@ -72,6 +71,20 @@ def learned_assignments(features, ids, counts, seed, epochs=EPOCHS):
         for c in groups]
     biases = [tf.Variable(np.zeros((runs[c], c), np.float32))
               for c in groups]
+    _train_heads(rows, ids, kernels, biases, rng, epochs)
+    columns = {}
+    for c, kernel, bias in zip(groups, kernels, biases):
+        logits = tf.einsum("bd,drc->brc", rows, kernel) + bias
+        columns[c] = list(np.argmax(logits.numpy(), axis=-1).T)
+    return np.stack([columns[c].pop(0) for c in counts],
+                    axis=1).astype(np.int32)
+
+
+def _train_heads(rows, ids, kernels, biases, rng, epochs):
+    """Adam on the heads' loss, batches of anchors and one graph partner."""
+    import keras
+    import tensorflow as tf
+
     variables = kernels + biases
     optimizer = keras.optimizers.Adam(learning_rate=LEARNING_RATE)
 
@@ -97,7 +110,7 @@ def learned_assignments(features, ids, counts, seed, epochs=EPOCHS):
         optimizer.apply_gradients(
             zip(tape.gradient(loss, variables), variables))
 
-    num_items = len(features)
+    num_items = int(rows.shape[0])
     batch = min(HEAD_BATCH_SIZE, num_items)
     per_epoch = num_items // batch
     order = []
@@ -107,9 +120,3 @@ def learned_assignments(features, ids, counts, seed, epochs=EPOCHS):
         anchors, order = order[:batch], order[batch:]
         partners = ids[anchors, rng.integers(0, ids.shape[1], batch)]
         step(tf.constant(anchors), tf.constant(partners))
-    columns = {}
-    for c, kernel, bias in zip(groups, kernels, biases):
-        logits = tf.einsum("bd,drc->brc", rows, kernel) + bias
-        columns[c] = list(np.argmax(logits.numpy(), axis=-1).T)
-    return np.stack([columns[c].pop(0) for c in counts],
-                    axis=1).astype(np.int32)

@@ -532,10 +532,8 @@ def build_structured_similarity(
         similarity_centring: coassociation, c in [0, 1]: the weight of
             the centred share (a - r_i - r_j + r) / (1 - r) in S
             (`row_agreement`); 0 = S = 2 a - 1.
-        similarity_learned_share: multiscale, coassociation, in [0, 1]:
-            the coarsest share of the ladder's scales is clustered by heads
-            learned on the kNN graph (`learned_clusters`), the rest by
-            k-means; 0 = all k-means.
+        similarity_learned_share: multiscale, coassociation: the share in
+            [0, 1] of the ladder learned (`multiscale_assignments`).
         seed: seeds k-means and the radius column sample.
 
     Returns:
@@ -549,14 +547,7 @@ def build_structured_similarity(
         features, similarity, similarity_knn, similarity_clusters,
         similarity_runs, similarity_dissimilar_quantile,
     )
-    if not 0.0 <= similarity_learned_share <= 1.0:
-        raise ValueError(
-            "similarity_learned_share must be in [0, 1]; received "
-            f"similarity_learned_share={similarity_learned_share!r}")
-    if not similarity_cluster_span >= 1.0:
-        raise ValueError(
-            "similarity_cluster_span must be >= 1; received "
-            f"similarity_cluster_span={similarity_cluster_span!r}")
+    _check_ladder_options(similarity_cluster_span, similarity_learned_share)
     structure = _build_structure(
         features_lib.unit_rows(features), similarity, similarity_knn,
         similarity_clusters, similarity_runs,
@@ -572,11 +563,9 @@ def build_structured_similarity(
     fractions = estimate_fractions(structure, seed)
     _check_fractions(fractions, similarity)
     structure = dataclasses.replace(structure, fractions=fractions)
-    logging.info(
-        "similarity matrix (%s): %.1f MB stored, fractions %s",
-        similarity, structure.nbytes / 1e6,
-        {k: round(v, 4) for k, v in fractions.items()},
-    )
+    logging.info("similarity matrix (%s): %.1f MB stored, fractions %s",
+                 similarity, structure.nbytes / 1e6,
+                 {k: round(v, 4) for k, v in fractions.items()})
     return structure
 
 
@@ -618,6 +607,18 @@ def _graded_options(structure, features, centring, mix):
             structure, cosine_mix=float(mix),
             unit_features=features_lib.unit_rows(centred))
     return structure
+
+
+def _check_ladder_options(span, learned_share):
+    """Raise ValueError naming a bad span or learned share."""
+    if not span >= 1.0:
+        raise ValueError(
+            "similarity_cluster_span must be >= 1; received "
+            f"similarity_cluster_span={span!r}")
+    if not 0.0 <= learned_share <= 1.0:
+        raise ValueError(
+            "similarity_learned_share must be in [0, 1]; received "
+            f"similarity_learned_share={learned_share!r}")
 
 
 def _check_structured_arguments(features, similarity, knn, clusters, runs,
