@@ -79,7 +79,8 @@ def test_auto_centring_is_stored_as_its_number():
 
 @pytest.mark.parametrize(
     "code_length, learning_rate",
-    [(8, 6.25e-5), (16, 1.25e-4), (32, 2.5e-4), (64, 5e-4), (128, 5e-4)],
+    [(8, 5e-4 / 8 ** 1.5), (16, 6.25e-5), (32, 5e-4 / 2 ** 1.5),
+     (64, 5e-4), (128, 5e-4)],
 )
 def test_auto_learning_rate_follows_the_code_length(code_length,
                                                     learning_rate):
@@ -88,7 +89,8 @@ def test_auto_learning_rate_follows_the_code_length(code_length,
     assert experiment.train.learning_rate == pytest.approx(learning_rate)
     # Stored as its number, so a saved config reruns exactly.
     assert config.experiment_from_dict(experiment.to_dict()) == experiment
-    assert experiment.to_dict()["train"]["learning_rate"] == learning_rate
+    assert experiment.to_dict()["train"]["learning_rate"] == pytest.approx(
+        learning_rate, rel=1e-12)
 
 
 def test_learning_rate_flag_text_and_bad_values():

@@ -141,16 +141,19 @@ def _similarity_centring(name, value):
 
 
 def learning_rate_for_code_length(code_length):
-    """`learning_rate=auto`: 5e-4 from 64 bits on, in proportion below.
+    """`learning_rate=auto`: 5e-4 (min(K, 64) / 64)^1.5.
 
-    The product starts at the k-means+LS map and refines it. The pairwise
-    loss compares q_ij / K with s_ij, so one step moves a short code's
-    normalised inner products further from that start: on CIFAR-10
-    validation (3 seeds) 16 bits score 0.442 / 0.557 / 0.556 (MAP@ALL /
-    MAP@1000 / P@100) at 5e-4 and 0.453 / 0.566 / 0.563 at a quarter of it
-    (docs/product_recipe.md section 1j, sweeps length_rule_*).
+    5e-4 from 64 bits on, 1.77e-4 at 32 and 6.25e-5 at 16. The product
+    starts at the k-means+LS map and refines it. The pairwise loss compares
+    q_ij / K with s_ij, so one step moves a short code's normalised inner
+    products further from that start: on CIFAR-10 validation (3 seeds) 16
+    bits score 0.442 / 0.557 / 0.556 (MAP@ALL / MAP@1000 / P@100) at 5e-4,
+    0.453 / 0.566 / 0.563 at 1.25e-4 and 0.458 / 0.569 / 0.565 at 6.25e-5;
+    32 bits are level between 2.5e-4 and 1.77e-4, and so is Fashion-MNIST
+    at both lengths (docs/product_recipe.md section 1j, sweeps
+    length_rule_*).
     """
-    return 5e-4 * min(int(code_length), 64) / 64
+    return 5e-4 * (min(int(code_length), 64) / 64) ** 1.5
 
 
 def centring_for_code_length(code_length):
