@@ -88,7 +88,7 @@ def test_start_with_learned_share_is_a_valid_hash_map(blobs):
     assert np.abs(codes.mean(axis=0)).max() < 0.9
     assert not np.allclose(kernel, plain)
     # The reference itself never learns its clusters.
-    assert structural.KMeansLS.learned_share == 0.0
+    assert structural.KMeansLS(8).learned_share == 0.0
 
 
 @pytest.mark.parametrize("values, fragment", [

@@ -106,9 +106,13 @@ class KMeansLS(_StructuralHasher):
     """Multiscale k-means pseudo-labels, least-squares head, ITQ, sign."""
 
     name = "kmeans_ls"
-    # The product's start may learn its coarse clusters
-    # (`structure_hash_map`); the reference itself never does.
-    learned_share = 0.0
+
+    def __init__(self, code_length, learned_share=0.0, **options):
+        # Not an option: the product's start may learn its coarse clusters
+        # (`structure_hash_map`), the reference (whose options key its
+        # stored cells) never does.
+        super().__init__(code_length, **options)
+        self.learned_share = float(learned_share)
 
     def _fit(self, features, rng):
         ids = self._neighbours(features)
@@ -140,9 +144,8 @@ def structure_hash_map(features, code_length, seed, learned_share=0.0,
     starts unsaturated. ``learned_share`` > 0 learns the ladder's coarsest
     scales as `similarity_learned_share` does for S.
     """
-    hasher = KMeansLS(code_length, **{**options, "unit_rows": False})
-    hasher.learned_share = float(learned_share)
-    hasher.fit(features, seed)
+    hasher = KMeansLS(code_length, learned_share=learned_share,
+                      **{**options, "unit_rows": False}).fit(features, seed)
     kernel = hasher.projection @ hasher.rotation
     bias = -hasher.mean @ kernel
     spread = np.std(features @ kernel + bias, axis=0)
