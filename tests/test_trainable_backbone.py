@@ -7,6 +7,7 @@ a few seconds on a CPU.
 """
 
 import json
+import types
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ from uhga_tf.data import feature_cache
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import metrics
 from uhga_tf import saved_model
+from uhga_tf.baselines import structural
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.models import hash_layer
 from uhga_tf.training import hash_optimizer
@@ -298,6 +300,32 @@ def test_dropout_mask_is_shared_by_every_pass_of_a_step():
     model.train_step(data)
     after = hasher.non_trainable_variables[seeds[0]].numpy()
     np.testing.assert_array_equal(after, advanced[seeds[0]].numpy())
+
+
+def test_structure_start_reaches_the_end_to_end_head():
+    # hash_init=structure starts the fine-tuned head where the frozen path's
+    # starts: at the k-means+LS map of the cached (pre-fine-tuning)
+    # features, so the untrained image hasher gives its codes.
+    sets = _toy_sets(_toy_dataset())
+    experiment = _experiment(
+        "unused", hash_init="structure", feature_centring=True,
+        feature_unit_rows=True, similarity_knn=5, similarity_cluster_size=8,
+    )
+    hasher = run.build_hasher(experiment, types.SimpleNamespace(
+        train_features=sets.features["train"], sets=sets))
+    head = hasher.get_layer(hash_layer.HASH_HEAD_NAME)
+    centred = np.asarray(
+        head.get_layer("feature_centring")(sets.features["train"]))
+    kernel, bias = structural.structure_hash_map(
+        centred, 16, experiment.train.seed, knn=5, cluster_size=8)
+    layer = head.get_layer("hash_layer")
+    np.testing.assert_allclose(layer.kernel.numpy(), kernel, rtol=1e-6)
+    np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-6)
+    encoder = image_inputs.ImageEncoder(
+        hasher, sets, sets.image_dataset, IMAGE_SIZE, batch_size=40)
+    expected = codes_lib.binarize(centred @ kernel + bias)
+    agree = np.mean(codes_lib.binarize(encoder("train")) == expected)
+    assert agree > 0.999, agree
 
 
 def test_end_to_end_run_fine_tunes_and_encodes_images(trained):

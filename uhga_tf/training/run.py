@@ -421,14 +421,21 @@ def build_hasher(experiment, inputs):
             f"features are {feature_dim}-d; they must come from "
             "the same backbone"
         )
-    return hash_layer.build_image_hasher(
+    hasher = hash_layer.build_image_hasher(
         backbone, model_cfg.code_length, **head
     )
+    if model_cfg.hash_init == "structure":
+        # The cached features are the backbone's output before fine-tuning,
+        # so the head starts where the frozen path's does.
+        _structure_init(hasher.get_layer(hash_layer.HASH_HEAD_NAME),
+                        inputs.train_features, centring, experiment)
+    return hasher
 
 
 def _structure_init(hasher, train_features, centring, experiment):
-    """Start the dense hash layer at the k-means+LS map (`hash_init`) on
-    the similarity matrix's kNN graph and cluster size."""
+    """Start the dense hash layer of ``hasher`` (a features -> z model) at
+    the k-means+LS map (`hash_init`) on the similarity matrix's kNN graph
+    and cluster size."""
     from uhga_tf.baselines import structural
 
     layer = hasher.get_layer("hash_layer")
