@@ -399,3 +399,127 @@ def test_resume_replays_the_uninterrupted_run(trained, tmp_path):
     for got, want in zip(_load_hasher(resumed).get_weights(),
                          _load_hasher(workdir).get_weights()):
         np.testing.assert_array_equal(got, want)
+
+
+# --- Fine-tuning options (benchmarks/finetune_probe.py's recipe) -----------
+
+
+def test_adam_step_is_keras_adam():
+    # Three steps from the same start with the same gradients; no L2 (Keras
+    # Adam's weight decay is decoupled, ours is coupled as in eq. (18)).
+    start = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
+    grads = [np.array([[0.1, -0.2], [0.3, 0.0]], np.float32) * (i + 1)
+             for i in range(3)]
+    ours = hash_optimizer.HashOptimizer(
+        learning_rate=0.01, weight_decay=0.0, optimizer="adam",
+        hash_lr_multiplier=1.0)
+    variable = tf.Variable(start)
+    ours.build([variable])
+    assert len(ours.momenta) == 2
+    reference = keras.optimizers.Adam(0.01, beta_1=0.9, beta_2=0.999,
+                                      epsilon=1e-7)
+    expected = keras.Variable(start)
+    for grad in grads:
+        ours.apply([tf.constant(grad)], [variable])
+        reference.apply([tf.constant(grad)], [expected])
+    np.testing.assert_allclose(variable.numpy(), expected.numpy(), rtol=1e-5)
+    # The first step moves every weight by about lr against its gradient.
+    first = hash_optimizer.HashOptimizer(
+        learning_rate=0.01, weight_decay=0.0, optimizer="adam")
+    one = tf.Variable(start)
+    first.build([one])
+    first.apply([tf.constant(grads[0])], [one])
+    np.testing.assert_allclose(start - one.numpy(),
+                               0.01 * np.sign(grads[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="look-ahead"):
+        ours.gradient_tangents([variable], [tf.constant(grads[0])], 0.01)
+
+
+def test_fine_tuning_options_are_checked():
+    with pytest.raises(ValueError, match="attention=false"):
+        _experiment("unused", optimizer="adam")
+    with pytest.raises(ValueError, match="trainable_backbone=False"):
+        _experiment("unused", trainable_backbone=False,
+                    image_augmentation=True)
+    with pytest.raises(ValueError, match="pairing='cross'"):
+        _experiment("unused", paired_views=True, pairing="within")
+    with pytest.raises(ValueError, match="optimizer"):
+        _experiment("unused", optimizer="rmsprop")
+    # At their defaults the new fields leave a stored config's digest as is.
+    digest = config_lib.digest_dict(_experiment("unused"))
+    assert "optimizer" not in digest["train"]
+    assert "image_augmentation" not in digest["model"]
+
+
+def test_crop_flip_and_jitter():
+    images = tf.constant(
+        np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3))
+    pads = (1, 1)
+    # Offset (1, 1) into the 1-pixel padding is the image itself.
+    same = image_inputs.crop_and_flip(
+        images, pads, tf.constant([[1, 1], [1, 1]]), tf.constant([False] * 2))
+    np.testing.assert_array_equal(same.numpy(), images.numpy())
+    # Offset (0, 2): one reflected row on top, shifted one column left;
+    # flipped: the columns reversed.
+    moved = image_inputs.crop_and_flip(
+        images, pads, tf.constant([[0, 2], [0, 2]]),
+        tf.constant([False, True])).numpy()
+    np.testing.assert_array_equal(moved[0, 0, :7], images.numpy()[0, 1, 1:])
+    np.testing.assert_array_equal(moved[0, 1:, :7], images.numpy()[0, :7, 1:])
+    np.testing.assert_array_equal(
+        moved[1][:, ::-1][1:, :7], images.numpy()[1, :7, 1:])
+    flat = tf.fill([1, 2, 2, 3], 100.0)
+    out = image_inputs.jitter(flat, tf.constant([1.5]), tf.constant([10.0]))
+    np.testing.assert_allclose(out.numpy(), 110.0)
+    bright = image_inputs.jitter(tf.fill([1, 2, 2, 3], 250.0),
+                                 tf.constant([1.0]), tf.constant([20.0]))
+    np.testing.assert_allclose(bright.numpy(), 255.0)
+
+
+def test_augmentation_follows_its_seed():
+    images = tf.constant(_toy_dataset().images[:16], tf.float32)
+    seed = tf.constant([0, 7], tf.int64)
+    first = image_inputs.augment_images(images, seed).numpy()
+    again = image_inputs.augment_images(images, seed).numpy()
+    other = image_inputs.augment_images(
+        images, tf.constant([0, 8], tf.int64)).numpy()
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).mean() > 1.0
+    assert first.min() >= 0.0 and first.max() <= 255.0
+    assert np.abs(first - images.numpy()).mean() > 1.0
+
+
+def test_paired_views_share_their_rows():
+    experiment = _experiment("unused", paired_views=True)
+    first, second = run._branch_rows(experiment, 96, 0, 12)
+    np.testing.assert_array_equal(first, second)
+    plain = run._branch_rows(_experiment("unused"), 96, 0, 12)
+    assert not np.array_equal(*plain)
+
+
+def test_adam_augmented_paired_run_fine_tunes_and_resumes(tmp_path):
+    """The probe's recipe in the product: Adam, augmented paired views, the
+    k-means+LS start; it trains the backbone and a resumed run replays it
+    bit for bit (Adam's moments and the views are reproduced)."""
+    sets = _toy_sets(_toy_dataset())
+    options = dict(
+        optimizer="adam", learning_rate=1e-3, hash_lr_multiplier=1.0,
+        weight_decay=0.0, attention=False, image_augmentation=True,
+        paired_views=True, hash_init="structure", feature_centring=True,
+        feature_unit_rows=True, similarity_knn=5, similarity_cluster_size=8,
+    )
+    whole = tmp_path / "whole"
+    result = run.run_experiment(_experiment(whole, **options), sets=sets)
+    assert result["map"] > 0.6, result["map"]
+    backbone, _ = hash_layer.split_image_hasher(_load_hasher(whole))
+    fresh = backbone_lib.build_backbone("tiny_cnn")
+    change = np.abs(backbone.get_layer("conv1").kernel.numpy()
+                    - fresh.get_layer("conv1").kernel.numpy()).max()
+    assert change > 1e-4, change
+    resumed = tmp_path / "resumed"
+    run.run_experiment(_experiment(resumed, **options, epochs=1), sets=sets)
+    again = run.run_experiment(_experiment(resumed, **options), sets=sets)
+    assert again["map"] == result["map"]
+    for got, want in zip(_load_hasher(resumed).get_weights(),
+                         _load_hasher(whole).get_weights()):
+        np.testing.assert_array_equal(got, want)

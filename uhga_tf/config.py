@@ -34,6 +34,7 @@ PAIRINGS = ("cross", "within")
 SCALE_SCHEDULES = ("sqrt_step", "none")
 LOOKAHEADS = ("jvp", "second_order")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+OPTIMIZERS = ("sgd", "adam")
 AP_DENOMINATORS = ("retrieved", "min_rk", "all")
 EMPTY_QUERY = ("zero", "skip")
 FEATURE_RUNTIMES = ("tensorflow", "tflite")
@@ -321,6 +322,12 @@ class ModelConfig:
             twice as fast on CPU; features equal up to float rounding,
             cached under their own key; `uhga_tf.models.lite_runtime`).
             The stored results used `tensorflow`.
+        image_augmentation: end-to-end path only: every train view is an
+            augmented copy of its image, drawn per step from the run's seed
+            (a crop of the image reflect-padded by 1/8 of its side, a
+            horizontal flip with probability 1/2, contrast x0.8-1.2 and
+            brightness +-20 per image; benchmarks/finetune_probe.py, beyond
+            the paper).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -335,6 +342,7 @@ class ModelConfig:
     feature_unit_rows: bool = False
     hash_init: str = "random"
     feature_runtime: str = "tensorflow"
+    image_augmentation: bool = False
 
     def __post_init__(self):
         codes.check_code_length(self.code_length)
@@ -354,6 +362,13 @@ class ModelConfig:
             raise ValueError(
                 "feature_unit_rows needs feature_centring; received "
                 "feature_unit_rows=True, feature_centring=False"
+            )
+        if self.image_augmentation and not self.trainable_backbone:
+            raise ValueError(
+                "image_augmentation changes the images of the end-to-end "
+                "path; received image_augmentation=True with "
+                "trainable_backbone=False (the frozen path trains on cached "
+                "features)"
             )
 
 
@@ -582,6 +597,15 @@ class TrainConfig:
         lr_step_epochs: epochs between lr decays.
         lr_decay: decay factor.
         momentum, nesterov, weight_decay: eq. (18), L2 coupled.
+        optimizer: `sgd`, the Nesterov SGD of eq. (18), or `adam` (beyond
+            the paper): Adam with beta_1 = momentum, beta_2 = 0.999 and
+            epsilon = 1e-7, the same coupled L2 and lr multipliers. Gradient
+            attention's look-ahead differentiates eq. (18), so `adam` needs
+            `attention=false`.
+        paired_views: cross pairing only: both branches of a step hold the
+            same train images, so every image meets a second view of itself
+            (with `image_augmentation`, two augmented views) besides the
+            other images of the batch (beyond the paper).
         strategy: `default`, `mirrored` or `multi_worker`.
         checkpoint_every_steps: steps between checkpoints.
         keep_checkpoints: checkpoints kept on disk.
@@ -601,6 +625,8 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    paired_views: bool = False
     strategy: str = "default"
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 3
@@ -620,6 +646,7 @@ class TrainConfig:
                 f"momentum must be in [0, 1); received momentum={self.momentum}"
             )
         _positive("weight_decay", self.weight_decay, True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("strategy", self.strategy, STRATEGIES)
         _positive("checkpoint_every_steps", self.checkpoint_every_steps)
         _positive("keep_checkpoints", self.keep_checkpoints)
@@ -688,6 +715,18 @@ class ExperimentConfig:
                 self.similarity,
                 similarity_centring=centring_for_code_length(
                     self.model.code_length)))
+        if self.train.optimizer == "adam" and self.attention.attention:
+            raise ValueError(
+                "optimizer='adam' needs attention=false: gradient "
+                "attention's look-ahead differentiates the SGD step of eq. "
+                "(18); received optimizer='adam', attention=True"
+            )
+        if self.train.paired_views and self.loss.pairing != "cross":
+            raise ValueError(
+                "paired_views gives the second branch the first one's "
+                "images, so it needs pairing='cross'; received "
+                f"pairing={self.loss.pairing!r}"
+            )
         per_branch = self.train.global_batch_size
         if self.loss.pairing == "cross":
             if per_branch % 2:
@@ -803,8 +842,9 @@ LOCATION_FIELDS = {
 # experiment. At its default each one does what the code did before it
 # existed, so `digest_dict` leaves it out there and those results keep
 # their digests; any other value is digested like every field.
-ADDED_FIELDS = {"model": ("feature_runtime",),
-                "similarity": ("similarity_learned_share",)}
+ADDED_FIELDS = {"model": ("feature_runtime", "image_augmentation"),
+                "similarity": ("similarity_learned_share",),
+                "train": ("optimizer", "paired_views")}
 
 
 def digest_dict(experiment):

@@ -11,6 +11,8 @@ lr_t = learning_rate * lr_decay ** floor((t - 1) / lr_step_steps) (1-based t)
 and multiplier_g = hash_lr_multiplier for hash-layer tensors, 1 otherwise.
 The momentum buffers are tf.Variables tracked by this tf.Module, so a
 tf.train.Checkpoint of the optimizer (or of a model holding it) saves them.
+`optimizer="adam"` swaps the step for Adam's (beyond the paper; the
+end-to-end fine-tuning of benchmarks/finetune_probe.py), keeping the rest.
 """
 
 import keras
@@ -63,15 +65,24 @@ def assign_variables(variables, values):
 class HashOptimizer(tf.Module):
     """Nesterov SGD with coupled L2 and per-variable lr multipliers (18).
 
+    ``optimizer="adam"`` (beyond the paper) takes Adam's step instead, with
+    the same coupled L2, multipliers and schedule; ``momenta`` then holds
+    the first moments followed by the second ones (one state list, so the
+    train step assigns it as it assigns SGD's momenta).
+
     Args:
         learning_rate: eta_0 > 0.
-        momentum: mu in [0, 1).
-        nesterov: Nesterov momentum (GA: True).
+        momentum: mu in [0, 1) (Adam: beta_1).
+        nesterov: Nesterov momentum (GA: True; SGD only).
         weight_decay: coupled L2 lambda_wd >= 0 on all tensors.
         hash_lr_multiplier: lr factor for hash-layer tensors (GA: 10).
         lr_step_steps: steps per lr decay stage (>= 1; GA: 1,200).
         lr_decay: factor per stage, in (0, 1].
+        optimizer: "sgd" or "adam".
     """
+
+    ADAM_BETA_2 = 0.999
+    ADAM_EPSILON = 1e-7
 
     def __init__(
         self,
@@ -82,6 +93,7 @@ class HashOptimizer(tf.Module):
         hash_lr_multiplier=10.0,
         lr_step_steps=1200,
         lr_decay=0.5,
+        optimizer="sgd",
         name="hash_optimizer",
     ):
         super().__init__(name=name)
@@ -113,6 +125,12 @@ class HashOptimizer(tf.Module):
             raise ValueError(
                 f"lr_decay must be in (0, 1]; received lr_decay={lr_decay!r}"
             )
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(
+                "optimizer must be 'sgd' or 'adam'; received "
+                f"optimizer={optimizer!r}"
+            )
+        self.optimizer = optimizer
         self.learning_rate = float(learning_rate)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
@@ -140,6 +158,7 @@ class HashOptimizer(tf.Module):
             hash_lr_multiplier=train_config.hash_lr_multiplier,
             lr_decay=train_config.lr_decay,
             lr_step_steps=lr_step_steps,
+            optimizer=train_config.optimizer,
         )
 
     def build(self, variables, lr_multipliers=None):
@@ -162,6 +181,7 @@ class HashOptimizer(tf.Module):
         if self.built:
             return
         self.lr_multipliers = lr_multipliers
+        slots = 2 if self.optimizer == "adam" else 1
         self.momenta = [
             tf.Variable(
                 tf.zeros(v.shape, dtype=v.dtype),
@@ -169,7 +189,7 @@ class HashOptimizer(tf.Module):
                 name=f"momentum_{i}",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-            for i, v in enumerate(variables)
+            for i, v in enumerate(variables * slots)
         ]
         self.built = True
 
@@ -190,6 +210,8 @@ class HashOptimizer(tf.Module):
         (old values) but not changed.
         """
         self._check_built(values)
+        if self.optimizer == "adam":
+            return self._adam_update(values, grads, learning_rate)
         new_values, new_momenta = [], []
         for value, grad, momentum, multiplier in zip(
             values, grads, self.momenta, self.lr_multipliers
@@ -208,12 +230,41 @@ class HashOptimizer(tf.Module):
             new_momenta.append(velocity)
         return new_values, new_momenta
 
+    def _adam_update(self, values, grads, learning_rate):
+        """Adam's (w', [m'..., v'...]) at step iterations + 1."""
+        count = len(values)
+        step = tf.cast(self.iterations + 1, tf.float32)
+        beta_1, beta_2 = self.momentum, self.ADAM_BETA_2
+        new_values, firsts, seconds = [], [], []
+        for value, grad, first, second, multiplier in zip(
+            values, grads, self.momenta[:count], self.momenta[count:],
+            self.lr_multipliers,
+        ):
+            dtype = value.dtype
+            direction = grad + self.weight_decay * value
+            first = beta_1 * tf.cast(first, dtype) + (1 - beta_1) * direction
+            second = beta_2 * tf.cast(second, dtype) + (1 - beta_2) * tf.square(
+                direction)
+            # Bias-corrected step size, as Keras' Adam folds it.
+            lr = tf.cast(learning_rate * multiplier * tf.sqrt(
+                1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step)), dtype)
+            new_values.append(
+                value - lr * first / (tf.sqrt(second) + self.ADAM_EPSILON))
+            firsts.append(first)
+            seconds.append(second)
+        return new_values, firsts + seconds
+
     def gradient_tangents(self, values, grads, learning_rate):
         """dw'/dg applied to `grads`: how w' of (18) moves along them.
 
         Used as the JVP tangent of the look-ahead (19'): -(1 + mu) lr_g g
         with Nesterov, -lr_g g without.
         """
+        if self.optimizer != "sgd":
+            raise ValueError(
+                "the look-ahead of gradient attention differentiates the SGD "
+                f"step of eq. (18); received optimizer={self.optimizer!r}"
+            )
         factor = 1.0 + self.momentum if self.nesterov else 1.0
         return [
             -factor * tf.cast(learning_rate, w.dtype) * multiplier * g
@@ -250,8 +301,8 @@ class HashOptimizer(tf.Module):
                 "HashOptimizer.build(variables) must be called before use; "
                 "received an unbuilt optimizer"
             )
-        if len(values) != len(self.momenta):
+        if len(values) != len(self.lr_multipliers):
             raise ValueError(
-                f"expected {len(self.momenta)} variables (as built); "
+                f"expected {len(self.lr_multipliers)} variables (as built); "
                 f"received {len(values)}"
             )

@@ -91,13 +91,15 @@ def train_images(sets, image_dataset):
     return image_dataset.images[np.asarray(sets.indices["train"])]
 
 
-def gather_images(images, index, image_size):
+def gather_images(images, index, image_size, seed=None):
     """Gather rows of a uint8 image constant and resize them in-graph.
 
     Args:
         images: uint8 tensor [n, H, W, 3].
         index: int [b] rows of `images`.
         image_size: S.
+        seed: None, or int [2]: augment the rows (`augment_images`) at
+            their own size before resizing.
 
     Returns:
         float32 [b, S, S, 3] RGB in [0, 255], bilinearly resized (no
@@ -105,11 +107,57 @@ def gather_images(images, index, image_size):
         train branches see what the cached features saw.
     """
     batch = tf.cast(tf.gather(images, index), tf.float32)
+    if seed is not None:
+        batch = augment_images(batch, seed)
     if tuple(images.shape[1:3]) != (image_size, image_size):
         batch = tf.image.resize(
             batch, (image_size, image_size), method="bilinear"
         )
     return batch
+
+
+def augment_images(images, seed):
+    """Augmented copies of float32 [b, H, W, 3] images in [0, 255].
+
+    `image_augmentation`: per image, a crop of the image reflect-padded by
+    H // 8 (and W // 8) pixels, a horizontal flip with probability 1/2,
+    then contrast x U(0.8, 1.2) about its mean and brightness + U(-20, 20).
+    Stateless: one ``seed`` (int [2]) gives one set of copies, so a resumed
+    run sees the views the uninterrupted run saw.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    batch = tf.shape(images)[0]
+    pads = (images.shape[1] // 8, images.shape[2] // 8)
+    offsets = tf.stack([
+        tf.random.stateless_uniform(
+            [batch], seeds[0] + i, 0, 2 * pad + 1, dtype=tf.int32)
+        for i, pad in enumerate(pads)], axis=1)
+    flips = tf.random.stateless_uniform([batch], seeds[1]) < 0.5
+    contrast = tf.random.stateless_uniform([batch], seeds[2], 0.8, 1.2)
+    brightness = tf.random.stateless_uniform([batch], seeds[3], -20.0, 20.0)
+    return jitter(crop_and_flip(images, pads, offsets, flips), contrast,
+                  brightness)
+
+
+def crop_and_flip(images, pads, offsets, flips):
+    """[b, H, W, 3] windows at ``offsets`` (int [b, 2], rows and columns
+    into the image reflect-padded by ``pads``), flipped where ``flips``."""
+    height, width = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [pads[0]] * 2, [pads[1]] * 2, [0, 0]],
+                    mode="REFLECT")
+    rows = offsets[:, :1] + tf.range(height)[None, :]
+    cols = offsets[:, 1:] + tf.range(width)[None, :]
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)
+    out = tf.gather(out, cols, axis=2, batch_dims=1)
+    return tf.where(flips[:, None, None, None], tf.reverse(out, [2]), out)
+
+
+def jitter(images, contrast, brightness):
+    """Per image: (x - mean) * contrast + mean + brightness, in [0, 255]."""
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    out = ((images - mean) * contrast[:, None, None, None] + mean
+           + brightness[:, None, None, None])
+    return tf.clip_by_value(out, 0.0, 255.0)
 
 
 class ImageEncoder:

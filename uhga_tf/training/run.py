@@ -172,22 +172,25 @@ def _branch_rows(experiment, num_train, start_step, end_step):
             for epoch in range(first_epoch, last_epoch + 1)
         ])
         per_branch.append(rows[start_step - offset: end_step - offset])
+    if experiment.train.paired_views:
+        per_branch[1] = per_branch[0]
     return per_branch
 
 
 def _row_lookup(train_features, train_images, image_size):
-    """idx -> the branch input of those train rows: features or images."""
+    """(idx, seed) -> the branch input of those train rows: features, or
+    images (augmented when seed is not None)."""
     if train_images is None:
         features_const = tf.constant(train_features, dtype=tf.float32)
-        return lambda idx: tf.gather(features_const, idx)
+        return lambda idx, seed: tf.gather(features_const, idx)
     if len(train_images) != len(train_features):
         raise ValueError(
             f"train_images has {len(train_images)} rows, train_features "
             f"{len(train_features)}; they must be the same train set"
         )
     images_const = tf.constant(train_images, dtype=tf.uint8)
-    return lambda idx: image_inputs.gather_images(
-        images_const, idx, image_size
+    return lambda idx, seed: image_inputs.gather_images(
+        images_const, idx, image_size, seed
     )
 
 
@@ -210,15 +213,25 @@ def make_train_dataset(
         experiment, len(train_features), start_step, end_step
     )
     lookup = _row_lookup(train_features, train_images, image_size)
+    augment = experiment.model.image_augmentation
+    seed = experiment.train.seed
+    # Element e = step * replicas + replica, the same on every resume.
+    elements = (np.arange(start_step, end_step)[:, None] * replicas
+                + np.arange(replicas)[None, :])
 
-    def gather(*index_batches):
-        out = tuple((lookup(idx), idx) for idx in index_batches)
+    def gather(element, *index_batches):
+        out = tuple(
+            (lookup(idx, tf.stack([tf.constant(seed, tf.int64),
+                                   element * 2 + branch])
+                    if augment else None), idx)
+            for branch, idx in enumerate(index_batches))
         return out if len(out) > 1 else out[0]
 
     def dataset_fn(input_context):
         pipeline = input_context.input_pipeline_id
         local = replicas // input_context.num_input_pipelines
-        sliced = []
+        sliced = [elements[:, pipeline * local: (pipeline + 1) * local]
+                  .reshape(-1).astype(np.int64)]
         for rows in per_branch:
             rows = rows.reshape(len(rows), replicas, per_replica)
             rows = rows[:, pipeline * local: (pipeline + 1) * local]
