@@ -52,3 +52,20 @@ def cpu_model():
 def provenance():
     """{commit, dirty, cpu} for a benchmark's JSON."""
     return {"commit": git_sha(), "dirty": git_dirty(), "cpu": cpu_model()}
+
+
+def flag_experiment(program):
+    """(flat flag values, ExperimentConfig, RetrievalSets) of the config
+    flags, for scripts that read one experiment's sets; a bad flag exits
+    with its message under ``program``'s name."""
+    from uhga_tf import config
+    from uhga_tf import flags_util
+    from uhga_tf.data import retrieval_sets
+
+    values = flags_util.config_values()
+    experiment = flags_util.exit_on_user_error(
+        program, config.experiment_from_flat, values)
+    sets = retrieval_sets.load_retrieval_sets(
+        experiment.data, experiment.model, experiment.train.seed,
+        progress=True)
+    return values, experiment, sets

@@ -35,7 +35,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_env  # noqa: E402,F401
+import bench_env  # noqa: E402
 
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
@@ -93,15 +93,10 @@ def write_jpegs(dataset, images, path):
 def main(argv):
     del argv
     from uhga_tf import similarity as similarity_lib
-    from uhga_tf.data import retrieval_sets
     from uhga_tf.training import run as run_lib
 
-    values = flags_util.config_values()
-    experiment = flags_util.exit_on_user_error(
-        "finetune_probe_inputs", config.experiment_from_flat, values)
+    _, experiment, sets = bench_env.flag_experiment("finetune_probe_inputs")
     seed = experiment.train.seed
-    sets = retrieval_sets.load_retrieval_sets(
-        experiment.data, experiment.model, seed, progress=True)
     dataset = sets.image_dataset
     positions = database_subset(sets, FLAGS.database_size)
     database = sets.indices["database"][positions]

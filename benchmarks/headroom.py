@@ -37,7 +37,6 @@ from absl import flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
-from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 from uhga_tf import io_utils  # noqa: E402
 
@@ -103,14 +102,8 @@ def reference_row(sets, code_length, seed):
 
 def main(argv):
     del argv
-    from uhga_tf.data import retrieval_sets
-
-    values = flags_util.config_values()
-    experiment = flags_util.exit_on_user_error(
-        "headroom", config.experiment_from_flat, values)
+    values, experiment, sets = bench_env.flag_experiment("headroom")
     seed = experiment.train.seed
-    sets = retrieval_sets.load_retrieval_sets(
-        experiment.data, experiment.model, seed, progress=True)
     code_length = experiment.model.code_length
     rows = float_rows(sets)
     rows[f"{REFERENCE}, {code_length} bits"] = reference_row(
