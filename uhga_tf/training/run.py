@@ -159,6 +159,8 @@ def _branch_rows(experiment, num_train, start_step, end_step):
     steps_per_epoch = num_train // batch
     seed = experiment.train.seed
     branches = 2 if experiment.loss.pairing == "cross" else 1
+    if experiment.train.paired_views:
+        branches = 1  # the second branch repeats the first (below)
     first_epoch = start_step // steps_per_epoch
     last_epoch = (end_step - 1) // steps_per_epoch
     offset = first_epoch * steps_per_epoch
@@ -173,7 +175,7 @@ def _branch_rows(experiment, num_train, start_step, end_step):
         ])
         per_branch.append(rows[start_step - offset: end_step - offset])
     if experiment.train.paired_views:
-        per_branch[1] = per_branch[0]
+        per_branch.append(per_branch[0])
     return per_branch
 
 
