@@ -235,6 +235,9 @@ class HashOptimizer(tf.Module):
         count = len(values)
         step = tf.cast(self.iterations + 1, tf.float32)
         beta_1, beta_2 = self.momentum, self.ADAM_BETA_2
+        # Bias-corrected step size, as Keras' Adam folds it; one per step.
+        corrected = learning_rate * tf.sqrt(1 - tf.pow(beta_2, step)) / (
+            1 - tf.pow(beta_1, step))
         new_values, firsts, seconds = [], [], []
         for value, grad, first, second, multiplier in zip(
             values, grads, self.momenta[:count], self.momenta[count:],
@@ -245,9 +248,7 @@ class HashOptimizer(tf.Module):
             first = beta_1 * tf.cast(first, dtype) + (1 - beta_1) * direction
             second = beta_2 * tf.cast(second, dtype) + (1 - beta_2) * tf.square(
                 direction)
-            # Bias-corrected step size, as Keras' Adam folds it.
-            lr = tf.cast(learning_rate * multiplier * tf.sqrt(
-                1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step)), dtype)
+            lr = tf.cast(corrected * multiplier, dtype)
             new_values.append(
                 value - lr * first / (tf.sqrt(second) + self.ADAM_EPSILON))
             firsts.append(first)
