@@ -441,8 +441,9 @@ def test_fine_tuning_options_are_checked():
     with pytest.raises(ValueError, match="trainable_backbone=False"):
         _experiment("unused", trainable_backbone=False,
                     image_augmentation=True)
-    with pytest.raises(ValueError, match="pairing='cross'"):
-        _experiment("unused", paired_views=True, pairing="within")
+    with pytest.raises(ValueError, match="paired_views"):
+        _experiment("unused", paired_views=True, pairing="within",
+                    global_batch_size=33)
     with pytest.raises(ValueError, match="optimizer"):
         _experiment("unused", optimizer="rmsprop")
     # At their defaults the new fields leave a stored config's digest as is.
@@ -491,18 +492,33 @@ def test_augmentation_follows_its_seed():
 
 def test_paired_views_share_their_rows():
     experiment = _experiment("unused", paired_views=True)
-    first, second = run._branch_rows(experiment, 96, 0, 12)
+    first, second = run._branch_rows(experiment, 96, 0, 12, replicas=1)
     np.testing.assert_array_equal(first, second)
-    plain = run._branch_rows(_experiment("unused"), 96, 0, 12)
+    plain = run._branch_rows(_experiment("unused"), 96, 0, 12, replicas=1)
     assert not np.array_equal(*plain)
 
 
-def test_adam_augmented_paired_run_fine_tunes_and_resumes(tmp_path):
+def test_paired_views_within_hold_each_row_twice_per_replica():
+    experiment = _experiment("unused", paired_views=True, pairing="within")
+    # 32 rows a step: 16 train rows, each twice, so 96 rows fill 6 steps.
+    assert run.distinct_batch_size(experiment) == 16
+    (rows,) = run._branch_rows(experiment, 96, 0, 6, replicas=2)
+    assert rows.shape == (6, 32)
+    halves = rows.reshape(6, 2, 2, 8)  # step, replica, view, row
+    np.testing.assert_array_equal(halves[:, :, 0], halves[:, :, 1])
+    # One epoch visits every train row once (per view).
+    np.testing.assert_array_equal(
+        np.sort(halves[:, :, 0].reshape(-1)), np.arange(96))
+
+
+@pytest.mark.parametrize("pairing", ["cross", "within"])
+def test_adam_augmented_paired_run_fine_tunes_and_resumes(tmp_path, pairing):
     """The probe's recipe in the product: Adam, augmented paired views, the
     k-means+LS start; it trains the backbone and a resumed run replays it
     bit for bit (Adam's moments and the views are reproduced)."""
     sets = _toy_sets(_toy_dataset())
     options = dict(
+        pairing=pairing,
         optimizer="adam", learning_rate=1e-3, hash_lr_multiplier=1.0,
         weight_decay=0.0, attention=False, image_augmentation=True,
         paired_views=True, hash_init="structure", feature_centring=True,

@@ -602,10 +602,12 @@ class TrainConfig:
             epsilon = 1e-7, the same coupled L2 and lr multipliers. Gradient
             attention's look-ahead differentiates eq. (18), so `adam` needs
             `attention=false`.
-        paired_views: cross pairing only: both branches of a step hold the
-            same train images, so every image meets a second view of itself
-            (with `image_augmentation`, two augmented views) besides the
-            other images of the batch (beyond the paper).
+        paired_views: every image of a step comes twice, so it meets a
+            second view of itself (with `image_augmentation`, two augmented
+            views) besides the other images of the batch (beyond the paper).
+            Cross pairing: both branches hold the same train images. Within
+            pairing: the batch holds half as many images, each twice, and
+            every pair of its codes enters the loss.
         strategy: `default`, `mirrored` or `multi_worker`.
         checkpoint_every_steps: steps between checkpoints.
         keep_checkpoints: checkpoints kept on disk.
@@ -721,19 +723,13 @@ class ExperimentConfig:
                 "attention's look-ahead differentiates the SGD step of eq. "
                 "(18); received optimizer='adam', attention=True"
             )
-        if self.train.paired_views and self.loss.pairing != "cross":
-            raise ValueError(
-                "paired_views gives the second branch the first one's "
-                "images, so it needs pairing='cross'; received "
-                f"pairing={self.loss.pairing!r}"
-            )
         per_branch = self.train.global_batch_size
-        if self.loss.pairing == "cross":
+        if self.loss.pairing == "cross" or self.train.paired_views:
             if per_branch % 2:
                 raise ValueError(
                     "global_batch_size must be even with pairing=cross "
-                    "(two branches); received global_batch_size="
-                    f"{per_branch}"
+                    "(two branches) or paired_views (two views of each "
+                    f"image); received global_batch_size={per_branch}"
                 )
 
     def to_dict(self):

@@ -142,6 +142,15 @@ def branch_batch_size(experiment):
     return experiment.train.global_batch_size
 
 
+def distinct_batch_size(experiment):
+    """Train rows a branch draws per step: half the branch with
+    `paired_views` under within pairing, which holds each row twice."""
+    batch = branch_batch_size(experiment)
+    if experiment.train.paired_views and experiment.loss.pairing == "within":
+        return batch // 2
+    return batch
+
+
 def branch_indices(seed, branch, epoch, num_train, steps_per_epoch, batch):
     """Train-set rows a branch visits in one epoch, [steps, batch].
 
@@ -153,14 +162,13 @@ def branch_indices(seed, branch, epoch, num_train, steps_per_epoch, batch):
     return order.reshape(steps_per_epoch, batch)
 
 
-def _branch_rows(experiment, num_train, start_step, end_step):
+def _branch_rows(experiment, num_train, start_step, end_step, replicas):
     """Per branch, the train rows of steps [start_step, end_step), [s, b]."""
-    batch = branch_batch_size(experiment)
+    batch = distinct_batch_size(experiment)
     steps_per_epoch = num_train // batch
     seed = experiment.train.seed
-    branches = 2 if experiment.loss.pairing == "cross" else 1
-    if experiment.train.paired_views:
-        branches = 1  # the second branch repeats the first (below)
+    within = experiment.loss.pairing == "within"
+    branches = 1 if within or experiment.train.paired_views else 2
     first_epoch = start_step // steps_per_epoch
     last_epoch = (end_step - 1) // steps_per_epoch
     offset = first_epoch * steps_per_epoch
@@ -174,7 +182,14 @@ def _branch_rows(experiment, num_train, start_step, end_step):
             for epoch in range(first_epoch, last_epoch + 1)
         ])
         per_branch.append(rows[start_step - offset: end_step - offset])
-    if experiment.train.paired_views:
+    if experiment.train.paired_views and within:
+        # Each replica's share holds its rows twice, so both views of an
+        # image meet on one replica.
+        rows = per_branch[0]
+        rows = rows.reshape(len(rows), replicas, -1)
+        per_branch[0] = np.concatenate([rows, rows], axis=2).reshape(
+            len(rows), -1)
+    elif experiment.train.paired_views:
         per_branch.append(per_branch[0])
     return per_branch
 
@@ -212,7 +227,7 @@ def make_train_dataset(
     replicas = strategy.num_replicas_in_sync
     per_replica = branch_batch_size(experiment) // replicas
     per_branch = _branch_rows(
-        experiment, len(train_features), start_step, end_step
+        experiment, len(train_features), start_step, end_step, replicas
     )
     lookup = _row_lookup(train_features, train_images, image_size)
     augment = experiment.model.image_augmentation
@@ -355,6 +370,13 @@ def prepare(experiment):
             f"replicas; received global_batch_size="
             f"{experiment.train.global_batch_size}"
         )
+    if distinct_batch_size(experiment) % replicas:
+        raise ValueError(
+            f"paired_views with pairing=within puts both views of an image "
+            f"on one replica, so global_batch_size / {replicas} replicas "
+            "must be even; received global_batch_size="
+            f"{experiment.train.global_batch_size}"
+        )
     keras.utils.set_random_seed(experiment.train.seed)
     if experiment.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -383,7 +405,7 @@ def load_inputs(experiment, sets, chief):
                 "be finite (check the feature file or the images)"
             )
     train_features = sets.features["train"]
-    batch = branch_batch_size(experiment)
+    batch = distinct_batch_size(experiment)
     if len(train_features) < batch:
         raise ValueError(
             f"train split has {len(train_features)} images, fewer than the "
