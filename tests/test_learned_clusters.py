@@ -5,7 +5,7 @@ input."""
 import numpy as np
 import pytest
 
-from test_structured_similarity import _blobs
+from train_fixtures import sphere_blobs
 from uhga_tf import config
 from uhga_tf.baselines import structural
 from uhga_tf.similarity import learned_clusters
@@ -20,7 +20,7 @@ def _purity(labels, assigned):
 
 @pytest.fixture(scope="module")
 def blobs():
-    x, labels = _blobs(n_per=100, clusters=4, dim=16, spread=0.3)
+    x, labels = sphere_blobs(n_per=100, clusters=4, dim=16, spread=0.3)
     ids, _ = structured.nearest_neighbours(x, 10)
     return x, labels, ids
 

@@ -4,22 +4,11 @@ clusters, determinism, O(N k) memory, the pair rule, and bad input."""
 import numpy as np
 import pytest
 
+from train_fixtures import sphere_blobs
 from uhga_tf.similarity import entries
 from uhga_tf.similarity import structured as ss
 
 MODES = ("knn", "cluster", "manifold")
-
-
-def _blobs(n_per=60, clusters=5, dim=32, spread=0.15, seed=0):
-    """Gaussian blobs on the unit sphere, shuffled; returns (x, labels)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(clusters), n_per)
-    x = centres[labels] + spread * rng.normal(size=(len(labels), dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    order = rng.permutation(len(labels))
-    return x[order].astype(np.float32), labels[order]
 
 
 def _build(mode, features, **kwargs):
@@ -40,7 +29,7 @@ def _dense(structure):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_recovers_clusters_of_blobs(mode):
-    x, labels = _blobs()
+    x, labels = sphere_blobs()
     s = _dense(_build(mode, x))
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(labels), dtype=bool)
@@ -58,7 +47,7 @@ def test_recovers_clusters_of_blobs(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_same_seed_gives_identical_structure(mode):
-    x, _ = _blobs(seed=3)
+    x, _ = sphere_blobs(seed=3)
     a, b = _build(mode, x), _build(mode, x)
     np.testing.assert_array_equal(_dense(a), _dense(b))
     assert a.fractions == b.fractions
@@ -66,7 +55,7 @@ def test_same_seed_gives_identical_structure(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_memory_is_linear_in_items(mode):
-    x, _ = _blobs(n_per=80)
+    x, _ = sphere_blobs(n_per=80)
     structure = _build(mode, x)
     n, dim = x.shape
     if mode in ("cluster", "manifold"):
@@ -131,25 +120,25 @@ def test_label_agreement_counts_single_and_multi_label():
     ],
 )
 def test_bad_parameters_name_the_flag(mode, kwargs, words):
-    x, _ = _blobs()
+    x, _ = sphere_blobs()
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace(
             "(", r"\(").replace(")", r"\)")):
         _build(mode, x, **kwargs)
 
 
 def test_bad_feature_rows_are_refused():
-    x, _ = _blobs()
+    x, _ = sphere_blobs()
     x[7] = np.nan
     with pytest.raises(ValueError, match="NaN or inf .*row 7"):
         _build("knn", x)
-    x, _ = _blobs()
+    x, _ = sphere_blobs()
     x[4] = 0.0
     with pytest.raises(ValueError, match="all-zero rows .*row 4"):
         _build("cluster", x)
 
 
 def test_an_s_without_dissimilar_pairs_names_the_flags():
-    x, _ = _blobs()
+    x, _ = sphere_blobs()
     # One run with 300 clusters of one item each: no pair is similar.
     with pytest.raises(ValueError, match="no similar pair.*similarity_"):
         _build("cluster", x, similarity_clusters=300, similarity_runs=1)
@@ -291,7 +280,7 @@ def test_modularity_of_two_triangles_joined_by_an_edge():
 
 @pytest.mark.parametrize("clusters", [3, 6, 9])
 def test_cluster_count_read_from_the_graph_is_the_number_of_blobs(clusters):
-    x, _ = _blobs(n_per=40, clusters=clusters, spread=0.15, seed=clusters)
+    x, _ = sphere_blobs(n_per=40, clusters=clusters, spread=0.15, seed=clusters)
     ids, _ = ss.nearest_neighbours(x, 10)
     count, scores, _ = ss.graph_cluster_count(ids, 30, seed=0)
     assert count == clusters
@@ -309,7 +298,7 @@ def test_count_candidates_and_ensemble_counts():
 
 @pytest.mark.parametrize("mode", ["cluster", "manifold"])
 def test_auto_count_recovers_blobs_without_being_told_their_number(mode):
-    x, labels = _blobs(clusters=7)
+    x, labels = sphere_blobs(clusters=7)
     structure = _build(mode, x, similarity_clusters=0,
                        similarity_cluster_size=10,
                        similarity_cluster_span=1.5)
@@ -327,7 +316,7 @@ def test_auto_count_recovers_blobs_without_being_told_their_number(mode):
 
 
 def test_a_fixed_count_with_span_one_keeps_its_old_structure():
-    x, _ = _blobs()
+    x, _ = sphere_blobs()
     structure = _build("manifold", x, similarity_cluster_span=1.0)
     ids, _ = ss.nearest_neighbours(x, 10)
     expected = ss.cluster_assignments(ss.spectral_embedding(ids, 5, 0), 5,
@@ -338,7 +327,7 @@ def test_a_fixed_count_with_span_one_keeps_its_old_structure():
 
 
 def test_a_large_train_set_reads_its_count_from_a_row_sample(monkeypatch):
-    x, labels = _blobs(n_per=60, clusters=6)
+    x, labels = sphere_blobs(n_per=60, clusters=6)
     monkeypatch.setattr(ss, "COUNT_SAMPLE", 200)
     structure = _build("manifold", x, similarity_clusters=0,
                        similarity_cluster_size=10)

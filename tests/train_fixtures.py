@@ -1,4 +1,4 @@
-"""Synthetic clustered features for end-to-end training tests (no images)."""
+"""Synthetic clustered features for tests of training and S (no images)."""
 
 import numpy as np
 
@@ -28,3 +28,15 @@ def write_feature_file(path, num_classes=4, per_class=60, dim=16, seed=0):
         validation=np.array(validation), database=np.array(database),
     )
     return path
+
+
+def sphere_blobs(n_per=60, clusters=5, dim=32, spread=0.15, seed=0):
+    """Gaussian blobs on the unit sphere, shuffled; returns (x, labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(clusters), n_per)
+    x = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    order = rng.permutation(len(labels))
+    return x[order].astype(np.float32), labels[order]
