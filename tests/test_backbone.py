@@ -410,3 +410,22 @@ def test_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="wrong.pth"):
         backbone_lib.build_backbone("efficientnet_lite0", weights=str(wrong))
+
+
+def test_efficientnet_lite0_reads_its_own_keras_weights_file(tmp_path):
+    """A fine-tuned backbone written as `backbone.weights.h5` builds again
+    from that path, with its own fingerprint (a new feature cache key)."""
+    model = backbone_lib.build_backbone("efficientnet_lite0", image_size=96)
+    kernel = model.get_layer("_conv_head").kernel
+    kernel.assign(kernel * 1.5)  # stands in for fine-tuning
+    path = str(tmp_path / backbone_lib.FINE_TUNED_WEIGHTS_FILE)
+    model.save_weights(path)
+    again = backbone_lib.build_backbone(
+        "efficientnet_lite0", weights=path, image_size=96)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 96, 96, 3))
+    images = images.astype(np.float32)
+    np.testing.assert_array_equal(again(images).numpy(), model(images).numpy())
+    fingerprint = backbone_lib.backbone_fingerprint(
+        "efficientnet_lite0", path, 96)
+    assert fingerprint != backbone_lib.backbone_fingerprint(
+        "efficientnet_lite0", "default", 96)

@@ -532,6 +532,11 @@ def test_adam_augmented_paired_run_fine_tunes_and_resumes(tmp_path, pairing):
     change = np.abs(backbone.get_layer("conv1").kernel.numpy()
                     - fresh.get_layer("conv1").kernel.numpy()).max()
     assert change > 1e-4, change
+    # The run leaves its fine-tuned backbone where --backbone_weights reads.
+    written = backbone_lib.build_backbone("tiny_cnn", weights=str(
+        whole / backbone_lib.FINE_TUNED_WEIGHTS_FILE))
+    for got, want in zip(written.get_weights(), backbone.get_weights()):
+        np.testing.assert_array_equal(got, want)
     resumed = tmp_path / "resumed"
     run.run_experiment(_experiment(resumed, **options, epochs=1), sets=sets)
     again = run.run_experiment(_experiment(resumed, **options), sets=sets)

@@ -226,6 +226,12 @@ def _resolve_weights_path(spec, weights):
     return path
 
 
+# The file a `trainable_backbone` run writes its fine-tuned backbone to, in
+# its workdir; `weights=<that path>` builds the same backbone again.
+FINE_TUNED_WEIGHTS_FILE = "backbone.weights.h5"
+KERAS_WEIGHTS_SUFFIX = ".weights.h5"
+
+
 def backbone_fingerprint(name, weights="default", image_size=None):
     """Identify a backbone's weights for cache keys.
 
@@ -261,7 +267,9 @@ def build_backbone(
             "imagenet"), "imagenet" (keras.applications download), None
             (random initialisation), or a path: a `.pth` state dict for
             efficientnet_lite0 / alexnet, a Keras weights file for the
-            keras.applications models (matching `include_top=True` for VGG).
+            keras.applications models (matching `include_top=True` for VGG)
+            and for efficientnet_lite0 (`*.weights.h5`, e.g. the
+            `backbone.weights.h5` a `trainable_backbone` run writes).
         image_size: S; None means `BACKBONES[name].default_image_size`.
         include_top: return 1000-way ImageNet logits instead of features.
 
@@ -279,7 +287,9 @@ def build_backbone(
     path = _resolve_weights_path(spec, weights)
     if name == "efficientnet_lite0":
         model = _efficientnet_lite0(size, include_top)
-        if path is not None:
+        if path is not None and path.endswith(KERAS_WEIGHTS_SUFFIX):
+            model.load_weights(path)  # a fine-tuned backbone of this model
+        elif path is not None:
             load_efficientnet_lite0_weights(model, path)
     elif name == "alexnet":
         model = _alexnet(include_top)

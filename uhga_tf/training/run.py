@@ -36,6 +36,7 @@ from uhga_tf.baselines import references
 from uhga_tf.data import retrieval_sets
 from uhga_tf.evaluation import cosine
 from uhga_tf.evaluation import metrics
+from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.models import hash_layer
 from uhga_tf.training import callbacks as callbacks_lib
 from uhga_tf.training import checkpoints
@@ -343,6 +344,8 @@ def run_experiment(experiment, sets=None):
         _save_hasher(
             model.hasher, os.path.join(experiment.workdir, "hasher.keras")
         )
+        if experiment.model.trainable_backbone:
+            _save_backbone_weights(model.hasher, experiment.workdir)
         io_utils.write_json_atomic(
             os.path.join(experiment.workdir, "results.json"), result
         )
@@ -777,3 +780,14 @@ def check_not_collapsed(database_codes):
 def _save_hasher(hasher, path):
     with io_utils.atomic_path(path, suffix=".keras") as tmp:
         hasher.save(tmp)
+
+
+def _save_backbone_weights(hasher, workdir):
+    """Write the fine-tuned backbone where `--backbone_weights` reads it, so
+    its features can feed a frozen-feature run (any code length, S rebuilt
+    on them)."""
+    backbone, _ = hash_layer.split_image_hasher(hasher)
+    path = os.path.join(workdir, backbone_lib.FINE_TUNED_WEIGHTS_FILE)
+    with io_utils.atomic_path(
+            path, suffix=backbone_lib.KERAS_WEIGHTS_SUFFIX) as tmp:
+        backbone.save_weights(tmp)
