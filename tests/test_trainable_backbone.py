@@ -544,3 +544,40 @@ def test_adam_augmented_paired_run_fine_tunes_and_resumes(tmp_path, pairing):
     for got, want in zip(_load_hasher(resumed).get_weights(),
                          _load_hasher(whole).get_weights()):
         np.testing.assert_array_equal(got, want)
+
+
+def test_paired_within_adam_step_is_keras_adam_on_the_pair_loss(tmp_path):
+    """Two steps of the product's fine-tuning step (within pairing, two
+    copies of each image, l2 loss, Adam) equal two Keras Adam steps on
+    mean((u u^T / K - S)^2) over every pair of the batch, taken with a
+    plain tape: the step `benchmarks/finetune_probe.py` takes."""
+    sets = _toy_sets(_toy_dataset())
+    experiment = _experiment(
+        tmp_path / "run", optimizer="adam", learning_rate=1e-3,
+        hash_lr_multiplier=1.0, weight_decay=0.0, attention=False,
+        paired_views=True, pairing="within", loss="l2", dropout_rate=0.0,
+        scale_schedule="none", global_batch_size=16)
+    strategy = run.prepare(experiment)
+    inputs = run.load_inputs(experiment, sets, chief=True)
+    matrix = run.build_similarity(experiment, inputs.train_features)
+    with strategy.scope():
+        model = run.build_model(experiment, inputs, matrix, strategy)
+    hasher = model.hasher
+    reference = [keras.Variable(v.numpy()) for v in hasher.trainable_variables]
+    fixed = [v.numpy() for v in hasher.non_trainable_variables]
+    adam = keras.optimizers.Adam(1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    images = tf.constant(inputs.train_images)
+    for rows in ([0, 5, 9, 14, 20, 33, 41, 60], [2, 7, 11, 19, 25, 30, 50, 90]):
+        index = tf.constant(rows + rows)
+        batch = image_inputs.gather_images(images, index, IMAGE_SIZE)
+        target = tf.cast(model.similarity_block(index, index), tf.float32)
+        with tf.GradientTape() as tape:
+            logits, _ = hasher.stateless_call(
+                [v.value for v in reference], fixed, batch, training=True)
+            codes = tf.tanh(logits)
+            loss = tf.reduce_mean(tf.square(
+                tf.matmul(codes, codes, transpose_b=True) / 16.0 - target))
+        adam.apply(tape.gradient(loss, reference), reference)
+        model.train_step((batch, index))
+    for got, want in zip(hasher.trainable_variables, reference):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-6)
