@@ -27,7 +27,7 @@ from absl import flags  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-import quality  # noqa: E402, F401  (defines its flags on flags.FLAGS)
+import quality  # noqa: E402  (also defines its flags on flags.FLAGS)
 
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
@@ -60,12 +60,18 @@ def _parse(values, command):
     return values
 
 
-def count(cells, cells_dir, base, description):
-    """Counter of reread / stale / unrecorded / missing over `cells`."""
-    sets = types.SimpleNamespace(description=description)
+def count(cells, cells_dir, base, description, stage_two=None):
+    """Counter of reread / stale / unrecorded / missing over `cells`.
+
+    `stage_two(cell)`, where given, returns the (base, description) of a
+    cell trained on a fine-tuned backbone's features, or None.
+    """
     counts = collections.Counter()
     for cell in cells:
-        expected = tables.cell_provenance(base, sets, cell)["inputs"]
+        cell_base, cell_description = (
+            stage_two and stage_two(cell) or (base, description))
+        sets = types.SimpleNamespace(description=cell_description)
+        expected = tables.cell_provenance(cell_base, sets, cell)["inputs"]
         path = os.path.join(cells_dir, cell.key + ".json")
         if not os.path.exists(path):
             counts["missing"] += 1
@@ -87,7 +93,28 @@ def quality_rows():
             3, [int(k) for k in values.code_lengths], values.seeds,
             values.methods)
         cells_dir = os.path.join(HERE, "results", "cells", name)
-        yield f"quality {name}", count(cells, cells_dir, base, entry["data"])
+        stage_two = (_stage_two(base, cells_dir)
+                     if values.fine_tuned_backbone else None)
+        yield f"quality {name}", count(
+            cells, cells_dir, base, entry["data"], stage_two)
+
+
+def _stage_two(base, cells_dir):
+    """Product cells of a --fine_tuned_backbone entry: the base with the
+    backbone its seed's stage one recorded (by content), and that
+    backbone's data description; None for every other cell."""
+
+    def inputs(cell):
+        path = os.path.join(cells_dir, quality.stage_one_file(cell.seed))
+        if not tables.is_product(cell.method) or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            record = json.load(f)
+        return (config.with_values(
+            base, {"backbone_weights": record["weights_identity"]}),
+            record["data"])
+
+    return inputs
 
 
 def table_rows():

@@ -135,3 +135,18 @@ def test_every_shipped_flag_file_parses_to_a_config(path):
     experiment = config.experiment_from_flat(
         flags_util.config_values(flag_values))
     assert experiment.model.code_length % 8 == 0
+
+
+def test_with_values_replaces_only_the_named_fields():
+    base = config.experiment_from_flat(
+        {"code_length": 32, "seed": 1, "workdir": "runs/a"})
+    changed = config.with_values(
+        base, {"seed": 7, "workdir": "runs/b", "trainable_backbone": True})
+    assert (changed.train.seed, changed.workdir) == (7, "runs/b")
+    assert changed.model.trainable_backbone
+    assert changed.model.code_length == 32
+    assert config.with_values(changed, {
+        "seed": 1, "workdir": "runs/a", "trainable_backbone": False,
+    }) == base
+    with pytest.raises(ValueError, match="unknown config fields: sede"):
+        config.with_values(base, {"sede": 2})

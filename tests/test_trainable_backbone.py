@@ -7,6 +7,8 @@ a few seconds on a CPU.
 """
 
 import json
+import os
+import shutil
 import types
 
 import keras
@@ -16,6 +18,7 @@ import tensorflow as tf
 
 from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
+from uhga_tf import provenance
 from uhga_tf.data import datasets
 from uhga_tf.data import feature_cache
 from uhga_tf.data import retrieval_sets
@@ -581,3 +584,56 @@ def test_paired_within_adam_step_is_keras_adam_on_the_pair_loss(tmp_path):
         model.train_step((batch, index))
     for got, want in zip(hasher.trainable_variables, reference):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-6)
+
+
+def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
+    """The two-stage recipe's stage one: FINE_TUNE_RECIPE over the base
+    flags, stored under <cache_dir>/fine_tuned/ by its experiment's digest
+    (the same name in any cache_dir), read back instead of trained again,
+    and its backbone named by content wherever it lies."""
+    from uhga_tf import tables
+    from uhga_tf.training import fine_tune
+
+    sets = _toy_sets(_toy_dataset())
+    base = _experiment(tmp_path / "unused", trainable_backbone=False,
+                       cache_dir=str(tmp_path / "cache"))
+    stage_one = fine_tune.stage_one_experiment(base, seed=3)
+    assert stage_one.train.seed == 3
+    assert stage_one.model.trainable_backbone
+    assert stage_one.model.code_length == 64
+    assert stage_one.loss.pairing == "within"
+    assert stage_one.train.epochs == 3
+    elsewhere = fine_tune.stage_one_experiment(config_lib.with_values(
+        base, {"cache_dir": str(tmp_path / "other")}), seed=3)
+    assert (os.path.basename(elsewhere.workdir)
+            == os.path.basename(stage_one.workdir))
+    assert fine_tune.stage_one_experiment(base, seed=4).workdir != (
+        stage_one.workdir)
+
+    # The toy features have 16 dimensions: a 16-bit stage one.
+    monkeypatch.setitem(config_lib.FINE_TUNE_RECIPE, "code_length", 16)
+    stage_one = fine_tune.stage_one_experiment(base, seed=3)
+    record = fine_tune.fine_tuned_backbone(base, 3, sets)
+    assert record["weights"] == os.path.join(
+        stage_one.workdir, backbone_lib.FINE_TUNED_WEIGHTS_FILE)
+    assert record["steps"] == 18  # 96 train rows, 16 distinct per batch
+    assert 0.0 < record["validation_map"] <= 1.0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("stage one was trained again")
+
+    monkeypatch.setattr(fine_tune.run_lib, "run_experiment", no_training)
+    assert fine_tune.fine_tuned_backbone(base, 3, sets) == record
+    assert record["commit"] == provenance.git_sha()
+
+    copy = tmp_path / "copy.weights.h5"
+    shutil.copyfile(record["weights"], copy)
+    assert backbone_lib.weights_identity(str(copy)) == (
+        record["weights_identity"])
+    digests = [tables.experiment_digest(config_lib.with_values(
+        base, {"backbone_weights": path}))
+        for path in (record["weights"], str(copy))]
+    assert digests[0] == digests[1]
+    assert digests[0]["model"]["backbone_weights"].startswith("sha256:")
+    assert tables.experiment_digest(base)["model"]["backbone_weights"] == (
+        "default")

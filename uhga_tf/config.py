@@ -65,6 +65,27 @@ PRODUCT_RECIPE = {
     "attention_learning_rate": 0.05,
 }
 
+# Stage one of the two-stage recipe (docs/product_recipe.md section 1l):
+# backbone and hash layer trained end to end at 64 bits, without GA, on two
+# augmented views of each image in one batch, over the base flags' S.
+# Stage two is the product recipe on the fine-tuned backbone's features
+# (`backbone_weights`, any code length, S rebuilt on those features).
+# Picked on the validation split (sweeps finetune_e2e_*, finetuned_features_*).
+FINE_TUNE_RECIPE = {
+    "trainable_backbone": True,
+    "optimizer": "adam",
+    "learning_rate": 0.0003,
+    "hash_lr_multiplier": 1.0,
+    "weight_decay": 0.0,
+    "attention": False,
+    "image_augmentation": True,
+    "paired_views": True,
+    "pairing": "within",
+    "scale_schedule": "none",
+    "epochs": 3,
+    "code_length": 64,
+}
+
 
 def check_choice(name, value, choices):
     """Raise ValueError naming `name` unless `value` is one of `choices`."""
@@ -797,6 +818,15 @@ def experiment_from_flat(values):
             f"unknown config fields: {', '.join(sorted(values))}"
         )
     return ExperimentConfig(**sections, **top)
+
+
+def with_values(experiment, values):
+    """`experiment` with the flat {field_name: value} `values` replaced."""
+    flat = {}
+    for name, value in experiment.to_dict().items():
+        flat.update(value if isinstance(value, dict) else {name: value})
+    flat.update(values)
+    return experiment_from_flat(flat)
 
 
 def experiment_from_dict(nested):

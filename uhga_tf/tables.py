@@ -250,11 +250,7 @@ def cell_experiment(cell, base_experiment, cells_dir="", progress=False):
     """
     if cell.method in REFERENCES:
         return None
-    flat = {}
-    for section in base_experiment.to_dict().values():
-        if isinstance(section, dict):
-            flat.update(section)
-    flat.update(
+    flat = dict(
         workdir=os.path.join(cells_dir, "runs", cell.key),
         logdir="", progress=progress,
     )
@@ -269,7 +265,7 @@ def cell_experiment(cell, base_experiment, cells_dir="", progress=False):
         flat.update(learning_rate=learning_rate,
                     attention_learning_rate=attention_lr)
     flat.update(code_length=cell.code_length, seed=cell.seed)
-    return config_lib.experiment_from_flat(flat)
+    return config_lib.with_values(base_experiment, flat)
 
 
 def cell_provenance(base_experiment, sets, cell=None):
@@ -279,7 +275,8 @@ def cell_provenance(base_experiment, sets, cell=None):
     the product recipe and the evaluation protocol) decides staleness;
     ``commit`` records the code it ran on. The flags are hashed with
     `config.LOCATION_FIELDS` (workdir, logdir, progress, data_dir,
-    cache_dir) at their defaults: where a run is written or its data read
+    cache_dir) at their defaults and a backbone weights file by its
+    content (`experiment_digest`): where a run is written or its data read
     from does not change a cell, and cells run at the defaults keep the
     digest they had before. With a ``cell``, a deep cell also hashes the
     experiment it trains (`cell_experiment`), so a value resolved from its
@@ -295,23 +292,34 @@ def cell_provenance(base_experiment, sets, cell=None):
 
     inputs = {
         "data": sets.description,
-        "experiment": config_lib.digest_dict(
-            config_lib.at_default_locations(base_experiment)),
+        "experiment": experiment_digest(base_experiment),
         "product_recipe": config_lib.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }
     if cell is not None and cell.method in REFERENCES:
         inputs["reference"] = reference_settings(cell.method)
     elif cell is not None:
-        inputs["cell_experiment"] = config_lib.digest_dict(
-            config_lib.at_default_locations(
-                cell_experiment(cell, base_experiment)))
+        inputs["cell_experiment"] = experiment_digest(
+            cell_experiment(cell, base_experiment))
     text = json.dumps(inputs, sort_keys=True, default=str)
     return {
         "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],
         "data": sets.description,
         "commit": provenance.git_sha(),
     }
+
+
+def experiment_digest(experiment):
+    """The flags a result depends on: `config.digest_dict` with every
+    location at its default and a backbone weights file named by its
+    content (`backbone.weights_identity`)."""
+    from uhga_tf.models import backbone as backbone_lib
+
+    values = config_lib.digest_dict(
+        config_lib.at_default_locations(experiment))
+    values["model"]["backbone_weights"] = backbone_lib.weights_identity(
+        experiment.model.backbone_weights)
+    return values
 
 
 def summarise(table, cells, results, dataset):

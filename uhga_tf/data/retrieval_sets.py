@@ -206,13 +206,16 @@ def load_retrieval_sets(data, model, seed, progress=True):
 
 def _describe(data, model, source, seed, collection, train_note):
     """The provenance line of image sets (`RetrievalSets.description`)."""
+    from uhga_tf.models import backbone as backbone_lib
+
     # Stored descriptions predate the feature runtime: it is named only
     # when it is not TensorFlow.
     runtime = (f" runtime={model.feature_runtime}"
                if model.feature_runtime != "tensorflow" else "")
     return (
         f"{data.dataset} ({source}), split={data.split} seed={seed}, "
-        f"backbone={model.backbone} weights={model.backbone_weights} "
+        f"backbone={model.backbone} "
+        f"weights={backbone_lib.weights_identity(model.backbone_weights)} "
         f"image_size={model.image_size or 'default'}{runtime}, "
         f"{DATABASE_ORDER}"
         + (f", collection{collection}" if collection else "")

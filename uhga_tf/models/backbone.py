@@ -254,6 +254,17 @@ def backbone_fingerprint(name, weights="default", image_size=None):
     return f"{name}:{identity}:{size}"
 
 
+def weights_identity(weights):
+    """`weights` as provenance names them: a file by its content
+    ("sha256:<digest>"), so where the file lies never changes a result's
+    inputs; a name ("default", "imagenet"), None or an identity already
+    ("sha256:...", as stored records hold it) as it is."""
+    if weights in (None, "default", "imagenet") or str(weights).startswith(
+            "sha256:"):
+        return weights
+    return "sha256:" + torch_weights.sha256_file(os.fspath(weights))
+
+
 def build_backbone(
     name="efficientnet_lite0", weights="default", image_size=None,
     include_top=False,

@@ -44,6 +44,10 @@ from uhga_tf.training import hash_optimizer
 from uhga_tf.training import image_inputs
 from uhga_tf.training import uhga_model
 
+# Final metrics in the workdir, written last: its presence marks a finished
+# run.
+RESULTS_FILE = "results.json"
+
 # Config fields that may change between a run and its resumption; every other
 # field defines the model, and a workdir holding another model is refused.
 _RESUMABLE_FIELDS = {
@@ -347,7 +351,7 @@ def run_experiment(experiment, sets=None):
         if experiment.model.trainable_backbone:
             _save_backbone_weights(model.hasher, experiment.workdir)
         io_utils.write_json_atomic(
-            os.path.join(experiment.workdir, "results.json"), result
+            os.path.join(experiment.workdir, RESULTS_FILE), result
         )
     logging.info(
         "final MAP %.4f (tie-aware %.4f) after %d steps",
