@@ -150,3 +150,21 @@ def test_with_values_replaces_only_the_named_fields():
     }) == base
     with pytest.raises(ValueError, match="unknown config fields: sede"):
         config.with_values(base, {"sede": 2})
+
+
+def test_fine_tune_flag_file_is_the_fine_tune_recipe():
+    """configs/fine_tune.flags spells out config.FINE_TUNE_RECIPE, the
+    stage one that benchmarks/quality.py --fine_tuned_backbone runs."""
+    from absl import flags
+
+    from uhga_tf import flags_util
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "fine_tune.flags"
+    flag_values = flags.FlagValues()
+    flags_util.define_config_flags(flag_values)
+    flag_values(["train", f"--flagfile={path}"])
+    from_file = config.experiment_from_flat(
+        flags_util.config_values(flag_values))
+    assert from_file == config.with_values(
+        config.experiment_from_flat({}), config.FINE_TUNE_RECIPE)
+    assert from_file != config.experiment_from_flat({})
