@@ -93,10 +93,17 @@ def quality_rows():
             3, [int(k) for k in values.code_lengths], values.seeds,
             values.methods)
         cells_dir = os.path.join(HERE, "results", "cells", name)
+        reference_dir = os.path.join(
+            HERE, "results", "cells", values.reference_cells or name)
         stage_two = (_stage_two(base, cells_dir)
                      if values.fine_tuned_backbone else None)
-        yield f"quality {name}", count(
-            cells, cells_dir, base, entry["data"], stage_two)
+        counts = count(
+            [c for c in cells if c.method not in tables.REFERENCES],
+            cells_dir, base, entry["data"], stage_two)
+        counts.update(count(
+            [c for c in cells if c.method in tables.REFERENCES],
+            reference_dir, base, entry["data"]))
+        yield f"quality {name}", counts
 
 
 def _stage_two(base, cells_dir):

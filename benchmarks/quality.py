@@ -12,7 +12,8 @@
         --classes=0,1,2,3,4 --name=cifar10_5class
     python benchmarks/quality.py --flagfile=configs/cifar.flags \
         --data_dir=../shared/data --seeds=3 --fine_tuned_backbone \
-        "--product=Ours (product)" --name=cifar10_fine_tuned
+        "--product=Ours (product)" --name=cifar10_fine_tuned \
+        --reference_cells=cifar10 "--methods=<the cifar10 entry's>"
 
 On one split of the flag file's collection, for each code length and seed:
 the product recipe with and without gradient attention, and every code
@@ -79,6 +80,12 @@ flags.DEFINE_bool(
     "<cache_dir>/fine_tuned/); every reference and cosine row stays on the "
     "stock backbone's features, as a user would run them.")
 flags.DEFINE_string("name", "", "Entry name in --out (default: dataset).")
+flags.DEFINE_string(
+    "reference_cells", "",
+    "Read and write the reference rows' cells under "
+    "<results_dir>/cells/<this>/ (default: --name's folder): an entry whose "
+    "references run on another entry's flags and data shares their cells "
+    "(each still reread only when its recorded inputs match).")
 flags.DEFINE_string("results_dir", "benchmarks/results",
                     "Cells live under <results_dir>/cells/<name>/.")
 flags.DEFINE_string(
@@ -274,10 +281,14 @@ def main(argv):
         base.data, base.model, base.train.seed, progress=True)
     cells = tables.table_cells(3, code_lengths, FLAGS.seeds, FLAGS.methods)
     cells_dir = os.path.join(FLAGS.results_dir, "cells", name)
+    reference_dir = os.path.join(
+        FLAGS.results_dir, "cells", FLAGS.reference_cells or name)
     start = time.time()
     stage_two = {}  # seed -> (flags, sets, stage-one record)
 
     def run(cell):
+        if cell.method in tables.REFERENCES:
+            return tables.run_cell(cell, base, sets, reference_dir)
         if not (FLAGS.fine_tuned_backbone and tables.is_product(cell.method)):
             return tables.run_cell(cell, base, sets, cells_dir)
         if cell.seed not in stage_two:

@@ -147,3 +147,27 @@ def test_mirrored_ga_attention_weights_equal_single_device_halves(both):
     np.testing.assert_allclose(
         model.attention_net.output_bias.numpy(),
         reference.attention_net.output_bias.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"global_batch_size": 6}, "3 distinct images per branch and step must "
+     "divide evenly over 2 replicas; received global_batch_size=6"),
+    ({"global_batch_size": 10, "paired_views": True, "pairing": "within"},
+     "5 distinct images per branch and step must divide evenly over 2 "
+     "replicas (paired_views with pairing=within keeps both views of an "
+     "image on one replica)"),
+])
+def test_batches_that_do_not_split_over_replicas_are_refused(
+        tmp_path, overrides, fragment):
+    from uhga_tf.training import run
+
+    experiment = config.experiment_from_flat({
+        "strategy": "mirrored", "workdir": str(tmp_path / "run"),
+        **overrides})
+    assert run.prepare(config.with_values(
+        experiment, {"global_batch_size": 8 if "pairing" not in overrides
+                     else 16})).num_replicas_in_sync == 2
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        run.prepare(experiment)
+    assert not (tmp_path / "run").exists()

@@ -370,19 +370,17 @@ def prepare(experiment):
     check_workdir(experiment)
     strategy = make_strategy(experiment.train.strategy)
     replicas = strategy.num_replicas_in_sync
-    batch = branch_batch_size(experiment)
-    if batch % replicas:
+    # The distinct rows divide the branch batch, so this one check also
+    # spreads every branch evenly.
+    distinct = distinct_batch_size(experiment)
+    if distinct % replicas:
+        within = (" (paired_views with pairing=within keeps both views of "
+                  "an image on one replica)"
+                  if distinct != branch_batch_size(experiment) else "")
         raise ValueError(
-            f"per-branch batch {batch} must divide evenly over {replicas} "
-            f"replicas; received global_batch_size="
-            f"{experiment.train.global_batch_size}"
-        )
-    if distinct_batch_size(experiment) % replicas:
-        raise ValueError(
-            f"paired_views with pairing=within puts both views of an image "
-            f"on one replica, so global_batch_size / {replicas} replicas "
-            "must be even; received global_batch_size="
-            f"{experiment.train.global_batch_size}"
+            f"{distinct} distinct images per branch and step must divide "
+            f"evenly over {replicas} replicas{within}; received "
+            f"global_batch_size={experiment.train.global_batch_size}"
         )
     keras.utils.set_random_seed(experiment.train.seed)
     if experiment.train.deterministic:
