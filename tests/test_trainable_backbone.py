@@ -591,7 +591,6 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     flags, stored under <cache_dir>/fine_tuned/ by its experiment's digest
     (the same name in any cache_dir), read back instead of trained again,
     and its backbone named by content wherever it lies."""
-    from uhga_tf import tables
     from uhga_tf.training import fine_tune
 
     sets = _toy_sets(_toy_dataset())
@@ -630,10 +629,10 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     shutil.copyfile(record["weights"], copy)
     assert backbone_lib.weights_identity(str(copy)) == (
         record["weights_identity"])
-    digests = [tables.experiment_digest(config_lib.with_values(
+    digests = [provenance.experiment_digest(config_lib.with_values(
         base, {"backbone_weights": path}))
         for path in (record["weights"], str(copy))]
     assert digests[0] == digests[1]
     assert digests[0]["model"]["backbone_weights"].startswith("sha256:")
-    assert tables.experiment_digest(base)["model"]["backbone_weights"] == (
+    assert provenance.experiment_digest(base)["model"]["backbone_weights"] == (
         "default")

@@ -276,7 +276,7 @@ def cell_provenance(base_experiment, sets, cell=None):
     ``commit`` records the code it ran on. The flags are hashed with
     `config.LOCATION_FIELDS` (workdir, logdir, progress, data_dir,
     cache_dir) at their defaults and a backbone weights file by its
-    content (`experiment_digest`): where a run is written or its data read
+    content (`provenance.experiment_digest`): where a run is written or its data read
     from does not change a cell, and cells run at the defaults keep the
     digest they had before. With a ``cell``, a deep cell also hashes the
     experiment it trains (`cell_experiment`), so a value resolved from its
@@ -285,41 +285,25 @@ def cell_provenance(base_experiment, sets, cell=None):
     set (`references.reference_settings`): a changed rule or default
     reruns the cells it changes.
     """
-    import hashlib
-
     from uhga_tf import provenance
     from uhga_tf.evaluation import metrics
 
     inputs = {
         "data": sets.description,
-        "experiment": experiment_digest(base_experiment),
+        "experiment": provenance.experiment_digest(base_experiment),
         "product_recipe": config_lib.PRODUCT_RECIPE,
         "protocol": metrics.PROTOCOL_VERSION,
     }
     if cell is not None and cell.method in REFERENCES:
         inputs["reference"] = reference_settings(cell.method)
     elif cell is not None:
-        inputs["cell_experiment"] = experiment_digest(
+        inputs["cell_experiment"] = provenance.experiment_digest(
             cell_experiment(cell, base_experiment))
-    text = json.dumps(inputs, sort_keys=True, default=str)
     return {
-        "inputs": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "inputs": provenance.short_hash(inputs),
         "data": sets.description,
         "commit": provenance.git_sha(),
     }
-
-
-def experiment_digest(experiment):
-    """The flags a result depends on: `config.digest_dict` with every
-    location at its default and a backbone weights file named by its
-    content (`backbone.weights_identity`)."""
-    from uhga_tf.models import backbone as backbone_lib
-
-    values = config_lib.digest_dict(
-        config_lib.at_default_locations(experiment))
-    values["model"]["backbone_weights"] = backbone_lib.weights_identity(
-        experiment.model.backbone_weights)
-    return values
 
 
 def summarise(table, cells, results, dataset):

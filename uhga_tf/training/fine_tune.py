@@ -10,8 +10,6 @@ killed run resumes from its checkpoints, and a finished one (its
 results.json written last) is read back instead of trained again.
 """
 
-import hashlib
-import json
 import os
 
 from uhga_tf import config as config_lib
@@ -29,11 +27,7 @@ def stage_one_experiment(base_experiment, seed):
     """The end-to-end experiment whose backbone stage two reads."""
     experiment = config_lib.with_values(
         base_experiment, {**config_lib.FINE_TUNE_RECIPE, "seed": seed})
-    values = config_lib.digest_dict(
-        config_lib.at_default_locations(experiment))
-    digest = hashlib.sha256(
-        json.dumps(values, sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    digest = provenance.short_hash(provenance.experiment_digest(experiment))
     workdir = os.path.join(
         base_experiment.data.cache_dir, STORE,
         f"{base_experiment.data.dataset}_s{seed}_{digest}")
