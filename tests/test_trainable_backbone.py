@@ -69,8 +69,9 @@ def _toy_dataset(paths=False):
     return datasets.ImageDataset(images=images.astype(np.uint8), **common)
 
 
-def _toy_sets(image_dataset):
-    """Per class: 6 query, 24 train, 6 validation, 42 database rows."""
+def _toy_sets(image_dataset, weights="default"):
+    """Per class: 6 query, 24 train, 6 validation, 42 database rows;
+    features of tiny_cnn with `weights`."""
     query, train, validation, database = [], [], [], []
     for c in range(NUM_CLASSES):
         rows = np.flatnonzero(image_dataset.labels == c)
@@ -82,7 +83,7 @@ def _toy_sets(image_dataset):
         "train": np.array(train), "query": np.array(query),
         "database": np.array(database), "validation": np.array(validation),
     }
-    backbone = backbone_lib.build_backbone("tiny_cnn")
+    backbone = backbone_lib.build_backbone("tiny_cnn", weights=weights)
     everything = np.arange(image_dataset.num_examples)
     features = feature_cache.extract_features(
         backbone, image_dataset.to_tf_dataset(everything, IMAGE_SIZE, 64),
@@ -621,8 +622,9 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("stage one was trained again")
 
-    monkeypatch.setattr(fine_tune.run_lib, "run_experiment", no_training)
-    assert fine_tune.fine_tuned_backbone(base, 3, sets) == record
+    with monkeypatch.context() as patch:
+        patch.setattr(fine_tune.run_lib, "run_experiment", no_training)
+        assert fine_tune.fine_tuned_backbone(base, 3, sets) == record
     assert record["commit"] == provenance.git_sha()
 
     copy = tmp_path / "copy.weights.h5"
@@ -636,3 +638,23 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     assert digests[0]["model"]["backbone_weights"].startswith("sha256:")
     assert provenance.experiment_digest(base)["model"]["backbone_weights"] == (
         "default")
+
+    # Stage two: a frozen run on the fine-tuned backbone's features, whose
+    # export carries that backbone (images in, the stage-two codes out).
+    tuned_sets = _toy_sets(sets.image_dataset, weights=record["weights"])
+    assert np.abs(tuned_sets.features["query"]
+                  - sets.features["query"]).max() > 1e-3
+    stage_two = tmp_path / "stage_two"
+    run.run_experiment(config_lib.with_values(base, {
+        "trainable_backbone": False, "backbone_weights": record["weights"],
+        "workdir": str(stage_two)}), sets=tuned_sets)
+    target = saved_model.export_from_checkpoint(
+        str(stage_two), str(tmp_path / "export"))
+    relaxed = _load_hasher(stage_two).predict(
+        tuned_sets.features["query"], verbose=0)
+    pixels = sets.image_dataset.images[sets.indices["query"]]
+    got = tf.saved_model.load(target).signatures["encode_images"](
+        images=tf.constant(pixels))["codes"].numpy()
+    firm = np.abs(relaxed) >= 1e-4
+    np.testing.assert_array_equal(
+        got[firm], codes_lib.binarize(relaxed)[firm])

@@ -94,15 +94,15 @@ def export_from_checkpoint(
         backbone, hasher = hash_layer.split_image_hasher(
             _load_hasher(checkpoint_dir)
         )
-        image_size = int(backbone.input_shape[1])
     else:
+        # image_size 0 is the backbone's default size, as in training.
         backbone = backbone_lib.build_backbone(
             model.backbone,
             weights=model.backbone_weights,
-            image_size=model.image_size,
+            image_size=model.image_size or None,
         )
         hasher = _load_hasher(checkpoint_dir)
-        image_size = model.image_size
+    image_size = int(backbone.input_shape[1])
     _, code_length = graph.probe_dims(backbone, hasher, image_size)
     if code_length != model.code_length:
         raise ValueError(
