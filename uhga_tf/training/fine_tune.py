@@ -13,14 +13,11 @@ results.json written last) is read back instead of trained again.
 import os
 
 from uhga_tf import config as config_lib
-from uhga_tf import io_utils
 from uhga_tf import provenance
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.training import run as run_lib
 
 STORE = "fine_tuned"
-# The code commit stage one was trained on (a run records none itself).
-COMMIT_FILE = "commit.json"
 
 
 def stage_one_experiment(base_experiment, seed):
@@ -55,20 +52,15 @@ def fine_tuned_backbone(base_experiment, seed, sets=None):
     weights = os.path.join(workdir, backbone_lib.FINE_TUNED_WEIGHTS_FILE)
     # results.json is written after the weights: it marks a finished run.
     results_path = os.path.join(workdir, run_lib.RESULTS_FILE)
-    commit_path = os.path.join(workdir, COMMIT_FILE)
     if not os.path.exists(results_path):
         run_lib.run_experiment(experiment, sets=sets)
-        io_utils.write_json_atomic(
-            commit_path, {"commit": provenance.git_sha()})
     results = config_lib.read_json(results_path)
-    commit = (config_lib.read_json(commit_path).get("commit")
-              if os.path.exists(commit_path) else None)
     return {
         "weights": weights,
         "weights_identity": backbone_lib.weights_identity(weights),
         "workdir": workdir,
         "seed": seed,
-        "commit": commit,
+        "commit": results.get("commit"),
         "recipe": config_lib.FINE_TUNE_RECIPE,
         **{k: results.get(k) for k in (
             "validation_map", "validation_map_1000", "validation_p_100",

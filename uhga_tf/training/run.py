@@ -31,6 +31,7 @@ from absl import logging
 from uhga_tf import codes as codes_lib
 from uhga_tf import config
 from uhga_tf import io_utils
+from uhga_tf import provenance
 from uhga_tf import similarity
 from uhga_tf.baselines import references
 from uhga_tf.data import retrieval_sets
@@ -44,8 +45,8 @@ from uhga_tf.training import hash_optimizer
 from uhga_tf.training import image_inputs
 from uhga_tf.training import uhga_model
 
-# Final metrics in the workdir, written last: its presence marks a finished
-# run.
+# Final metrics and the code commit in the workdir, written last: its
+# presence marks a finished run.
 RESULTS_FILE = "results.json"
 
 # Config fields that may change between a run and its resumption; every other
@@ -343,6 +344,7 @@ def run_experiment(experiment, sets=None):
     result.update(
         similarity_diagnostics=diagnostics,
         wall_time_s=time.time() - start_time,
+        commit=provenance.git_sha(),
     )
     if chief:
         _save_hasher(
