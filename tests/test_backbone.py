@@ -1,6 +1,7 @@
 """Tests for uhga_tf.models.torch_weights and uhga_tf.models.backbone."""
 
 import glob
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -166,6 +167,17 @@ def _mean_log_likelihood(logits, labels):
     logits = logits - logits.max(axis=1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     return float(log_p[np.arange(len(labels)), labels].mean())
+
+
+def test_file_digest_is_remembered_until_the_file_changes(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"first")
+    first = torch_weights.sha256_file(path)
+    assert first == hashlib.sha256(b"first").hexdigest()
+    assert torch_weights.sha256_file(path) == first
+    path.write_bytes(b"second, longer")
+    assert torch_weights.sha256_file(path) == (
+        hashlib.sha256(b"second, longer").hexdigest())
 
 
 def test_efficientnet_lite0_classifies_imagenet_samples(imagenet_samples):

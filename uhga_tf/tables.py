@@ -19,6 +19,7 @@ from absl import logging
 from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
 from uhga_tf import io_utils
+from uhga_tf import provenance
 # Re-exported: the table cells and benchmarks/quality.py name the code
 # references through this module.
 from uhga_tf.baselines.references import ITQ_VARIANTS  # noqa: F401
@@ -179,10 +180,7 @@ def is_product(method):
 
 
 def recipe_digest():
-    import hashlib
-
-    text = json.dumps(config_lib.PRODUCT_RECIPE, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    return provenance.short_hash(config_lib.PRODUCT_RECIPE)[:8]
 
 
 def table_cells(table, code_lengths, seeds, methods=None):
@@ -213,11 +211,11 @@ def table_cells(table, code_lengths, seeds, methods=None):
 def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
     """Run one cell (or read its stored result); return the result dict."""
     path = os.path.join(cells_dir, cell.key + ".json")
-    provenance = cell_provenance(base_experiment, sets, cell)
+    record = cell_provenance(base_experiment, sets, cell)
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        if stored.get("provenance", {}).get("inputs") == provenance["inputs"]:
+        if stored.get("provenance", {}).get("inputs") == record["inputs"]:
             return stored
         logging.info("%s: stored cell is stale (other inputs); rerun", path)
     start = time.time()
@@ -236,7 +234,7 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
         result = run_lib.run_experiment(experiment, sets=sets)
     result.update(
         cell=dataclasses.asdict(cell), cell_wall_time_s=time.time() - start,
-        provenance=provenance)
+        provenance=record)
     io_utils.write_json_atomic(path, result, indent=1)
     return result
 
@@ -285,7 +283,6 @@ def cell_provenance(base_experiment, sets, cell=None):
     set (`references.reference_settings`): a changed rule or default
     reruns the cells it changes.
     """
-    from uhga_tf import provenance
     from uhga_tf.evaluation import metrics
 
     inputs = {

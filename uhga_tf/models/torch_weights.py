@@ -154,13 +154,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._persistent_load_fn(pid)
 
 
+# Provenance names a weights file by its digest for every cell and every
+# stage-one lookup; re-reading 13+ MB each time cost more than the lookups.
+# Keyed by the file's stat, so a rewritten file is hashed again.
+_SHA256_BY_STAT = {}
+
+
 def sha256_file(path, chunk_size=1 << 20):
     """Return the hex sha256 digest of the file at `path`."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_BY_STAT:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(chunk_size), b""):
+                digest.update(chunk)
+        _SHA256_BY_STAT[key] = digest.hexdigest()
+    return _SHA256_BY_STAT[key]
 
 
 def efficientnet_lite0_path():
