@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def test_train_resume_and_foreign_checkpoint(tmp_path):
     results = json.loads((reference / "results.json").read_text())
     # 120 train rows / 16 per branch = 7 steps per epoch.
     assert results["steps"] == 7 * EPOCHS
+    assert results["resumed_from_step"] == 0
     # Four well-separated clusters: cosine ranking scores 0.93, chance 0.25.
     assert results["map"] > 0.8
 
@@ -157,7 +159,11 @@ def test_train_resume_and_foreign_checkpoint(tmp_path):
 
     resumed = _train(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step" in resumed.stderr
+    step = int(re.search(r"resuming from step (\d+)", resumed.stderr)[1])
+    assert step >= 12
+    results = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert results["resumed_from_step"] == step
+    assert results["steps"] == 7 * EPOCHS
     a = keras.saving.load_model(str(reference / "hasher.keras"))
     b = keras.saving.load_model(str(tmp_path / "killed" / "hasher.keras"))
     for wa, wb in zip(a.get_weights(), b.get_weights()):

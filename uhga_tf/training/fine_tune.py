@@ -64,5 +64,5 @@ def fine_tuned_backbone(base_experiment, seed, sets=None):
         "recipe": config_lib.FINE_TUNE_RECIPE,
         **{k: results.get(k) for k in (
             "validation_map", "validation_map_1000", "validation_p_100",
-            "steps", "wall_time_s")},
+            "steps", "wall_time_s", "resumed_from_step")},
     }

@@ -313,7 +313,9 @@ def run_experiment(experiment, sets=None):
     Returns:
         dict with map (MAP on the query/database split under the eval
         config), map_tie_aware, cosine_map (float-feature reference),
-        validation_map, steps, wall_time_s, method, code_length.
+        validation_map, steps, wall_time_s, resumed_from_step, method,
+        code_length. wall_time_s is this call's; a run resumed from a
+        checkpoint (resumed_from_step > 0) spent more before it.
     """
     start_time = time.time()
     strategy = prepare(experiment)
@@ -333,6 +335,7 @@ def run_experiment(experiment, sets=None):
         model = build_model(experiment, inputs, matrix, strategy)
         checkpoint = build_checkpoint(model)
     manager = restore_or_start(experiment, strategy, checkpoint, model, chief)
+    resumed_from_step = int(model.step.numpy())
     if inputs.image_dataset is not None:
         inputs.encode_fn = image_inputs.ImageEncoder(
             model.hasher, inputs.sets, inputs.image_dataset, inputs.image_size
@@ -344,6 +347,7 @@ def run_experiment(experiment, sets=None):
     result.update(
         similarity_diagnostics=diagnostics,
         wall_time_s=time.time() - start_time,
+        resumed_from_step=resumed_from_step,
         commit=provenance.git_sha(),
     )
     if chief:
