@@ -79,6 +79,10 @@ flags.DEFINE_bool(
     "fine-tuned for their seed (uhga_tf/training/fine_tune.py, stored under "
     "<cache_dir>/fine_tuned/); every reference and cosine row stays on the "
     "stock backbone's features, as a user would run them.")
+flags.DEFINE_integer(
+    "fine_tune_rounds", 1,
+    "With --fine_tuned_backbone: rounds of stage one, each from the previous "
+    "round's backbone with S rebuilt on its features.")
 flags.DEFINE_string("name", "", "Entry name in --out (default: dataset).")
 flags.DEFINE_string(
     "reference_cells", "",
@@ -238,7 +242,8 @@ def two_stage_inputs(base, sets, seed, cells_dir):
     from uhga_tf.data import retrieval_sets
     from uhga_tf.training import fine_tune
 
-    record = fine_tune.fine_tuned_backbone(base, seed, sets)
+    record = fine_tune.fine_tuned_backbone(
+        base, seed, sets, rounds=FLAGS.fine_tune_rounds)
     tuned = config.with_values(base, {"backbone_weights": record["weights"]})
     tuned_sets = retrieval_sets.load_retrieval_sets(
         tuned.data, tuned.model, base.train.seed, progress=True)
@@ -246,10 +251,9 @@ def two_stage_inputs(base, sets, seed, cells_dir):
     # without the (uncommitted) weights file.
     record = {**record, "data": tuned_sets.description}
     io_utils.write_json_atomic(
-        os.path.join(cells_dir, stage_one_file(seed)),
-        {**record, "experiment": fine_tune.stage_one_experiment(
-            base, seed).to_dict()}, indent=1)
-    return tuned, tuned_sets, record
+        os.path.join(cells_dir, stage_one_file(seed)), record, indent=1)
+    return tuned, tuned_sets, {
+        k: v for k, v in record.items() if k != "experiment"}
 
 
 def stage_one_file(seed):

@@ -639,6 +639,48 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     assert provenance.experiment_digest(base)["model"]["backbone_weights"] == (
         "default")
 
+
+def test_a_second_round_starts_from_the_first_rounds_backbone(
+        tmp_path, monkeypatch):
+    """rounds=2: round two fine-tunes round one's backbone on S rebuilt from
+    that backbone's features (the base's split seed), in a store entry of
+    its own; the record is round two's, round one's under earlier_rounds."""
+    from uhga_tf.training import fine_tune
+
+    dataset = _toy_dataset()
+    sets = _toy_sets(dataset)
+    base = _experiment(tmp_path / "unused", trainable_backbone=False,
+                       cache_dir=str(tmp_path / "cache"), seed=5)
+    monkeypatch.setitem(config_lib.FINE_TUNE_RECIPE, "code_length", 16)
+    monkeypatch.setitem(config_lib.FINE_TUNE_RECIPE, "epochs", 1)
+    loaded = []
+
+    def load_retrieval_sets(data, model, seed, progress=True):
+        loaded.append((model.backbone_weights, seed))
+        return _toy_sets(dataset, weights=model.backbone_weights)
+
+    monkeypatch.setattr(
+        fine_tune.retrieval_sets, "load_retrieval_sets", load_retrieval_sets)
+    record = fine_tune.fine_tuned_backbone(base, 3, sets, rounds=2)
+    (first,) = record["earlier_rounds"]
+    assert loaded == [(first["weights"], 5)]
+    assert record["rounds"] == 2
+    assert first["start_weights"] == "default"
+    assert record["start_weights"] == first["weights_identity"]
+    assert record["weights_identity"] != first["weights_identity"]
+    assert record["workdir"] != first["workdir"]
+    assert record["steps"] == first["steps"] == 6  # 1 epoch
+    assert record["experiment"]["model"]["backbone_weights"] == (
+        first["weights"])
+    assert "experiment" not in first
+    # Round one is the one-round stage one, read back, not trained again.
+    one_round = fine_tune.fine_tuned_backbone(base, 3, sets)
+    assert one_round["rounds"] == 1
+    assert {k: v for k, v in one_round.items()
+            if k not in ("experiment", "rounds")} == first
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        fine_tune.fine_tuned_backbone(base, 3, sets, rounds=0)
+
     # Stage two: a frozen run on the fine-tuned backbone's features, whose
     # export carries that backbone (images in, the stage-two codes out).
     tuned_sets = _toy_sets(sets.image_dataset, weights=record["weights"])

@@ -8,12 +8,20 @@ file. Each stage-one run lives in `<cache_dir>/fine_tuned/<digest>/`, named
 by the digest of its experiment: callers with the same flags share it, a
 killed run resumes from its checkpoints, and a finished one (its
 results.json written last) is read back instead of trained again.
+
+With `rounds` > 1 stage one repeats: round r starts from round r - 1's
+backbone, and S, the hash layer's start and the train features are rebuilt
+on that backbone's features (S is never rebuilt inside a round, so a round
+that trains longer fits S's own errors: docs/product_recipe.md, section 1l).
+A round's flags name the previous round's weights by sha256, so each round
+has its own digest and store entry.
 """
 
 import os
 
 from uhga_tf import config as config_lib
 from uhga_tf import provenance
+from uhga_tf.data import retrieval_sets
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.training import run as run_lib
 
@@ -32,7 +40,7 @@ def stage_one_experiment(base_experiment, seed):
         experiment, {"workdir": workdir, "logdir": ""})
 
 
-def fine_tuned_backbone(base_experiment, seed, sets=None):
+def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
     """Train stage one for `seed` unless stored; return its record.
 
     Args:
@@ -41,12 +49,38 @@ def fine_tuned_backbone(base_experiment, seed, sets=None):
         seed: training seed of stage one.
         sets: optional `RetrievalSets` of the stock backbone's features
             (the S stage one is trained on is built from them).
+        rounds: rounds of stage one (>= 1), each from the previous round's
+            backbone with S rebuilt on its features.
 
     Returns:
-        dict: weights (path of the fine-tuned backbone), weights_identity
-        (its sha256), workdir, the commit it was trained on, and stage
-        one's validation metrics.
+        dict of the last round: weights (path of the fine-tuned backbone),
+        weights_identity (its sha256), start_weights (the backbone it
+        started from), workdir, experiment (its flags, as a dict), the
+        commit it was trained on, and its validation metrics; `rounds`,
+        and with rounds > 1 the earlier rounds' records (without their
+        flags) under `earlier_rounds`.
     """
+    rounds = int(rounds)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; received rounds={rounds}")
+    records = [_one_round(base_experiment, seed, sets)]
+    for _ in range(1, rounds):
+        tuned = config_lib.with_values(
+            base_experiment, {"backbone_weights": records[-1]["weights"]})
+        # The split stays the base's (its seed), as for stage two.
+        tuned_sets = retrieval_sets.load_retrieval_sets(
+            tuned.data, tuned.model, base_experiment.train.seed,
+            progress=True)
+        records.append(_one_round(tuned, seed, tuned_sets))
+    record = {**records[-1], "rounds": rounds}
+    if rounds > 1:
+        record["earlier_rounds"] = [
+            {k: v for k, v in r.items() if k != "experiment"}
+            for r in records[:-1]]
+    return record
+
+
+def _one_round(base_experiment, seed, sets):
     experiment = stage_one_experiment(base_experiment, seed)
     workdir = experiment.workdir
     weights = os.path.join(workdir, backbone_lib.FINE_TUNED_WEIGHTS_FILE)
@@ -60,8 +94,11 @@ def fine_tuned_backbone(base_experiment, seed, sets=None):
         "weights_identity": backbone_lib.weights_identity(weights),
         "workdir": workdir,
         "seed": seed,
+        "start_weights": provenance.experiment_digest(base_experiment)[
+            "model"]["backbone_weights"],
         "commit": results.get("commit"),
         "recipe": config_lib.FINE_TUNE_RECIPE,
+        "experiment": experiment.to_dict(),
         **{k: results.get(k) for k in (
             "validation_map", "validation_map_1000", "validation_p_100",
             "steps", "wall_time_s", "resumed_from_step")},
