@@ -282,9 +282,12 @@ def main(argv):
     base = flags_util.exit_on_user_error(
         "quality", config.experiment_from_flat, flags_util.config_values())
     name = FLAGS.name or base.data.dataset
+    # Checked before the features load: a misspelt method costs nothing.
+    cells = flags_util.exit_on_user_error(
+        "quality", tables.table_cells, 3, code_lengths, FLAGS.seeds,
+        FLAGS.methods)
     sets = retrieval_sets.load_retrieval_sets(
         base.data, base.model, base.train.seed, progress=True)
-    cells = tables.table_cells(3, code_lengths, FLAGS.seeds, FLAGS.methods)
     cells_dir = os.path.join(FLAGS.results_dir, "cells", name)
     reference_dir = os.path.join(
         FLAGS.results_dir, "cells", FLAGS.reference_cells or name)

@@ -236,7 +236,10 @@ def test_paper_numbers_sit_beside_ours():
 @pytest.mark.parametrize(
     "table, methods, fragment",
     [(4, None, "table must be 1, 2 or 3"),
-     (3, ["KNN"], "unknown method")],
+     (3, ["KNN"], r"unknown method\(s\) \['KNN'\]; choose from \[[^;]*\]$"),
+     # What absl makes of --methods=ITQ (unit, database) without quotes.
+     (3, ["ITQ (unit", "database)"],
+      r"unknown method.*a name with a comma goes in double quotes")],
 )
 def test_bad_table_or_method(table, methods, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -196,9 +196,15 @@ def table_cells(table, code_lengths, seeds, methods=None):
             REFERENCES
         ]
         if unknown:
+            known = sorted(DEEP_METHODS) + sorted(REFERENCES)
+            # absl splits a list flag at every comma outside double quotes.
+            split = any(m.startswith(u) for u in unknown for m in known
+                        if "," in m)
             raise ValueError(
-                f"unknown method(s) {unknown}; choose from "
-                f"{sorted(DEEP_METHODS) + sorted(REFERENCES)}"
+                f"unknown method(s) {unknown}; choose from {known}"
+                + ('; a name with a comma goes in double quotes inside the '
+                   'list, e.g. --methods=ITQ,"ITQ (unit, database)"'
+                   if split else "")
             )
     return [
         Cell(table, row, code_length, seed)
