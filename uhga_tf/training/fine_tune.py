@@ -94,8 +94,8 @@ def _one_round(base_experiment, seed, sets):
         "weights_identity": backbone_lib.weights_identity(weights),
         "workdir": workdir,
         "seed": seed,
-        "start_weights": provenance.experiment_digest(base_experiment)[
-            "model"]["backbone_weights"],
+        "start_weights": backbone_lib.weights_identity(
+            base_experiment.model.backbone_weights),
         "commit": results.get("commit"),
         "recipe": config_lib.FINE_TUNE_RECIPE,
         "experiment": experiment.to_dict(),
