@@ -82,7 +82,7 @@ FINE_TUNE_RECIPE = {
     "paired_views": True,
     "pairing": "within",
     "scale_schedule": "none",
-    "epochs": 3,
+    "epochs": 2,
     "code_length": 64,
 }
 
