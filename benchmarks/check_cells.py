@@ -32,6 +32,11 @@ import quality  # noqa: E402  (also defines its flags on flags.FLAGS)
 from uhga_tf import config  # noqa: E402
 from uhga_tf import flags_util  # noqa: E402
 from uhga_tf import tables  # noqa: E402
+from uhga_tf.training import fine_tune  # noqa: E402
+
+# A stage-two cell whose stage one the command would train anew (another
+# recipe or base since): whatever the cell recorded, a rerun replaces it.
+STAGE_ONE_RETRAINED = "stage one retrained"
 
 
 def _reproduce_flags():
@@ -64,12 +69,16 @@ def count(cells, cells_dir, base, description, stage_two=None):
     """Counter of reread / stale / unrecorded / missing over `cells`.
 
     `stage_two(cell)`, where given, returns the (base, description) of a
-    cell trained on a fine-tuned backbone's features, or None.
+    cell trained on a fine-tuned backbone's features, STAGE_ONE_RETRAINED,
+    or None.
     """
     counts = collections.Counter()
     for cell in cells:
-        cell_base, cell_description = (
-            stage_two and stage_two(cell) or (base, description))
+        inputs = stage_two(cell) if stage_two else None
+        if inputs == STAGE_ONE_RETRAINED:
+            counts["stale"] += 1
+            continue
+        cell_base, cell_description = inputs or (base, description)
         sets = types.SimpleNamespace(description=cell_description)
         expected = tables.cell_provenance(cell_base, sets, cell)["inputs"]
         path = os.path.join(cells_dir, cell.key + ".json")
@@ -109,7 +118,9 @@ def quality_rows():
 def _stage_two(base, cells_dir):
     """Product cells of a --fine_tuned_backbone entry: the base with the
     backbone its seed's stage one recorded (by content), and that
-    backbone's data description; None for every other cell."""
+    backbone's data description, or STAGE_ONE_RETRAINED where the recorded
+    stage one is not what the command would read back now; None for every
+    other cell."""
 
     def inputs(cell):
         path = os.path.join(cells_dir, quality.stage_one_file(cell.seed))
@@ -117,6 +128,9 @@ def _stage_two(base, cells_dir):
             return None
         with open(path) as f:
             record = json.load(f)
+        if not fine_tune.record_is_current(
+                base, {"rounds": 1, "seed": cell.seed, **record}):
+            return STAGE_ONE_RETRAINED
         return (config.with_values(
             base, {"backbone_weights": record["weights_identity"]}),
             record["data"])

@@ -602,7 +602,7 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     assert stage_one.model.trainable_backbone
     assert stage_one.model.code_length == 64
     assert stage_one.loss.pairing == "within"
-    assert stage_one.train.epochs == 3
+    assert stage_one.train.epochs == 2
     elsewhere = fine_tune.stage_one_experiment(config_lib.with_values(
         base, {"cache_dir": str(tmp_path / "other")}), seed=3)
     assert (os.path.basename(elsewhere.workdir)
@@ -616,7 +616,7 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     record = fine_tune.fine_tuned_backbone(base, 3, sets)
     assert record["weights"] == os.path.join(
         stage_one.workdir, backbone_lib.FINE_TUNED_WEIGHTS_FILE)
-    assert record["steps"] == 18  # 96 train rows, 16 distinct per batch
+    assert record["steps"] == 12  # 2 epochs of 96 rows, 16 distinct a batch
     assert 0.0 < record["validation_map"] <= 1.0
 
     def no_training(*args, **kwargs):
@@ -626,6 +626,14 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
         patch.setattr(fine_tune.run_lib, "run_experiment", no_training)
         assert fine_tune.fine_tuned_backbone(base, 3, sets) == record
     assert record["commit"] == provenance.git_sha()
+    # A changed recipe or base names another store entry: results on this
+    # record's backbone are stale (benchmarks/check_cells.py).
+    assert fine_tune.record_is_current(base, record)
+    assert not fine_tune.record_is_current(
+        config_lib.with_values(base, {"similarity_knn": 7}), record)
+    with monkeypatch.context() as patch:
+        patch.setitem(config_lib.FINE_TUNE_RECIPE, "epochs", 3)
+        assert not fine_tune.record_is_current(base, record)
 
     copy = tmp_path / "copy.weights.h5"
     shutil.copyfile(record["weights"], copy)
@@ -673,6 +681,10 @@ def test_a_second_round_starts_from_the_first_rounds_backbone(
     assert record["experiment"]["model"]["backbone_weights"] == (
         first["weights"])
     assert "experiment" not in first
+    assert fine_tune.record_is_current(base, record)
+    stale = {**record, "earlier_rounds": [
+        {**first, "weights_identity": "sha256:" + "0" * 64}]}
+    assert not fine_tune.record_is_current(base, stale)
     # Round one is the one-round stage one, read back, not trained again.
     one_round = fine_tune.fine_tuned_backbone(base, 3, sets)
     assert one_round["rounds"] == 1

@@ -80,6 +80,26 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
     return record
 
 
+def record_is_current(base_experiment, record):
+    """Whether `fine_tuned_backbone(base_experiment, record["seed"],
+    rounds=record["rounds"])` would read `record`'s store entries back now.
+
+    False when the recipe, the base flags or a round's start have changed
+    since: such a call trains a new stage one, so results computed on
+    `record`'s backbone are stale. Reads only the record, never the store.
+    """
+    start = base_experiment
+    for round_record in [*record.get("earlier_rounds", []), record]:
+        expected = stage_one_experiment(start, record["seed"]).workdir
+        if os.path.basename(expected) != os.path.basename(
+                round_record["workdir"]):
+            return False
+        start = config_lib.with_values(
+            base_experiment,
+            {"backbone_weights": round_record["weights_identity"]})
+    return True
+
+
 def _one_round(base_experiment, seed, sets):
     experiment = stage_one_experiment(base_experiment, seed)
     workdir = experiment.workdir
