@@ -129,7 +129,7 @@ def _stage_two(base, cells_dir):
         with open(path) as f:
             record = json.load(f)
         if not fine_tune.record_is_current(
-                base, {"rounds": 1, "seed": cell.seed, **record}):
+                base, {"seed": cell.seed, **record}):
             return STAGE_ONE_RETRAINED
         return (config.with_values(
             base, {"backbone_weights": record["weights_identity"]}),

@@ -81,8 +81,8 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
 
 
 def record_is_current(base_experiment, record):
-    """Whether `fine_tuned_backbone(base_experiment, record["seed"],
-    rounds=record["rounds"])` would read `record`'s store entries back now.
+    """Whether `fine_tuned_backbone(base_experiment, record["seed"])`, with
+    as many rounds as `record` holds, would read its store entries back now.
 
     False when the recipe, the base flags or a round's start have changed
     since: such a call trains a new stage one, so results computed on
