@@ -625,6 +625,17 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(fine_tune.run_lib, "run_experiment", no_training)
         assert fine_tune.fine_tuned_backbone(base, 3, sets) == record
+        # Without sets, stage one draws the base's split (seed 0), not
+        # its own seed's, whose train rows overlap stage two's queries.
+        split_seeds = []
+
+        def load(data, model, seed, progress=True):
+            split_seeds.append(seed)
+            return sets
+
+        patch.setattr(fine_tune.retrieval_sets, "load_retrieval_sets", load)
+        assert fine_tune.fine_tuned_backbone(base, 3) == record
+        assert split_seeds == [base.train.seed] == [0]
     assert record["commit"] == provenance.git_sha()
     # A changed recipe or base names another store entry: results on this
     # record's backbone are stale (benchmarks/check_cells.py).

@@ -48,7 +48,8 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
             its backbone must be the stock one.
         seed: training seed of stage one.
         sets: optional `RetrievalSets` of the stock backbone's features
-            (the S stage one is trained on is built from them).
+            (the S stage one is trained on is built from them); None =
+            loaded with the base's split seed, never stage one's seed.
         rounds: rounds of stage one (>= 1), each from the previous round's
             backbone with S rebuilt on its features.
 
@@ -63,6 +64,12 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
     rounds = int(rounds)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; received rounds={rounds}")
+    if sets is None:
+        # Stage one's own seed would draw another split, whose train rows
+        # hold about a third of stage two's query and validation images.
+        sets = retrieval_sets.load_retrieval_sets(
+            base_experiment.data, base_experiment.model,
+            base_experiment.train.seed, progress=True)
     records = [_one_round(base_experiment, seed, sets)]
     for _ in range(1, rounds):
         tuned = config_lib.with_values(
