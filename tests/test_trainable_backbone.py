@@ -633,9 +633,19 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
             split_seeds.append(seed)
             return sets
 
+        trained_on = []
+
+        def train(experiment, sets=None):
+            trained_on.append(sets)
+            raise AssertionError("stop before training")
+
         patch.setattr(fine_tune.retrieval_sets, "load_retrieval_sets", load)
         assert fine_tune.fine_tuned_backbone(base, 3) == record
+        patch.setattr(fine_tune.run_lib, "run_experiment", train)
+        with pytest.raises(AssertionError, match="stop before training"):
+            fine_tune.fine_tuned_backbone(base, 5)
         assert split_seeds == [base.train.seed] == [0]
+        assert trained_on == [sets]
     assert record["commit"] == provenance.git_sha()
     # A changed recipe or base names another store entry: results on this
     # record's backbone are stale (benchmarks/check_cells.py).

@@ -64,12 +64,6 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
     rounds = int(rounds)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; received rounds={rounds}")
-    if sets is None:
-        # Stage one's own seed would draw another split, whose train rows
-        # hold about a third of stage two's query and validation images.
-        sets = retrieval_sets.load_retrieval_sets(
-            base_experiment.data, base_experiment.model,
-            base_experiment.train.seed, progress=True)
     records = [_one_round(base_experiment, seed, sets)]
     for _ in range(1, rounds):
         tuned = config_lib.with_values(
@@ -114,6 +108,13 @@ def _one_round(base_experiment, seed, sets):
     # results.json is written after the weights: it marks a finished run.
     results_path = os.path.join(workdir, run_lib.RESULTS_FILE)
     if not os.path.exists(results_path):
+        if sets is None:
+            # Loaded only to train. Stage one's own seed would draw another
+            # split, whose train rows hold about a third of stage two's
+            # query and validation images: the base's seed draws the split.
+            sets = retrieval_sets.load_retrieval_sets(
+                base_experiment.data, base_experiment.model,
+                base_experiment.train.seed, progress=True)
         run_lib.run_experiment(experiment, sets=sets)
     results = config_lib.read_json(results_path)
     return {
