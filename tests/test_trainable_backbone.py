@@ -6,6 +6,7 @@ input) stands in for the real backbone, so one run of `run_experiment` takes
 a few seconds on a CPU.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -646,6 +647,11 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
             fine_tune.fine_tuned_backbone(base, 5)
         assert split_seeds == [base.train.seed] == [0]
         assert trained_on == [sets]
+        # An entry trained on other rows (another split) is refused.
+        other = dataclasses.replace(sets, description="split seed 1")
+        with pytest.raises(ValueError, match="trained on other data"):
+            fine_tune.fine_tuned_backbone(base, 3, other)
+    assert record["stage_one_data"] == sets.description
     assert record["commit"] == provenance.git_sha()
     # A changed recipe or base names another store entry: results on this
     # record's backbone are stale (benchmarks/check_cells.py).

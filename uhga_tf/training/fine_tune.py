@@ -57,7 +57,8 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
         dict of the last round: weights (path of the fine-tuned backbone),
         weights_identity (its sha256), start_weights (the backbone it
         started from), workdir, experiment (its flags, as a dict), the
-        commit it was trained on, and its validation metrics; `rounds`,
+        commit it was trained on, the description of the sets it trained
+        on (stage_one_data) and its validation metrics; `rounds`,
         and with rounds > 1 the earlier rounds' records (without their
         flags) under `earlier_rounds`.
     """
@@ -117,6 +118,13 @@ def _one_round(base_experiment, seed, sets):
                 base_experiment.train.seed, progress=True)
         run_lib.run_experiment(experiment, sets=sets)
     results = config_lib.read_json(results_path)
+    # The digest names the flags, not the rows: an entry trained on another
+    # split (the split seed is not a stage-one flag) must not pass as ours.
+    if sets is not None and results.get("data") != sets.description:
+        raise ValueError(
+            f"stage one in {workdir} was trained on other data than the "
+            f"sets given: it records {results.get('data')!r}, the sets are "
+            f"{sets.description!r}; move the entry aside to train it again")
     return {
         "weights": weights,
         "weights_identity": backbone_lib.weights_identity(weights),
@@ -127,6 +135,8 @@ def _one_round(base_experiment, seed, sets):
         "commit": results.get("commit"),
         "recipe": config_lib.FINE_TUNE_RECIPE,
         "experiment": experiment.to_dict(),
+        # The sets stage one trained on, for checks that cannot load them.
+        "stage_one_data": results.get("data"),
         **{k: results.get(k) for k in (
             "validation_map", "validation_map_1000", "validation_p_100",
             "steps", "wall_time_s", "resumed_from_step")},
