@@ -40,6 +40,8 @@ from uhga_tf.training import fine_tune  # noqa: E402
 STAGE_ONE_RETRAINED = "stage one retrained"
 # A stage-one record written before records named the sets it trained on.
 STAGE_ONE_UNRECORDED = "stage one unrecorded"
+STAGE_ONE_COUNTS = {STAGE_ONE_RETRAINED: "stale",
+                    STAGE_ONE_UNRECORDED: "unrecorded"}
 
 
 def _reproduce_flags():
@@ -78,9 +80,8 @@ def count(cells, cells_dir, base, description, stage_two=None):
     counts = collections.Counter()
     for cell in cells:
         inputs = stage_two(cell) if stage_two else None
-        if inputs in (STAGE_ONE_RETRAINED, STAGE_ONE_UNRECORDED):
-            counts["stale" if inputs == STAGE_ONE_RETRAINED
-                   else "unrecorded"] += 1
+        if inputs in STAGE_ONE_COUNTS:
+            counts[STAGE_ONE_COUNTS[inputs]] += 1
             continue
         cell_base, cell_description = inputs or (base, description)
         sets = types.SimpleNamespace(description=cell_description)
