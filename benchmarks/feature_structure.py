@@ -85,6 +85,9 @@ def main(argv):
     from uhga_tf.models import backbone as backbone_lib
     from uhga_tf.similarity import features as features_lib
 
+    if not os.path.isfile(FLAGS.fine_tuned_weights):
+        raise app.UsageError(
+            f"--fine_tuned_weights: no file {FLAGS.fine_tuned_weights!r}")
     values, stock, stock_sets = bench_env.flag_experiment("feature_structure")
     tuned = config.with_values(
         stock, {"backbone_weights": FLAGS.fine_tuned_weights})
