@@ -54,6 +54,29 @@ def provenance():
     return {"commit": git_sha(), "dirty": git_dirty(), "cpu": cpu_model()}
 
 
+def merge_entry(path, key, entry, values):
+    """Merge `entry` under `key` into the JSON at `path`, atomically, with
+    the command line, the flag `values` (data_dir left out: it names one
+    machine's folder) and provenance(); other keys are kept."""
+    import json
+    import sys
+
+    from uhga_tf import io_utils
+
+    stored = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+    stored[key] = {
+        **entry,
+        "command": " ".join(sys.argv),
+        "flags": {k: v for k, v in values.items() if k != "data_dir"},
+        **provenance(),
+    }
+    text = json.dumps(stored, indent=2, sort_keys=True, default=str)
+    io_utils.write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
 def flag_experiment(program):
     """(flat flag values, ExperimentConfig, RetrievalSets) of the config
     flags, for scripts that read one experiment's sets; a bad flag exits

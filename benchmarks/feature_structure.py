@@ -22,7 +22,6 @@ Merges ``<name>`` into ``benchmarks/results/feature_structure.json`` with
 the commit, flags and both data descriptions.
 """
 
-import json
 import os
 import sys
 
@@ -36,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
 from uhga_tf import flags_util  # noqa: E402
-from uhga_tf import io_utils  # noqa: E402
 
 flags_util.define_config_flags()
 flags.DEFINE_string("fine_tuned_weights", None,
@@ -107,23 +105,13 @@ def main(argv):
         print(f"{key:<22}{rows['stock'][key]:>8.4f}"
               f"{rows['fine_tuned'][key]:>8.4f}")
     print(f"{'nn10_overlap':<22}{rows['nn10_overlap']:>8.4f}")
-    stored = {}
-    if os.path.exists(FLAGS.out):
-        with open(FLAGS.out) as f:
-            stored = json.load(f)
-    stored[FLAGS.name] = {
+    bench_env.merge_entry(FLAGS.out, FLAGS.name, {
         **rows,
-        "command": " ".join(sys.argv),
-        "flags": {key: value for key, value in values.items()
-                  if key != "data_dir"},
         "fine_tuned_weights_identity": backbone_lib.weights_identity(
             FLAGS.fine_tuned_weights),
         "data": stock_sets.description,
         "fine_tuned_data": tuned_sets.description,
-        **bench_env.provenance(),
-    }
-    text = json.dumps(stored, indent=2, sort_keys=True, default=str)
-    io_utils.write_bytes_atomic(FLAGS.out, (text + "\n").encode("utf-8"))
+    }, values)
     print(f"wrote {FLAGS.out}")
 
 

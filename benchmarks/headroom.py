@@ -24,7 +24,6 @@ benchmarks/results/quality.json. Prints the table and merges
 flags and data it came from.
 """
 
-import json
 import os
 import sys
 
@@ -38,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 
 from uhga_tf import flags_util  # noqa: E402
-from uhga_tf import io_utils  # noqa: E402
 
 flags_util.define_config_flags()
 flags.DEFINE_string("out", "benchmarks/results/headroom.json",
@@ -113,20 +111,8 @@ def main(argv):
     for name, row in rows.items():
         print(f"{row['map_all']:8.4f} {row['map_1000']:9.4f} "
               f"{row['p_100']:7.4f}  {name}")
-    stored = {}
-    if os.path.exists(FLAGS.out):
-        with open(FLAGS.out) as f:
-            stored = json.load(f)
-    stored[experiment.data.dataset] = {
-        "rows": rows,
-        "command": " ".join(sys.argv),
-        "flags": {key: value for key, value in values.items()
-                  if key != "data_dir"},
-        "data": sets.description,
-        **bench_env.provenance(),
-    }
-    text = json.dumps(stored, indent=2, sort_keys=True, default=str)
-    io_utils.write_bytes_atomic(FLAGS.out, (text + "\n").encode("utf-8"))
+    bench_env.merge_entry(FLAGS.out, experiment.data.dataset, {
+        "rows": rows, "data": sets.description}, values)
     print(f"wrote {FLAGS.out}")
 
 
