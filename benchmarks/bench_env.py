@@ -1,8 +1,10 @@
 """Provenance shared by the benchmark scripts: commit, tree state, CPU."""
 
+import json
 import os
 import platform
 import subprocess
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,9 +60,6 @@ def merge_entry(path, key, entry, values):
     """Merge `entry` under `key` into the JSON at `path`, atomically, with
     the command line, the flag `values` (data_dir left out: it names one
     machine's folder) and provenance(); other keys are kept."""
-    import json
-    import sys
-
     from uhga_tf import io_utils
 
     stored = {}

@@ -38,10 +38,6 @@ from uhga_tf.training import fine_tune  # noqa: E402
 # recipe or base since) or that trained on other rows than the command's
 # split: whatever the cell recorded, a rerun replaces it.
 STAGE_ONE_RETRAINED = "stage one retrained"
-# A stage-one record written before records named the sets it trained on.
-STAGE_ONE_UNRECORDED = "stage one unrecorded"
-STAGE_ONE_COUNTS = {STAGE_ONE_RETRAINED: "stale",
-                    STAGE_ONE_UNRECORDED: "unrecorded"}
 
 
 def _reproduce_flags():
@@ -75,13 +71,13 @@ def count(cells, cells_dir, base, description, stage_two=None):
 
     `stage_two(cell)`, where given, returns the (base, description) of a
     cell trained on a fine-tuned backbone's features, STAGE_ONE_RETRAINED,
-    STAGE_ONE_UNRECORDED, or None.
+    or None.
     """
     counts = collections.Counter()
     for cell in cells:
         inputs = stage_two(cell) if stage_two else None
-        if inputs in STAGE_ONE_COUNTS:
-            counts[STAGE_ONE_COUNTS[inputs]] += 1
+        if inputs == STAGE_ONE_RETRAINED:
+            counts["stale"] += 1
             continue
         cell_base, cell_description = inputs or (base, description)
         sets = types.SimpleNamespace(description=cell_description)
@@ -123,11 +119,9 @@ def quality_rows():
 def _stage_two(base, cells_dir, description):
     """Product cells of a --fine_tuned_backbone entry: the base with the
     backbone its seed's stage one recorded (by content), and that
-    backbone's data description; STAGE_ONE_RETRAINED where the recorded
-    stage one is not what the command would read back now or its first
-    round trained on other sets than the stock `description`,
-    STAGE_ONE_UNRECORDED where the record does not name those sets; None
-    for every other cell."""
+    backbone's data description, or STAGE_ONE_RETRAINED where the recorded
+    stage one is not what the command would read back now on the stock
+    sets of `description`; None for every other cell."""
 
     def inputs(cell):
         path = os.path.join(cells_dir, quality.stage_one_file(cell.seed))
@@ -136,13 +130,7 @@ def _stage_two(base, cells_dir, description):
         with open(path) as f:
             record = json.load(f)
         if not fine_tune.record_is_current(
-                base, {"seed": cell.seed, **record}):
-            return STAGE_ONE_RETRAINED
-        trained_on = [*record.get("earlier_rounds", []), record][0].get(
-            "stage_one_data")
-        if trained_on is None:
-            return STAGE_ONE_UNRECORDED
-        if trained_on != description:
+                base, {"seed": cell.seed, **record}, description):
             return STAGE_ONE_RETRAINED
         return (config.with_values(
             base, {"backbone_weights": record["weights_identity"]}),

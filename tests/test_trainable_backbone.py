@@ -656,6 +656,9 @@ def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     # A changed recipe or base names another store entry: results on this
     # record's backbone are stale (benchmarks/check_cells.py).
     assert fine_tune.record_is_current(base, record)
+    # Given the stock sets' description, a stage one on other rows is not.
+    assert fine_tune.record_is_current(base, record, sets.description)
+    assert not fine_tune.record_is_current(base, record, "split seed 1")
     assert not fine_tune.record_is_current(
         config_lib.with_values(base, {"similarity_knn": 7}), record)
     with monkeypatch.context() as patch:
@@ -709,6 +712,9 @@ def test_a_second_round_starts_from_the_first_rounds_backbone(
         first["weights"])
     assert "experiment" not in first
     assert fine_tune.record_is_current(base, record)
+    # Given the stock sets' description, a stage one on other rows is not.
+    assert fine_tune.record_is_current(base, record, sets.description)
+    assert not fine_tune.record_is_current(base, record, "split seed 1")
     stale = {**record, "earlier_rounds": [
         {**first, "weights_identity": "sha256:" + "0" * 64}]}
     assert not fine_tune.record_is_current(base, stale)

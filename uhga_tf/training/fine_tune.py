@@ -82,16 +82,22 @@ def fine_tuned_backbone(base_experiment, seed, sets=None, rounds=1):
     return record
 
 
-def record_is_current(base_experiment, record):
+def record_is_current(base_experiment, record, data=None):
     """Whether `fine_tuned_backbone(base_experiment, record["seed"])`, with
     as many rounds as `record` holds, would read its store entries back now.
 
     False when the recipe, the base flags or a round's start have changed
     since: such a call trains a new stage one, so results computed on
-    `record`'s backbone are stale. Reads only the record, never the store.
+    `record`'s backbone are stale. With `data` (the description of the
+    stock sets the call is given), also False when the first round trained
+    on other sets (another split) or its record does not say which. Reads
+    only the record, never the store.
     """
+    rounds = [*record.get("earlier_rounds", []), record]
+    if data is not None and rounds[0].get("stage_one_data") != data:
+        return False
     start = base_experiment
-    for round_record in [*record.get("earlier_rounds", []), record]:
+    for round_record in rounds:
         expected = stage_one_experiment(start, record["seed"]).workdir
         if os.path.basename(expected) != os.path.basename(
                 round_record["workdir"]):
