@@ -287,3 +287,42 @@ def test_structure_hash_map_is_the_kmeans_ls_code_as_one_affine_map():
     np.testing.assert_array_equal(np.where(z >= 0, 1, -1),
                                   reference.encode(x))
     np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-4)
+
+
+def test_structure_hash_map_takes_its_graph_from_graph_features():
+    """similarity_stock_features: the start's kNN graph comes from other
+    rows of the same items (their centred unit rows); the map still acts
+    on the head's rows."""
+    from uhga_tf.baselines import structural
+    from uhga_tf.similarity import features as features_lib
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(8), 60)
+    centres = rng.normal(size=(8, 64))
+    clean = centres[labels] + 0.6 * rng.normal(size=(480, 64))
+    # The head's rows hold the same clusters at 0.15 of the strength.
+    noisy = 0.15 * centres[labels] + 0.6 * rng.normal(size=(480, 64))
+    same = labels[:, None] == labels[None, :]
+
+    def hamming_within_across(**kwargs):
+        kernel, bias = structural.structure_hash_map(noisy, 8, 3, **kwargs)
+        codes = np.where(noisy @ kernel + bias >= 0, 1, -1)
+        distance = (codes[:, None, :] != codes[None, :, :]).sum(axis=-1)
+        return distance[same].mean(), distance[~same].mean()
+
+    np.testing.assert_allclose(hamming_within_across(), (3.392, 4.082),
+                               atol=1e-3)
+    np.testing.assert_allclose(
+        hamming_within_across(graph_features=clean), (2.799, 4.169),
+        atol=1e-3)
+    # The head's own centred unit rows as graph rows: the default graph.
+    unit = features_lib.unit_rows(np.abs(clean).astype(np.float32))
+    head = unit - unit.mean(axis=0)
+    plain = structural.structure_hash_map(head, 8, 3)
+    same_graph = structural.structure_hash_map(
+        head, 8, 3, graph_features=np.abs(clean))
+    for a, b in zip(plain, same_graph):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="same train items"):
+        structural.structure_hash_map(noisy, 8, 3,
+                                      graph_features=clean[:100])

@@ -182,6 +182,9 @@ def test_a_cell_is_reread_from_another_workdir(tmp_path, monkeypatch):
     sets = retrieval_sets.load_retrieval_sets(
         experiment.data, experiment.model, experiment.train.seed,
         progress=False)
+    # The sets name the split they were drawn with (stage two reads the
+    # stock features on it).
+    assert sets.split_seed == experiment.train.seed
     cell = tables.Cell(3, "LSH", 16, 0)
     cells_dir = str(tmp_path / "cells")
     # As stored: JSON turns the int keys of precision_at_n into strings.

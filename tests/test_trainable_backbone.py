@@ -588,6 +588,69 @@ def test_paired_within_adam_step_is_keras_adam_on_the_pair_loss(tmp_path):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-6)
 
 
+def test_stock_similarity_features_join_the_stock_rows_of_the_same_split(
+        tmp_path, monkeypatch):
+    """Stage two with similarity_stock_features: S's graph (and the start's)
+    reads each train row's stock and fine-tuned unit rows side by side,
+    the stock ones read on the split the fine-tuned sets were drawn with;
+    the head still reads the fine-tuned rows alone."""
+    from uhga_tf.similarity import features as features_lib
+
+    stock = dataclasses.replace(_toy_sets(_toy_dataset()), split_seed=5)
+    # Stand-in for a fine-tuned backbone's features of the same rows.
+    tuned = dataclasses.replace(stock, features={
+        name: features[:, ::-1] + 1.0
+        for name, features in stock.features.items()})
+    experiment = _experiment(
+        tmp_path / "run", trainable_backbone=False,
+        backbone_weights=str(tmp_path / "tuned.weights.h5"),
+        similarity_stock_features=True, similarity="coassociation",
+        similarity_knn=5, similarity_cluster_size=8, hash_init="structure",
+        feature_centring=True, feature_unit_rows=True, epochs=1)
+    loads = []
+
+    def load(data, model, seed, progress=True):
+        loads.append((model.backbone_weights, seed))
+        return stock
+
+    monkeypatch.setattr(run.retrieval_sets, "load_retrieval_sets", load)
+    rows = run.stock_similarity_features(experiment, tuned)
+    assert loads == [("default", 5)]
+    first = features_lib.unit_rows(stock.features["train"])
+    second = features_lib.unit_rows(tuned.features["train"])
+    np.testing.assert_allclose(rows, np.concatenate([first, second], 1))
+    # Their cosine is the mean of the two backbones' cosines.
+    np.testing.assert_allclose(
+        features_lib.unit_rows(rows[:5]) @ features_lib.unit_rows(
+            rows[5:10]).T,
+        (first[:5] @ first[5:10].T + second[:5] @ second[5:10].T) / 2,
+        atol=1e-6)
+
+    built_on = []
+    build = run.build_similarity
+
+    def recording_build(experiment, features):
+        built_on.append(features)
+        return build(experiment, features)
+
+    monkeypatch.setattr(run, "build_similarity", recording_build)
+    result = run.run_experiment(experiment, sets=tuned)
+    np.testing.assert_allclose(built_on[0], rows)
+    assert 0.0 < result["validation_map"] <= 1.0
+
+    with pytest.raises(ValueError, match="do not record the seed"):
+        run.stock_similarity_features(
+            experiment, dataclasses.replace(tuned, split_seed=None))
+    shuffled = dict(tuned.indices, train=tuned.indices["train"][::-1])
+    with pytest.raises(ValueError, match="not these sets' train rows"):
+        run.stock_similarity_features(
+            experiment, dataclasses.replace(tuned, indices=shuffled))
+    for overrides in ({"backbone_weights": "default"},
+                      {"trainable_backbone": True}):
+        with pytest.raises(ValueError, match="similarity_stock_features"):
+            config_lib.with_values(experiment, overrides)
+
+
 def test_stage_one_is_trained_once_and_read_back(tmp_path, monkeypatch):
     """The two-stage recipe's stage one: FINE_TUNE_RECIPE over the base
     flags, stored under <cache_dir>/fine_tuned/ by its experiment's digest

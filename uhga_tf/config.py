@@ -454,6 +454,14 @@ class SimilarityConfig:
             pairs (SCAN-style, `similarity.learned_clusters`) instead of
             k-means in its spectral embedding; with `hash_init=structure`
             the start's pseudo-labels too; 0 = all k-means.
+        similarity_stock_features: stage two of the two-stage recipe (a
+            frozen run on a fine-tuned backbone's features, set by
+            `backbone_weights`): build the kNN graph of S, and of the
+            `hash_init=structure` start, on each train row's stock-backbone
+            and fine-tuned unit rows side by side (cosine = the mean of the
+            two backbones' cosines) instead of the fine-tuned ones alone.
+            The head still reads only the fine-tuned features, so the
+            exported model is unchanged.
     """
 
     similarity: str = "ssdh"
@@ -476,6 +484,7 @@ class SimilarityConfig:
         default=0.0, metadata={"flag": (str, "0")}
     )
     similarity_learned_share: float = 0.0
+    similarity_stock_features: bool = False
 
     def __post_init__(self):
         _canonicalize(self)
@@ -744,6 +753,19 @@ class ExperimentConfig:
                 "attention's look-ahead differentiates the SGD step of eq. "
                 "(18); received optimizer='adam', attention=True"
             )
+        if self.similarity.similarity_stock_features and (
+                self.model.backbone_weights == "default"
+                or self.model.trainable_backbone
+                or self.data.dataset == "features"):
+            raise ValueError(
+                "similarity_stock_features=true joins the stock backbone's "
+                "features to a fine-tuned backbone's in S's graph, so it "
+                "needs a frozen run (trainable_backbone=false) on an image "
+                "dataset with backbone_weights set to the fine-tuned "
+                f"backbone; received backbone_weights="
+                f"{self.model.backbone_weights!r}, trainable_backbone="
+                f"{self.model.trainable_backbone}, dataset="
+                f"{self.data.dataset!r}")
         per_branch = self.train.global_batch_size
         if self.loss.pairing == "cross" or self.train.paired_views:
             if per_branch % 2:
@@ -869,7 +891,8 @@ LOCATION_FIELDS = {
 # existed, so `digest_dict` leaves it out there and those results keep
 # their digests; any other value is digested like every field.
 ADDED_FIELDS = {"model": ("feature_runtime", "image_augmentation"),
-                "similarity": ("similarity_learned_share",),
+                "similarity": ("similarity_learned_share",
+                               "similarity_stock_features"),
                 "train": ("optimizer", "paired_views")}
 
 

@@ -107,20 +107,28 @@ class KMeansLS(_StructuralHasher):
 
     name = "kmeans_ls"
 
-    def __init__(self, code_length, learned_share=0.0, **options):
-        # Not an option: the product's start may learn its coarse clusters
-        # (`structure_hash_map`), the reference (whose options key its
-        # stored cells) never does.
+    def __init__(self, code_length, learned_share=0.0, graph_features=None,
+                 **options):
+        # Not options: the product's start may learn its coarse clusters
+        # or take its graph from other rows (`structure_hash_map`), the
+        # reference (whose options key its stored cells) never does.
         super().__init__(code_length, **options)
         self.learned_share = float(learned_share)
+        self.graph_features = graph_features
 
     def _fit(self, features, rng):
-        ids = self._neighbours(features)
+        graph = features if self.graph_features is None else (
+            self.graph_features)
+        if len(graph) != len(features):
+            raise ValueError(
+                f"graph_features has {len(graph)} rows, features "
+                f"{len(features)}; they must be the same train items")
+        ids = self._neighbours(graph)
         scales = structured.cluster_scales(
             len(features), self.options["cluster_size"])
         assignments = structured.multiscale_assignments(
             ids, scales, self.options["runs"], int(rng.integers(1000)),
-            features=(features_lib.unit_rows(features.astype(np.float32))
+            features=(features_lib.unit_rows(graph.astype(np.float32))
                       if self.learned_share else None),
             learned_share=self.learned_share)
         one_hot = np.concatenate([
@@ -131,7 +139,7 @@ class KMeansLS(_StructuralHasher):
 
 
 def structure_hash_map(features, code_length, seed, learned_share=0.0,
-                       **options):
+                       graph_features=None, **options):
     """An affine hash map from the k-means+LS reference, for `hash_init`.
 
     Fits `KMeansLS` with ``options`` (e.g. knn, cluster_size; no unit rows:
@@ -142,9 +150,18 @@ def structure_hash_map(features, code_length, seed, learned_share=0.0,
     sign(features @ kernel + bias) equal to its codes. Each bit is scaled
     to unit standard deviation over ``features`` so the tanh relaxation
     starts unsaturated. ``learned_share`` > 0 learns the ladder's coarsest
-    scales as `similarity_learned_share` does for S.
+    scales as `similarity_learned_share` does for S. ``graph_features``
+    (rows of the same train items, e.g. `similarity_stock_features`' side
+    by side unit rows): the kNN graph comes from their centred unit rows,
+    as it comes from ``features``' (the centred unit rows) without them;
+    the map still acts on ``features``.
     """
+    if graph_features is not None:
+        unit = features_lib.unit_rows(
+            np.asarray(graph_features, dtype=np.float32))
+        graph_features = unit - unit.mean(axis=0)
     hasher = KMeansLS(code_length, learned_share=learned_share,
+                      graph_features=graph_features,
                       **{**options, "unit_rows": False}).fit(features, seed)
     kernel = hasher.projection @ hasher.rotation
     bias = -hasher.mean @ kernel

@@ -13,6 +13,7 @@ or the split itself as index arrays `query`, `train`, `database`,
 
 import dataclasses
 import os
+import typing
 
 import numpy as np
 from absl import logging
@@ -34,6 +35,9 @@ class RetrievalSets:
         image_dataset: the `datasets.ImageDataset` that `indices` index
             (None for `dataset="features"`); the end-to-end path
             (`trainable_backbone=true`) trains and encodes on its images.
+        split_seed: the seed the split and the database order were drawn
+            with (None when unknown), so the same sets can be read again
+            with another backbone's features.
     """
 
     features: dict
@@ -42,6 +46,7 @@ class RetrievalSets:
     feature_dim: int
     description: str
     image_dataset: object = None
+    split_seed: typing.Optional[int] = None
 
 
 def validation_database_mask(sets):
@@ -199,6 +204,7 @@ def load_retrieval_sets(data, model, seed, progress=True):
         description=_describe(
             data, model, image_dataset.source, seed, collection, train_note),
         image_dataset=image_dataset,
+        split_seed=int(seed),
     )
     _log_sizes(sets)
     return sets
@@ -275,6 +281,7 @@ def _from_feature_file(data, seed):
         indices=index_sets,
         feature_dim=features.shape[1],
         description=f"features from {path}, {DATABASE_ORDER}{train_note}",
+        split_seed=int(seed),
     )
     _log_sizes(sets)
     return sets

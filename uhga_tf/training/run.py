@@ -286,7 +286,11 @@ class TrainInputs:
 
     Attributes:
         sets: the `RetrievalSets` (features, labels of every set).
-        train_features: float [n_train, D], the similarity matrix's rows.
+        train_features: float [n_train, D], the hash head's train rows.
+        similarity_features: float [n_train, D'], the rows S's kNN graph
+            (and the `hash_init=structure` start's) is built on:
+            `train_features`, or `stock_similarity_features` with
+            `similarity_stock_features`.
         steps_per_epoch: n_train // per-branch batch.
         train_images: uint8 train images (end-to-end path) or None.
         image_size: backbone input size (end-to-end path) or None.
@@ -296,6 +300,7 @@ class TrainInputs:
 
     sets: object
     train_features: np.ndarray
+    similarity_features: np.ndarray
     steps_per_epoch: int
     train_images: object = None
     image_size: object = None
@@ -321,7 +326,7 @@ def run_experiment(experiment, sets=None):
     strategy = prepare(experiment)
     chief = is_chief(strategy)
     inputs = load_inputs(experiment, sets, chief)
-    matrix = build_similarity(experiment, inputs.train_features)
+    matrix = build_similarity(experiment, inputs.similarity_features)
     diagnostics = similarity_diagnostics(
         matrix, inputs.sets.labels["train"], experiment.train.seed
     )
@@ -424,14 +429,52 @@ def load_inputs(experiment, sets, chief):
         )
     if image_dataset is not None:
         train_images = image_inputs.train_images(sets, image_dataset)
+    similarity_features = train_features
+    if experiment.similarity.similarity_stock_features:
+        similarity_features = stock_similarity_features(
+            experiment, sets, progress=experiment.progress and chief)
     return TrainInputs(
         sets=sets,
         train_features=train_features,
+        similarity_features=similarity_features,
         steps_per_epoch=len(train_features) // batch,
         train_images=train_images,
         image_size=image_size,
         image_dataset=image_dataset,
     )
+
+
+def stock_similarity_features(experiment, sets, progress=False):
+    """Each train row's stock-backbone and `sets`' unit rows side by side.
+
+    Their cosine is the mean of the two backbones' cosines, so S's graph
+    keeps what the stock features knew while the head reads only the
+    fine-tuned ones (`similarity_stock_features`). The stock features are
+    read (from the feature cache, as stage one left them) on the split
+    that `sets` were drawn with.
+
+    Raises:
+        ValueError: `sets` do not record their split seed, or the stock
+            sets' train rows are not `sets`' train rows.
+    """
+    from uhga_tf.similarity import features as features_lib
+
+    if sets.split_seed is None:
+        raise ValueError(
+            "similarity_stock_features=true reads the stock features on "
+            "the same split, but these sets do not record the seed they "
+            f"were drawn with ({sets.description})")
+    stock_model = dataclasses.replace(
+        experiment.model, backbone_weights="default")
+    stock = retrieval_sets.load_retrieval_sets(
+        experiment.data, stock_model, sets.split_seed, progress=progress)
+    if not np.array_equal(stock.indices["train"], sets.indices["train"]):
+        raise ValueError(
+            "the stock features' train rows are not these sets' train rows "
+            f"({stock.description} against {sets.description})")
+    return np.concatenate([
+        features_lib.unit_rows(stock.features["train"]),
+        features_lib.unit_rows(sets.features["train"])], axis=1)
 
 
 def build_hasher(experiment, inputs):
@@ -458,8 +501,7 @@ def build_hasher(experiment, inputs):
             feature_dim, model_cfg.code_length, **head
         )
         if model_cfg.hash_init == "structure":
-            _structure_init(hasher, inputs.train_features, centring,
-                            experiment)
+            _structure_init(hasher, inputs, centring, experiment)
         return hasher
     backbone = image_inputs.build_backbone(model_cfg)
     if backbone.output_shape[-1] != feature_dim:
@@ -476,11 +518,11 @@ def build_hasher(experiment, inputs):
         # The cached features are the backbone's output before fine-tuning,
         # so the head starts where the frozen path's does.
         _structure_init(hasher.get_layer(hash_layer.HASH_HEAD_NAME),
-                        inputs.train_features, centring, experiment)
+                        inputs, centring, experiment)
     return hasher
 
 
-def _structure_init(hasher, train_features, centring, experiment):
+def _structure_init(hasher, inputs, centring, experiment):
     """Start the dense hash layer of ``hasher`` (a features -> z model) at
     the k-means+LS map (`hash_init`) on the similarity matrix's kNN graph
     and cluster size."""
@@ -489,7 +531,10 @@ def _structure_init(hasher, train_features, centring, experiment):
     layer = hasher.get_layer("hash_layer")
     if layer.hash_head != "dense":
         raise ValueError("hash_init=structure needs hash_head=dense")
-    features = np.asarray(train_features, dtype=np.float32)
+    features = np.asarray(inputs.train_features, dtype=np.float32)
+    graph_features = (inputs.similarity_features
+                      if experiment.similarity.similarity_stock_features
+                      else None)
     if centring is not None:
         # The hash layer's own input: the model's centring layer, not a copy.
         features = np.asarray(hasher.get_layer("feature_centring")(features))
@@ -497,7 +542,8 @@ def _structure_init(hasher, train_features, centring, experiment):
         features, layer.code_length, experiment.train.seed,
         knn=experiment.similarity.similarity_knn,
         cluster_size=experiment.similarity.similarity_cluster_size,
-        learned_share=experiment.similarity.similarity_learned_share)
+        learned_share=experiment.similarity.similarity_learned_share,
+        graph_features=graph_features)
     layer.kernel.assign(kernel)
     layer.bias.assign(bias)
     logging.info("hash layer starts at the k-means+LS map (hash_init)")
