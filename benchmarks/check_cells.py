@@ -105,7 +105,8 @@ def quality_rows():
         cells_dir = os.path.join(HERE, "results", "cells", name)
         reference_dir = os.path.join(
             HERE, "results", "cells", values.reference_cells or name)
-        stage_two = (_stage_two(base, cells_dir, entry["data"])
+        stage_two = (_stage_two(base, cells_dir, entry["data"],
+                                values.stage_two_stock_features)
                      if values.fine_tuned_backbone else None)
         counts = count(
             [c for c in cells if c.method not in tables.REFERENCES],
@@ -116,7 +117,7 @@ def quality_rows():
         yield f"quality {name}", counts
 
 
-def _stage_two(base, cells_dir, description):
+def _stage_two(base, cells_dir, description, stock_features):
     """Product cells of a --fine_tuned_backbone entry: the base with the
     backbone its seed's stage one recorded (by content), and that
     backbone's data description, or STAGE_ONE_RETRAINED where the recorded
@@ -132,8 +133,8 @@ def _stage_two(base, cells_dir, description):
         if not fine_tune.record_is_current(
                 base, {"seed": cell.seed, **record}, description):
             return STAGE_ONE_RETRAINED
-        return (config.with_values(
-            base, {"backbone_weights": record["weights_identity"]}),
+        return (quality.stage_two_experiment(
+            base, record["weights_identity"], stock_features),
             record["data"])
 
     return inputs

@@ -84,6 +84,11 @@ flags.DEFINE_integer(
     "fine_tune_rounds", 1,
     "With --fine_tuned_backbone: rounds of stage one, each from the previous "
     "round's backbone with S rebuilt on its features.")
+flags.DEFINE_bool(
+    "stage_two_stock_features", False,
+    "With --fine_tuned_backbone: stage two builds S's kNN graph on the "
+    "stock and the fine-tuned features side by side "
+    "(similarity_stock_features); the head reads the fine-tuned ones.")
 flags.DEFINE_string("name", "", "Entry name in --out (default: dataset).")
 flags.DEFINE_string(
     "reference_cells", "",
@@ -232,7 +237,7 @@ def print_table(name, entry, code_lengths, seeds):
                 row += (f"{e['mean']:>10.4f} ±{e['std']:.4f}" if e
                         else f"{'–':>18}")
             print(row)
-    print(f"\nmargin over the best reference (min over lengths): "
+    print("\nmargin over the best reference (min over lengths): "
           + ", ".join(f"{m} {v:+.4f}" for m, v in
                       entry["margin_over_best_reference_min"].items()))
 
@@ -245,7 +250,8 @@ def two_stage_inputs(base, sets, seed, cells_dir):
 
     record = fine_tune.fine_tuned_backbone(
         base, seed, sets, rounds=FLAGS.fine_tune_rounds)
-    tuned = config.with_values(base, {"backbone_weights": record["weights"]})
+    tuned = stage_two_experiment(
+        base, record["weights"], FLAGS.stage_two_stock_features)
     tuned_sets = retrieval_sets.load_retrieval_sets(
         tuned.data, tuned.model, base.train.seed, progress=True)
     # What benchmarks/check_cells.py needs to check stage two's cells
@@ -255,6 +261,16 @@ def two_stage_inputs(base, sets, seed, cells_dir):
         os.path.join(cells_dir, stage_one_file(seed)), record, indent=1)
     return tuned, tuned_sets, {
         k: v for k, v in record.items() if k != "experiment"}
+
+
+def stage_two_experiment(base, weights, stock_features):
+    """Stage two's flags: the base on the fine-tuned backbone `weights`
+    (a path or its sha256 identity), S's graph also on the stock features
+    when `stock_features`."""
+    values = {"backbone_weights": weights}
+    if stock_features:
+        values["similarity_stock_features"] = True
+    return config.with_values(base, values)
 
 
 def stage_one_file(seed):
