@@ -39,6 +39,7 @@ from uhga_tf.evaluation import cosine
 from uhga_tf.evaluation import metrics
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.models import hash_layer
+from uhga_tf.similarity import features as features_lib
 from uhga_tf.training import callbacks as callbacks_lib
 from uhga_tf.training import checkpoints
 from uhga_tf.training import hash_optimizer
@@ -457,8 +458,6 @@ def stock_similarity_features(experiment, sets, progress=False):
         ValueError: `sets` do not record their split seed, or the stock
             sets' train rows are not `sets`' train rows.
     """
-    from uhga_tf.similarity import features as features_lib
-
     if sets.split_seed is None:
         raise ValueError(
             "similarity_stock_features=true reads the stock features on "
