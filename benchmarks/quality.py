@@ -12,8 +12,9 @@
         --classes=0,1,2,3,4 --name=cifar10_5class
     python benchmarks/quality.py --flagfile=configs/cifar.flags \
         --data_dir=../shared/data --seeds=3 --fine_tuned_backbone \
-        "--product=Ours (product)" --name=cifar10_fine_tuned \
-        --reference_cells=cifar10 "--methods=<the cifar10 entry's>"
+        --stage_two_stock_features "--product=Ours (product)" \
+        --name=cifar10_fine_tuned_stock_graph --reference_cells=cifar10 \
+        "--methods=<the cifar10 entry's>"
 
 On one split of the flag file's collection, for each code length and seed:
 the product recipe with and without gradient attention, and every code
@@ -25,8 +26,9 @@ plus cosine ranking of raw and of centred float features. With
 stage one fine-tunes the backbone end to end (`config.FINE_TUNE_RECIPE`,
 about 45 minutes on 2 cores, stored under <cache_dir>/fine_tuned/ and its
 record beside the cells as stage_one_s<seed>.json) and the product trains
-on the fine-tuned backbone's features; the references stay on the stock
-features (--fine_tune_rounds=2 repeats stage one from its own backbone, S
+on the fine-tuned backbone's features (with --stage_two_stock_features,
+the recipe, S's graph on the stock and the fine-tuned features side by
+side); the references stay on the stock features (--fine_tune_rounds=2 repeats stage one from its own backbone, S
 rebuilt: measured, not adopted). The database is
 stored in one seed-shuffled order and MAP@ALL is the tie-aware one (no label
 can move it); MAP@1000 and P@100 are computed on that order. "ITQ (best)"

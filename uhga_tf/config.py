@@ -69,7 +69,8 @@ PRODUCT_RECIPE = {
 # backbone and hash layer trained end to end at 64 bits, without GA, on two
 # augmented views of each image in one batch, over the base flags' S.
 # Stage two is the product recipe on the fine-tuned backbone's features
-# (`backbone_weights`, any code length, S rebuilt on those features).
+# (`backbone_weights`, any code length, S rebuilt on those features beside
+# the stock ones: `similarity_stock_features`).
 # Picked on the validation split (sweeps finetune_e2e_*, finetuned_features_*).
 FINE_TUNE_RECIPE = {
     "trainable_backbone": True,
