@@ -28,8 +28,9 @@ about 45 minutes on 2 cores, stored under <cache_dir>/fine_tuned/ and its
 record beside the cells as stage_one_s<seed>.json) and the product trains
 on the fine-tuned backbone's features (with --stage_two_stock_features,
 the recipe, S's graph on the stock and the fine-tuned features side by
-side); the references stay on the stock features (--fine_tune_rounds=2 repeats stage one from its own backbone, S
-rebuilt: measured, not adopted). The database is
+side); the references stay on the stock features (--fine_tune_rounds=2
+repeats stage one from its own backbone, S rebuilt: measured, not
+adopted). The database is
 stored in one seed-shuffled order and MAP@ALL is the tie-aware one (no label
 can move it); MAP@1000 and P@100 are computed on that order. "ITQ (best)"
 is the ITQ variant with the best *validation* MAP at that length (the query

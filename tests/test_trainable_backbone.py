@@ -637,6 +637,11 @@ def test_stock_similarity_features_join_the_stock_rows_of_the_same_split(
     result = run.run_experiment(experiment, sets=tuned)
     np.testing.assert_allclose(built_on[0], rows)
     assert 0.0 < result["validation_map"] <= 1.0
+    # The head (and so the exported model) reads the tuned rows alone.
+    hasher = _load_hasher(tmp_path / "run")
+    np.testing.assert_allclose(
+        hasher.get_layer("feature_centring").mean.numpy(),
+        second.mean(axis=0), atol=1e-6)
 
     with pytest.raises(ValueError, match="do not record the seed"):
         run.stock_similarity_features(
