@@ -270,10 +270,11 @@ def stage_two_experiment(base, weights, stock_features):
     """Stage two's flags: the base on the fine-tuned backbone `weights`
     (a path or its sha256 identity), S's graph also on the stock features
     when `stock_features`."""
-    values = {"backbone_weights": weights}
-    if stock_features:
-        values["similarity_stock_features"] = True
-    return config.with_values(base, values)
+    # At its default the added field leaves the digest as it was, so the
+    # entries run before it existed keep their cells.
+    return config.with_values(base, {
+        "backbone_weights": weights,
+        "similarity_stock_features": bool(stock_features)})
 
 
 def stage_one_file(seed):

@@ -117,8 +117,8 @@ class KMeansLS(_StructuralHasher):
         self.graph_features = graph_features
 
     def _fit(self, features, rng):
-        graph = features if self.graph_features is None else (
-            self.graph_features)
+        graph = (features if self.graph_features is None
+                 else self.graph_features)
         if len(graph) != len(features):
             raise ValueError(
                 f"graph_features has {len(graph)} rows, features "
