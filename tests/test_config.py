@@ -135,6 +135,10 @@ def test_every_shipped_flag_file_parses_to_a_config(path):
     experiment = config.experiment_from_flat(
         flags_util.config_values(flag_values))
     assert experiment.model.code_length % 8 == 0
+    # No shipped recipe is given the class count: S's cluster count is
+    # read from the graph (0), and `classes` keeps every class.
+    assert experiment.similarity.similarity_clusters == 0
+    assert experiment.data.classes == ""
 
 
 def test_with_values_replaces_only_the_named_fields():
