@@ -283,8 +283,42 @@ def test_folder_empty_class_folder(tmp_path):
 
 def test_folder_without_class_folders(tmp_path):
     _write_png(str(tmp_path / "0.png"), _rgb(0))
-    with pytest.raises(ValueError, match="no class folders"):
-        datasets.load_dataset("folder", str(tmp_path))
+    with pytest.raises(ValueError,
+                       match="no class folders.*folder_labels=none"):
+        datasets.load_dataset("folder", str(tmp_path),
+                              folder_labels="folders")
+
+
+def test_flat_folder_is_an_unlabelled_collection(tmp_path):
+    """Loose photos (and their sidecar files) under the root: every image
+    one item, no class, natural name order."""
+    for k in (10, 2, 1):
+        _write_png(str(tmp_path / f"img{k}.png"), _rgb(k))
+    (tmp_path / "img1.xmp").write_text("sidecar")
+    ds = datasets.load_dataset("folder", str(tmp_path))
+    assert not ds.labelled and ds.class_names == []
+    np.testing.assert_array_equal(ds.labels, [-1, -1, -1])
+    assert [os.path.basename(p) for p in ds.paths] == [
+        "img1.png", "img2.png", "img10.png"]
+    (batch,) = list(ds.to_tf_dataset([2], None, 1))
+    np.testing.assert_array_equal(batch.numpy()[0], _rgb(10))
+
+
+def test_folder_labels_none_reads_every_image_at_any_depth(folder):
+    root, arrays = folder
+    _write_png(str(root / "dog" / "puppies" / "img3.png"), _rgb(3))
+    with pytest.raises(ValueError, match="unexpected nested path"):
+        datasets.load_dataset("folder", str(root))
+    ds = datasets.load_dataset("folder", str(root), folder_labels="none")
+    assert not ds.labelled and len(ds.paths) == 10
+    assert [os.path.relpath(p, root) for p in ds.paths][-2:] == [
+        "dog/img10.png", "dog/puppies/img3.png"]
+    with pytest.raises(ValueError, match="folder_labels must be one of"):
+        datasets.load_dataset("folder", str(root), folder_labels="maybe")
+    with pytest.raises(ValueError, match="dataset=folder only"):
+        from uhga_tf import config
+
+        config.DataConfig(dataset="cifar10", folder_labels="none")
 
 
 def test_folder_non_image_file(tmp_path):

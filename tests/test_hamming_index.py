@@ -252,3 +252,14 @@ def test_empty_index_and_small_top_k():
     ids, dist = index.search(np.ones((1, 16), np.int8), 4)
     np.testing.assert_array_equal(ids, [[5, 9]])
     np.testing.assert_array_equal(dist, [[0, 16]])
+
+
+def test_code_statistics_count_buckets_and_balance():
+    codes = np.array([[1, 1, -1, -1], [1, 1, -1, -1], [1, 1, -1, -1],
+                      [-1, 1, 1, -1], [1, -1, 1, 1]], np.int8)
+    # Bit means 0.6, 0.6, -0.2, -0.6; three distinct codes; one of 3 items.
+    assert codes_lib.code_statistics(codes) == pytest.approx({
+        "bit_balance": 0.5, "distinct_codes_share": 0.6,
+        "largest_bucket_share": 0.6})
+    with pytest.raises(ValueError, match="at least one code"):
+        codes_lib.code_statistics(np.zeros((0, 8), np.int8))

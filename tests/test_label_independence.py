@@ -60,3 +60,61 @@ def test_permuted_labels_give_identical_weights_and_codes(tmp_path,
     # The labels did change what evaluation sees: the guard is not vacuous.
     assert (result_a["similarity_diagnostics"]
             != result_b["similarity_diagnostics"])
+
+
+def test_an_unlabelled_collection_trains_to_the_same_codes(tmp_path):
+    """The same features and split with no labels at all: training is bit
+    for bit the labelled run's, and the result holds the database codes'
+    statistics in place of MAP (which needs labels)."""
+    from uhga_tf import codes as codes_lib
+
+    labelled = write_feature_file(str(tmp_path / "labelled.npz"))
+    with np.load(labelled) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "labels"}
+    unlabelled = str(tmp_path / "unlabelled.npz")
+    np.savez(unlabelled, **arrays)
+    result_a, weights_a, codes_a = _run(tmp_path, labelled, "a", False)
+    result_b, weights_b, codes_b = _run(tmp_path, unlabelled, "b", False)
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(codes_a, codes_b)
+    assert result_b["labelled"] is False
+    assert not {"map", "map_tie_aware", "validation_map", "itq_map"} & set(
+        result_b)
+    assert result_b["similarity_diagnostics"] == {}
+    assert result_a["similarity_diagnostics"]
+    # The database codes' own statistics: 4 classes x 50 rows.
+    database = codes_a[arrays["database"]]
+    assert result_b["num_database"] == len(database) == 200
+    expected = codes_lib.code_statistics(database)
+    assert {k: result_b[k] for k in expected} == expected
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        assert "validation_map" not in f.read()
+
+
+def test_an_unlabelled_feature_file_takes_the_collection_split(tmp_path):
+    from uhga_tf import config
+    from uhga_tf.data import retrieval_sets
+
+    labelled = write_feature_file(str(tmp_path / "labelled.npz"))
+    with np.load(labelled) as npz:
+        features = npz["features"]
+    bare = str(tmp_path / "bare.npz")
+    np.savez(bare, features=features)  # no labels, no partition, no split
+    data = config.DataConfig(dataset="features", data_dir=bare,
+                             split="collection",
+                             cache_dir=str(tmp_path / "cache"))
+    sets = retrieval_sets.load_retrieval_sets(data, config.ModelConfig(), 0)
+    assert not sets.labelled and sets.description.endswith(", unlabelled")
+    # 240 rows: a tenth as query and as validation, train the rest of the
+    # database beside the validation queries (under 5,000).
+    assert {n: len(sets.indices[n]) for n in retrieval_sets.SETS} == {
+        "train": 192, "query": 24, "database": 216, "validation": 24}
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([sets.indices["query"],
+                                sets.indices["database"]])), np.arange(240))
+    with pytest.raises(ValueError, match="split=collection"):
+        retrieval_sets.load_retrieval_sets(
+            config.DataConfig(dataset="features", data_dir=bare,
+                              cache_dir=str(tmp_path / "cache")),
+            config.ModelConfig(), 0)

@@ -110,3 +110,8 @@ def test_bad_labels_raise(query_labels, database_labels, match):
 def test_label_length_checked():
     with pytest.raises(ValueError, match="database_labels must have one row"):
         ranking.validate_label_pair(np.zeros(2), np.zeros(3), 2, 4)
+
+
+def test_unlabelled_items_have_no_relevance():
+    with pytest.raises(ValueError, match="unlabelled collection"):
+        ranking.validate_label_pair([-1, -1], [-1, -1, -1])

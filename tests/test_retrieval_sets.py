@@ -72,7 +72,8 @@ def test_description_names_the_feature_runtime_only_off_tensorflow():
     note = ", train = 20000 images drawn from the database"
     source = "zip:/data/cifar10-jpeg.zip"
     # Word for word what the stored cells record (their digests cover it).
-    assert retrieval_sets._describe(data, model, source, 0, "", note) == (
+    assert retrieval_sets._describe(
+        data, model, source, 0, "", note, True) == (
         "cifar10 (zip:/data/cifar10-jpeg.zip), split=uhga seed=0, "
         "backbone=efficientnet_lite0 weights=default image_size=160, "
         "database in seed-shuffled order, train = 20000 images drawn from "
@@ -80,6 +81,6 @@ def test_description_names_the_feature_runtime_only_off_tensorflow():
     )
     lite = config.ModelConfig(image_size=160, feature_runtime="tflite")
     assert "image_size=160 runtime=tflite, database" in (
-        retrieval_sets._describe(data, lite, source, 0, "", note))
+        retrieval_sets._describe(data, lite, source, 0, "", note, True))
     with pytest.raises(ValueError, match="feature_runtime"):
         config.ModelConfig(feature_runtime="onnx")

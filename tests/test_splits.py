@@ -342,3 +342,31 @@ def test_bad_inputs(cifar_labels):
         splits.make_split("disjoint54k", small, np.full(2200, "train"), 0)
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         splits.make_split("uhga", labels, partition, -1)
+
+
+def test_collection_split_never_reads_a_label():
+    """The same draw whatever the labels, none included; counts capped for
+    small collections; protocols that draw by class refuse no labels."""
+    n = 60_000
+    unlabelled = np.full(n, -1, np.int64)
+    partition = np.full(n, "train", dtype=object)
+    split = splits.make_split("collection", unlabelled, partition, 0)
+    assert split.sizes() == {"query": 1000, "train": 5000,
+                             "database": 59000, "validation": 1000}
+    _check_common(split, unlabelled)
+    assert np.isin(split.train, split.database).all()
+    np.testing.assert_array_equal(
+        np.union1d(split.query, split.database), np.arange(n))
+    labels = np.random.default_rng(1).integers(0, 10, n)
+    other = splits.make_split("collection", labels, partition, 0)
+    for name in splits.SPLIT_SETS:
+        np.testing.assert_array_equal(getattr(split, name),
+                                      getattr(other, name))
+    small = splits.make_split("collection", unlabelled[:2_000],
+                              partition[:2_000], 0)
+    assert small.sizes() == {"query": 200, "train": 1600,
+                             "database": 1800, "validation": 200}
+    with pytest.raises(ValueError, match="at least 10 images"):
+        splits.make_split("collection", unlabelled[:9], partition[:9], 0)
+    with pytest.raises(ValueError, match="no labels; use split=collection"):
+        splits.make_split("uhga", unlabelled, partition, 0)

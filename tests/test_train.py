@@ -286,3 +286,22 @@ def test_collapsed_run_stops_instead_of_reporting_map(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "training collapsed" in last
     assert "MAP@ALL" not in result.stdout
+
+
+def test_unlabelled_collection_trains_and_says_why_there_is_no_map(tmp_path):
+    with np.load(write_feature_file(str(tmp_path / "labelled.npz"))) as npz:
+        np.savez(tmp_path / "photos.npz", features=npz["features"])
+    args = _tiny_args(tmp_path, data_dir=str(tmp_path / "photos.npz"),
+                      epochs=1)
+    refused = _train(args)
+    assert refused.returncode == 1
+    assert "split=collection" in refused.stderr.strip().splitlines()[-1]
+    result = _train(args + ["--split=collection"])
+    assert result.returncode == 0, result.stderr
+    # 240 rows: 24 queries held out, 216 database codes.
+    assert result.stdout.startswith(
+        "unlabelled collection (Ours+GA, 16 bits): no MAP without labels; "
+        "216 database codes,")
+    with open(tmp_path / "run" / "results.json") as f:
+        stored = json.load(f)
+    assert stored["labelled"] is False and stored["num_database"] == 216

@@ -48,6 +48,33 @@ def validate_codes(codes, name="codes"):
     return codes.astype(np.int8, copy=False)
 
 
+def bit_balance(codes):
+    """Mean over bits of |mean of the bit|: 0 when every bit splits the
+    items in half, 1 when every bit is constant."""
+    codes = validate_codes(codes)
+    return float(np.mean(np.abs(codes.mean(axis=0, dtype=np.float64))))
+
+
+def code_statistics(codes):
+    """What no label is needed for: how the codes spread over the items.
+
+    Returns:
+        {"bit_balance": `bit_balance`, "distinct_codes_share": distinct
+        codes over items (1: every item its own code), "largest_bucket_share":
+        the largest group of items with one code over items (a query that
+        falls there gets that many ties at distance 0)}.
+    """
+    codes = validate_codes(codes)
+    if not len(codes):
+        raise ValueError("code_statistics needs at least one code")
+    _, counts = np.unique(pack_codes(codes), axis=0, return_counts=True)
+    return {
+        "bit_balance": bit_balance(codes),
+        "distinct_codes_share": len(counts) / len(codes),
+        "largest_bucket_share": int(counts.max()) / len(codes),
+    }
+
+
 def pack_codes(codes):
     """Pack int8 {-1, +1} codes into bits (`np.packbits` order, +1 -> 1).
 

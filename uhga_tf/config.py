@@ -21,8 +21,10 @@ from uhga_tf import codes
 DATASETS = ("cifar10", "fashion_mnist", "folder", "nus_wide", "features")
 DATA_SOURCES = ("auto", "files", "tfds")
 SPLIT_PROTOCOLS = (
-    "uhga", "disjoint54k", "ssdh_lists", "ga_lists", "nus_wide21", "demo"
+    "uhga", "disjoint54k", "ssdh_lists", "ga_lists", "nus_wide21", "demo",
+    "collection",
 )
+FOLDER_LABELS = ("auto", "folders", "none")
 QUERY_POOLS = ("test", "all")
 HASH_HEADS = ("dense", "mlp")
 SIMILARITY_MODES = (
@@ -267,6 +269,10 @@ class DataConfig:
             to N images drawn (seeded, label-blind) from the database minus
             the validation queries: the collection a user searches, which
             they hold without labels (product recipe, beyond the paper).
+        folder_labels: `folder` only: `folders` (class folders), `none`
+            (every image under data_dir, any depth, unlabelled: a user's
+            photos, with `split=collection`) or `auto` (unlabelled when
+            data_dir holds images and no sub-folders, else class folders).
     """
 
     dataset: str = "cifar10"
@@ -280,9 +286,16 @@ class DataConfig:
     classes: str = ""
     class_decay: float = 1.0
     train_size: int = 0
+    folder_labels: str = "auto"
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
+        check_choice("folder_labels", self.folder_labels, FOLDER_LABELS)
+        if self.folder_labels != "auto" and self.dataset != "folder":
+            raise ValueError(
+                "folder_labels applies to dataset=folder only; received "
+                f"folder_labels={self.folder_labels!r} with "
+                f"dataset={self.dataset!r}")
         if not isinstance(self.train_size, int) or self.train_size < 0:
             raise ValueError(
                 "train_size must be an int >= 0 (0: the split's train "
@@ -891,7 +904,8 @@ LOCATION_FIELDS = {
 # experiment. At its default each one does what the code did before it
 # existed, so `digest_dict` leaves it out there and those results keep
 # their digests; any other value is digested like every field.
-ADDED_FIELDS = {"model": ("feature_runtime", "image_augmentation"),
+ADDED_FIELDS = {"data": ("folder_labels",),
+                "model": ("feature_runtime", "image_augmentation"),
                 "similarity": ("similarity_learned_share",
                                "similarity_stock_features"),
                 "train": ("optimizer", "paired_views")}

@@ -39,6 +39,18 @@ def main(argv):
         return run_lib.run_experiment(experiment)
 
     result = flags_util.exit_on_user_error("train", run)
+    results_path = os.path.join(workdir[0], "results.json")
+    if result.get("labelled") is False:
+        print(
+            f"unlabelled collection ({result['method']}, "
+            f"{result['code_length']} bits): no MAP without labels; "
+            f"{result['num_database']} database codes, "
+            f"{result['distinct_codes_share']:.1%} of them distinct, the "
+            f"largest bucket {result['largest_bucket_share']:.2%} of the "
+            f"items, bit balance {result['bit_balance']:.3f} (0 is ideal)"
+            f"   results: {results_path}"
+        )
+        return
     references = [
         f"{name} {result[key]:.4f}"
         for name, key in (("ITQ (unit rows, tie-aware)", "itq_map"),
@@ -53,7 +65,7 @@ def main(argv):
            "database order)" if headline is not None
            else f"{result['map']:.4f}")
         + (f"   same split: {', '.join(references)}" if references else "")
-        + f"   results: {os.path.join(workdir[0], 'results.json')}"
+        + f"   results: {results_path}"
     )
 
 

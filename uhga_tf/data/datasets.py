@@ -18,7 +18,7 @@ Sources:
   `<data_dir>/fashion_mnist/`.
 - `folder` (`image_folder.py`): a user's class-per-folder images,
   `<data_dir>/<class>/*`, or with `train/` and `test/` sub-folders, which
-  then set `partition`.
+  then set `partition`; or an unlabelled collection (`folder_labels`).
 - `nus_wide` (`nus_wide.py`): NUS-WIDE-21 (protocol.md §1.2) from the
   standard NUS-WIDE files.
 
@@ -97,6 +97,7 @@ def load_dataset(
     skip_corrupt=False,
     *,
     num_concepts=None,
+    folder_labels="auto",
 ) -> ImageDataset:
     """Load dataset `name` (one of `IMAGE_DATASETS`).
 
@@ -112,6 +113,8 @@ def load_dataset(
         skip_corrupt: drop undecodable images (logged, listed in
             `skipped`) instead of raising.
         num_concepts: nus_wide only: concepts kept (default 21).
+        folder_labels: folder only: "folders", "none" (an unlabelled
+            collection) or "auto" (`image_folder`'s docstring).
     """
     if name not in IMAGE_DATASETS:
         raise ValueError(
@@ -138,7 +141,8 @@ def load_dataset(
             "expected 'auto' or 'files'"
         )
     if name == "folder":
-        return load_folder(resolve_data_dir(data_dir), skip_corrupt)
+        return load_folder(resolve_data_dir(data_dir), skip_corrupt,
+                           folder_labels=folder_labels)
     return load_nus_wide(
         resolve_data_dir(data_dir),
         num_concepts=(

@@ -12,6 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 PARTITIONS = ("train", "test")
+# The label of every image of an unlabelled collection (a user's photos):
+# splits that read classes refuse it, and no MAP is computed on it.
+UNLABELLED = -1
 
 
 @dataclasses.dataclass
@@ -20,8 +23,10 @@ class ImageDataset:
 
     Attributes:
         name: one of `datasets.IMAGE_DATASETS`.
-        labels: int64 [N] class ids (single-label) or uint8 [N, C] multi-hot.
-        class_names: C names; label `i` is `class_names[i]`.
+        labels: int64 [N] class ids (single-label) or uint8 [N, C] multi-hot;
+            `UNLABELLED` everywhere for an unlabelled collection.
+        class_names: C names; label `i` is `class_names[i]`; empty for an
+            unlabelled collection.
         partition: object [N] of "train" / "test", the source's official
             split ("train" everywhere for sources without one).
         images: uint8 [N, H, W, 3] RGB when all images share one size, or
@@ -84,6 +89,10 @@ class ImageDataset:
     @property
     def is_multi_label(self) -> bool:
         return self.labels.ndim == 2
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
 
     def to_tf_dataset(self, indices, image_size, batch_size):
         """Return batches of float32 [b, s, s, 3] RGB images in [0, 255].

@@ -1,7 +1,13 @@
 """Class-per-folder image trees (a folder or a zip of one): the `folder`
 source, and the listing and image checks that cifar10 and nus_wide share.
 
-Folder rules:
+The `folder` source also reads an unlabelled collection (a user's photos):
+with `folder_labels="none"` every image under the root, at any depth, is
+one item with no class (`UNLABELLED`), and other files are skipped and
+counted; `"auto"` (the default) reads a root that holds images and no
+sub-folders that way, and any other tree as class folders.
+
+Folder rules (class folders):
 
 - Files whose extension is in `FOLDER_EXTENSIONS` are images. Hidden entries
   (names starting with ".", `__MACOSX`) are ignored, and so are regular files
@@ -25,8 +31,9 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from uhga_tf import config
 from uhga_tf.data import image_header
-from uhga_tf.data.image_dataset import PARTITIONS, ImageDataset
+from uhga_tf.data.image_dataset import PARTITIONS, UNLABELLED, ImageDataset
 
 # The decoder's extensions less GIF: the folder loader verifies stills only
 # (`_PIL_FORMATS`), so a .gif would be listed and then refused.
@@ -182,7 +189,8 @@ def _files_by_class(tree, parts):
         if not class_dirs:
             raise ValueError(
                 f"no class folders in {tree.location(prefix or '.')}; "
-                "expected <class>/ sub-folders holding images"
+                "expected <class>/ sub-folders holding images (images "
+                "without classes: folder_labels=none)"
             )
         files_by_class[part] = {c: [] for c in class_dirs}
     for rel in tree.files:
@@ -298,12 +306,38 @@ def verify_images(tree, rels, skip_corrupt):
     return keep, sizes, skipped
 
 
-def load_folder(root, skip_corrupt=False, name="folder") -> ImageDataset:
-    """Load a class-per-folder directory (or zip of one), decoded lazily."""
+def list_unlabelled_tree(tree):
+    """Image files anywhere under the tree, in natural path order; other
+    files are skipped (photo folders hold sidecars such as .xmp)."""
+    images = [f for f in tree.files if f.lower().endswith(FOLDER_EXTENSIONS)]
+    if len(images) < len(tree.files):
+        logging.info("Skipping %d files under %s that are not images (%s).",
+                     len(tree.files) - len(images), tree.root,
+                     ", ".join(FOLDER_EXTENSIONS))
+    return sorted(images, key=natural_key)
+
+
+def _is_unlabelled(tree, folder_labels):
+    config.check_choice("folder_labels", folder_labels, config.FOLDER_LABELS)
+    if folder_labels == "auto":
+        return not tree.dirs and any(
+            f.lower().endswith(FOLDER_EXTENSIONS) for f in tree.files)
+    return folder_labels == "none"
+
+
+def load_folder(root, skip_corrupt=False, name="folder",
+                folder_labels="auto") -> ImageDataset:
+    """Load a class-per-folder directory (or zip of one), or an unlabelled
+    collection (`folder_labels`, module docstring), decoded lazily."""
     if not os.path.exists(root):
         raise FileNotFoundError(f"image folder not found: {root}")
     tree = FileTree(root)
-    class_names, entries = list_class_tree(tree)
+    if _is_unlabelled(tree, folder_labels):
+        class_names = []
+        entries = [("train", UNLABELLED, rel)
+                   for rel in list_unlabelled_tree(tree)]
+    else:
+        class_names, entries = list_class_tree(tree)
     rels = [rel for _, _, rel in entries]
     keep, sizes, skipped = verify_images(tree, rels, skip_corrupt)
     entries = [e for e, k in zip(entries, keep) if k]
@@ -314,9 +348,9 @@ def load_folder(root, skip_corrupt=False, name="folder") -> ImageDataset:
         rel if tree.is_zip else tree.location(rel) for _, _, rel in entries
     ]
     logging.info(
-        "Loaded %d images in %d classes from %s.",
+        "Loaded %d images %s from %s.",
         len(entries),
-        len(class_names),
+        f"in {len(class_names)} classes" if class_names else "(unlabelled)",
         root,
     )
     return ImageDataset(

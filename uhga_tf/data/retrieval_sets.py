@@ -6,9 +6,10 @@ training, evaluation and the table reproduction all start from
 
 Besides the image datasets, `dataset="features"` reads precomputed features
 from an `.npz` file (`data_dir`) with arrays `features` float [N, D],
-`labels` [N] or multi-hot [N, C], and either `partition` [N] ("train"/"test")
-or the split itself as index arrays `query`, `train`, `database`,
-`validation`. It lets users bring features from any extractor.
+`labels` [N] or multi-hot [N, C] (leave it out for an unlabelled
+collection, with `split=collection`), and either `partition` [N]
+("train"/"test") or the split itself as index arrays `query`, `train`,
+`database`, `validation`. It lets users bring features from any extractor.
 """
 
 import dataclasses
@@ -17,6 +18,8 @@ import typing
 
 import numpy as np
 from absl import logging
+
+from uhga_tf.data.image_dataset import UNLABELLED
 
 SETS = ("train", "query", "database", "validation")
 
@@ -38,6 +41,9 @@ class RetrievalSets:
         split_seed: the seed the split and the database order were drawn
             with (None when unknown), so the same sets can be read again
             with another backbone's features.
+        labelled: False for an unlabelled collection (every label
+            `UNLABELLED`): nothing that reads labels (MAP, diagnostics)
+            may run on it.
     """
 
     features: dict
@@ -47,6 +53,7 @@ class RetrievalSets:
     description: str
     image_dataset: object = None
     split_seed: typing.Optional[int] = None
+    labelled: bool = True
 
 
 def validation_database_mask(sets):
@@ -113,6 +120,11 @@ def collection_subset(labels, classes, class_decay, seed):
     rows = np.arange(len(labels))
     ids = config.class_ids(classes)
     suffix = ""
+    if (ids or class_decay < 1.0) and labels.ndim == 1 and np.all(
+            labels == UNLABELLED):
+        raise ValueError(
+            "classes and class_decay cut a collection by its labels; this "
+            "one has none")
     if ids:
         if labels.ndim != 1:
             raise ValueError("classes needs single-label class ids")
@@ -156,6 +168,8 @@ def load_retrieval_sets(data, model, seed, progress=True):
         data_dir=data.data_dir or None,
         source=data.data_source,
         skip_corrupt=data.skip_corrupt,
+        **({"folder_labels": data.folder_labels}
+           if data.dataset == "folder" else {}),
     )
     split_kwargs = {"query_pool": data.query_pool}
     if data.split_list_dir:
@@ -202,15 +216,17 @@ def load_retrieval_sets(data, model, seed, progress=True):
         indices=index_sets,
         feature_dim=features.shape[1],
         description=_describe(
-            data, model, image_dataset.source, seed, collection, train_note),
+            data, model, image_dataset.source, seed, collection, train_note,
+            image_dataset.labelled),
         image_dataset=image_dataset,
         split_seed=int(seed),
+        labelled=image_dataset.labelled,
     )
     _log_sizes(sets)
     return sets
 
 
-def _describe(data, model, source, seed, collection, train_note):
+def _describe(data, model, source, seed, collection, train_note, labelled):
     """The provenance line of image sets (`RetrievalSets.description`)."""
     from uhga_tf.models import backbone as backbone_lib
 
@@ -226,6 +242,7 @@ def _describe(data, model, source, seed, collection, train_note):
         f"{DATABASE_ORDER}"
         + (f", collection{collection}" if collection else "")
         + train_note
+        + ("" if labelled else ", unlabelled")
     )
 
 
@@ -234,15 +251,16 @@ def _from_feature_file(data, seed):
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             "dataset=features needs data_dir pointing at an .npz file with "
-            f"'features' and 'labels'; received data_dir={path!r}"
+            f"'features' (and 'labels'); received data_dir={path!r}"
         )
     with np.load(path) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    for key in ("features", "labels"):
-        if key not in arrays:
-            raise ValueError(f"{path}: missing array {key!r}")
+    if "features" not in arrays:
+        raise ValueError(f"{path}: missing array 'features'")
     features = arrays["features"].astype(np.float32)
-    labels = arrays["labels"]
+    labelled = "labels" in arrays
+    labels = (arrays["labels"] if labelled
+              else np.full(len(features), UNLABELLED, np.int64))
     if len(labels) != len(features):
         raise ValueError(
             f"{path}: labels has {len(labels)} rows, features {len(features)}"
@@ -252,17 +270,20 @@ def _from_feature_file(data, seed):
     else:
         from uhga_tf.data import splits
 
-        if "partition" not in arrays:
+        blind = data.split in splits.LABEL_BLIND_PROTOCOLS
+        if "partition" not in arrays and not blind:
             raise ValueError(
                 f"{path}: needs either 'partition' or the index arrays "
-                f"{', '.join(SETS)}"
+                f"{', '.join(SETS)} (or split=collection, which reads "
+                "neither labels nor partition)"
             )
         split = splits.load_or_create_split(
             os.path.join(data.cache_dir, "splits"),
             "features-" + os.path.basename(path),
             data.split,
             labels,
-            arrays["partition"],
+            arrays.get("partition",
+                       np.full(len(features), "train", dtype=object)),
             seed,
             query_pool=data.query_pool,
         )
@@ -280,8 +301,10 @@ def _from_feature_file(data, seed):
         labels={n: labels[idx] for n, idx in index_sets.items()},
         indices=index_sets,
         feature_dim=features.shape[1],
-        description=f"features from {path}, {DATABASE_ORDER}{train_note}",
+        description=f"features from {path}, {DATABASE_ORDER}{train_note}"
+        + ("" if labelled else ", unlabelled"),
         split_seed=int(seed),
+        labelled=labelled,
     )
     _log_sizes(sets)
     return sets

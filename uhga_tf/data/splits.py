@@ -20,6 +20,12 @@ Protocols (counts for CIFAR-10; `per_class` overrides the per-class ones):
   non-query image (train ⊂ database).
 - `demo`: query 50/class from the test part; database 1,000/class drawn from
   the non-query images; train 200/class from the database.
+- `collection`: never reads a label, so it splits an unlabelled collection
+  (a user's photos; the only protocol that does) as well as a labelled one:
+  query 1,000 random images of all, database every non-query image, train
+  5,000 random from the database; each capped for small collections
+  (query and validation at a tenth of the images, train at what the
+  database leaves beside the validation queries).
 
 `nus_wide21`: for each concept in descending frequency (ties: column order),
 100 query and 500 train images are drawn uniformly from the images that carry
@@ -29,7 +35,7 @@ numbers are not comparable with published ones.
 
 Validation (protocol.md §1.3, model selection only): drawn from
 database \\ train \\ query; 100/class for single-label protocols (20/class for
-`demo`), 1,000 random images for multi-label ones.
+`demo`), 1,000 random images for multi-label ones and `collection`.
 """
 
 import dataclasses
@@ -43,11 +49,15 @@ from absl import logging
 
 from uhga_tf import config
 from uhga_tf import io_utils
+from uhga_tf.data.image_dataset import UNLABELLED
 
 SPLIT_PROTOCOLS = config.SPLIT_PROTOCOLS
 SPLIT_SETS = ("query", "train", "database", "validation")
 QUERY_POOLS = config.QUERY_POOLS
 MULTI_LABEL_PROTOCOLS = ("nus_wide21",)
+# Protocols that never read a label; the only ones an unlabelled collection
+# can take.
+LABEL_BLIND_PROTOCOLS = ("collection",)
 
 # Per-class counts; for nus_wide21 "query"/"train" are per concept and
 # "validation" is a total (the multi-label validation set is not balanced).
@@ -58,6 +68,8 @@ _PER_CLASS = {
     "ga_lists": {"validation": 100},
     "nus_wide21": {"query": 100, "train": 500, "validation": 1000},
     "demo": {"query": 50, "train": 200, "database": 1000, "validation": 20},
+    # Totals, capped for small collections (`_draw_collection`).
+    "collection": {"query": 1000, "train": 5000, "validation": 1000},
 }
 _FORMAT_VERSION = 1
 
@@ -190,10 +202,13 @@ def make_split(
         query, train, database = _draw_ssdh_lists(draw)
     elif protocol == "ga_lists":
         query, train, database = _read_ga_lists(list_dir, labels, partition)
+    elif protocol == "collection":
+        query, train, database = _draw_collection(draw)
     else:  # nus_wide21
         query, train, database = _draw_nus_wide21(draw)
     validation = _draw_validation(
-        draw, protocol in MULTI_LABEL_PROTOCOLS, query, train, database
+        draw, protocol in MULTI_LABEL_PROTOCOLS + LABEL_BLIND_PROTOCOLS,
+        query, train, database
     )
     split = Split(
         query=_sorted(query),
@@ -250,6 +265,12 @@ def _check_split_labels(protocol, labels, partition):
         raise ValueError(
             f"protocol {protocol!r} needs single-label class ids [N]; "
             f"received shape={labels.shape}"
+        )
+    if (protocol not in LABEL_BLIND_PROTOCOLS and labels.ndim == 1
+            and n and np.all(labels == UNLABELLED)):
+        raise ValueError(
+            f"protocol {protocol!r} draws by class, but this collection "
+            "has no labels; use split=collection (label-blind)"
         )
     return labels, partition
 
@@ -354,10 +375,30 @@ def _draw_nus_wide21(draw):
     return query, train, np.setdiff1d(draw.everything, query)
 
 
-def _draw_validation(draw, multi, query, train, database):
-    """Validation from database \\ train \\ query (protocol.md §1.3)."""
+def _draw_collection(draw):
+    """Random query, database the rest, random train; counts capped."""
+    n = len(draw.everything)
+    tenth = n // 10
+    if tenth < 1:
+        raise ValueError(
+            f"split=collection needs at least 10 images; received {n}")
+    counts = draw.counts
+    # Capped here so that `_draw_validation` draws at most a tenth too.
+    counts["query"] = min(counts["query"], tenth)
+    counts["validation"] = min(counts["validation"], tenth)
+    query = _sorted(_choose(draw.rng, draw.everything, counts["query"],
+                            "query (collection)"))
+    database = np.setdiff1d(draw.everything, query)
+    size = min(counts["train"], len(database) - counts["validation"])
+    train = _sorted(_choose(draw.rng, database, size, "train (collection)"))
+    return query, train, database
+
+
+def _draw_validation(draw, unbalanced, query, train, database):
+    """Validation from database \\ train \\ query (protocol.md §1.3);
+    random when `unbalanced`, else balanced over the classes."""
     candidates = np.setdiff1d(np.setdiff1d(database, train), query)
-    if multi:
+    if unbalanced:
         return _choose(
             draw.rng, candidates, draw.counts["validation"], "validation"
         )
@@ -580,6 +621,8 @@ def load_or_create_split(
 
 def _warn_if_one_class(labels, dataset_name):
     """Every item relevant to every query makes MAP 1.0 for any codes."""
+    if labels.ndim == 1 and len(labels) and np.all(labels == UNLABELLED):
+        return  # unlabelled: no MAP is computed at all
     if labels.ndim == 1:
         one = len(np.unique(labels)) < 2
     else:

@@ -181,7 +181,8 @@ def validate_label_pair(query_labels, database_labels, num_query=None,
     arrays with the same number of columns. Both sides must be of one kind.
 
     Raises:
-        ValueError: mixed kinds, other ranks, non-{0,1} multi-hot values,
+        ValueError: mixed kinds, other ranks, negative class ids,
+            non-{0,1} multi-hot values,
             different label widths, or a length that differs from
             num_query / num_database when those are given.
     """
@@ -200,6 +201,13 @@ def validate_label_pair(query_labels, database_labels, num_query=None,
             raise ValueError(
                 f"{name} must have one row per code ({expected}); received "
                 f"{labels.shape[0]} rows"
+            )
+        if labels.ndim == 1 and labels.size and np.issubdtype(
+                labels.dtype, np.number) and labels.min() < 0:
+            raise ValueError(
+                f"{name} must be class ids >= 0; received {labels.min()} "
+                "(-1 marks an unlabelled collection, which has no MAP: "
+                "every metric here needs labels)"
             )
         if labels.ndim == 2 and labels.size and not np.all(
             (labels == 0) | (labels == 1)

@@ -64,7 +64,8 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
     flipped since the last epoch, per-bit balance, the relaxed-to-binary gap
     mean((|u| - 1)^2), histograms of relaxed codes
     (and of attention weights when the model exposes them), and validation
-    MAP every `eval_every_epochs` epochs and at the last epoch. Validation
+    MAP every `eval_every_epochs` epochs and at the last epoch (not on an
+    unlabelled collection). Validation
     queries come from database \\ train and are ranked against the database
     without themselves, so the reported query set is never used for model
     selection (protocol.md §1.3).
@@ -154,11 +155,11 @@ class CodeStatisticsCallback(keras.callbacks.Callback):
             record["bits_flipped"] = float(
                 np.mean(train_codes != self.previous_codes))
         self.previous_codes = train_codes
-        record["bit_balance"] = float(np.mean(np.abs(train_codes.mean(0))))
+        record["bit_balance"] = codes_lib.bit_balance(train_codes)
         # How far the relaxed codes still are from the binary ones.
         record["quantization_gap"] = float(
             np.mean(np.square(np.abs(relaxed_codes) - 1.0)))
-        if (
+        if self.sets.labelled and (
             epoch_number % self.eval_every_epochs == 0
             or epoch_number == self.last_epoch
         ):

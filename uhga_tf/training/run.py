@@ -329,7 +329,9 @@ def run_experiment(experiment, sets=None):
     inputs = load_inputs(experiment, sets, chief)
     matrix = build_similarity(experiment, inputs.similarity_features)
     diagnostics = similarity_diagnostics(
-        matrix, inputs.sets.labels["train"], experiment.train.seed
+        matrix,
+        inputs.sets.labels["train"] if inputs.sets.labelled else None,
+        experiment.train.seed,
     )
     if diagnostics:
         logging.info(
@@ -365,10 +367,11 @@ def run_experiment(experiment, sets=None):
         io_utils.write_json_atomic(
             os.path.join(experiment.workdir, RESULTS_FILE), result
         )
-    logging.info(
-        "final MAP %.4f (tie-aware %.4f) after %d steps",
-        result["map"], result["map_tie_aware"], result["steps"],
-    )
+    if inputs.sets.labelled:
+        logging.info(
+            "final MAP %.4f (tie-aware %.4f) after %d steps",
+            result["map"], result["map_tie_aware"], result["steps"],
+        )
     return result
 
 
@@ -713,12 +716,30 @@ def _set_codes(model, inputs, name):
 
 
 def evaluate_final(experiment, model, inputs, matrix):
-    """MAP of the trained codes, with the references and run facts."""
+    """MAP of the trained codes, with the references and run facts; on an
+    unlabelled collection the database codes' `code_statistics` instead."""
     sets, eval_cfg = inputs.sets, experiment.eval
-    query_codes = _set_codes(model, inputs, "query")
     database_codes = _set_codes(model, inputs, "database")
-    validation_codes = _set_codes(model, inputs, "validation")
     check_not_collapsed(database_codes)
+    facts = dict(
+        method=method_name(experiment),
+        code_length=experiment.model.code_length,
+        similarity_mode=experiment.similarity.similarity,
+        similarity_fractions=matrix.fractions,
+        similarity_summary=matrix.summary(),
+        data=sets.description,
+    )
+    if not sets.labelled:
+        statistics = codes_lib.code_statistics(database_codes)
+        logging.info(
+            "unlabelled collection, so no MAP: %d database codes, %s",
+            len(database_codes),
+            {k: round(v, 4) for k, v in statistics.items()})
+        return {**facts, **statistics, "labelled": False,
+                "num_database": len(database_codes),
+                "steps": int(model.step.numpy())}
+    query_codes = _set_codes(model, inputs, "query")
+    validation_codes = _set_codes(model, inputs, "validation")
     result = metrics.evaluate_codes(
         query_codes, database_codes, sets.labels["query"],
         sets.labels["database"],
@@ -728,8 +749,6 @@ def evaluate_final(experiment, model, inputs, matrix):
         hamming_radius=eval_cfg.hamming_radius,
     )
     result.update(
-        method=method_name(experiment),
-        code_length=experiment.model.code_length,
         cosine_map=cosine.cosine_map(
             sets.features["query"], sets.features["database"],
             sets.labels["query"], sets.labels["database"],
@@ -744,10 +763,7 @@ def evaluate_final(experiment, model, inputs, matrix):
         itq_map=itq_map(experiment, sets),
         **validation_metrics(validation_codes, database_codes, sets),
         steps=int(model.step.numpy()),
-        similarity_mode=experiment.similarity.similarity,
-        similarity_fractions=matrix.fractions,
-        similarity_summary=matrix.summary(),
-        data=sets.description,
+        **facts,
     )
     return result
 
