@@ -173,6 +173,31 @@ def test_fit_reference_cli_prints_the_validation_metrics(tmp_path):
         "uhga_tf.fit_reference: workdir")
 
 
+def test_fit_reference_on_an_unlabelled_collection(tmp_path):
+    import subprocess
+    import sys
+
+    labelled = write_feature_file(str(tmp_path / "labelled.npz"),
+                                  num_classes=12)
+    with np.load(labelled) as npz:
+        np.savez(tmp_path / "photos.npz", features=npz["features"])
+    command = [sys.executable, "-m", "uhga_tf.fit_reference",
+               "--dataset=features", f"--data_dir={tmp_path / 'photos.npz'}",
+               "--split=collection", f"--cache_dir={tmp_path / 'cache'}",
+               "--code_length=8", f"--workdir={tmp_path / 'ref'}",
+               "--noprogress"]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "ref" / "reference.json") as f:
+        stored = json.load(f)
+    assert stored["labelled"] is False and "validation_map" not in stored
+    assert 0 < stored["distinct_codes_share"] <= 1
+    assert (f"{stored['distinct_codes_share']:.1%} of them distinct"
+            in done.stdout)
+    assert "no MAP without labels" in done.stdout
+
+
 def test_structure_init_fits_on_the_similarity_graph_options():
     """hash_init=structure passes the kNN graph's k and the cluster size
     through: the start map gives those k-means+LS codes, not the defaults'."""

@@ -75,6 +75,13 @@ def code_statistics(codes):
     }
 
 
+def describe_code_statistics(statistics):
+    """One line of `code_statistics` for the command lines."""
+    return (f"{statistics['distinct_codes_share']:.1%} of them distinct, the "
+            f"largest bucket {statistics['largest_bucket_share']:.2%} of the "
+            f"items, bit balance {statistics['bit_balance']:.3f} (0 is ideal)")
+
+
 def pack_codes(codes):
     """Pack int8 {-1, +1} codes into bits (`np.packbits` order, +1 -> 1).
 

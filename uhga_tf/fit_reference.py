@@ -54,8 +54,15 @@ def main(argv):
                            ("P@100", "validation_p_100"))
         if result.get(key) is not None
     )
+    if result.get("labelled") is False:
+        from uhga_tf import codes
+
+        metrics = ("no MAP without labels; database codes: "
+                   + codes.describe_code_statistics(result))
+    else:
+        metrics = "validation: " + metrics
     print(
-        f"{result['method']}, {result['code_length']} bits, validation: "
+        f"{result['method']}, {result['code_length']} bits, "
         f"{metrics}; database bits equal to the reference's float64 codes: "
         f"{result['bit_agreement_with_reference']:.6f}   workdir: {workdir} "
         f"(export: python -m uhga_tf.export --checkpoint={workdir} "

@@ -41,13 +41,13 @@ def main(argv):
     result = flags_util.exit_on_user_error("train", run)
     results_path = os.path.join(workdir[0], "results.json")
     if result.get("labelled") is False:
+        from uhga_tf import codes
+
         print(
             f"unlabelled collection ({result['method']}, "
             f"{result['code_length']} bits): no MAP without labels; "
             f"{result['num_database']} database codes, "
-            f"{result['distinct_codes_share']:.1%} of them distinct, the "
-            f"largest bucket {result['largest_bucket_share']:.2%} of the "
-            f"items, bit balance {result['bit_balance']:.3f} (0 is ideal)"
+            f"{codes.describe_code_statistics(result)}"
             f"   results: {results_path}"
         )
         return

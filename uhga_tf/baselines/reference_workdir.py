@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from uhga_tf import codes as codes_lib
 from uhga_tf import config as config_lib
 from uhga_tf import io_utils
 from uhga_tf.baselines.references import REFERENCES
@@ -81,7 +82,11 @@ def fit_reference_workdir(experiment, method, sets=None):
         "seed": experiment.train.seed,
         "data": sets.description,
         "bit_agreement_with_reference": agreement,
-        **run_lib.validation_metrics(validation_codes, database_codes, sets),
+        # No MAP without labels: how the codes spread instead.
+        **(run_lib.validation_metrics(validation_codes, database_codes, sets)
+           if sets.labelled else {
+               "labelled": False,
+               **codes_lib.code_statistics(database_codes)}),
     }
     os.makedirs(workdir, exist_ok=True)
     with io_utils.atomic_path(
