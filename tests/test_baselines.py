@@ -326,3 +326,30 @@ def test_structure_hash_map_takes_its_graph_from_graph_features():
     with pytest.raises(ValueError, match="same train items"):
         structural.structure_hash_map(noisy, 8, 3,
                                       graph_features=clean[:100])
+
+
+def test_kmeans_ls_fills_a_small_collections_code_with_spare_directions():
+    """480 items hold two scales of clusters of at least 80 (three runs:
+    18 one-hot columns, 6 directions in the head's outputs): 64 bits used
+    to be refused, and the 58 missing bits now come from the features'
+    principal directions orthogonal to the head, so every bit splits the
+    items and the clusters still come out closer within than across."""
+    from uhga_tf.baselines import structural
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 60)
+    features = rng.normal(size=(8, 96))[labels] + 0.6 * rng.normal(
+        size=(480, 96))
+    options = {"knn": 10, "cluster_size": 80, "unit_rows": True}
+    hasher = base.get_hasher("kmeans_ls", 64, **options).fit(features, 0)
+    codes = hasher.encode(features)
+    balance = np.abs(codes.mean(axis=0))
+    assert balance.max() < 0.5  # no bit left constant
+    distance = (codes[:, None, :] != codes[None, :, :]).sum(axis=-1)
+    same = labels[:, None] == labels[None, :]
+    np.testing.assert_allclose(
+        (distance[same].mean(), distance[~same].mean()), (24.303, 33.074),
+        atol=1e-3)
+    # No more than the features span beside the head: 96 - 90.
+    spare = structural.spare_directions(features, np.eye(96)[:, :90], 10)
+    assert spare.shape == (96, 6)

@@ -12,12 +12,16 @@ as the product recipe), and turn them into codes in closed form.
 * ``kmeans_ls``: the multiscale k-means pseudo-labels as one-hot targets, a
   ridge least-squares linear head from the centred features to them, then
   PCA + ITQ rotation of the head's outputs to ``code_length`` bits and sign.
+  A small collection's ladder has few scales; where its targets span fewer
+  directions than the code has bits, the features' principal directions
+  orthogonal to the head fill the rest (`spare_directions`).
 
 Both fit on train features only (N x N is never formed) and, like every
 `Hasher`, encode by one matrix product and a sign.
 """
 
 import numpy as np
+from absl import logging
 
 from uhga_tf import codes as codes_lib
 from uhga_tf.baselines.hasher import Hasher
@@ -37,6 +41,27 @@ def ridge_map(features, targets, ridge):
     scale = ridge * np.trace(gram) / gram.shape[0]
     return np.linalg.solve(
         gram + scale * np.eye(gram.shape[0]), features.T @ targets)
+
+
+def spare_directions(features, head, count):
+    """Up to `count` principal directions of the features orthogonal to
+    `head`'s columns, scaled so their outputs spread like the head's on
+    average."""
+    left, values, _ = np.linalg.svd(head, full_matrices=False)
+    basis = left[:, values > values.max() * max(head.shape) * np.finfo(
+        values.dtype).eps]
+    centred = features - features.mean(axis=0)
+    residual = centred - (centred @ basis) @ basis.T
+    # Features of low rank have fewer to give; a linear map can never
+    # split the items along more directions than they span.
+    count = min(count, min(len(features) - 1, residual.shape[1])
+                - basis.shape[1])
+    if count < 1:
+        return np.zeros((head.shape[0], 0))
+    directions = pca_directions(residual, count)
+    spread = np.std(centred @ head, axis=0).mean()
+    own = np.maximum(np.std(residual @ directions, axis=0), 1e-12)
+    return directions * (spread / own)
 
 
 class _StructuralHasher(Hasher):
@@ -65,14 +90,27 @@ class _StructuralHasher(Hasher):
         return ids
 
     def _fit_head(self, features, targets, rng):
-        """Ridge map to `targets`, PCA to code_length, ITQ rotation."""
+        """Ridge map to `targets`, PCA to code_length, ITQ rotation.
+
+        Where the targets span fewer directions than the code has bits (a
+        small collection: few scales fit its size), the features' own
+        principal directions orthogonal to the head fill the rest, scaled
+        to the head's spread, so every bit still splits the items.
+        """
         head = ridge_map(features, targets, self.options["ridge"])
         outputs = features @ head
-        if self.code_length > outputs.shape[1]:
-            raise ValueError(
-                f"{self.name} gives {outputs.shape[1]} dimensions; received "
-                f"code_length={self.code_length}"
-            )
+        rank = int(np.linalg.matrix_rank(outputs - outputs.mean(axis=0)))
+        if rank < self.code_length:
+            logging.warning(
+                "%s: the clusters of %d train items span %d directions; "
+                "the other %d of %d bits follow the features' principal "
+                "directions (a collection this size may be better served "
+                "by a shorter code_length)", self.name, len(features), rank,
+                self.code_length - rank, self.code_length)
+            head = np.concatenate(
+                [head, spare_directions(features, head,
+                                        self.code_length - rank)], axis=1)
+            outputs = features @ head
         pca = pca_directions(outputs, self.code_length)
         self.projection = head @ pca
         self.rotation, _ = itq_rotation(
