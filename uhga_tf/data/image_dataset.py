@@ -17,6 +17,13 @@ PARTITIONS = ("train", "test")
 UNLABELLED = -1
 
 
+def is_unlabelled(labels):
+    """True for the labels of an unlabelled collection (all `UNLABELLED`)."""
+    labels = np.asarray(labels)
+    return bool(labels.ndim == 1 and len(labels)
+                and np.all(labels == UNLABELLED))
+
+
 @dataclasses.dataclass
 class ImageDataset:
     """Images with labels and the source's official train/test partition.

@@ -19,7 +19,7 @@ import typing
 import numpy as np
 from absl import logging
 
-from uhga_tf.data.image_dataset import UNLABELLED
+from uhga_tf.data.image_dataset import UNLABELLED, is_unlabelled
 
 SETS = ("train", "query", "database", "validation")
 
@@ -120,8 +120,7 @@ def collection_subset(labels, classes, class_decay, seed):
     rows = np.arange(len(labels))
     ids = config.class_ids(classes)
     suffix = ""
-    if (ids or class_decay < 1.0) and labels.ndim == 1 and np.all(
-            labels == UNLABELLED):
+    if (ids or class_decay < 1.0) and is_unlabelled(labels):
         raise ValueError(
             "classes and class_decay cut a collection by its labels; this "
             "one has none")

@@ -49,7 +49,7 @@ from absl import logging
 
 from uhga_tf import config
 from uhga_tf import io_utils
-from uhga_tf.data.image_dataset import UNLABELLED
+from uhga_tf.data.image_dataset import is_unlabelled
 
 SPLIT_PROTOCOLS = config.SPLIT_PROTOCOLS
 SPLIT_SETS = ("query", "train", "database", "validation")
@@ -266,8 +266,7 @@ def _check_split_labels(protocol, labels, partition):
             f"protocol {protocol!r} needs single-label class ids [N]; "
             f"received shape={labels.shape}"
         )
-    if (protocol not in LABEL_BLIND_PROTOCOLS and labels.ndim == 1
-            and n and np.all(labels == UNLABELLED)):
+    if protocol not in LABEL_BLIND_PROTOCOLS and is_unlabelled(labels):
         raise ValueError(
             f"protocol {protocol!r} draws by class, but this collection "
             "has no labels; use split=collection (label-blind)"
@@ -621,8 +620,8 @@ def load_or_create_split(
 
 def _warn_if_one_class(labels, dataset_name):
     """Every item relevant to every query makes MAP 1.0 for any codes."""
-    if labels.ndim == 1 and len(labels) and np.all(labels == UNLABELLED):
-        return  # unlabelled: no MAP is computed at all
+    if is_unlabelled(labels):
+        return  # no MAP is computed at all
     if labels.ndim == 1:
         one = len(np.unique(labels)) < 2
     else:
