@@ -110,7 +110,9 @@ def run_cells(experiments, sweep_dir, split_seed):
 
     Every cell shares one split, drawn with `split_seed` (the base flags'
     seed), as benchmarks/quality.py does: a grid over ``seed`` varies the
-    training seed only. A split drawn with another seed has other
+    training seed only. Cells with the same data and feature config share
+    their loaded sets; a grid over a data field (e.g. ``train_size``) loads
+    each value's own. A split drawn with another seed has other
     validation queries, and some of them are the base split's reported
     queries.
     """
@@ -120,10 +122,7 @@ def run_cells(experiments, sweep_dir, split_seed):
 
     cells_dir = os.path.join(sweep_dir, "cells")
     os.makedirs(cells_dir, exist_ok=True)
-    first = experiments[0][1]
-    sets = retrieval_sets.load_retrieval_sets(
-        first.data, first.model, split_seed, progress=True
-    )
+    loaded = {}  # the sets of each data and feature config in the grid
     rows = []
     for overrides, experiment in tqdm(experiments, desc="sweep", unit="cell"):
         key = cell_id(config.digest_dict(experiment))
@@ -132,7 +131,15 @@ def run_cells(experiments, sweep_dir, split_seed):
             with open(path) as f:
                 rows.append(json.load(f))
             continue
-        row = run_cell(overrides, experiment, sets, sweep_dir, key)
+        # A grid over e.g. train_size or image_size needs its own sets.
+        model = experiment.model
+        sets_key = (experiment.data, model.backbone, model.backbone_weights,
+                    model.image_size, model.feature_runtime)
+        if sets_key not in loaded:
+            loaded[sets_key] = retrieval_sets.load_retrieval_sets(
+                experiment.data, model, split_seed, progress=True)
+        row = run_cell(overrides, experiment, loaded[sets_key], sweep_dir,
+                       key)
         io_utils.write_json_atomic(path, row)
         rows.append(row)
     return rows
