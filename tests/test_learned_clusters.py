@@ -43,8 +43,7 @@ def test_heads_recover_blobs_and_repeat_with_their_seed(blobs):
 
 def test_learned_share_replaces_only_the_coarsest_scales(blobs):
     x, labels, ids = blobs
-    scales = structured.cluster_scales(len(x), 40)
-    assert scales == [2, 4, 8]
+    scales = [2, 4, 8]
     k_means = structured.multiscale_assignments(ids, scales, 3, 5)
     mixed = structured.multiscale_assignments(
         ids, scales, 3, 5, features=x, learned_share=0.5)
@@ -59,8 +58,10 @@ def test_learned_share_replaces_only_the_coarsest_scales(blobs):
     assert [int(c.max()) + 1 for c in learned_all.T] == [2, 4, 8]
 
 
-def test_coassociation_with_learned_share_joins_blobs(blobs):
+def test_coassociation_with_learned_share_joins_blobs(blobs, monkeypatch):
     x, labels, _ = blobs
+    # The ladder of 2, 4 and 8 clusters (400 items would reach 32).
+    monkeypatch.setattr(structured, "FINEST_SCALE", 8)
     s = structured.build_structured_similarity(
         x, similarity="coassociation", similarity_knn=10,
         similarity_runs=2, similarity_cluster_size=40,

@@ -157,9 +157,19 @@ def _hierarchy(groups=4, subgroups=4, per=25, dim=32, seed=0):
 
 
 def test_multiscale_ladder_follows_n_never_a_class_count():
-    assert ss.cluster_scales(5000, 40) == [2, 4, 8, 16, 32, 64]
-    assert ss.cluster_scales(159, 40) == [2]
-    assert ss.cluster_scales(160, 40) == [2, 4]
+    # Clusters of at least 80: the shipped recipe's 20,000 items reach 128.
+    assert ss.cluster_scales(20000, 80) == [2, 4, 8, 16, 32, 64, 128]
+    assert ss.cluster_scales(40000, 80)[-1] == 256
+    # A larger cluster size never stops the ladder short of 128.
+    assert ss.cluster_scales(20000, 160)[-1] == 128
+    # A smaller collection still reaches 128 while its clusters keep 10
+    # items on average (5,000 // 128 = 39 each), and never goes finer.
+    assert ss.cluster_scales(5000, 40) == [2, 4, 8, 16, 32, 64, 128]
+    assert ss.cluster_scales(5000, 20)[-1] == 128
+    assert ss.cluster_scales(1279, 80)[-1] == 64
+    assert ss.cluster_scales(1280, 80)[-1] == 128
+    assert ss.cluster_scales(39, 40) == [2]
+    assert ss.cluster_scales(40, 40) == [2, 4]
     features, _, _ = _hierarchy()
     a = _dense(_build("multiscale", features, similarity_clusters=2,
                       similarity_cluster_size=10))

@@ -439,7 +439,9 @@ class SimilarityConfig:
             which a pair is dissimilar (`knn`, `manifold`).
         similarity_cluster_size: `multiscale`, `coassociation`: the ensemble
             runs at 2, 4, 8, ... clusters while the mean cluster holds at
-            least this many train items (no class count needed).
+            least this many train items (no class count needed), and in
+            any case up to 128 clusters while they hold 10 items on average
+            (a small collection; `structured.cluster_scales`).
         similarity_positive_share: `multiscale`: a pair that the same
             cluster holds in at least this share of the (scale, run)
             clusterings is similar.

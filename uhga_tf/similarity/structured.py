@@ -417,15 +417,30 @@ def spectral_embedding(ids, dimensions, seed, ordered=False):
     return vectors[:, np.argsort(-values, kind="stable")].astype(np.float32)
 
 
+# The finest scale of the shipped recipe's ladder (20,000 train items,
+# clusters of at least 80). A smaller collection reaches it too, while its
+# mean cluster keeps MIN_CLUSTER_ITEMS: on 2,500 to 10,000 train items the
+# finer ladder leads at the top of the list on both development collections'
+# validation (docs/product_recipe.md §1m).
+FINEST_SCALE = 128
+MIN_CLUSTER_ITEMS = 10
+
+
 def cluster_scales(num_items, cluster_size):
     """The granularities of multiscale mode: 2, 4, 8, ... clusters.
 
     Doubling while the mean cluster would keep at least ``cluster_size``
     items, so the ladder follows N and never the number of classes (which a
-    user does not know): N = 5,000 and cluster_size = 40 give 2 ... 64.
+    user does not know): N = 20,000 and cluster_size = 80 give 2 ... 128. A
+    collection too small for that still reaches `FINEST_SCALE` clusters
+    while they keep `MIN_CLUSTER_ITEMS` items on average (the cluster size
+    drops to N // FINEST_SCALE): N = 5,000 and cluster_size = 40 give
+    2 ... 128 (clusters of 39), N = 600 gives 2 ... 32.
     """
+    size = min(cluster_size,
+               max(MIN_CLUSTER_ITEMS, num_items // FINEST_SCALE))
     scales = [2]
-    while scales[-1] * 2 * cluster_size <= num_items:
+    while scales[-1] * 2 * size <= num_items:
         scales.append(scales[-1] * 2)
     return scales
 
@@ -521,7 +536,8 @@ def build_structured_similarity(
         similarity_dissimilar_quantile: per-row distance quantile beyond
             which a pair is dissimilar (knn, manifold), in (0, 1).
         similarity_cluster_size: smallest mean cluster size of the
-            multiscale ladder (`cluster_scales`), >= 1.
+            multiscale ladder, lowered for a small collection so that the
+            ladder reaches `FINEST_SCALE` (`cluster_scales`), >= 1.
         similarity_positive_share, similarity_negative_share: multiscale:
             a pair joined in at least the first share of the (scale, run)
             clusterings is similar, in at most the second dissimilar.
