@@ -99,7 +99,7 @@ class ImageDataset:
 
     @property
     def labelled(self) -> bool:
-        return bool(self.class_names)
+        return not is_unlabelled(self.labels)
 
     def to_tf_dataset(self, indices, image_size, batch_size):
         """Return batches of float32 [b, s, s, 3] RGB images in [0, 255].

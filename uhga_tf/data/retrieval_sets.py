@@ -41,9 +41,6 @@ class RetrievalSets:
         split_seed: the seed the split and the database order were drawn
             with (None when unknown), so the same sets can be read again
             with another backbone's features.
-        labelled: False for an unlabelled collection (every label
-            `UNLABELLED`): nothing that reads labels (MAP, diagnostics)
-            may run on it.
     """
 
     features: dict
@@ -53,7 +50,12 @@ class RetrievalSets:
     description: str
     image_dataset: object = None
     split_seed: typing.Optional[int] = None
-    labelled: bool = True
+
+    @property
+    def labelled(self) -> bool:
+        """False for an unlabelled collection (every label `UNLABELLED`):
+        nothing that reads labels (MAP, diagnostics) may run on it."""
+        return not is_unlabelled(self.labels["train"])
 
 
 def validation_database_mask(sets):
@@ -219,7 +221,6 @@ def load_retrieval_sets(data, model, seed, progress=True):
             image_dataset.labelled),
         image_dataset=image_dataset,
         split_seed=int(seed),
-        labelled=image_dataset.labelled,
     )
     _log_sizes(sets)
     return sets
@@ -303,7 +304,6 @@ def _from_feature_file(data, seed):
         description=f"features from {path}, {DATABASE_ORDER}{train_note}"
         + ("" if labelled else ", unlabelled"),
         split_seed=int(seed),
-        labelled=labelled,
     )
     _log_sizes(sets)
     return sets
