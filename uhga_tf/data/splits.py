@@ -183,11 +183,14 @@ def make_split(
     _check_split_options(protocol, query_pool, seed)
     labels, partition = _check_split_labels(protocol, labels, partition)
     n = len(labels)
+    counts = _resolve_counts(protocol, per_class)
+    if protocol == "collection":
+        counts = _collection_counts(counts, n)
     draw = _Draw(
         rng=np.random.default_rng(int(seed)),
         labels=labels,
         partition=partition,
-        counts=_resolve_counts(protocol, per_class),
+        counts=counts,
         everything=np.arange(n, dtype=np.int64),
         num_classes=(
             int(labels.max()) + 1
@@ -374,17 +377,21 @@ def _draw_nus_wide21(draw):
     return query, train, np.setdiff1d(draw.everything, query)
 
 
-def _draw_collection(draw):
-    """Random query, database the rest, random train; counts capped."""
-    n = len(draw.everything)
+def _collection_counts(counts, n):
+    """`collection`'s totals capped for n images: query and validation at
+    a tenth of them (train is capped by `_draw_collection`)."""
     tenth = n // 10
     if tenth < 1:
         raise ValueError(
             f"split=collection needs at least 10 images; received {n}")
+    return {**counts, "query": min(counts["query"], tenth),
+            "validation": min(counts["validation"], tenth)}
+
+
+def _draw_collection(draw):
+    """Random query, database the rest, random train from the database
+    leaving room for the validation queries."""
     counts = draw.counts
-    # Capped here so that `_draw_validation` draws at most a tenth too.
-    counts["query"] = min(counts["query"], tenth)
-    counts["validation"] = min(counts["validation"], tenth)
     query = _sorted(_choose(draw.rng, draw.everything, counts["query"],
                             "query (collection)"))
     database = np.setdiff1d(draw.everything, query)
