@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from train_fixtures import write_feature_file
 from uhga_tf import config
+from uhga_tf import provenance
 from uhga_tf import tables
 from uhga_tf.data import retrieval_sets
 
@@ -49,6 +51,14 @@ def test_table3_cells_markdown_json_and_resume(tmp_path):
         assert f"{cell['map']:.4f} ± 0.0000" in markdown
         assert 0.0 < cell["map"] <= 1.0
     assert [c["method"] for c in stored["cells"]] == methods
+    # Each cell file records the code commit once, in its provenance.
+    cell_files = glob.glob(os.path.join(results_dir, "cells", "*", "*.json"))
+    assert len(cell_files) == len(methods)
+    for path in cell_files:
+        with open(path) as f:
+            cell = json.load(f)
+        assert "commit" not in cell, path
+        assert cell["provenance"]["commit"] == provenance.git_sha()
     assert os.path.exists(
         os.path.join(results_dir, "features_table3_map_vs_code_length.png"))
     assert os.path.exists(

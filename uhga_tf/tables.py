@@ -238,6 +238,8 @@ def run_cell(cell, base_experiment, sets, cells_dir, progress=False):
             validation_codes, database_codes, sets))
     else:
         result = run_lib.run_experiment(experiment, sets=sets)
+        # The cell's provenance records the commit, as for every other row.
+        result.pop("commit", None)
     result.update(
         cell=dataclasses.asdict(cell), cell_wall_time_s=time.time() - start,
         provenance=record)
