@@ -132,12 +132,11 @@ def run_cells(experiments, sweep_dir, split_seed):
                 rows.append(json.load(f))
             continue
         # A grid over e.g. train_size or image_size needs its own sets.
-        model = experiment.model
-        sets_key = (experiment.data, model.backbone, model.backbone_weights,
-                    model.image_size, model.feature_runtime)
+        sets_key = retrieval_sets.sets_identity(
+            experiment.data, experiment.model)
         if sets_key not in loaded:
             loaded[sets_key] = retrieval_sets.load_retrieval_sets(
-                experiment.data, model, split_seed, progress=True)
+                experiment.data, experiment.model, split_seed, progress=True)
         row = run_cell(overrides, experiment, loaded[sets_key], sweep_dir,
                        key)
         io_utils.write_json_atomic(path, row)

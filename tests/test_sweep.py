@@ -27,3 +27,20 @@ def test_a_grid_over_train_size_loads_each_sizes_sets(tmp_path):
     fractions = [by_size[n]["similarity_fractions"] for n in (40, 120)]
     assert fractions[0] != fractions[1]
     assert by_size[40]["validation_map"] != by_size[120]["validation_map"]
+
+
+def test_sets_identity_follows_the_features_not_the_head():
+    from uhga_tf import config
+    from uhga_tf.data import retrieval_sets
+
+    data = config.DataConfig(dataset="fashion_mnist")
+    model = config.ModelConfig()
+    same = retrieval_sets.sets_identity(data, model)
+    head_only = config.ModelConfig(code_length=16, dropout_rate=0.5)
+    assert retrieval_sets.sets_identity(data, head_only) == same
+    for field, value in (("image_size", 96), ("feature_runtime", "tflite"),
+                         ("backbone_weights", "x.weights.h5")):
+        other = config.ModelConfig(**{field: value})
+        assert retrieval_sets.sets_identity(data, other) != same, field
+    bigger = config.DataConfig(dataset="fashion_mnist", train_size=900)
+    assert retrieval_sets.sets_identity(bigger, model) != same

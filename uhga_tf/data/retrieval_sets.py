@@ -148,6 +148,18 @@ def collection_subset(labels, classes, class_decay, seed):
     return np.sort(rows).astype(np.int64), suffix
 
 
+# The model fields `load_retrieval_sets` reads: the features' identity.
+FEATURE_FIELDS = ("backbone", "backbone_weights", "image_size",
+                  "feature_runtime")
+
+
+def sets_identity(data, model):
+    """What `load_retrieval_sets(data, model, seed)` depends on besides the
+    seed: two configs with one identity load the same sets (so a caller can
+    load them once for several experiments)."""
+    return (data,) + tuple(getattr(model, name) for name in FEATURE_FIELDS)
+
+
 def load_retrieval_sets(data, model, seed, progress=True):
     """Load or compute the features of every set for a data/model config.
 
