@@ -1,5 +1,6 @@
 """Tests for uhga_tf.export: signatures equal in-process codes bit for bit."""
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import model_fixtures
 from uhga_tf import codes as codes_lib
@@ -129,6 +131,33 @@ def test_encode_images_and_features_match_in_process(exported):
         out["packed_codes"].numpy(),
         codes_lib.pack_codes(codes_lib.binarize(logits)),
     )
+
+
+def test_serving_default_codes_a_photo_upright(exported):
+    """A phone stores a portrait photo on its side with EXIF orientation 6
+    (turn clockwise) or 8; the exported model codes what a viewer shows."""
+    backbone, hasher, _, path = exported
+    loaded = tf.saved_model.load(path)
+    stored = np.random.default_rng(2).integers(
+        0, 256, size=(24, 40, 3), dtype=np.uint8)
+    for orientation, turn in ((6, -1), (8, 1)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = io.BytesIO()
+        Image.fromarray(stored).save(out, "PNG")
+        png = out.getvalue()
+        out = io.BytesIO()
+        Image.fromarray(stored).save(out, "JPEG", exif=exif.tobytes())
+        jpeg = out.getvalue()
+        codes = loaded.signatures["serving_default"](
+            image_bytes=tf.constant([jpeg, png]))["codes"].numpy()
+        upright = np.rot90(decoded_pixels(jpeg).numpy(), k=turn)
+        expected, logits = reference(backbone, hasher, upright)
+        assert np.abs(logits).min() > 1e-4
+        np.testing.assert_array_equal(codes[:1], expected)
+        # A PNG has no EXIF here: coded as stored.
+        np.testing.assert_array_equal(
+            codes[1:], reference(backbone, hasher, stored)[0])
 
 
 def test_binarize_tf_maps_zero_to_plus_one():

@@ -2,7 +2,8 @@
 
 `data_dir` may also point at the zip itself or at a folder with
 `train/<class>/*.jpg` and `test/<class>/*.jpg`. Images are decoded with
-`tf.io.decode_jpeg`, the decoder the exported serving signature uses.
+`image_decode.decode_upright`, the decoder the exported serving signature
+uses.
 """
 
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from uhga_tf.data import image_decode
 from uhga_tf.data import image_folder
 from uhga_tf.data import tfds_source
 from uhga_tf.data.image_dataset import ImageDataset
@@ -96,7 +98,7 @@ def _load_cifar10_files(path, skip_corrupt):
 
 
 def _decode_equal_size(tree, rels, skip_corrupt):
-    """Decode images of one size with tf.io.decode_jpeg; uint8 [n, H, W, 3].
+    """Decode images of one size (`decode_upright`); uint8 [n, H, W, 3].
 
     Returns (images of the kept files, kept mask, skipped names).
     """
@@ -106,11 +108,11 @@ def _decode_equal_size(tree, rels, skip_corrupt):
     finally:
         if zf is not None:
             zf.close()
-    first = tf.io.decode_jpeg(blobs[0], channels=3).shape
+    first = image_decode.decode_upright(blobs[0]).shape
     shape = (int(first[0]), int(first[1]), 3)
 
     def decode(data):
-        return tf.ensure_shape(tf.io.decode_jpeg(data, channels=3), shape)
+        return tf.ensure_shape(image_decode.decode_upright(data), shape)
 
     ds = (
         tf.data.Dataset.from_tensor_slices(tf.constant(blobs, tf.string))
@@ -136,7 +138,7 @@ def _decode_one_by_one(tree, rels, blobs, images, shape, skip_corrupt):
     skipped = []
     for i, data in enumerate(blobs):
         try:
-            image = tf.io.decode_jpeg(data, channels=3).numpy()
+            image = image_decode.decode_upright(data).numpy()
         except tf.errors.InvalidArgumentError as e:
             if not skip_corrupt:
                 raise ValueError(

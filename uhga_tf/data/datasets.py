@@ -11,7 +11,8 @@ Sources:
 - `cifar10` (`cifar10.py`): `<data_dir>/cifar10/cifar10-jpeg.zip` (or
   `data_dir` pointing at the zip itself, or a folder with
   `train/<class>/*.jpg` and `test/<class>/*.jpg`), decoded with
-  `tf.io.decode_jpeg`, the same decoder the exported serving signature uses.
+  `image_decode.decode_upright`, the decoder the exported serving signature
+  uses.
   `source="tfds"` reads TFDS instead (`tfds_source.py`).
 - `fashion_mnist` (`fashion_mnist.py`): the four idx files of Debian's
   `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist/`) or

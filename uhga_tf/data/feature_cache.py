@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from uhga_tf import config
 from uhga_tf import io_utils
+from uhga_tf.data import image_decode
 from uhga_tf.models import backbone as backbone_lib
 from uhga_tf.models import lite_runtime
 
@@ -343,6 +344,10 @@ def feature_cache_key(
     }
     if runtime != "tensorflow":  # keys of TensorFlow features predate this
         key["runtime"] = runtime
+    if getattr(image_dataset, "paths", None) is not None:
+        # Files read lazily are decoded upright by their EXIF orientation
+        # (`image_decode`); features cached before that are not reused.
+        key["decode"] = image_decode.DECODE
     return key
 
 

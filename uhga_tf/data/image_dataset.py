@@ -11,6 +11,8 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from uhga_tf.data import image_decode
+
 PARTITIONS = ("train", "test")
 # The label of every image of an unlabelled collection (a user's photos):
 # splits that read classes refuse it, and no MAP is computed on it.
@@ -219,10 +221,7 @@ def _decoded_batches(encoded, image_size, native, batch_size):
     """Decode (and resize to image_size, or keep `native`) then batch."""
 
     def decode(data):
-        image = tf.io.decode_image(
-            data, channels=3, dtype=tf.uint8, expand_animations=False
-        )
-        image = tf.cast(image, tf.float32)
+        image = tf.cast(image_decode.decode_upright(data), tf.float32)
         if image_size is None:
             return tf.ensure_shape(image, (native[0], native[1], 3))
         shape = tf.shape(image)[:2]

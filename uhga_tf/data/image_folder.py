@@ -32,6 +32,7 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from uhga_tf import config
+from uhga_tf.data import image_decode
 from uhga_tf.data import image_header
 from uhga_tf.data.image_dataset import PARTITIONS, UNLABELLED, ImageDataset
 
@@ -253,6 +254,10 @@ def check_image_bytes(data,
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             width, height = im.size
+            if fmt in ("JPEG", "MPO") and im.getexif().get(
+                    image_decode.ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+                # Decoded upright (`image_decode`), it is turned a quarter.
+                width, height = height, width
             im.verify()
     except UnidentifiedImageError as e:
         raise ValueError("not a recognised image format") from e

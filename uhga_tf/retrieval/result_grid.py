@@ -61,8 +61,10 @@ def render_result_grid(rows, tile_size=128):
         top = PAD + r * (tile_size + CAPTION_HEIGHT + PAD)
         for c, tile in enumerate(row):
             left = PAD + c * (tile_size + PAD)
-            image = ImageOps.contain(tile.image.convert("RGB"),
-                                     (tile_size, tile_size))
+            # Shown upright, as the codes were computed (`image_decode`).
+            image = ImageOps.contain(
+                ImageOps.exif_transpose(tile.image).convert("RGB"),
+                (tile_size, tile_size))
             canvas.paste(
                 image,
                 (

@@ -29,7 +29,7 @@ import urllib.parse
 
 from absl import logging
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from uhga_tf.data import image_header
 from uhga_tf.retrieval import live_index
@@ -242,7 +242,8 @@ class SearchService:
         try:
             with self._tiles_lock:
                 image = self._tiles(metadata.get("source"))
-            image = image.convert("RGB")
+            # Upright, as the codes were computed (`image_decode`).
+            image = ImageOps.exif_transpose(image).convert("RGB")
         except (OSError, ValueError, TypeError,
                 Image.DecompressionBombError) as e:
             raise SearchError(

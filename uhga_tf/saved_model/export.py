@@ -21,6 +21,7 @@ import tensorflow as tf
 from uhga_tf import codes as codes_lib
 from uhga_tf import io_utils
 from uhga_tf import provenance
+from uhga_tf.data import image_decode
 from uhga_tf.saved_model import graph
 from uhga_tf.saved_model import versions
 from uhga_tf.saved_model import warmup
@@ -123,7 +124,7 @@ def _reference_checks(backbone, hasher, warmup_images, image_size):
     codes = codes_lib.binarize(logits)
     pixels = np.stack(
         [
-            tf.io.decode_image(b, channels=3, expand_animations=False).numpy()
+            image_decode.decode_upright(b).numpy()
             for b in warmup_images[:1]
         ]
     )

@@ -1,7 +1,7 @@
 """The serving graph: image bytes or pixels in, binary codes out.
 
-The exported graph holds the whole encoder: decode (JPEG/PNG/GIF/BMP),
-bilinear resize to the backbone's `image_size`, the backbone (its
+The exported graph holds the whole encoder: decode (JPEG/PNG/GIF/BMP,
+upright by the EXIF orientation), bilinear resize to the backbone's `image_size`, the backbone (its
 normalisation is inside it), the hash head and the sign rule of
 `uhga_tf.codes.binarize` (`>= 0 -> +1`, in-graph as `codes_tf`).
 `build_archive` names the three signatures of `wire_names`;
@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from uhga_tf import codes as codes_lib
 from uhga_tf import codes_tf
+from uhga_tf.data import image_decode
 from uhga_tf.saved_model import wire_names
 
 
@@ -45,13 +46,12 @@ def decode_image_bytes(image_bytes, image_size):
 
     Returns:
         float32 [n, image_size, image_size, 3] RGB in [0, 255]; grey and
-        RGBA inputs are converted to 3 channels.
+        RGBA inputs are converted to 3 channels, and a JPEG is turned
+        upright by its EXIF orientation (`image_decode`), as in training.
     """
 
     def decode_one(encoded):
-        image = tf.io.decode_image(
-            encoded, channels=3, expand_animations=False, dtype=tf.uint8
-        )
+        image = image_decode.decode_upright(encoded)
         return preprocess_images(image[tf.newaxis], image_size)[0]
 
     return tf.map_fn(

@@ -65,6 +65,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from uhga_tf import io_utils
+from uhga_tf.data import image_decode
 from uhga_tf.saved_model import wire_names
 from uhga_tf.serving import prometheus
 from uhga_tf.serving.batcher import Batcher
@@ -452,7 +453,7 @@ class ModelServer:
             return summary
         for i, encoded in enumerate(array):
             try:
-                tf.io.decode_image(encoded, channels=3, expand_animations=False)
+                image_decode.decode_upright(encoded)
             except tf.errors.InvalidArgumentError as e:
                 return f"{input_name}[{i}]: {io_utils.tf_error_line(e)}"
         return summary

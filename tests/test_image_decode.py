@@ -1,0 +1,168 @@
+"""uhga_tf.data.image_decode: photos are decoded upright by their EXIF tag."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from uhga_tf.data import image_decode
+from uhga_tf.data import image_folder
+from uhga_tf.data import feature_cache
+from uhga_tf.retrieval import result_grid
+
+# What each EXIF orientation asks a viewer to do to the stored pixels,
+# written with numpy from the EXIF 2.3 table (row 0 / column 0 sides).
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: np.rot90(a, k=-1)[::-1],
+    8: lambda a: np.rot90(a, k=1),
+}
+# PIL's inverse of each: stores an upright image the way a camera would.
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def upright_image(height=48, width=80, seed=0):
+    """Blocks of flat colour (JPEG keeps them), no symmetry."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    for i in range(0, height, 16):
+        for j in range(0, width, 16):
+            image[i:i + 16, j:j + 16] = rng.integers(0, 256, 3)
+    return image
+
+
+def camera_jpeg(upright, orientation, endian="<", tags=None):
+    """JPEG bytes of `upright` as a camera stores it with `orientation`."""
+    image = Image.fromarray(upright)
+    if orientation in STORED:
+        image = image.transpose(STORED[orientation])
+    exif = Image.Exif()
+    exif.endian = endian
+    exif[0x010F] = "camera"  # Make: the tag is not IFD0's only entry
+    for tag, value in (tags or {image_decode.ORIENTATION_TAG: orientation}
+                       ).items():
+        exif[tag] = value
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def stored_pixels(data):
+    return tf.io.decode_image(data, channels=3, expand_animations=False
+                              ).numpy()
+
+
+def without_jfif(data):
+    """The JPEG with its JFIF APP0 segment removed, so the Exif segment
+    comes first, as cameras write it."""
+    assert data[2:4] == b"\xff\xe0" and data[6:11] == b"JFIF\x00"
+    return data[:2] + data[4 + int.from_bytes(data[4:6], "big"):]
+
+
+@pytest.mark.parametrize("endian,layout", [
+    ("<", "jfif"), (">", "jfif"), ("<", "camera"), (">", "camera")])
+def test_every_orientation_decodes_upright(endian, layout):
+    upright = upright_image()
+    for orientation in range(1, 9):
+        data = camera_jpeg(upright, orientation, endian)
+        if layout == "camera":
+            data = without_jfif(data)
+            assert data[2:4] == b"\xff\xe1"
+        assert image_decode.exif_orientation(data).numpy() == orientation
+        decoded = image_decode.decode_upright(data).numpy()
+        # Exactly the stored pixels, turned as the EXIF table says ...
+        np.testing.assert_array_equal(
+            decoded, UPRIGHT[orientation](stored_pixels(data)))
+        # ... which is what PIL shows, and the upright image up to JPEG.
+        shown = np.asarray(ImageOps.exif_transpose(
+            Image.open(io.BytesIO(data))).convert("RGB"))
+        assert np.abs(decoded.astype(int) - shown).max() <= 2
+        assert decoded.shape == upright.shape
+        assert np.abs(decoded.astype(int) - upright).mean() < 4.0
+
+
+def test_images_without_an_orientation_decode_as_stored():
+    upright = upright_image()
+    png = io.BytesIO()
+    Image.fromarray(upright).save(png, "PNG")
+    plain = io.BytesIO()
+    Image.fromarray(upright).save(plain, "JPEG")
+    cases = {
+        "png": png.getvalue(),
+        "jpeg without exif": plain.getvalue(),
+        "exif without the tag": camera_jpeg(upright, 1, tags={0x0131: "x"}),
+        "orientation 9 (undefined)": camera_jpeg(upright, 9),
+        "orientation 0": camera_jpeg(upright, 0),
+    }
+    for name, data in cases.items():
+        assert image_decode.exif_orientation(data).numpy() == 1, name
+        np.testing.assert_array_equal(
+            image_decode.decode_upright(data).numpy(), stored_pixels(data),
+            err_msg=name)
+    for data in (b"", b"\xff\xd8", b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00"):
+        assert image_decode.exif_orientation(data).numpy() == 1
+
+
+def test_damaged_exif_never_fails_the_parser():
+    """Seeded byte damage anywhere in the Exif segment: an orientation
+    from 1 to 8 every time, never an error (a server reads these)."""
+    data = bytearray(camera_jpeg(upright_image(), 6, endian=">"))
+    start = data.index(b"Exif\x00\x00")
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        damaged = bytearray(data)
+        # From the segment's length field to past the orientation entry.
+        for at in rng.integers(start - 2, start + 80, rng.integers(1, 6)):
+            damaged[at] = rng.integers(0, 256)
+        cut = bytes(damaged[:rng.integers(start, len(damaged) + 1)])
+        for blob in (bytes(damaged), cut):
+            orientation = int(image_decode.exif_orientation(blob).numpy())
+            assert 1 <= orientation <= 8
+            seen.add(orientation)
+    assert seen >= {1, 6}
+
+
+def test_a_folder_of_photos_is_read_upright(tmp_path):
+    upright = upright_image(48, 80)
+    (tmp_path / "a.jpg").write_bytes(camera_jpeg(upright, 1))
+    (tmp_path / "b.jpg").write_bytes(camera_jpeg(upright, 6))
+    (tmp_path / "c.jpg").write_bytes(camera_jpeg(upright, 8))
+    dataset = image_folder.load_folder(str(tmp_path))
+    # Sizes are the upright ones, (height, width), so the native size of
+    # these three is one size.
+    np.testing.assert_array_equal(dataset.image_sizes, [[48, 80]] * 3)
+    (native,) = dataset.to_tf_dataset(np.arange(3), None, 3)
+    (resized,) = dataset.to_tf_dataset(np.arange(3), 40, 3)
+    for batch in (native.numpy(), resized.numpy()):
+        for turned in batch[1:]:
+            assert np.abs(turned - batch[0]).mean() < 4.0
+    # Features of files are cached under the upright decoding's key only.
+    key = feature_cache.feature_cache_key(
+        dataset, np.arange(3), "tiny_cnn", image_size=32)
+    assert key["decode"] == image_decode.DECODE
+
+
+def test_result_grids_show_photos_upright():
+    upright = np.zeros((32, 32, 3), np.uint8)
+    upright[:16] = (255, 0, 0)  # red above blue
+    upright[16:] = (0, 0, 255)
+    tagged = Image.open(io.BytesIO(camera_jpeg(upright, 6)))
+    grid = np.asarray(result_grid.render_result_grid(
+        [[result_grid.Tile(tagged, "q")]], tile_size=32))
+    red = np.argwhere((grid[..., 0] > 200) & (grid[..., 2] < 60))
+    blue = np.argwhere((grid[..., 2] > 200) & (grid[..., 0] < 60))
+    assert len(red) > 200 and len(blue) > 200
+    assert red[:, 0].mean() < blue[:, 0].mean()
