@@ -87,11 +87,15 @@ def png_bomb(width, height):
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def webp_bytes():
+def webp_bytes(frames=1):
+    """A still WebP, or an animated one of `frames` frames."""
     from PIL import Image
 
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8))
+              for i in range(frames)]
     buffer = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "WEBP")
+    images[0].save(buffer, "WEBP", save_all=frames > 1,
+                   append_images=images[1:])
     return buffer.getvalue()
 
 
@@ -375,16 +379,18 @@ def test_export_version_beyond_int64_writes_nothing(tmp_path):
     assert not export_dir.exists()
 
 
-def test_export_webp_warmup_writes_nothing(tmp_path):
-    """defect 8: the server would refuse it, so export refuses it."""
+def test_export_animated_webp_warmup_writes_nothing(tmp_path):
+    """defect 8: the server would refuse it, so export refuses it (a still
+    WebP is decoded since TensorFlow's decoder reads it; an animation is
+    not, with 3 channels)."""
     webp = tmp_path / "warm.webp"
-    webp.write_bytes(webp_bytes())
+    webp.write_bytes(webp_bytes(frames=3))
     export_dir = tmp_path / "models"
     code, line = cli("export", f"--checkpoint={tmp_path}",
                      f"--export_dir={export_dir}",
                      f"--warmup_images={webp}")
     assert_one_line(code, line, "export", "warmup_images[0]",
-                    "JPEG, PNG, GIF or BMP")
+                    "animated WebP")
     assert not export_dir.exists()
 
 
@@ -578,13 +584,19 @@ def test_corrupt_image_is_invalid_argument(batching_server):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_webp_request_is_invalid_argument(batching_server):
-    """Already behaved."""
+def test_animated_webp_request_is_invalid_argument(batching_server):
+    """A still WebP is coded; an animated one is refused by name before
+    the decoder, which would fail on it."""
     channel, _ = batching_server
-    code, details = predict_error(channel, "serving_default", "image_bytes",
-                                  np.array([webp_bytes()], dtype=object))
+    code, details = predict_error(
+        channel, "serving_default", "image_bytes",
+        np.array([webp_bytes(frames=3)], dtype=object))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "JPEG, PNG, GIF or BMP" in details
+    assert "animated WebP" in details
+    code, details = predict_error(channel, "serving_default", "image_bytes",
+                                  np.array([b"RIFF1234WAVE"], dtype=object))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "JPEG, PNG, GIF, BMP or WebP" in details
 
 
 def test_wrong_dtype_is_invalid_argument(batching_server):

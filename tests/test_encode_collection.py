@@ -69,7 +69,7 @@ def test_direct_runner_matches_in_process(collection, tmp_path):
         tmp_path / "codes", code_shards.DEAD_LETTER_PREFIX))
     reasons = {os.path.basename(d["source"]): d["reason"] for d in dead}
     assert sorted(reasons) == ["bad_cut.png", "bad_text.png"]
-    assert "not a JPEG, PNG, GIF or BMP" in reasons["bad_text.png"]
+    assert "not a JPEG, PNG, GIF, BMP or WebP" in reasons["bad_text.png"]
     assert reasons["bad_text.png"].startswith(str(root))  # names the file
     assert reasons["bad_cut.png"]  # the decoder's own message
 

@@ -160,6 +160,23 @@ def test_serving_default_codes_a_photo_upright(exported):
             codes[1:], reference(backbone, hasher, stored)[0])
 
 
+def test_serving_default_reads_still_webp(exported):
+    """TensorFlow's decoder reads WebP: a lossless WebP codes exactly as a
+    PNG of the same pixels."""
+    _, _, _, path = exported
+    loaded = tf.saved_model.load(path)
+    pixels = np.random.default_rng(3).integers(
+        0, 256, size=(30, 44, 3), dtype=np.uint8)
+    blobs = []
+    for fmt, options in (("WEBP", {"lossless": True}), ("PNG", {})):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, fmt, **options)
+        blobs.append(out.getvalue())
+    codes = loaded.signatures["serving_default"](
+        image_bytes=tf.constant(blobs))["codes"].numpy()
+    np.testing.assert_array_equal(codes[0], codes[1])
+
+
 def test_binarize_tf_maps_zero_to_plus_one():
     logits = tf.constant([[-1.0, -0.0, 0.0, 1e-9, -1e-9, 3.0, -2.0, 0.5, 7]])
     codes = codes_tf.binarize_tf(logits).numpy()

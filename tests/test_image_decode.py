@@ -10,6 +10,7 @@ from PIL import Image, ImageOps
 from uhga_tf.data import image_decode
 from uhga_tf.data import image_folder
 from uhga_tf.data import feature_cache
+from uhga_tf.data import image_header
 from uhga_tf.retrieval import result_grid
 
 # What each EXIF orientation asks a viewer to do to the stored pixels,
@@ -166,3 +167,58 @@ def test_result_grids_show_photos_upright():
     blue = np.argwhere((grid[..., 2] > 200) & (grid[..., 0] < 60))
     assert len(red) > 200 and len(blue) > 200
     assert red[:, 0].mean() < blue[:, 0].mean()
+
+
+def test_webp_sizes_are_read_from_each_kind_of_header(tmp_path):
+    """Lossy (VP8), lossless (VP8L) and extended (VP8X: alpha, EXIF)
+    WebP files: the decode guard reads the size TensorFlow decodes, and a
+    folder of them loads."""
+    rgb = upright_image(48, 80)
+    rgba = np.concatenate([rgb, np.full((48, 80, 1), 128, np.uint8)], 2)
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    kinds = {
+        "lossy": (rgb, {"quality": 80}, b"VP8 "),
+        "lossless": (rgb, {"lossless": True}, b"VP8L"),
+        "alpha": (rgba, {"quality": 80}, b"VP8X"),
+        "exif": (rgb, {"quality": 80, "exif": exif.tobytes()}, b"VP8X"),
+    }
+    for name, (pixels, options, chunk) in kinds.items():
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "WEBP", **options)
+        data = out.getvalue()
+        assert data[12:16] == chunk, name
+        assert image_header.image_size(data) == ("WEBP", 80, 48), name
+        assert image_header.check_decodable(data) == 80 * 48
+        assert image_decode.decode_upright(data).shape == (48, 80, 3)
+        (tmp_path / f"{name}.webp").write_bytes(data)
+    dataset = image_folder.load_folder(str(tmp_path))
+    assert len(dataset.paths) == 4
+    np.testing.assert_array_equal(dataset.image_sizes, [[48, 80]] * 4)
+    # A size beyond the limit is refused from the header alone.
+    with pytest.raises(image_header.ImageTooLarge):
+        image_header.check_decodable(data, max_pixels=80 * 48 - 1)
+
+
+def test_a_folder_names_the_photos_it_cannot_read(tmp_path, caplog):
+    upright = upright_image()
+    for i in range(3):
+        (tmp_path / f"IMG_{i}.jpg").write_bytes(camera_jpeg(upright, 1))
+    for i in range(2):
+        (tmp_path / f"IMG_{i}.HEIC").write_bytes(b"not decodable here")
+    (tmp_path / "IMG_0.xmp").write_text("sidecar")
+    dataset = image_folder.load_folder(str(tmp_path))
+    assert len(dataset.paths) == 3
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING"]
+    assert any("2 .heic" in m and "convert them to JPEG" in m
+               for m in warned), warned
+    # In a class folder the same file is an error that says the same.
+    labelled = tmp_path / "labelled"
+    (labelled / "cats").mkdir(parents=True)
+    (labelled / "cats" / "a.jpg").write_bytes(camera_jpeg(upright, 1))
+    (labelled / "cats" / "b.heic").write_bytes(b"x")
+    (labelled / "dogs").mkdir()
+    (labelled / "dogs" / "c.jpg").write_bytes(camera_jpeg(upright, 1))
+    with pytest.raises(ValueError, match="convert them to JPEG"):
+        image_folder.load_folder(str(labelled))

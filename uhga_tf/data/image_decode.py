@@ -159,11 +159,22 @@ def orient(image, orientation):
 
 
 def decode_upright(encoded):
-    """Decode one JPEG, PNG, GIF (first frame) or BMP to uint8 [h, w, 3] RGB,
-    turned upright by its EXIF orientation."""
+    """Decode one JPEG, PNG, GIF (first frame), BMP or still WebP to uint8
+    [h, w, 3] RGB (alpha dropped), turned upright by a JPEG's EXIF
+    orientation."""
     encoded = tf.convert_to_tensor(encoded, tf.string)
-    image = tf.io.decode_image(
-        encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    is_webp = tf.logical_and(
+        tf.equal(tf.strings.substr(encoded, 0, 4), "RIFF"),
+        tf.equal(tf.strings.substr(encoded, 8, 4), "WEBP"))
+    # TensorFlow's WebP decoder gives only the file's own channels (3, or 4
+    # with alpha), so alpha is dropped here, as the PNG decoder drops it.
+    image = tf.cond(
+        is_webp,
+        lambda: tf.io.decode_image(
+            encoded, expand_animations=False, dtype=tf.uint8)[..., :3],
+        lambda: tf.io.decode_image(
+            encoded, channels=3, expand_animations=False, dtype=tf.uint8))
+    image = tf.ensure_shape(image, [None, None, 3])
     # The common image without Exif takes one branch and no `switch_case`.
     return tf.cond(
         _names_exif(encoded),

@@ -40,7 +40,7 @@ from uhga_tf.data.image_dataset import PARTITIONS, UNLABELLED, ImageDataset
 # (`_PIL_FORMATS`), so a .gif would be listed and then refused.
 FOLDER_EXTENSIONS = tuple(e for e in image_header.EXTENSIONS if e != ".gif")
 
-_PIL_FORMATS = ("JPEG", "PNG", "BMP", "MPO")
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "MPO", "WEBP")
 
 
 def natural_key(name):
@@ -212,7 +212,7 @@ def _files_by_class(tree, parts):
             raise ValueError(
                 f"non-image file {tree.location(rel)}: class folders may "
                 f"only hold images with extensions {FOLDER_EXTENSIONS}"
-            )
+                + _unread_photo_hint(rel))
         files_by_class[part][pieces[-2]].append(pieces[-1])
     return files_by_class
 
@@ -319,7 +319,27 @@ def list_unlabelled_tree(tree):
         logging.info("Skipping %d files under %s that are not images (%s).",
                      len(tree.files) - len(images), tree.root,
                      ", ".join(FOLDER_EXTENSIONS))
+    unread = {}
+    for f in tree.files:
+        extension = os.path.splitext(f)[1].lower()
+        if extension in image_header.UNREAD_PHOTO_EXTENSIONS:
+            unread[extension] = unread.get(extension, 0) + 1
+    if unread:
+        # Photos, not sidecars: a library shot as HEIC would otherwise be
+        # left out with nothing but an INFO line.
+        logging.warning(
+            "Skipping %s under %s: photos that TensorFlow cannot decode%s",
+            ", ".join(f"{n} {e}" for e, n in sorted(unread.items())),
+            tree.root, _unread_photo_hint(next(iter(unread))))
     return sorted(images, key=natural_key)
+
+
+def _unread_photo_hint(name):
+    """What to do with a photo format no decoder here reads, or ""."""
+    if not name.lower().endswith(image_header.UNREAD_PHOTO_EXTENSIONS):
+        return ""
+    return ("; convert them to JPEG first (e.g. `heif-convert`, "
+            "`magick mogrify -format jpg`), keeping the EXIF orientation")
 
 
 def _is_unlabelled(tree, folder_labels):

@@ -1,6 +1,6 @@
 """Format and pixel size of an encoded image, read from its header only.
 
-`tf.io.decode_image` reads JPEG, PNG, GIF and BMP. Their headers state the
+`tf.io.decode_image` reads JPEG, PNG, GIF, BMP and WebP. Their headers state the
 image size, so a decompression bomb (a small file of a huge image) can be
 refused before any pixel is decoded: `check_decodable` is that guard, the
 one every path from bytes to pixels calls.
@@ -22,9 +22,17 @@ _MAGIC = (
     (b"GIF89a", "GIF"),
     (b"BM", "BMP"),
 )
-FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# One phrase for messages that name them.
+FORMAT_NAMES = "JPEG, PNG, GIF, BMP or WebP"
 # File name extensions of FORMATS (lower case), for finding images on disk.
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# Photo formats that no TensorFlow decoder reads (lower case), named when a
+# folder holds them so that a skipped library is never a silent one.
+UNREAD_PHOTO_EXTENSIONS = (".heic", ".heif", ".avif", ".tif", ".tiff",
+                           ".dng", ".cr2", ".nef", ".arw")
+# VP8X flags: the file is an animation (a sequence of frames).
+_WEBP_ANIMATION = 0x02
 # JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
         0xCE, 0xCF}
@@ -39,8 +47,10 @@ class ImageTooLarge(ImageRefused):
 
 
 def image_format(encoded):
-    """Return "JPEG", "PNG", "GIF" or "BMP", or None for anything else."""
-    encoded = bytes(encoded[:8])
+    """Return "JPEG", "PNG", "GIF", "BMP" or "WEBP", or None otherwise."""
+    encoded = bytes(encoded[:12])
+    if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
+        return "WEBP"
     for magic, name in _MAGIC:
         if encoded.startswith(magic):
             return name
@@ -70,6 +80,29 @@ def _jpeg_size(data):
             return None
         i += 2 + length
     return None
+
+
+def _webp_size(data):
+    """(width, height) from a WebP's first chunk: lossy "VP8 ", lossless
+    "VP8L" or extended "VP8X" (its canvas); None if cut short."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a" and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return (int.from_bytes(data[24:27], "little") + 1,
+                int.from_bytes(data[27:30], "little") + 1)
+    return None
+
+
+def webp_animated(data):
+    """Whether a WebP says it is an animation (TensorFlow decodes only
+    still WebP images to 3 channels)."""
+    return data[12:16] == b"VP8X" and len(data) > 20 and bool(
+        data[20] & _WEBP_ANIMATION)
 
 
 def _skip_sub_blocks(data, i):
@@ -121,7 +154,7 @@ def image_size(encoded):
 
     Width and height are None when the header is cut short or malformed
     (the decoder then reports the problem); format is None when the bytes
-    are not a JPEG, PNG, GIF or BMP image.
+    are not a JPEG, PNG, GIF, BMP or WebP image.
     """
     data = bytes(encoded)
     kind = image_format(data)
@@ -135,6 +168,8 @@ def image_size(encoded):
         size = abs(width), abs(height)
     elif kind == "JPEG":
         size = _jpeg_size(data)
+    elif kind == "WEBP":
+        size = _webp_size(data)
     if size is None:
         return kind, None, None
     return kind, int(size[0]), int(size[1])
@@ -168,7 +203,8 @@ def check_decodable(encoded, max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     Every path that turns bytes into pixels (serving, the search page and
     its thumbnails, the index builder, the search CLI, folder datasets)
     calls this first, so the limit holds whatever the decoder would do:
-    the image must be a JPEG, PNG, GIF or BMP whose header states its size
+    the image must be a JPEG, PNG, GIF, BMP or still WebP whose header
+    states its size
     (bytes that cannot be sized are refused, since decoders skip junk that
     a header reader cannot), and all the pixels it decodes to, every GIF
     frame included, must be at most `max_pixels`.
@@ -183,9 +219,13 @@ def check_decodable(encoded, max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     kind, width, height, pixels = decoded_pixels(encoded)
     if kind is None:
         raise ImageRefused(
-            f"{where} is not a JPEG, PNG, GIF or BMP image (first bytes "
+            f"{where} is not a {FORMAT_NAMES} image (first bytes "
             f"{bytes(encoded[:8])!r})"
         )
+    if kind == "WEBP" and webp_animated(bytes(encoded[:32])):
+        raise ImageRefused(
+            f"{where} is an animated WebP, which the decoder does not read; "
+            "send one frame as a still image")
     if pixels is None:
         raise ImageRefused(
             f"{where} is not a well-formed {kind}: its size cannot be read "

@@ -74,7 +74,7 @@ def check_warmup_images(warmup_images):
     """Refuse warm-up images the server would refuse (ValueError).
 
     The decode guard every request path runs (`image_header.check_decodable`:
-    JPEG, PNG, GIF or BMP within the default pixel limit), and the default
+    JPEG, PNG, GIF, BMP or WebP within the default pixel limit), and the default
     per-request pixel limit over all of them.
     """
     total = 0
