@@ -167,6 +167,17 @@ def test_result_grids_show_photos_upright():
     blue = np.argwhere((grid[..., 2] > 200) & (grid[..., 0] < 60))
     assert len(red) > 200 and len(blue) > 200
     assert red[:, 0].mean() < blue[:, 0].mean()
+    # Only a JPEG's tag is applied, as by the decoder: a WebP carrying one
+    # is shown as stored, as it was coded.
+    exif = Image.Exif()
+    exif[image_decode.ORIENTATION_TAG] = 6
+    out = io.BytesIO()
+    Image.fromarray(upright).save(out, "WEBP", lossless=True,
+                                  exif=exif.tobytes())
+    webp = Image.open(io.BytesIO(out.getvalue()))
+    assert image_decode.exif_orientation(out.getvalue()).numpy() == 1
+    np.testing.assert_array_equal(
+        np.asarray(result_grid.shown_upright(webp).convert("RGB")), upright)
 
 
 def test_webp_sizes_are_read_from_each_kind_of_header(tmp_path):

@@ -10,7 +10,8 @@ portrait and in landscape would get far-apart codes.
 `decode_upright` is the one decoder from bytes to pixels: feature
 extraction, the CIFAR-10 loader and the exported SavedModel's
 `encode_image_bytes` signature all call it, so a model serves exactly what
-it was trained on. The tag is read with TensorFlow's own string and gather
+it was trained on (and `result_grid.shown_upright` shows pictures the same
+way). The tag is read with TensorFlow's own string and gather
 ops, so the exported graph still runs on stock TF-Serving.
 
 Only JPEG's EXIF (an APP1 segment starting "Exif\\0\\0") is read; PNG, GIF

@@ -33,6 +33,15 @@ class Tile:
     relevant: bool | None = None
 
 
+def shown_upright(image):
+    """A PIL image turned as `image_decode.decode_upright` turns its pixels
+    (a JPEG by its EXIF orientation, anything else as stored), so what a
+    user looks at is what was coded."""
+    if image.format in ("JPEG", "MPO"):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def grid_size(n_rows, n_columns, tile_size):
     """Return the (width, height) in pixels of a grid of tiles."""
     width = n_columns * (tile_size + PAD) + PAD
@@ -61,9 +70,8 @@ def render_result_grid(rows, tile_size=128):
         top = PAD + r * (tile_size + CAPTION_HEIGHT + PAD)
         for c, tile in enumerate(row):
             left = PAD + c * (tile_size + PAD)
-            # Shown upright, as the codes were computed (`image_decode`).
             image = ImageOps.contain(
-                ImageOps.exif_transpose(tile.image).convert("RGB"),
+                shown_upright(tile.image).convert("RGB"),
                 (tile_size, tile_size))
             canvas.paste(
                 image,

@@ -29,11 +29,12 @@ import urllib.parse
 
 from absl import logging
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from uhga_tf.data import image_header
 from uhga_tf.retrieval import live_index
 from uhga_tf.retrieval import pipeline
+from uhga_tf.retrieval import result_grid
 from uhga_tf.saved_model import wire_names
 from uhga_tf.serving import http_server
 from uhga_tf.serving import rest
@@ -242,8 +243,7 @@ class SearchService:
         try:
             with self._tiles_lock:
                 image = self._tiles(metadata.get("source"))
-            # Upright, as the codes were computed (`image_decode`).
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = result_grid.shown_upright(image).convert("RGB")
         except (OSError, ValueError, TypeError,
                 Image.DecompressionBombError) as e:
             raise SearchError(
