@@ -11,6 +11,7 @@ from uhga_tf.data import image_decode
 from uhga_tf.data import image_folder
 from uhga_tf.data import feature_cache
 from uhga_tf.data import image_header
+from uhga_tf.retrieval import pipeline
 from uhga_tf.retrieval import result_grid
 
 # What each EXIF orientation asks a viewer to do to the stored pixels,
@@ -220,10 +221,13 @@ def test_a_folder_names_the_photos_it_cannot_read(tmp_path, caplog):
     (tmp_path / "IMG_0.xmp").write_text("sidecar")
     dataset = image_folder.load_folder(str(tmp_path))
     assert len(dataset.paths) == 3
+    # The index builder's listing says the same.
+    paths, _, _ = pipeline.find_images(str(tmp_path))
+    assert len(paths) == 3
     warned = [r.getMessage() for r in caplog.records
               if r.levelname == "WARNING"]
-    assert any("2 .heic" in m and "convert them to JPEG" in m
-               for m in warned), warned
+    assert sum("skipped 2 .heic: photos that TensorFlow cannot decode; "
+               "convert them to JPEG" in m for m in warned) == 2, warned
     # In a class folder the same file is an error that says the same.
     labelled = tmp_path / "labelled"
     (labelled / "cats").mkdir(parents=True)
@@ -231,5 +235,6 @@ def test_a_folder_names_the_photos_it_cannot_read(tmp_path, caplog):
     (labelled / "cats" / "b.heic").write_bytes(b"x")
     (labelled / "dogs").mkdir()
     (labelled / "dogs" / "c.jpg").write_bytes(camera_jpeg(upright, 1))
-    with pytest.raises(ValueError, match="convert them to JPEG"):
+    with pytest.raises(ValueError, match="cannot decode .heic photos: "
+                       "convert them to JPEG"):
         image_folder.load_folder(str(labelled))

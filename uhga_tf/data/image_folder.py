@@ -209,10 +209,12 @@ def _files_by_class(tree, parts):
                 )
             )
         if not rel.lower().endswith(FOLDER_EXTENSIONS):
+            unread = image_header.unread_photos([rel])
             raise ValueError(
                 f"non-image file {tree.location(rel)}: class folders may "
                 f"only hold images with extensions {FOLDER_EXTENSIONS}"
-                + _unread_photo_hint(rel))
+                + (f"; TensorFlow cannot decode {next(iter(unread))} "
+                   f"photos: {image_header.CONVERT_HINT}" if unread else ""))
         files_by_class[part][pieces[-2]].append(pieces[-1])
     return files_by_class
 
@@ -319,27 +321,13 @@ def list_unlabelled_tree(tree):
         logging.info("Skipping %d files under %s that are not images (%s).",
                      len(tree.files) - len(images), tree.root,
                      ", ".join(FOLDER_EXTENSIONS))
-    unread = {}
-    for f in tree.files:
-        extension = os.path.splitext(f)[1].lower()
-        if extension in image_header.UNREAD_PHOTO_EXTENSIONS:
-            unread[extension] = unread.get(extension, 0) + 1
+    unread = image_header.unread_photos(tree.files)
     if unread:
         # Photos, not sidecars: a library shot as HEIC would otherwise be
         # left out with nothing but an INFO line.
-        logging.warning(
-            "Skipping %s under %s: photos that TensorFlow cannot decode%s",
-            ", ".join(f"{n} {e}" for e, n in sorted(unread.items())),
-            tree.root, _unread_photo_hint(next(iter(unread))))
+        logging.warning("%s: %s", tree.root,
+                        image_header.unread_photos_note(unread))
     return sorted(images, key=natural_key)
-
-
-def _unread_photo_hint(name):
-    """What to do with a photo format no decoder here reads, or ""."""
-    if not name.lower().endswith(image_header.UNREAD_PHOTO_EXTENSIONS):
-        return ""
-    return ("; convert them to JPEG first (e.g. `heif-convert`, "
-            "`magick mogrify -format jpg`), keeping the EXIF orientation")
 
 
 def _is_unlabelled(tree, folder_labels):

@@ -6,6 +6,7 @@ refused before any pixel is decoded: `check_decodable` is that guard, the
 one every path from bytes to pixels calls.
 """
 
+import os
 import struct
 
 # 4096 x 4096: ~50 MB of decoded RGB per image.
@@ -31,6 +32,8 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # folder holds them so that a skipped library is never a silent one.
 UNREAD_PHOTO_EXTENSIONS = (".heic", ".heif", ".avif", ".tif", ".tiff",
                            ".dng", ".cr2", ".nef", ".arw")
+CONVERT_HINT = ("convert them to JPEG first (e.g. `heif-convert`, "
+                 "`magick mogrify -format jpg`), keeping the EXIF orientation")
 # VP8X flags: the file is an animation (a sequence of frames).
 _WEBP_ANIMATION = 0x02
 # JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC).
@@ -44,6 +47,27 @@ class ImageRefused(ValueError):
 
 class ImageTooLarge(ImageRefused):
     """An image that decodes to more pixels than the limit allows."""
+
+
+def unread_photos(names):
+    """{extension: count} of the file names that are photos in a format
+    no TensorFlow decoder reads (`UNREAD_PHOTO_EXTENSIONS`)."""
+    counts = {}
+    for name in names:
+        extension = os.path.splitext(name)[1].lower()
+        if extension in UNREAD_PHOTO_EXTENSIONS:
+            counts[extension] = counts.get(extension, 0) + 1
+    return counts
+
+
+def unread_photos_note(counts):
+    """What a user is told about `unread_photos` counts (a listing that
+    skipped them): how many of each and what to do; "" for none."""
+    if not counts:
+        return ""
+    listed = ", ".join(f"{n} {e}" for e, n in sorted(counts.items()))
+    return (f"skipped {listed}: photos that TensorFlow cannot decode; "
+            + CONVERT_HINT)
 
 
 def image_format(encoded):

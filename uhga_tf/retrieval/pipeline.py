@@ -123,7 +123,7 @@ def find_images(images_dir):
     images_dir = os.path.abspath(os.fspath(images_dir))
     if not os.path.isdir(images_dir):
         raise FileNotFoundError(f"no image directory {images_dir}")
-    paths = []
+    paths, unread = [], {}
     for root, dirs, files in os.walk(images_dir):
         dirs.sort()
         paths.extend(
@@ -131,6 +131,11 @@ def find_images(images_dir):
             for name in sorted(files)
             if name.lower().endswith(image_header.EXTENSIONS)
         )
+        for extension, n in image_header.unread_photos(files).items():
+            unread[extension] = unread.get(extension, 0) + n
+    if unread:
+        logging.warning("%s: %s", images_dir,
+                        image_header.unread_photos_note(unread))
     if not paths:
         raise ValueError(
             f"no {'/'.join(image_header.EXTENSIONS)} images under {images_dir}"
