@@ -142,6 +142,8 @@ def orient(image, orientation):
 
     Orientations 5 to 8 swap height and width.
     """
+    # Slices and one transpose: tf.image.rot90's shape assertion inside a
+    # loop (the serving graph's map_fn) makes TF log a warning per load.
     def transpose(x):
         return tf.transpose(x, [1, 0, 2])
 
@@ -151,9 +153,9 @@ def orient(image, orientation):
         lambda: image[::-1, ::-1],                    # 3: upside down
         lambda: image[::-1],                          # 4: flipped
         lambda: transpose(image),                     # 5: transposed
-        lambda: tf.image.rot90(image, k=3),           # 6: turn clockwise
+        lambda: transpose(image)[:, ::-1],            # 6: turn clockwise
         lambda: transpose(image)[::-1, ::-1],         # 7: transverse
-        lambda: tf.image.rot90(image, k=1),           # 8: turn anticlockwise
+        lambda: transpose(image)[::-1],               # 8: turn anticlockwise
     ]
     index = tf.clip_by_value(tf.cast(orientation, tf.int32) - 1, 0, 7)
     return tf.switch_case(index, branches)
