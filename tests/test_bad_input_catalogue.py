@@ -31,6 +31,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 import hostile_inputs
 import model_fixtures
 from train_fixtures import write_feature_file
+from uhga_tf.data import image_header
 from uhga_tf.data import splits
 from uhga_tf import saved_model
 from uhga_tf.retrieval.hamming_index import HammingIndex
@@ -892,7 +893,7 @@ def test_search_cli_bomb_is_one_line(tmp_path):
     code, line = cli("search", f"--index={directory}",
                      f"--model={tmp_path}", str(query))
     assert_one_line(code, line, "search", "bomb.png", "20000x20000",
-                    "max_pixels=16000000")
+                    f"max_pixels={image_header.COLLECTION_MAX_IMAGE_PIXELS}")
 
 
 def test_folder_dataset_image_check_applies_the_guard():

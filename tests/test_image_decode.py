@@ -238,3 +238,57 @@ def test_a_folder_names_the_photos_it_cannot_read(tmp_path, caplog):
     with pytest.raises(ValueError, match="cannot decode .heic photos: "
                        "convert them to JPEG"):
         image_folder.load_folder(str(labelled))
+
+
+def test_camera_photos_are_read_and_bigger_ones_refused_by_name(tmp_path):
+    """A 24 MP camera photo (6000 x 4000, over the 4096 x 4096 that bounds
+    what others send) is read from a user's own folder; one over 8192 x
+    8192 is refused as too large, not as corrupt."""
+    small = upright_image(40, 60)
+    Image.fromarray(small).resize((6000, 4000)).save(
+        tmp_path / "DSC_0001.jpg", quality=80)
+    for i in range(3):
+        Image.fromarray(small).save(tmp_path / f"IMG_{i}.jpg")
+    dataset = image_folder.load_folder(str(tmp_path))
+    assert sorted(map(tuple, dataset.image_sizes)) == (
+        [(40, 60)] * 3 + [(4000, 6000)])
+    # An 8200 x 8200 image, cheap to write because it is one colour.
+    Image.new("RGB", (8200, 8200), (9, 9, 9)).save(
+        tmp_path / "DSC_0002.jpg", quality=50)
+    with pytest.raises(ValueError, match="image too large .*DSC_0002.jpg: "
+                       "image is a 8200x8200 JPEG"):
+        image_folder.load_folder(str(tmp_path))
+    kept = image_folder.load_folder(str(tmp_path), skip_corrupt=True)
+    assert len(kept.paths) == 4
+
+
+class _CountingEncoder:
+    """Records the number of images in each encode call."""
+
+    code_length = 8
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_image_bytes(self, blobs):
+        self.calls.append(len(blobs))
+        return None, np.full((len(blobs), 1), len(self.calls), np.uint8)
+
+
+def test_encode_calls_hold_at_most_the_pixel_budget():
+    """index build and Beam split a batch of big photos into calls of at
+    most `max_call_pixels` decoded pixels (a refused image takes none)."""
+    blobs = []
+    for width in (100, 100, 300, 100, 100):
+        out = io.BytesIO()
+        Image.new("RGB", (width, 100)).save(out, "PNG")
+        blobs.append(out.getvalue())
+    blobs.insert(2, b"not an image")
+    encoder = _CountingEncoder()
+    packed, reasons = pipeline.encode_blobs(
+        encoder, blobs, max_call_pixels=30_000)
+    # 10k + 10k | (refused) | 30k | 10k + 10k
+    assert encoder.calls == [2, 1, 2]
+    assert [r is None for r in reasons] == [True, True, False, True, True,
+                                            True]
+    assert packed[:, 0].tolist() == [1, 1, 0, 2, 3, 3]

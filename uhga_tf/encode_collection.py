@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from uhga_tf import cli_errors
+from uhga_tf.data import image_header
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "SavedModel directory (models/uhga/1).")
@@ -35,7 +36,8 @@ flags.DEFINE_integer("threads_per_worker", None,
                      "TensorFlow threads per worker; default: the cores split "
                      "among --num_workers (DirectRunner), else TF's own.",
                      lower_bound=1)
-flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+flags.DEFINE_integer("max_image_pixels",
+                     image_header.COLLECTION_MAX_IMAGE_PIXELS,
                      "Largest width * height an image may decode to (every "
                      "GIF frame counted); larger ones become dead letters.",
                      lower_bound=1)

@@ -22,6 +22,7 @@ from absl import flags
 
 from uhga_tf import cli_errors
 from uhga_tf import retrieval
+from uhga_tf.data import image_header
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "SavedModel directory (models/uhga/1).")
@@ -47,7 +48,8 @@ flags.DEFINE_integer("batch_size", 64, "Images per encode call.",
 flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress).")
 flags.DEFINE_bool("skip_corrupt", False,
                   "Skip undecodable images instead of failing.")
-flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+flags.DEFINE_integer("max_image_pixels",
+                     image_header.COLLECTION_MAX_IMAGE_PIXELS,
                      "Largest width * height an image may decode to (every "
                      "GIF frame counted); larger ones are refused.",
                      lower_bound=1)

@@ -17,6 +17,7 @@ from absl import flags
 from uhga_tf import cli_errors
 from uhga_tf import flags_util
 from uhga_tf import retrieval
+from uhga_tf.data import image_header
 
 FLAGS = flags.FLAGS
 flags_util.define_query_flags()
@@ -26,7 +27,7 @@ flags.DEFINE_integer("tile_size", 128, "Grid tile size in pixels.",
                      lower_bound=16)
 flags.DEFINE_string("query_label", None,
                     "Class of the queries (default: parent folder name).")
-flags.DEFINE_integer("max_pixels", 16_000_000,
+flags.DEFINE_integer("max_pixels", image_header.COLLECTION_MAX_IMAGE_PIXELS,
                      "Largest width * height a query may decode to (every "
                      "GIF frame counted).",
                      lower_bound=1)

@@ -28,8 +28,9 @@ flags.DEFINE_integer("port", 8080, "Port; 0 picks a free one.")
 flags.DEFINE_integer("max_upload_bytes", 8 * 1024 * 1024,
                      "Largest accepted upload.", lower_bound=1)
 flags.DEFINE_integer("max_pixels", 16_000_000,
-                     "Largest width * height an upload or thumbnail may "
-                     "decode to (every GIF frame counted).",
+                     "Largest width * height an upload may decode to (every "
+                     "GIF frame counted); thumbnails of indexed files take "
+                     "the limit of a user's own files (8192 x 8192).",
                      lower_bound=1)
 flags.DEFINE_float("index_poll_s", 1.0,
                    "Seconds between checks for a changed index (index "

@@ -240,7 +240,7 @@ def _class_names(tree, files_by_class, parts, expected_classes):
 
 
 def check_image_bytes(data,
-                      max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
+                      max_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS):
     """Return (height, width) of an encoded image; raise ValueError if bad.
 
     The decode guard (`image_header.check_decodable`) runs first, so a
@@ -293,8 +293,10 @@ def verify_images(tree, rels, skip_corrupt):
                 sizes[i] = check_image_bytes(data)
             except ValueError as e:
                 if not skip_corrupt:
+                    what = ("image too large" if isinstance(
+                        e, image_header.ImageTooLarge) else "corrupt image")
                     raise ValueError(
-                        f"corrupt image {tree.location(rel)}: {e}; pass "
+                        f"{what} {tree.location(rel)}: {e}; pass "
                         "skip_corrupt=True to skip such files"
                     ) from e
                 bad.append((i, str(e)))

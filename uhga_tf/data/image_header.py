@@ -9,8 +9,13 @@ one every path from bytes to pixels calls.
 import os
 import struct
 
-# 4096 x 4096: ~50 MB of decoded RGB per image.
+# 4096 x 4096: ~50 MB of decoded RGB per image. The limit of what others
+# send (the server, the search page's uploads).
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# 8192 x 8192 (64 Mi pixels, ~200 MB of decoded RGB): the limit of a user's
+# own files (training on a folder, index build, Beam encoding, a search
+# query, thumbnails), so 24 MP camera and 48 / 50 MP phone photos are read.
+COLLECTION_MAX_IMAGE_PIXELS = 8192 * 8192
 # 64 Mi pixels per request (~200 MB decoded RGB): the server's default, and
 # what an export's warm-up images must fit.
 DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024

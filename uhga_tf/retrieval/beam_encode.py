@@ -55,7 +55,7 @@ class CollectionConfig:
     batch_size: int = 64
     beam_args: tuple = ()
     threads_per_worker: int = 0
-    max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int = image_header.COLLECTION_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -72,7 +72,7 @@ class EncodeBatchDoFn(beam.DoFn):
     """
 
     def __init__(self, model_dir, threads=0,
-                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
+                 max_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS):
         self._model_dir = model_dir
         self._threads = threads
         self._max_pixels = max_pixels

@@ -158,7 +158,7 @@ def build_index(
     batch_size=64,
     progress=True,
     skip_corrupt=False,
-    max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS,
     search=None,
 ):
     """Encode an image folder or a dataset and save a `HammingIndex`.
@@ -284,7 +284,7 @@ def search_images(
     server=None,
     model_name=wire_names.DEFAULT_MODEL_NAME,
     query_label=None,
-    max_image_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS,
 ):
     """Encode query images and return one `QueryResult` per query.
 
@@ -421,8 +421,9 @@ def _encode_files(encoder, paths, ids, batch_size, progress, checks):
 
 
 def encode_blobs(encoder, blobs, names=None,
-                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
-    """Encode encoded images in one batch, isolating the bad ones.
+                 max_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS,
+                 max_call_pixels=image_header.DEFAULT_MAX_REQUEST_PIXELS):
+    """Encode encoded images in as few calls as fit, isolating bad ones.
 
     `names` (e.g. paths) name the images in the reasons.
 
@@ -431,33 +432,41 @@ def encode_blobs(encoder, blobs, names=None,
         None for an encoded image, else why image i was refused; its row
         of packed_codes is then zeros. Images the decode guard
         (`image_header.check_decodable` with `max_pixels`) refuses never
-        reach the model; the others go in one call, or one by one when the
-        decoder refuses one of them.
+        reach the model; the others go in calls of at most
+        `max_call_pixels` decoded pixels (the server's request budget, so
+        a batch of camera photos decodes in bounded memory), or one by one
+        when the decoder refuses one of them.
     """
     import tensorflow as tf
 
     names = names or [f"image {i}" for i in range(len(blobs))]
-    reasons = []
-    for blob, name in zip(blobs, names):
+    reasons, calls = [], [[]]
+    budget = 0
+    for i, (blob, name) in enumerate(zip(blobs, names)):
         try:
-            image_header.check_decodable(blob, max_pixels, name)
+            pixels = image_header.check_decodable(blob, max_pixels, name)
             reasons.append(None)
         except image_header.ImageRefused as e:
             reasons.append(str(e))
-    good = [i for i, r in enumerate(reasons) if r is None]
+            continue
+        if calls[-1] and budget + pixels > max_call_pixels:
+            calls.append([])
+            budget = 0
+        calls[-1].append(i)
+        budget += pixels
     rows = {}
-    try:
-        if good:
+    for good in filter(None, calls):
+        try:
             packed = encoder.encode_image_bytes([blobs[i] for i in good])[1]
-            rows = dict(zip(good, packed))
-    except tf.errors.InvalidArgumentError:
-        # A header that passed the guard but pixels that do not decode:
-        # find the offending image(s) one by one.
-        for i in good:
-            try:
-                rows[i] = encoder.encode_image_bytes([blobs[i]])[1][0]
-            except tf.errors.InvalidArgumentError as e:
-                reasons[i] = io_utils.tf_error_line(e)
+            rows.update(zip(good, packed))
+        except tf.errors.InvalidArgumentError:
+            # A header that passed the guard but pixels that do not
+            # decode: find the offending image(s) one by one.
+            for i in good:
+                try:
+                    rows[i] = encoder.encode_image_bytes([blobs[i]])[1][0]
+                except tf.errors.InvalidArgumentError as e:
+                    reasons[i] = io_utils.tf_error_line(e)
     packed = np.zeros((len(blobs), (encoder.code_length or 0) // 8),
                       np.uint8)
     for i, row in rows.items():
@@ -495,7 +504,7 @@ def _read_file(path):
         return f.read()
 
 
-def _read_query(path, max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
+def _read_query(path, max_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS):
     """Read a query file and check that it decodes as an image."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no query image {path}")
@@ -518,7 +527,7 @@ class _TileLoader:
     """Open a result source: a file path or "dataset:NAME:INDEX"."""
 
     def __init__(self, info,
-                 max_pixels=image_header.DEFAULT_MAX_IMAGE_PIXELS):
+                 max_pixels=image_header.COLLECTION_MAX_IMAGE_PIXELS):
         self._info = info
         self._images = None
         self._max_pixels = max_pixels

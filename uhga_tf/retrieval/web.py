@@ -118,9 +118,10 @@ class SearchService:
             )
         self.config = config or WebConfig()
         self._live = live_index.LiveIndex(index_dir, self.config.index_poll_s)
-        self._tiles = pipeline._TileLoader(
-            self.index.info, self.config.max_pixels
-        )
+        # Thumbnails show the user's own indexed files, under the limit
+        # their indexing had (the loader's default); `max_pixels` bounds
+        # what others upload.
+        self._tiles = pipeline._TileLoader(self.index.info)
         self._tiles_lock = threading.Lock()
         if server is not None:
             self._encode = _server_encoder(server, model_name)
