@@ -210,6 +210,14 @@ def test_webp_sizes_are_read_from_each_kind_of_header(tmp_path):
     # A size beyond the limit is refused from the header alone.
     with pytest.raises(image_header.ImageTooLarge):
         image_header.check_decodable(data, max_pixels=80 * 48 - 1)
+    # The guard reads a VP8X file's canvas; one that understates its frame
+    # (a 10 x 10 canvas over the 80 x 48 frame) is refused by the decoder,
+    # so the canvas bounds what is decoded.
+    lying = bytearray(data)
+    lying[24:27] = lying[27:30] = (9).to_bytes(3, "little")
+    assert image_header.check_decodable(bytes(lying)) == 100
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        image_decode.decode_upright(bytes(lying))
 
 
 def test_a_folder_names_the_photos_it_cannot_read(tmp_path, caplog):
