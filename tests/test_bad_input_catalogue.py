@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -46,15 +47,29 @@ INT64_MAX = 2**63 - 1
 # Helpers ------------------------------------------------------------------
 
 
+# What TensorFlow's bundled gRPC printed before aborting a child process
+# (SIGABRT), once in about fifteen CI runs under load, before the command
+# under test wrote its line; unrelated to any command's own behaviour.
+_GRPC_EPOLL_ABORT = "epoll_wait error"
+
+
 def cli(verb, *args, timeout=120, preexec_fn=None):
-    """Run `python -m uhga_tf.<verb>`; return (exit code, last stderr line)."""
-    result = subprocess.run(
-        [sys.executable, "-m", f"uhga_tf.{verb}", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        preexec_fn=preexec_fn,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
-             "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    """Run `python -m uhga_tf.<verb>`; return (exit code, last stderr line).
+
+    A child that TensorFlow's gRPC event engine aborted (`_GRPC_EPOLL_ABORT`)
+    is run once more, and only once; every assertion applies to that run.
+    """
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", f"uhga_tf.{verb}", *args],
+            cwd=REPO, capture_output=True, text=True, timeout=timeout,
+            preexec_fn=preexec_fn,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
+                 "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+        if not (result.returncode == -signal.SIGABRT
+                and _GRPC_EPOLL_ABORT in result.stderr):
+            break
     lines = result.stderr.strip().splitlines()
     ours = [x for x in lines if x.startswith(f"uhga_tf.{verb}:")]
     # TF may log after our line at exit; ours is still the only one.
