@@ -229,13 +229,18 @@ def test_a_folder_names_the_photos_it_cannot_read(tmp_path, caplog):
     (tmp_path / "IMG_0.xmp").write_text("sidecar")
     dataset = image_folder.load_folder(str(tmp_path))
     assert len(dataset.paths) == 3
-    # The index builder's listing says the same.
+    # The index builder's listing says the same, and so does Beam's for a
+    # glob.
     paths, _, _ = pipeline.find_images(str(tmp_path))
     assert len(paths) == 3
+    from uhga_tf.retrieval import beam_encode
+
+    sources, _, _ = beam_encode.list_collection(str(tmp_path / "IMG_*"))
+    assert len(sources) == 3
     warned = [r.getMessage() for r in caplog.records
               if r.levelname == "WARNING"]
     assert sum("skipped 2 .heic: photos that TensorFlow cannot decode; "
-               "convert them to JPEG" in m for m in warned) == 2, warned
+               "convert them to JPEG" in m for m in warned) == 3, warned
     # In a class folder the same file is an error that says the same.
     labelled = tmp_path / "labelled"
     (labelled / "cats").mkdir(parents=True)

@@ -125,10 +125,13 @@ def list_collection(images):
     if os.path.isdir(images):
         return pipeline.find_images(images)
     (result,) = FileSystems.match([images])
+    matched = [m.path for m in result.metadata_list]
     sources = sorted(
-        m.path for m in result.metadata_list
-        if m.path.lower().endswith(image_header.EXTENSIONS)
-    )
+        p for p in matched if p.lower().endswith(image_header.EXTENSIONS))
+    unread = image_header.unread_photos(matched)
+    if unread:
+        logging.warning("%s: %s", images,
+                        image_header.unread_photos_note(unread))
     if not sources:
         raise ValueError(f"no images match {images!r}")
     return sources, None, None
