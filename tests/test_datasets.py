@@ -228,12 +228,14 @@ def test_folder_train_test_grayscale_and_resize(tmp_path):
     np.testing.assert_array_equal(
         batch.numpy()[0], np.repeat(gray[..., None], 3, -1).astype(np.float32)
     )
+    # 6 x 6 shrinks to 3 x 3: bilinear with the antialiasing filter.
     (batch,) = list(ds.to_tf_dataset([1, 0], 3, 8))
     expected = tf.image.resize(
         np.stack([_tf_decode(ds.paths[1]), _tf_decode(ds.paths[0])]).astype(
             np.float32
         ),
         (3, 3),
+        antialias=True,
     ).numpy()
     np.testing.assert_allclose(batch.numpy(), expected, atol=1e-4)
 

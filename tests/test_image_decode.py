@@ -305,3 +305,45 @@ def test_encode_calls_hold_at_most_the_pixel_budget():
     assert [r is None for r in reasons] == [True, True, False, True, True,
                                             True]
     assert packed[:, 0].tolist() == [1, 1, 0, 2, 3, 3]
+
+
+def test_resize_filters_only_what_shrinks():
+    """Growing (CIFAR-10's 32 px to 160) is plain bilinear, bit for bit;
+    the same size is the image itself; shrinking a noisy photo averages
+    its noise where plain bilinear sampling kept it."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(
+        image_decode.resize_square(small, 160).numpy(),
+        tf.image.resize(tf.cast(small, tf.float32), [160, 160],
+                        "bilinear", antialias=False).numpy())
+    same = rng.integers(0, 256, (1, 40, 40, 3)).astype(np.float32)
+    np.testing.assert_array_equal(
+        image_decode.resize_square(same, 40).numpy(), same)
+    # Grey 128 plus noise of std 20 at 1,280 px, shrunk to 160 (8 x 8
+    # source pixels per output pixel).
+    noisy = 128 + rng.normal(0, 20, (1, 1280, 1280, 3)).astype(np.float32)
+    shrunk = image_decode.resize_square(noisy, 160).numpy()
+    plain = tf.image.resize(noisy, [160, 160], "bilinear",
+                            antialias=False).numpy()
+    assert plain.std() > 9.0  # bilinear reads 4 of the 64 pixels
+    assert shrunk.std() < 3.5  # the filter averages all of them
+    assert abs(float(shrunk.mean()) - 128) < 0.2
+    # One side shrinking is enough to filter.
+    wide = 128 + rng.normal(0, 20, (1, 40, 1280, 3)).astype(np.float32)
+    assert image_decode.resize_square(wide, 160).numpy().std() < 9.0
+
+
+def test_feature_cache_keys_name_the_decoding_where_it_matters():
+    class Arrays:
+        name, source = "toy", "arrays"
+
+        def __init__(self, side):
+            self.images = np.zeros((3, side, side, 3), np.uint8)
+
+    grows = feature_cache.feature_cache_key(
+        Arrays(32), np.arange(3), "tiny_cnn", image_size=160)
+    shrinks = feature_cache.feature_cache_key(
+        Arrays(256), np.arange(3), "tiny_cnn", image_size=160)
+    assert "decode" not in grows  # CIFAR-10's stored features stay valid
+    assert shrinks["decode"] == image_decode.DECODE

@@ -344,9 +344,13 @@ def feature_cache_key(
     }
     if runtime != "tensorflow":  # keys of TensorFlow features predate this
         key["runtime"] = runtime
-    if getattr(image_dataset, "paths", None) is not None:
-        # Files read lazily are decoded upright by their EXIF orientation
-        # (`image_decode`); features cached before that are not reused.
+    images = getattr(image_dataset, "images", None)
+    if getattr(image_dataset, "paths", None) is not None or (
+            images is not None and max(images.shape[1:3]) > size):
+        # Files are decoded upright by their EXIF orientation, and images
+        # larger than the input are shrunk with an antialiasing filter
+        # (`image_decode`); features cached before either are not reused.
+        # CIFAR-10's and Fashion-MNIST's arrays only grow, as before.
         key["decode"] = image_decode.DECODE
     return key
 

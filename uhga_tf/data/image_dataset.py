@@ -108,7 +108,8 @@ class ImageDataset:
 
         Images come in `indices` order, unshuffled; the last batch may be
         partial. With an int `image_size` every image is bilinearly resized
-        (no antialiasing, no rounding) to image_size x image_size; with
+        (antialiased where it shrinks, `image_decode.resize_square`; no
+        rounding) to image_size x image_size; with
         `image_size=None` the native size is kept, which requires all
         selected images to share one size. Grayscale becomes 3 channels.
         `paths` datasets are read and decoded lazily, in parallel.
@@ -189,7 +190,7 @@ def _array_batches(images, indices, image_size, batch_size):
     def gather(batch_indices):
         batch = tf.cast(tf.gather(constant, batch_indices), tf.float32)
         if target is not None:
-            batch = tf.image.resize(batch, target, method="bilinear")
+            batch = image_decode.resize_square(batch, target[0])
         return batch
 
     ds = tf.data.Dataset.from_tensor_slices(indices)
@@ -224,13 +225,7 @@ def _decoded_batches(encoded, image_size, native, batch_size):
         image = tf.cast(image_decode.decode_upright(data), tf.float32)
         if image_size is None:
             return tf.ensure_shape(image, (native[0], native[1], 3))
-        shape = tf.shape(image)[:2]
-        size = tf.constant([image_size, image_size])
-        return tf.cond(
-            tf.reduce_all(tf.equal(shape, size)),
-            lambda: tf.ensure_shape(image, (None, None, 3)),
-            lambda: tf.image.resize(image, size, method="bilinear"),
-        )
+        return image_decode.resize_square(image[tf.newaxis], image_size)[0]
 
     ds = encoded.map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True

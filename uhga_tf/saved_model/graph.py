@@ -22,7 +22,8 @@ from uhga_tf.saved_model import wire_names
 
 
 def preprocess_images(images, image_size):
-    """Resize images to the backbone input (bilinear, no antialias).
+    """Resize images to the backbone input (`image_decode.resize_square`:
+    bilinear, antialiased when shrinking), as training's pipeline does.
 
     Args:
         images: uint8 or float [n, h, w, 3] RGB in [0, 255]; any h, w.
@@ -31,10 +32,7 @@ def preprocess_images(images, image_size):
     Returns:
         float32 [n, image_size, image_size, 3] in [0, 255].
     """
-    images = tf.cast(images, tf.float32)
-    return tf.image.resize(
-        images, [image_size, image_size], method="bilinear", antialias=False
-    )
+    return image_decode.resize_square(images, image_size)
 
 
 def decode_image_bytes(image_bytes, image_size):

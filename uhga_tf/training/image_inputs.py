@@ -12,6 +12,7 @@ cached features (method.md §3).
 import numpy as np
 import tensorflow as tf
 
+from uhga_tf.data import image_decode
 from uhga_tf.models import backbone as backbone_lib
 
 # Images per batch when encoding a retrieval set through the image hasher.
@@ -102,17 +103,16 @@ def gather_images(images, index, image_size, seed=None):
             their own size before resizing.
 
     Returns:
-        float32 [b, S, S, 3] RGB in [0, 255], bilinearly resized (no
-        antialiasing) exactly like `ImageDataset.to_tf_dataset`, so the
-        train branches see what the cached features saw.
+        float32 [b, S, S, 3] RGB in [0, 255], resized
+        (`image_decode.resize_square`) exactly like
+        `ImageDataset.to_tf_dataset`, so the train branches see what the
+        cached features saw.
     """
     batch = tf.cast(tf.gather(images, index), tf.float32)
     if seed is not None:
         batch = augment_images(batch, seed)
     if tuple(images.shape[1:3]) != (image_size, image_size):
-        batch = tf.image.resize(
-            batch, (image_size, image_size), method="bilinear"
-        )
+        batch = image_decode.resize_square(batch, image_size)
     return batch
 
 

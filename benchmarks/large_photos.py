@@ -1,0 +1,149 @@
+"""Does an exported model code a large, noisy photo like the small image?
+
+    python -m uhga_tf.train --flagfile=configs/cifar.flags \
+        --data_dir=../shared/data --noattention --workdir=runs/cifar10_64
+    python -m uhga_tf.export --checkpoint=runs/cifar10_64 \
+        --export_dir=models/cifar10
+    python benchmarks/large_photos.py --model=models/cifar10/1 \
+        --data_dir=../shared/data
+
+A camera's photo holds thousands of pixels a side, with sensor noise and
+fine texture; the backbone reads 160. For 1,000 seeded CIFAR-10 test
+images this makes such photos: each image enlarged (bicubic) to
+--sizes pixels a side, Gaussian noise of standard deviation --noise added
+(sensor noise, in 0..255 units), saved as JPEG (quality 92) and sent as
+bytes to the model's `serving_default` signature. The 32 px originals go
+through the same signature for reference. Over the 1,000 it reports P@10
+(the share of each photo's 10 nearest photos, by Hamming distance with
+ties in a seeded random order, that hold the same CIFAR-10 class: labels
+are read only here, to score) and the mean Hamming distance from each
+photo's code to its 32 px original's. Results merge into
+benchmarks/results/large_photos.json under --name with the commit the
+model was exported at, the flags and this script's commit.
+"""
+
+import io
+import os
+import sys
+import zipfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_env  # noqa: E402
+
+flags.DEFINE_string("model", None, "An exported model version folder.")
+flags.DEFINE_string("data_dir", os.environ.get("UHGA_DATA_DIR", ""),
+                    "Holds cifar10/cifar10-jpeg.zip.")
+flags.DEFINE_integer("images", 1000, "Test images drawn (seed 0).")
+flags.DEFINE_list("sizes", ["1024", "2048"], "Photo sides in pixels.")
+flags.DEFINE_float("noise", 8.0, "Sensor noise std, 0..255 units.")
+flags.DEFINE_string("name", "exported", "Entry name in --out.")
+flags.DEFINE_string("out", "benchmarks/results/large_photos.json",
+                    "JSON to merge into.")
+flags.mark_flag_as_required("model")
+FLAGS = flags.FLAGS
+
+
+def test_images(zip_path, count):
+    """(32 px RGB arrays, their class names) of `count` seeded images."""
+    from PIL import Image
+
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(n for n in archive.namelist()
+                       if n.startswith("test/") and n.endswith(".jpg"))
+        chosen = np.random.default_rng(0).choice(len(names), count,
+                                                 replace=False)
+        images = []
+        for i in chosen:
+            with Image.open(io.BytesIO(archive.read(names[i]))) as image:
+                images.append(np.asarray(image.convert("RGB")))
+    return images, np.array([names[i].split("/")[1] for i in chosen])
+
+
+def encoded(arrays):
+    from PIL import Image
+
+    blobs = []
+    for array in arrays:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, "JPEG", quality=92)
+        blobs.append(out.getvalue())
+    return blobs
+
+
+def photos(images, side, noise, seed):
+    """JPEG bytes of each image enlarged to `side` with sensor noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for image in images:
+        big = np.asarray(Image.fromarray(image).resize(
+            (side, side), Image.BICUBIC), np.float32)
+        big = big + rng.normal(0.0, noise, big.shape)
+        arrays.append(np.clip(np.round(big), 0, 255).astype(np.uint8))
+    return encoded(arrays)
+
+
+def model_codes(signature, blobs, batch=25):
+    import tensorflow as tf
+
+    return np.concatenate([
+        signature(image_bytes=tf.constant(blobs[i:i + batch]))["codes"]
+        .numpy() for i in range(0, len(blobs), batch)]).astype(np.int32)
+
+
+def precision_at_10(codes, labels):
+    bits = codes.shape[1]
+    distance = (bits - codes @ codes.T) / 2.0
+    np.fill_diagonal(distance, np.inf)
+    ties = np.random.default_rng(1).random(distance.shape) * 0.5
+    nearest = np.argsort(distance + ties, axis=1)[:, :10]
+    return float((labels[nearest] == labels[:, None]).mean())
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    from uhga_tf.retrieval import pipeline
+
+    zip_path = os.path.join(FLAGS.data_dir, "cifar10", "cifar10-jpeg.zip")
+    images, labels = test_images(zip_path, FLAGS.images)
+    signature = tf.saved_model.load(FLAGS.model).signatures[
+        "serving_default"]
+    native = model_codes(signature, encoded(images))
+    bits = native.shape[1]
+    entry = {
+        "model": FLAGS.model,
+        "model_exported_at": pipeline.read_model_metadata(
+            FLAGS.model).get("git_sha"),
+        "code_length": int(bits),
+        "images": len(images),
+        "native_32px_p_at_10": precision_at_10(native, labels),
+        "photos": {},
+    }
+    print(f"native 32 px: P@10 {entry['native_32px_p_at_10']:.3f}")
+    for side in map(int, FLAGS.sizes):
+        codes = model_codes(signature,
+                            photos(images, side, FLAGS.noise, seed=side))
+        row = {
+            "p_at_10": precision_at_10(codes, labels),
+            "mean_hamming_to_native": float(
+                ((bits - (codes * native).sum(1)) / 2).mean()),
+        }
+        entry["photos"][str(side)] = row
+        print(f"{side} px, noise {FLAGS.noise:g}: P@10 {row['p_at_10']:.3f}, "
+              f"mean Hamming to the 32 px code "
+              f"{row['mean_hamming_to_native']:.1f}")
+    bench_env.merge_entry(FLAGS.out, FLAGS.name, entry,
+                          FLAGS.flag_values_dict())
+
+
+if __name__ == "__main__":
+    app.run(main)
