@@ -22,10 +22,8 @@ benchmarks/results/large_photos.json under --name with the commit the
 model was exported at, the flags and this script's commit.
 """
 
-import io
 import os
 import sys
-import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,6 +33,7 @@ from absl import flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
+import photo_sets  # noqa: E402
 
 flags.DEFINE_string("model", None, "An exported model version folder.")
 flags.DEFINE_string("data_dir", os.environ.get("UHGA_DATA_DIR", ""),
@@ -47,33 +46,7 @@ flags.DEFINE_string("out", "benchmarks/results/large_photos.json",
                     "JSON to merge into.")
 flags.mark_flag_as_required("model")
 FLAGS = flags.FLAGS
-
-
-def test_images(zip_path, count):
-    """(32 px RGB arrays, their class names) of `count` seeded images."""
-    from PIL import Image
-
-    with zipfile.ZipFile(zip_path) as archive:
-        names = sorted(n for n in archive.namelist()
-                       if n.startswith("test/") and n.endswith(".jpg"))
-        chosen = np.random.default_rng(0).choice(len(names), count,
-                                                 replace=False)
-        images = []
-        for i in chosen:
-            with Image.open(io.BytesIO(archive.read(names[i]))) as image:
-                images.append(np.asarray(image.convert("RGB")))
-    return images, np.array([names[i].split("/")[1] for i in chosen])
-
-
-def encoded(arrays):
-    from PIL import Image
-
-    blobs = []
-    for array in arrays:
-        out = io.BytesIO()
-        Image.fromarray(array).save(out, "JPEG", quality=92)
-        blobs.append(out.getvalue())
-    return blobs
+QUALITY = 92
 
 
 def photos(images, side, noise, seed):
@@ -81,21 +54,14 @@ def photos(images, side, noise, seed):
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    arrays = []
+    blobs = []
     for image in images:
         big = np.asarray(Image.fromarray(image).resize(
             (side, side), Image.BICUBIC), np.float32)
         big = big + rng.normal(0.0, noise, big.shape)
-        arrays.append(np.clip(np.round(big), 0, 255).astype(np.uint8))
-    return encoded(arrays)
-
-
-def model_codes(signature, blobs, batch=25):
-    import tensorflow as tf
-
-    return np.concatenate([
-        signature(image_bytes=tf.constant(blobs[i:i + batch]))["codes"]
-        .numpy() for i in range(0, len(blobs), batch)]).astype(np.int32)
+        blobs.append(photo_sets.jpeg(Image.fromarray(
+            np.clip(np.round(big), 0, 255).astype(np.uint8)), QUALITY))
+    return blobs
 
 
 def precision_at_10(codes, labels):
@@ -109,20 +75,16 @@ def precision_at_10(codes, labels):
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    from uhga_tf.retrieval import pipeline
+    from PIL import Image
 
     zip_path = os.path.join(FLAGS.data_dir, "cifar10", "cifar10-jpeg.zip")
-    images, labels = test_images(zip_path, FLAGS.images)
-    signature = tf.saved_model.load(FLAGS.model).signatures[
-        "serving_default"]
-    native = model_codes(signature, encoded(images))
+    images, labels = photo_sets.test_images(zip_path, FLAGS.images)
+    native = photo_sets.serving_codes(FLAGS.model, [
+        photo_sets.jpeg(Image.fromarray(image), QUALITY) for image in images])
     bits = native.shape[1]
     entry = {
         "model": FLAGS.model,
-        "model_exported_at": pipeline.read_model_metadata(
-            FLAGS.model).get("git_sha"),
+        "model_exported_at": photo_sets.exported_at(FLAGS.model),
         "code_length": int(bits),
         "images": len(images),
         "native_32px_p_at_10": precision_at_10(native, labels),
@@ -130,8 +92,8 @@ def main(argv):
     }
     print(f"native 32 px: P@10 {entry['native_32px_p_at_10']:.3f}")
     for side in map(int, FLAGS.sizes):
-        codes = model_codes(signature,
-                            photos(images, side, FLAGS.noise, seed=side))
+        codes = photo_sets.serving_codes(
+            FLAGS.model, photos(images, side, FLAGS.noise, seed=side))
         row = {
             "p_at_10": precision_at_10(codes, labels),
             "mean_hamming_to_native": float(

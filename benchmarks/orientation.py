@@ -22,10 +22,8 @@ benchmarks/results/orientation.json with the commit, the model's path and
 the flags.
 """
 
-import io
 import os
 import sys
-import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,6 +33,7 @@ from absl import flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
+import photo_sets  # noqa: E402
 
 flags.DEFINE_string("model", None, "An exported model version folder.")
 flags.DEFINE_string("data_dir", os.environ.get("UHGA_DATA_DIR", ""),
@@ -54,54 +53,31 @@ def photo_pairs(zip_path, count):
     """(upright JPEGs, the same photos as a phone stores them)."""
     from PIL import Image
 
-    with zipfile.ZipFile(zip_path) as archive:
-        names = sorted(n for n in archive.namelist()
-                       if n.startswith("test/") and n.endswith(".jpg"))
-        chosen = np.random.default_rng(0).choice(len(names), count,
-                                                 replace=False)
-        upright, phone = [], []
-        for i in chosen:
-            with Image.open(io.BytesIO(archive.read(names[i]))) as image:
-                image = image.convert("RGB").resize((SIZE, SIZE),
-                                                    Image.BILINEAR)
-            out = io.BytesIO()
-            image.save(out, "JPEG", quality=95)
-            upright.append(out.getvalue())
-            exif = Image.Exif()
-            exif[ORIENTATION_TAG] = PHONE_PORTRAIT
-            out = io.BytesIO()
-            image.transpose(Image.Transpose.ROTATE_90).save(
-                out, "JPEG", quality=95, exif=exif.tobytes())
-            phone.append(out.getvalue())
+    images, _ = photo_sets.test_images(zip_path, count)
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = PHONE_PORTRAIT
+    upright, phone = [], []
+    for array in images:
+        image = Image.fromarray(array).resize((SIZE, SIZE), Image.BILINEAR)
+        upright.append(photo_sets.jpeg(image, 95))
+        phone.append(photo_sets.jpeg(
+            image.transpose(Image.Transpose.ROTATE_90), 95, exif.tobytes()))
     return upright, phone
-
-
-def model_codes(model_dir, blobs, batch=100):
-    import tensorflow as tf
-
-    signature = tf.saved_model.load(model_dir).signatures["serving_default"]
-    return np.concatenate([
-        signature(image_bytes=tf.constant(blobs[i:i + batch]))["codes"]
-        .numpy() for i in range(0, len(blobs), batch)]).astype(np.int32)
 
 
 def main(argv):
     del argv
     zip_path = os.path.join(FLAGS.data_dir, "cifar10", "cifar10-jpeg.zip")
     upright, phone = photo_pairs(zip_path, FLAGS.images)
-    a = model_codes(FLAGS.model, upright)
-    b = model_codes(FLAGS.model, phone)
+    a = photo_sets.serving_codes(FLAGS.model, upright)
+    b = photo_sets.serving_codes(FLAGS.model, phone)
     bits = a.shape[1]
     distance = (bits - b @ a.T) // 2  # phone file i -> upright file j
     own = np.diag(distance)
     others = distance[~np.eye(len(a), dtype=bool)]
-    from uhga_tf.retrieval import pipeline
-
     entry = {
         "model": FLAGS.model,
-        # The code the model was exported with (its decoding graph).
-        "model_exported_at": pipeline.read_model_metadata(
-            FLAGS.model).get("git_sha"),
+        "model_exported_at": photo_sets.exported_at(FLAGS.model),
         "code_length": int(bits),
         "pairs": len(a),
         "mean_hamming_to_own_upright": float(own.mean()),
