@@ -35,16 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 import photo_sets  # noqa: E402
 
-flags.DEFINE_string("model", None, "An exported model version folder.")
-flags.DEFINE_string("data_dir", os.environ.get("UHGA_DATA_DIR", ""),
-                    "Holds cifar10/cifar10-jpeg.zip.")
-flags.DEFINE_integer("images", 1000, "Test images drawn (seed 0).")
+photo_sets.define_flags("benchmarks/results/large_photos.json")
 flags.DEFINE_list("sizes", ["1024", "2048"], "Photo sides in pixels.")
 flags.DEFINE_float("noise", 8.0, "Sensor noise std, 0..255 units.")
-flags.DEFINE_string("name", "exported", "Entry name in --out.")
-flags.DEFINE_string("out", "benchmarks/results/large_photos.json",
-                    "JSON to merge into.")
-flags.mark_flag_as_required("model")
 FLAGS = flags.FLAGS
 QUALITY = 92
 
@@ -77,14 +70,13 @@ def main(argv):
     del argv
     from PIL import Image
 
-    zip_path = os.path.join(FLAGS.data_dir, "cifar10", "cifar10-jpeg.zip")
+    zip_path = photo_sets.cifar10_zip(FLAGS.data_dir)
     images, labels = photo_sets.test_images(zip_path, FLAGS.images)
     native = photo_sets.serving_codes(FLAGS.model, [
         photo_sets.jpeg(Image.fromarray(image), QUALITY) for image in images])
     bits = native.shape[1]
     entry = {
-        "model": FLAGS.model,
-        "model_exported_at": photo_sets.exported_at(FLAGS.model),
+        **photo_sets.model_entry(FLAGS.model),
         "code_length": int(bits),
         "images": len(images),
         "native_32px_p_at_10": precision_at_10(native, labels),

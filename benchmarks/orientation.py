@@ -35,14 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_env  # noqa: E402
 import photo_sets  # noqa: E402
 
-flags.DEFINE_string("model", None, "An exported model version folder.")
-flags.DEFINE_string("data_dir", os.environ.get("UHGA_DATA_DIR", ""),
-                    "Holds cifar10/cifar10-jpeg.zip.")
-flags.DEFINE_integer("images", 1000, "Test images drawn (seed 0).")
-flags.DEFINE_string("name", "exported", "Entry name in --out.")
-flags.DEFINE_string("out", "benchmarks/results/orientation.json",
-                    "JSON to merge into.")
-flags.mark_flag_as_required("model")
+photo_sets.define_flags("benchmarks/results/orientation.json")
 FLAGS = flags.FLAGS
 ORIENTATION_TAG = 0x0112
 PHONE_PORTRAIT = 6
@@ -67,7 +60,7 @@ def photo_pairs(zip_path, count):
 
 def main(argv):
     del argv
-    zip_path = os.path.join(FLAGS.data_dir, "cifar10", "cifar10-jpeg.zip")
+    zip_path = photo_sets.cifar10_zip(FLAGS.data_dir)
     upright, phone = photo_pairs(zip_path, FLAGS.images)
     a = photo_sets.serving_codes(FLAGS.model, upright)
     b = photo_sets.serving_codes(FLAGS.model, phone)
@@ -76,8 +69,7 @@ def main(argv):
     own = np.diag(distance)
     others = distance[~np.eye(len(a), dtype=bool)]
     entry = {
-        "model": FLAGS.model,
-        "model_exported_at": photo_sets.exported_at(FLAGS.model),
+        **photo_sets.model_entry(FLAGS.model),
         "code_length": int(bits),
         "pairs": len(a),
         "mean_hamming_to_own_upright": float(own.mean()),

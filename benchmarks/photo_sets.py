@@ -5,9 +5,27 @@ bytes to an exported model's `serving_default` signature.
 """
 
 import io
+import os
 import zipfile
 
 import numpy as np
+from absl import flags
+
+
+def define_flags(out):
+    """The flags both photo benchmarks take (each adds its own), with
+    `out` the JSON their results merge into."""
+    flags.DEFINE_string("model", None, "An exported model version folder.")
+    flags.DEFINE_string("data_dir", os.environ.get("UHGA_DATA_DIR", ""),
+                        "Holds cifar10/cifar10-jpeg.zip.")
+    flags.DEFINE_integer("images", 1000, "Test images drawn (seed 0).")
+    flags.DEFINE_string("name", "exported", "Entry name in --out.")
+    flags.DEFINE_string("out", out, "JSON to merge into.")
+    flags.mark_flag_as_required("model")
+
+
+def cifar10_zip(data_dir):
+    return os.path.join(data_dir, "cifar10", "cifar10-jpeg.zip")
 
 
 def test_images(zip_path, count):
@@ -45,8 +63,10 @@ def serving_codes(model_dir, blobs, batch=25):
         .numpy() for i in range(0, len(blobs), batch)]).astype(np.int32)
 
 
-def exported_at(model_dir):
-    """The commit the model was exported at (its decoding graph)."""
+def model_entry(model_dir):
+    """The model's path and the commit it was exported at (its decoding
+    graph), for a result entry."""
     from uhga_tf.retrieval import pipeline
 
-    return pipeline.read_model_metadata(model_dir).get("git_sha")
+    return {"model": model_dir, "model_exported_at":
+            pipeline.read_model_metadata(model_dir).get("git_sha")}
